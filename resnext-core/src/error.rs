@@ -1,0 +1,38 @@
+//! The library's error type.
+
+use dfdx::tensor::CpuError;
+
+/// Errors from ops, modules and the model: every message names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An input's shape does not fit the op.
+    #[error("{op}: {msg}")]
+    Shape {
+        /// The op or module that rejected the input.
+        op: &'static str,
+        /// What was wrong, with the sizes involved.
+        msg: String,
+    },
+    /// The tensor backend failed (allocation).
+    #[error("tensor backend: {0}")]
+    Device(CpuError),
+    /// Loading or saving weights failed.
+    #[error(transparent)]
+    Weights(#[from] crate::weights::WeightsError),
+}
+
+impl From<CpuError> for Error {
+    fn from(e: CpuError) -> Self {
+        Error::Device(e)
+    }
+}
+
+pub(crate) fn shape_err(op: &'static str, msg: impl Into<String>) -> Error {
+    Error::Shape {
+        op,
+        msg: msg.into(),
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

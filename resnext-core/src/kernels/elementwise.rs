@@ -1,0 +1,122 @@
+//! Element-wise kernels: the residual add fused with ReLU, ReLU alone, and the dense layer.
+
+use rayon::prelude::*;
+
+use super::gemm::{sgemm, MatRef};
+
+const CHUNK: usize = 1 << 14;
+
+/// `y = max(a + b, 0)`.
+pub fn add_relu_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(yc, (ac, bc))| {
+            for ((o, &u), &v) in yc.iter_mut().zip(ac).zip(bc) {
+                *o = (u + v).max(0.0);
+            }
+        });
+}
+
+/// `y = max(x, 0)`.
+pub fn relu_forward(x: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(yc, xc)| {
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                *o = v.max(0.0);
+            }
+        });
+}
+
+/// Gradient through a ReLU given its output: `g = dy * (y > 0)`, in place.
+pub fn relu_mask_inplace(y: &[f32], dy: &mut [f32]) {
+    dy.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks(CHUNK))
+        .for_each(|(dc, yc)| {
+            for (d, &v) in dc.iter_mut().zip(yc) {
+                if v <= 0.0 {
+                    *d = 0.0;
+                }
+            }
+        });
+}
+
+/// Adds `src` into `dst`.
+pub fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(dc, sc)| {
+            for (d, &s) in dc.iter_mut().zip(sc) {
+                *d += s;
+            }
+        });
+}
+
+/// Dense layer forward: `y (n × out) = x (n × in) · wᵀ + b`, `w` stored `(out, in)`.
+pub fn linear_forward(
+    n: usize,
+    inp: usize,
+    out: usize,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+) {
+    for row in y.chunks_mut(out.max(1)) {
+        row.copy_from_slice(&b[..out]);
+    }
+    sgemm(
+        n,
+        out,
+        inp,
+        MatRef::row_major(x, inp),
+        MatRef::transposed(w, inp),
+        y,
+        out,
+        true,
+        true,
+    );
+}
+
+/// Dense layer backward: adds into `dx`, `dw` and `db`.
+pub fn linear_backward(
+    n: usize,
+    inp: usize,
+    out: usize,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    if let Some(dx) = dx {
+        sgemm(
+            n,
+            inp,
+            out,
+            MatRef::row_major(dy, out),
+            MatRef::row_major(w, inp),
+            dx,
+            inp,
+            true,
+            true,
+        );
+    }
+    sgemm(
+        out,
+        inp,
+        n,
+        MatRef::transposed(dy, out),
+        MatRef::row_major(x, inp),
+        dw,
+        inp,
+        true,
+        true,
+    );
+    for row in dy.chunks(out.max(1)) {
+        for (d, &v) in db.iter_mut().zip(row) {
+            *d += v;
+        }
+    }
+}

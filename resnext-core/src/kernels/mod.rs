@@ -1,0 +1,13 @@
+//! Numeric kernels on plain slices: no dfdx types, shapes as small structs.
+//!
+//! Every op has a *reference* kernel (simple loops, `f64` accumulation) and a
+//! *fast* kernel (im2col + GEMM, rayon over the batch or channels). The tests
+//! compare the two with `proptest`; the autograd layer in [`crate::ops`] only
+//! ever calls the fast ones, so a faster kernel can replace them without
+//! touching the tape code.
+
+pub mod batchnorm;
+pub mod conv;
+pub mod elementwise;
+pub mod gemm;
+pub mod pool;

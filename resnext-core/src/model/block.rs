@@ -1,0 +1,383 @@
+//! The ResNeXt bottleneck block and the stage that stacks it.
+
+use dfdx::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::nn::{BatchNorm2d, Conv2d};
+use crate::ops::{self, Act};
+
+/// Projection shortcut: 1×1 convolution with stride `S`, then batch norm (torchvision's
+/// `downsample.0` / `downsample.1`).
+#[derive(Clone, Debug)]
+pub struct Downsample<const IN: usize, const OUT: usize, const S: usize, E: Dtype, D: Storage<E>> {
+    /// `downsample.0`.
+    pub conv: Conv2d<IN, OUT, 1, S, 0, 1, E, D>,
+    /// `downsample.1`.
+    pub bn: BatchNorm2d<OUT, E, D>,
+}
+
+impl<const IN: usize, const OUT: usize, const S: usize, D: Device<f32>> TensorCollection<f32, D>
+    for Downsample<IN, OUT, S, f32, D>
+{
+    type To<E2: Dtype, D2: Device<E2>> = Downsample<IN, OUT, S, E2, D2>;
+    fn iter_tensors<V: ModuleVisitor<Self, f32, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(
+            (
+                Self::module("0", |s| &s.conv, |s| &mut s.conv),
+                Self::module("1", |s| &s.bn, |s| &mut s.bn),
+            ),
+            |(conv, bn)| Downsample { conv, bn },
+        )
+    }
+}
+
+/// The ResNeXt block (Xie et al. 2017, Fig. 3c): 1×1 conv `IN → WIDTH`, BN, ReLU; 3×3
+/// grouped conv `WIDTH → WIDTH` with stride `STRIDE` and `GROUPS` groups (cardinality),
+/// BN, ReLU; 1×1 conv `WIDTH → OUT`, BN; add the shortcut; ReLU.
+///
+/// The shortcut is the identity when `STRIDE == 1 && IN == OUT`, else a [`Downsample`]
+/// projection (as torchvision builds it: the stride sits on the 3×3 conv, "ResNet v1.5").
+/// Field names are torchvision's, so weights load by name.
+///
+/// `forward` is eval mode (running BN statistics); `forward_mut` is training mode.
+#[derive(Clone, Debug)]
+pub struct Bottleneck<
+    const IN: usize,
+    const WIDTH: usize,
+    const OUT: usize,
+    const STRIDE: usize,
+    const GROUPS: usize,
+    E: Dtype,
+    D: Storage<E>,
+> {
+    /// 1×1 reduce.
+    pub conv1: Conv2d<IN, WIDTH, 1, 1, 0, 1, E, D>,
+    /// BN after `conv1`.
+    pub bn1: BatchNorm2d<WIDTH, E, D>,
+    /// 3×3 grouped convolution: the `GROUPS` parallel paths.
+    pub conv2: Conv2d<WIDTH, WIDTH, 3, STRIDE, 1, GROUPS, E, D>,
+    /// BN after `conv2`.
+    pub bn2: BatchNorm2d<WIDTH, E, D>,
+    /// 1×1 expand.
+    pub conv3: Conv2d<WIDTH, OUT, 1, 1, 0, 1, E, D>,
+    /// BN after `conv3`.
+    pub bn3: BatchNorm2d<OUT, E, D>,
+    /// The projection shortcut, present exactly when `STRIDE != 1 || IN != OUT`.
+    pub downsample: Option<Downsample<IN, OUT, STRIDE, E, D>>,
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        E: Dtype,
+        D: Storage<E>,
+    > Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, E, D>
+{
+    /// Whether this block has a projection shortcut.
+    pub const HAS_DOWNSAMPLE: bool = STRIDE != 1 || IN != OUT;
+    /// Compile-time checks of the block's wiring.
+    const VALID: () = {
+        assert!(
+            GROUPS > 0 && WIDTH % GROUPS == 0,
+            "Bottleneck: GROUPS must divide WIDTH"
+        );
+        assert!(STRIDE > 0, "Bottleneck: STRIDE must be positive");
+    };
+
+    /// Output size and multiply-accumulates per image for an `h × w` input.
+    pub fn cost(h: usize, w: usize) -> (usize, usize, usize) {
+        let (_, _, m1) = Conv2d::<IN, WIDTH, 1, 1, 0, 1, E, D>::cost(h, w);
+        let (oh, ow, m2) = Conv2d::<WIDTH, WIDTH, 3, STRIDE, 1, GROUPS, E, D>::cost(h, w);
+        let (_, _, m3) = Conv2d::<WIDTH, OUT, 1, 1, 0, 1, E, D>::cost(oh, ow);
+        let md = if Self::HAS_DOWNSAMPLE {
+            Conv2d::<IN, OUT, 1, STRIDE, 0, 1, E, D>::cost(h, w).2
+        } else {
+            0
+        };
+        (oh, ow, m1 + m2 + m3 + md)
+    }
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        D: Device<f32>,
+    > TensorCollection<f32, D> for Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, D>
+{
+    type To<E2: Dtype, D2: Device<E2>> = Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, E2, D2>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, f32, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::VALID;
+        let main = (
+            Self::module("conv1", |s| &s.conv1, |s| &mut s.conv1),
+            Self::module("bn1", |s| &s.bn1, |s| &mut s.bn1),
+            Self::module("conv2", |s| &s.conv2, |s| &mut s.conv2),
+            Self::module("bn2", |s| &s.bn2, |s| &mut s.bn2),
+            Self::module("conv3", |s| &s.conv3, |s| &mut s.conv3),
+            Self::module("bn3", |s| &s.bn3, |s| &mut s.bn3),
+        );
+        if Self::HAS_DOWNSAMPLE {
+            visitor.visit_fields(
+                (
+                    main,
+                    Self::module(
+                        "downsample",
+                        |s| {
+                            s.downsample
+                                .as_ref()
+                                .expect("block with a projection shortcut")
+                        },
+                        |s| {
+                            s.downsample
+                                .as_mut()
+                                .expect("block with a projection shortcut")
+                        },
+                    ),
+                ),
+                |((conv1, bn1, conv2, bn2, conv3, bn3), ds)| Bottleneck {
+                    conv1,
+                    bn1,
+                    conv2,
+                    bn2,
+                    conv3,
+                    bn3,
+                    downsample: Some(ds),
+                },
+            )
+        } else {
+            visitor.visit_fields(main, |(conv1, bn1, conv2, bn2, conv3, bn3)| Bottleneck {
+                conv1,
+                bn1,
+                conv2,
+                bn2,
+                conv3,
+                bn3,
+                downsample: None,
+            })
+        }
+    }
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+    > Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>
+{
+    /// The residual branch only (without shortcut and final ReLU), eval mode.
+    pub fn residual<T: Tape<f32, Cpu>>(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+        let y = self
+            .bn1
+            .forward_eval_act(self.conv1.try_forward(x)?, true)?;
+        let y = self
+            .bn2
+            .forward_eval_act(self.conv2.try_forward(y)?, true)?;
+        self.bn3.forward_eval_act(self.conv3.try_forward(y)?, false)
+    }
+
+    /// The shortcut branch only, eval mode.
+    pub fn shortcut<T: Tape<f32, Cpu>>(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+        match &self.downsample {
+            Some(ds) => ds.bn.forward_eval_act(ds.conv.try_forward(x)?, false),
+            None => identity(x),
+        }
+    }
+}
+
+/// `Act<IN>` → `Act<OUT>` for the identity shortcut, where `IN == OUT` holds at run time.
+fn identity<const IN: usize, const OUT: usize, T: Tape<f32, Cpu>>(
+    x: Act<IN, T>,
+) -> Result<Act<OUT, T>> {
+    let &(n, _, h, w) = x.shape();
+    x.try_reshape_like(&(n, Const::<OUT>, h, w))
+        .map_err(Error::from)
+}
+
+fn fork<const C: usize, T: Tape<f32, Cpu>>(x: Act<C, T>) -> (Act<C, T>, Act<C, T>) {
+    let (x, tape) = x.split_tape();
+    let y = x.retaped::<T>();
+    (x.put_tape(tape), y)
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        T: Tape<f32, Cpu> + Merge<T>,
+    > Module<Act<IN, T>> for Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>
+{
+    type Output = Act<OUT, T>;
+    type Error = Error;
+    fn try_forward(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::VALID;
+        let (x, sc) = fork(x);
+        let y = self.residual(x)?;
+        let s = self.shortcut(sc)?;
+        ops::add_relu(y, s)
+    }
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        T: Tape<f32, Cpu> + Merge<T>,
+    > ModuleMut<Act<IN, T>> for Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>
+{
+    type Output = Act<OUT, T>;
+    type Error = Error;
+    fn try_forward_mut(&mut self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::VALID;
+        let (x, sc) = fork(x);
+        let y = self
+            .bn1
+            .forward_train_act(self.conv1.try_forward(x)?, true)?;
+        let y = self
+            .bn2
+            .forward_train_act(self.conv2.try_forward(y)?, true)?;
+        let y = self
+            .bn3
+            .forward_train_act(self.conv3.try_forward(y)?, false)?;
+        let s = match &mut self.downsample {
+            Some(ds) => ds.bn.forward_train_act(ds.conv.try_forward(sc)?, false)?,
+            None => identity(sc)?,
+        };
+        ops::add_relu(y, s)
+    }
+}
+
+/// One stage (`layerN` in torchvision): a first block `IN → OUT` with stride `STRIDE`
+/// (and a projection shortcut when needed), then `BLOCKS - 1` identity-shortcut blocks
+/// `OUT → OUT`. Blocks are named `0`, `1`, …
+#[derive(Clone, Debug)]
+pub struct Stage<
+    const IN: usize,
+    const WIDTH: usize,
+    const OUT: usize,
+    const STRIDE: usize,
+    const GROUPS: usize,
+    const BLOCKS: usize,
+    E: Dtype,
+    D: Storage<E>,
+> {
+    /// Block `0`.
+    pub first: Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, E, D>,
+    /// Blocks `1..BLOCKS`.
+    pub rest: Vec<Bottleneck<OUT, WIDTH, OUT, 1, GROUPS, E, D>>,
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        const BLOCKS: usize,
+        E: Dtype,
+        D: Storage<E>,
+    > Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, E, D>
+{
+    const VALID: () = assert!(BLOCKS >= 1, "Stage: BLOCKS must be at least 1");
+
+    /// Output size and multiply-accumulates per image for an `h × w` input.
+    pub fn cost(h: usize, w: usize) -> (usize, usize, usize) {
+        let (oh, ow, m0) = Bottleneck::<IN, WIDTH, OUT, STRIDE, GROUPS, E, D>::cost(h, w);
+        let (_, _, m) = Bottleneck::<OUT, WIDTH, OUT, 1, GROUPS, E, D>::cost(oh, ow);
+        (oh, ow, m0 + (BLOCKS - 1) * m)
+    }
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        const BLOCKS: usize,
+        D: Device<f32>,
+    > TensorCollection<f32, D> for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, f32, D>
+{
+    type To<E2: Dtype, D2: Device<E2>> = Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, E2, D2>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, f32, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::VALID;
+        let names: Vec<String> = (1..BLOCKS).map(|i| i.to_string()).collect();
+        visitor.visit_fields(
+            (
+                Self::module("0", |s| &s.first, |s| &mut s.first),
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| {
+                        Self::module(name, move |s| &s.rest[i], move |s| &mut s.rest[i])
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            |(first, rest)| Stage { first, rest },
+        )
+    }
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        const BLOCKS: usize,
+        T: Tape<f32, Cpu> + Merge<T>,
+    > Module<Act<IN, T>> for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, f32, Cpu>
+{
+    type Output = Act<OUT, T>;
+    type Error = Error;
+    fn try_forward(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+        let mut y = self.first.try_forward(x)?;
+        for b in &self.rest {
+            y = b.try_forward(y)?;
+        }
+        Ok(y)
+    }
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        const BLOCKS: usize,
+        T: Tape<f32, Cpu> + Merge<T>,
+    > ModuleMut<Act<IN, T>> for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, f32, Cpu>
+{
+    type Output = Act<OUT, T>;
+    type Error = Error;
+    fn try_forward_mut(&mut self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+        let mut y = self.first.try_forward_mut(x)?;
+        for b in &mut self.rest {
+            y = b.try_forward_mut(y)?;
+        }
+        Ok(y)
+    }
+}

@@ -1,0 +1,261 @@
+//! Networks chosen by name at run time, with a class count known only at run time: what
+//! the command-line tools use.
+//!
+//! The channel wiring stays checked at compile time: each architecture is one of the
+//! typed presets in [`crate::builders`], with its classifier swapped for a
+//! [`Linear`](crate::nn::Linear) whose output dim is a `usize`.
+
+use std::fmt;
+use std::path::Path;
+
+use dfdx::prelude::*;
+
+use super::{LayerSummary, ResNeXt, ResNeXtCifar, StageMeta};
+use crate::builders as b;
+use crate::error::{shape_err, Error, Result};
+use crate::nn;
+use crate::ops::Act;
+use crate::params::Params;
+use crate::weights::{self, WeightsError};
+
+/// A network behind a trait object: eval forward, weights, summary.
+pub trait Network {
+    /// Which architecture this is.
+    fn arch(&self) -> Arch;
+    /// Input channels.
+    fn in_channels(&self) -> usize;
+    /// Output classes.
+    fn classes(&self) -> usize;
+    /// Trainable parameters.
+    fn num_params(&self) -> usize;
+    /// Per-part summary for an `h × w` input.
+    fn summary(&self, h: usize, w: usize) -> Vec<LayerSummary>;
+    /// Eval-mode logits `(n, classes)` (row-major) of an `(n, C, h, w)` batch.
+    fn forward_eval(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<f32>>;
+    /// Loads torchvision-named safetensors weights (all or nothing).
+    fn load_safetensors(&mut self, path: &Path) -> Result<(), WeightsError>;
+    /// Saves torchvision-named safetensors weights atomically.
+    fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError>;
+}
+
+struct Named<M> {
+    arch: Arch,
+    net: M,
+}
+
+macro_rules! impl_network {
+    ($ty:ident <$(const $cp:ident),*> [$($L:ident),+]) => {
+        impl<const C: usize, $(const $cp: usize,)* const F: usize, $($L,)+> Network for Named<$ty<C, $($cp,)* $($L,)+ nn::Linear<F, usize, f32, Cpu>, f32, Cpu>>
+        where
+            $ty<C, $($cp,)* $($L,)+ nn::Linear<F, usize, f32, Cpu>, f32, Cpu>: Module<Act<C>, Output = Tensor<(usize, usize), f32, Cpu>, Error = Error>,
+            $($L: TensorCollection<f32, Cpu> + StageMeta,)+
+        {
+            fn arch(&self) -> Arch {
+                self.arch
+            }
+            fn in_channels(&self) -> usize {
+                C
+            }
+            fn classes(&self) -> usize {
+                self.net.fc.weight.shape().0
+            }
+            fn num_params(&self) -> usize {
+                self.net.num_params()
+            }
+            fn summary(&self, h: usize, w: usize) -> Vec<LayerSummary> {
+                self.net.summary(h, w)
+            }
+            fn forward_eval(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<f32>> {
+                let [n, c, h, w] = shape;
+                if c != C {
+                    return Err(shape_err("forward", format!("{} expects {C} input channels, got input of shape {shape:?}", self.arch)));
+                }
+                if x.len() != n * c * h * w {
+                    return Err(shape_err("forward", format!("{} values do not fill shape {shape:?}", x.len())));
+                }
+                let dev = self.net.conv1.weight.device().clone();
+                let x: Act<C> = dev.try_tensor_from_vec(x, (n, Const::<C>, h, w))?;
+                Ok(self.net.try_forward(x)?.as_vec())
+            }
+            fn load_safetensors(&mut self, path: &Path) -> Result<(), WeightsError> {
+                weights::load_safetensors(&mut self.net, path)
+            }
+            fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError> {
+                weights::save_safetensors(&self.net, path)
+            }
+        }
+    };
+}
+
+impl_network!(ResNeXt<> [L1, L2, L3, L4]);
+impl_network!(ResNeXtCifar<const STEM> [L1, L2, L3]);
+
+/// Builds a preset with a runtime class count.
+pub trait BuildRuntime {
+    /// The module with a `usize`-wide classifier.
+    type Runtime;
+    /// Builds it with `classes` outputs.
+    fn build_runtime(dev: &Cpu, classes: usize) -> Result<Self::Runtime>;
+}
+
+impl<const C: usize, L1, L2, L3, L4, const F: usize, const N: usize> BuildRuntime
+    for b::ResNeXt<C, L1, L2, L3, L4, b::Linear<F, N>>
+where
+    L1: BuildOnDevice<Cpu, f32>,
+    L2: BuildOnDevice<Cpu, f32>,
+    L3: BuildOnDevice<Cpu, f32>,
+    L4: BuildOnDevice<Cpu, f32>,
+{
+    type Runtime = ResNeXt<
+        C,
+        L1::Built,
+        L2::Built,
+        L3::Built,
+        L4::Built,
+        nn::Linear<F, usize, f32, Cpu>,
+        f32,
+        Cpu,
+    >;
+    fn build_runtime(dev: &Cpu, classes: usize) -> Result<Self::Runtime> {
+        Ok(ResNeXt {
+            conv1: BuildModule::try_build(dev)?,
+            bn1: BuildModule::try_build(dev)?,
+            layer1: L1::try_build_on_device(dev)?,
+            layer2: L2::try_build_on_device(dev)?,
+            layer3: L3::try_build_on_device(dev)?,
+            layer4: L4::try_build_on_device(dev)?,
+            fc: nn::Linear::new_runtime(dev, classes)?,
+        })
+    }
+}
+
+impl<const C: usize, const STEM: usize, L1, L2, L3, const F: usize, const N: usize> BuildRuntime
+    for b::ResNeXtCifar<C, STEM, L1, L2, L3, b::Linear<F, N>>
+where
+    L1: BuildOnDevice<Cpu, f32>,
+    L2: BuildOnDevice<Cpu, f32>,
+    L3: BuildOnDevice<Cpu, f32>,
+{
+    type Runtime = ResNeXtCifar<
+        C,
+        STEM,
+        L1::Built,
+        L2::Built,
+        L3::Built,
+        nn::Linear<F, usize, f32, Cpu>,
+        f32,
+        Cpu,
+    >;
+    fn build_runtime(dev: &Cpu, classes: usize) -> Result<Self::Runtime> {
+        Ok(ResNeXtCifar {
+            conv1: BuildModule::try_build(dev)?,
+            bn1: BuildModule::try_build(dev)?,
+            layer1: L1::try_build_on_device(dev)?,
+            layer2: L2::try_build_on_device(dev)?,
+            layer3: L3::try_build_on_device(dev)?,
+            fc: nn::Linear::new_runtime(dev, classes)?,
+        })
+    }
+}
+
+macro_rules! archs {
+    ($($variant:ident => $name:literal, $builder:ident, $cifar:literal;)+) => {
+        /// The named architectures (snake_case names, as torchvision spells them).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[allow(non_camel_case_types)]
+        pub enum Arch {
+            $(
+                #[doc = concat!("`", $name, "`: [`crate::builders::", stringify!($builder), "`].")]
+                $variant,
+            )+
+        }
+
+        impl Arch {
+            /// Every architecture, in listing order.
+            pub const ALL: &'static [Arch] = &[$(Arch::$variant),+];
+
+            /// The snake_case name.
+            pub fn name(self) -> &'static str {
+                match self { $(Arch::$variant => $name,)+ }
+            }
+
+            /// Whether this is a CIFAR-layout network (small images, 10 classes by default).
+            pub fn is_cifar(self) -> bool {
+                match self { $(Arch::$variant => $cifar,)+ }
+            }
+
+            /// Builds the network with `in_channels` (1 or 3) and `classes` outputs.
+            pub fn build(self, dev: &Cpu, in_channels: usize, classes: usize) -> Result<Box<dyn Network>> {
+                if classes == 0 {
+                    return Err(shape_err("build", "the class count must be positive"));
+                }
+                match (self, in_channels) {
+                    $(
+                        (Arch::$variant, 1) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 1> as BuildRuntime>::build_runtime(dev, classes)? })),
+                        (Arch::$variant, 3) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 3> as BuildRuntime>::build_runtime(dev, classes)? })),
+                    )+
+                    (_, c) => Err(shape_err("build", format!("{c} input channels: the named networks take 1 or 3 (use the typed API for others)"))),
+                }
+            }
+        }
+    };
+}
+
+archs! {
+    ResNeXt50_32x4d => "resnext50_32x4d", ResNeXt50_32x4d, false;
+    ResNeXt101_32x8d => "resnext101_32x8d", ResNeXt101_32x8d, false;
+    ResNeXt101_64x4d => "resnext101_64x4d", ResNeXt101_64x4d, false;
+    ResNet50 => "resnet50", ResNet50, false;
+    ResNeXt29_8x64d => "resnext29_8x64d", ResNeXt29_8x64d, true;
+    ResNeXt29_16x64d => "resnext29_16x64d", ResNeXt29_16x64d, true;
+    ResNeXt29_2x64d => "resnext29_2x64d", ResNeXt29_2x64d, true;
+    ResNeXt29_4x64d => "resnext29_4x64d", ResNeXt29_4x64d, true;
+    ResNeXt29_32x4d => "resnext29_32x4d", ResNeXt29_32x4d, true;
+    ResNeXt11_8x8d => "resnext11_8x8d", ResNeXt11_8x8d, true;
+}
+
+impl Arch {
+    /// The default class count: 1000 for ImageNet layouts, 10 for CIFAR ones.
+    pub fn default_classes(self) -> usize {
+        if self.is_cifar() {
+            10
+        } else {
+            1000
+        }
+    }
+    /// The default input size: 224 for ImageNet layouts, 32 for CIFAR ones.
+    pub fn default_size(self) -> usize {
+        if self.is_cifar() {
+            32
+        } else {
+            224
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An architecture name that is not one of [`Arch::ALL`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown architecture `{given}`; valid names: {}", Arch::ALL.iter().map(|a| a.name()).collect::<Vec<_>>().join(", "))]
+pub struct UnknownArch {
+    /// What was asked for.
+    pub given: String,
+}
+
+impl std::str::FromStr for Arch {
+    type Err = UnknownArch;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownArch> {
+        Arch::ALL
+            .iter()
+            .copied()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| UnknownArch {
+                given: s.to_string(),
+            })
+    }
+}

@@ -1,0 +1,409 @@
+//! Autograd ops on dfdx tensors that dfdx 0.13 lacks on stable Rust.
+//!
+//! Each op copies its inputs out of the tensors, runs a kernel from [`crate::kernels`],
+//! builds the output tensor and, when the input carries an [`OwnedTape`], registers a
+//! backward closure that takes the output's gradient and adds into the gradients of the
+//! input and of the parameters (looked up by tensor, so they need not be traced).
+//!
+//! Activations are `(batch, channels, height, width)` tensors with the channel count in the
+//! type: [`Act`]. Inputs must be contiguous (every tensor that these ops and dfdx's
+//! non-view ops produce is; realise a permuted view before passing it).
+//!
+//! The output's gradient is *moved out* of the [`Gradients`] when an op's backward runs,
+//! so gradients of intermediate activations are not kept; parameter and input gradients
+//! are.
+
+use dfdx::prelude::*;
+
+use crate::error::{shape_err, Result};
+use crate::kernels::{batchnorm as bn, conv, elementwise as ew, pool};
+
+/// A `(batch, C, height, width)` activation on the CPU.
+pub type Act<const C: usize, T = NoneTape> = Tensor<(usize, Const<C>, usize, usize), f32, Cpu, T>;
+
+/// A `(batch, F)` feature or logit matrix whose second dim is `F`.
+pub type Mat<F, T = NoneTape> = Tensor<(usize, F), f32, Cpu, T>;
+
+pub(crate) fn read<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
+    let mut v = vec![0.0f32; t.shape().num_elements()];
+    t.copy_into(&mut v);
+    v
+}
+
+/// Convolution hyper-parameters (square kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvConfig {
+    /// Kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Groups.
+    pub groups: usize,
+}
+
+impl Default for ConvConfig {
+    fn default() -> Self {
+        Self {
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+            groups: 1,
+        }
+    }
+}
+
+/// 2-D convolution `x ⋆ weight` (no bias), weight `(O, I / groups, k, k)` in any shape
+/// type with that many elements.
+pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
+    x: Act<I, T>,
+    weight: &Tensor<WS, f32, Cpu>,
+    cfg: ConvConfig,
+) -> Result<Act<O, T>> {
+    let &(n, _, h, w) = x.shape();
+    let g = conv::Conv2dGeom {
+        batch: n,
+        in_channels: I,
+        out_channels: O,
+        in_h: h,
+        in_w: w,
+        kernel: cfg.kernel,
+        stride: cfg.stride,
+        padding: cfg.padding,
+        groups: cfg.groups,
+    };
+    g.validate().map_err(|m| shape_err("conv2d", m))?;
+    if weight.shape().num_elements() != g.weight_len() {
+        return Err(shape_err(
+            "conv2d",
+            format!(
+                "weight has {} elements, expected {O}x{}x{}x{}",
+                weight.shape().num_elements(),
+                g.in_per_group(),
+                cfg.kernel,
+                cfg.kernel
+            ),
+        ));
+    }
+    let xs = read(&x);
+    let ws = read(weight);
+    let mut y = vec![0.0f32; g.output_len()];
+    conv::conv2d_forward(&g, &xs, &ws, &mut y);
+    let dev = x.device().clone();
+    let (x, mut tape) = x.split_tape();
+    let out = dev.try_tensor_from_vec(y, (n, Const::<O>, g.out_h(), g.out_w()))?;
+    if T::OWNS_TAPE {
+        let (xg, wg, og) = (x.ghost(), weight.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            let mut dw = vec![0.0f32; ws.len()];
+            conv::conv2d_backward(
+                &g,
+                &xs,
+                &ws,
+                &dy,
+                Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
+                &mut dw,
+            );
+            ew::add_into(grads.get_or_alloc_mut(&wg)?, &dw);
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
+/// Batch-norm constants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BnConfig {
+    /// Added to the variance, PyTorch's default 1e-5.
+    pub eps: f64,
+    /// Running-statistics momentum, PyTorch's default 0.1.
+    pub momentum: f64,
+    /// Apply a ReLU after the affine transform (fused).
+    pub relu: bool,
+}
+
+impl Default for BnConfig {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            momentum: 0.1,
+            relu: false,
+        }
+    }
+}
+
+fn bn_geom<const C: usize, T>(x: &Act<C, T>) -> bn::BnGeom {
+    let &(n, _, h, w) = x.shape();
+    bn::BnGeom {
+        batch: n,
+        channels: C,
+        spatial: h * w,
+    }
+}
+
+fn bn_finish<const C: usize, T: Tape<f32, Cpu>>(
+    x: Act<C, T>,
+    y: Vec<f32>,
+    gamma: &Tensor<Rank1<C>, f32, Cpu>,
+    beta: &Tensor<Rank1<C>, f32, Cpu>,
+    saved: (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>),
+    relu: bool,
+    train: bool,
+) -> Result<Act<C, T>> {
+    let g = bn_geom(&x);
+    let shape = *x.shape();
+    let dev = x.device().clone();
+    let (x, mut tape) = x.split_tape();
+    let out = dev.try_tensor_from_vec(y, shape)?;
+    if T::OWNS_TAPE {
+        let (xs, gs, bs, mean, inv_std) = saved;
+        let (xg, gg, bg, og) = (x.ghost(), gamma.ghost(), beta.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            let (mut dgamma, mut dbeta) = (vec![0.0f32; C], vec![0.0f32; C]);
+            bn::bn_backward(
+                &g,
+                &xs,
+                &gs,
+                &bs,
+                &mean,
+                &inv_std,
+                relu,
+                train,
+                &dy,
+                Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
+                &mut dgamma,
+                &mut dbeta,
+            );
+            ew::add_into(grads.get_or_alloc_mut(&gg)?, &dgamma);
+            ew::add_into(grads.get_or_alloc_mut(&bg)?, &dbeta);
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
+/// Training-mode batch norm (PyTorch semantics): normalises with the batch mean and biased
+/// variance, and updates the running statistics in place with the unbiased variance.
+pub fn batch_norm2d_train<const C: usize, T: Tape<f32, Cpu>>(
+    x: Act<C, T>,
+    gamma: &Tensor<Rank1<C>, f32, Cpu>,
+    beta: &Tensor<Rank1<C>, f32, Cpu>,
+    running_mean: &mut Tensor<Rank1<C>, f32, Cpu>,
+    running_var: &mut Tensor<Rank1<C>, f32, Cpu>,
+    cfg: BnConfig,
+) -> Result<Act<C, T>> {
+    let g = bn_geom(&x);
+    if g.per_channel() < 2 {
+        return Err(shape_err(
+            "batch_norm2d",
+            format!(
+                "training needs more than one value per channel, got input {:?}",
+                x.shape()
+            ),
+        ));
+    }
+    let xs = read(&x);
+    let (gs, bs) = (read(gamma), read(beta));
+    let mut y = vec![0.0f32; g.len()];
+    let stats = bn::bn_train_forward(&g, &xs, &gs, &bs, cfg.eps, cfg.relu, &mut y);
+    let (mut rm, mut rv) = (read(running_mean), read(running_var));
+    bn::update_running(&g, &stats, cfg.momentum, &mut rm, &mut rv);
+    running_mean.copy_from(&rm);
+    running_var.copy_from(&rv);
+    bn_finish(
+        x,
+        y,
+        gamma,
+        beta,
+        (xs, gs, bs, stats.mean, stats.inv_std),
+        cfg.relu,
+        true,
+    )
+}
+
+/// Eval-mode batch norm: normalises with the running statistics (differentiable in `x`,
+/// `gamma` and `beta`).
+pub fn batch_norm2d_eval<const C: usize, T: Tape<f32, Cpu>>(
+    x: Act<C, T>,
+    gamma: &Tensor<Rank1<C>, f32, Cpu>,
+    beta: &Tensor<Rank1<C>, f32, Cpu>,
+    running_mean: &Tensor<Rank1<C>, f32, Cpu>,
+    running_var: &Tensor<Rank1<C>, f32, Cpu>,
+    cfg: BnConfig,
+) -> Result<Act<C, T>> {
+    let g = bn_geom(&x);
+    let xs = read(&x);
+    let (gs, bs, rm, rv) = (
+        read(gamma),
+        read(beta),
+        read(running_mean),
+        read(running_var),
+    );
+    let (scale, shift) = bn::eval_affine(&gs, &bs, &rm, &rv, cfg.eps);
+    let mut y = vec![0.0f32; g.len()];
+    bn::affine_forward(&g, &xs, &scale, &shift, cfg.relu, &mut y);
+    let inv_std: Vec<f32> = rv
+        .iter()
+        .map(|&v| (1.0 / (v as f64 + cfg.eps).sqrt()) as f32)
+        .collect();
+    bn_finish(
+        x,
+        y,
+        gamma,
+        beta,
+        (xs, gs, bs, rm, inv_std),
+        cfg.relu,
+        false,
+    )
+}
+
+/// 2-D max pooling with square window `kernel`, `stride` and implicit -inf `padding`.
+pub fn max_pool2d<const C: usize, T: Tape<f32, Cpu>>(
+    x: Act<C, T>,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Act<C, T>> {
+    let &(n, _, h, w) = x.shape();
+    let g = pool::PoolGeom {
+        planes: n * C,
+        in_h: h,
+        in_w: w,
+        kernel,
+        stride,
+        padding,
+    };
+    g.validate().map_err(|m| shape_err("max_pool2d", m))?;
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let xs = read(&x);
+    let mut y = vec![0.0f32; n * C * oh * ow];
+    let mut argmax = vec![0u32; y.len()];
+    pool::max_pool_forward(&g, &xs, &mut y, &mut argmax);
+    drop(xs);
+    let dev = x.device().clone();
+    let (x, mut tape) = x.split_tape();
+    let out = dev.try_tensor_from_vec(y, (n, Const::<C>, oh, ow))?;
+    if T::OWNS_TAPE {
+        let (xg, og) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            pool::max_pool_backward(&g, &argmax, &dy, grads.get_or_alloc_mut(&xg)?);
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
+/// Global average pooling `(N, C, H, W) → (N, C)`.
+pub fn global_avg_pool<const C: usize, T: Tape<f32, Cpu>>(
+    x: Act<C, T>,
+) -> Result<Mat<Const<C>, T>> {
+    let &(n, _, h, w) = x.shape();
+    if h * w == 0 {
+        return Err(shape_err(
+            "global_avg_pool",
+            format!("empty spatial size {h}x{w}"),
+        ));
+    }
+    let xs = read(&x);
+    let mut y = vec![0.0f32; n * C];
+    pool::global_avg_pool_forward(h * w, &xs, &mut y);
+    let dev = x.device().clone();
+    let (x, mut tape) = x.split_tape();
+    let out = dev.try_tensor_from_vec(y, (n, Const::<C>))?;
+    if T::OWNS_TAPE {
+        let (xg, og) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            pool::global_avg_pool_backward(h * w, &dy, grads.get_or_alloc_mut(&xg)?);
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
+/// `relu(a + b)`: the residual merge of a ResNeXt block.
+pub fn add_relu<const C: usize, T: Tape<f32, Cpu> + Merge<T>>(
+    a: Act<C, T>,
+    b: Act<C, T>,
+) -> Result<Act<C, T>> {
+    if a.shape() != b.shape() {
+        return Err(shape_err(
+            "add_relu",
+            format!("shapes differ: {:?} vs {:?}", a.shape(), b.shape()),
+        ));
+    }
+    let shape = *a.shape();
+    let (av, bv) = (read(&a), read(&b));
+    let mut y = vec![0.0f32; av.len()];
+    ew::add_relu_forward(&av, &bv, &mut y);
+    drop((av, bv));
+    let dev = a.device().clone();
+    let (a, ta) = a.split_tape();
+    let (b, tb) = b.split_tape();
+    let mut tape = ta.merge(tb);
+    let out = dev.try_tensor_from_vec(y, shape)?;
+    if T::OWNS_TAPE {
+        let (ag, bg, og) = (a.ghost(), b.ghost(), out.ghost());
+        let yv = read(&out);
+        tape.add_backward_op(move |grads| {
+            let mut dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            ew::relu_mask_inplace(&yv, &mut dy);
+            ew::add_into(grads.get_or_alloc_mut(&ag)?, &dy);
+            ew::add_into(grads.get_or_alloc_mut(&bg)?, &dy);
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
+/// Dense layer `x · weightᵀ + bias` with weight `(O, F)`; `O` may be a runtime dim.
+pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
+    x: Mat<Const<F>, T>,
+    weight: &Tensor<(O, Const<F>), f32, Cpu>,
+    bias: &Tensor<(O,), f32, Cpu>,
+) -> Result<Mat<O, T>> {
+    let n = x.shape().0;
+    let o = weight.shape().0;
+    if bias.shape().0.size() != o.size() {
+        return Err(shape_err(
+            "linear",
+            format!(
+                "bias has {} elements, weight has {} rows",
+                bias.shape().0.size(),
+                o.size()
+            ),
+        ));
+    }
+    let (xs, ws, bs) = (read(&x), read(weight), read(bias));
+    let mut y = vec![0.0f32; n * o.size()];
+    ew::linear_forward(n, F, o.size(), &xs, &ws, &bs, &mut y);
+    let dev = x.device().clone();
+    let (x, mut tape) = x.split_tape();
+    let out = dev.try_tensor_from_vec(y, (n, o))?;
+    if T::OWNS_TAPE {
+        let (xg, wg, bg, og) = (x.ghost(), weight.ghost(), bias.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            let (mut dw, mut db) = (vec![0.0f32; ws.len()], vec![0.0f32; bs.len()]);
+            ew::linear_backward(
+                n,
+                F,
+                o.size(),
+                &xs,
+                &ws,
+                &dy,
+                Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
+                &mut dw,
+                &mut db,
+            );
+            ew::add_into(grads.get_or_alloc_mut(&wg)?, &dw);
+            ew::add_into(grads.get_or_alloc_mut(&bg)?, &db);
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}

@@ -1,0 +1,363 @@
+//! Load and save weights as safetensors with torchvision's tensor names.
+//!
+//! A file written by `safetensors.torch.save_file(torchvision_model.state_dict(), path)`
+//! loads as it is: `num_batches_tracked` (int64) restores the batch-norm counters. Loading
+//! checks every name, shape and dtype before it changes anything, so a bad file leaves
+//! the model untouched; saving writes a temporary file and renames it into place.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use dfdx::prelude::*;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
+
+use crate::params::{ParamKind, ParamVisitor, ParamVisitorMut, Params};
+
+/// Why weights could not be loaded or saved. Every variant names the file and, where it
+/// applies, the tensor and both shapes.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// The file could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file could not be written.
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a safetensors file.
+    #[error("`{path}` is not a valid safetensors file: {msg}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        msg: String,
+    },
+    /// A tensor the model needs is not in the file.
+    #[error("`{path}`: missing tensor `{name}` (the model expects shape {expected:?})")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the model expects.
+        expected: Vec<usize>,
+    },
+    /// A tensor has another shape in the file than in the model.
+    #[error(
+        "`{path}`: tensor `{name}` has shape {found:?} in the file, the model expects {expected:?}"
+    )]
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape in the file.
+        found: Vec<usize>,
+        /// The shape the model expects.
+        expected: Vec<usize>,
+    },
+    /// A tensor has a dtype we cannot read.
+    #[error("`{path}`: tensor `{name}` has dtype {found}, expected {expected}")]
+    Dtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The dtype in the file.
+        found: String,
+        /// What we accept.
+        expected: &'static str,
+    },
+    /// The file holds tensors the model does not have.
+    #[error("`{path}`: {count} unexpected tensor(s) not in the model, first: `{first}`")]
+    Unexpected {
+        /// The file.
+        path: PathBuf,
+        /// How many.
+        count: usize,
+        /// The first one in sorted order.
+        first: String,
+    },
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, flushed, then
+/// renamed over `path`. A crash leaves either the old file or the new one, never half.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Name → (dtype, shape) of every tensor in a safetensors file.
+pub fn inspect(
+    path: impl AsRef<Path>,
+) -> Result<BTreeMap<String, (String, Vec<usize>)>, WeightsError> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let st = parse(path, &bytes)?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (format!("{:?}", v.dtype()), v.shape().to_vec())))
+        .collect())
+}
+
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, WeightsError> {
+    SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Format {
+        path: path.into(),
+        msg: e.to_string(),
+    })
+}
+
+fn shape_of<S: Shape>(t: &Tensor<S, f32, Cpu>) -> Vec<usize> {
+    t.shape().concrete().into()
+}
+
+fn to_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, WeightsError> {
+    let data = view.data();
+    match view.dtype() {
+        StDtype::F32 => Ok(data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        StDtype::F64 => Ok(data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect()),
+        other => Err(WeightsError::Dtype {
+            path: path.into(),
+            name: name.into(),
+            found: format!("{other:?}"),
+            expected: "F32 or F64",
+        }),
+    }
+}
+
+fn to_count(path: &Path, name: &str, view: &TensorView<'_>) -> Result<u64, WeightsError> {
+    let data = view.data();
+    let bad = || WeightsError::Dtype {
+        path: path.into(),
+        name: name.into(),
+        found: format!("{:?} {:?}", view.dtype(), view.shape()),
+        expected: "a scalar I64",
+    };
+    if view.shape().iter().product::<usize>() != 1 {
+        return Err(bad());
+    }
+    match view.dtype() {
+        StDtype::I64 => Ok(i64::from_le_bytes(data.try_into().map_err(|_| bad())?).max(0) as u64),
+        StDtype::I32 => Ok(i32::from_le_bytes(data.try_into().map_err(|_| bad())?).max(0) as u64),
+        _ => Err(bad()),
+    }
+}
+
+struct Check<'a> {
+    path: &'a Path,
+    st: &'a SafeTensors<'a>,
+    seen: BTreeSet<String>,
+}
+
+impl ParamVisitor for Check<'_> {
+    fn tensor<S: Shape>(
+        &mut self,
+        name: &str,
+        t: &Tensor<S, f32, Cpu>,
+        _: ParamKind,
+    ) -> crate::Result<()> {
+        let expected = shape_of(t);
+        let view = self.st.tensor(name).map_err(|_| WeightsError::Missing {
+            path: self.path.into(),
+            name: name.into(),
+            expected: expected.clone(),
+        })?;
+        if view.shape() != expected.as_slice() {
+            return Err(WeightsError::Shape {
+                path: self.path.into(),
+                name: name.into(),
+                found: view.shape().to_vec(),
+                expected,
+            }
+            .into());
+        }
+        to_f32(self.path, name, &view)?;
+        self.seen.insert(name.to_string());
+        Ok(())
+    }
+    fn counter(&mut self, name: &str, _: u64) -> crate::Result<()> {
+        if let Ok(view) = self.st.tensor(name) {
+            to_count(self.path, name, &view)?;
+            self.seen.insert(name.to_string());
+        }
+        Ok(())
+    }
+}
+
+struct Assign<'a> {
+    path: &'a Path,
+    st: &'a SafeTensors<'a>,
+}
+
+impl ParamVisitorMut for Assign<'_> {
+    fn tensor<S: Shape>(
+        &mut self,
+        name: &str,
+        t: &mut Tensor<S, f32, Cpu>,
+        _: ParamKind,
+    ) -> crate::Result<()> {
+        let view = self.st.tensor(name).map_err(|_| WeightsError::Missing {
+            path: self.path.into(),
+            name: name.into(),
+            expected: shape_of(t),
+        })?;
+        t.copy_from(&to_f32(self.path, name, &view)?);
+        Ok(())
+    }
+    fn counter(&mut self, name: &str, value: &mut u64) -> crate::Result<()> {
+        *value = match self.st.tensor(name) {
+            Ok(view) => to_count(self.path, name, &view)?,
+            Err(_) => 0,
+        };
+        Ok(())
+    }
+}
+
+fn unwrap_weights(e: crate::Error) -> WeightsError {
+    match e {
+        crate::Error::Weights(w) => w,
+        other => WeightsError::Format {
+            path: PathBuf::new(),
+            msg: other.to_string(),
+        },
+    }
+}
+
+/// Loads weights from safetensors bytes; `path` only labels errors. Checks everything
+/// first and changes the model only when the whole file fits.
+pub fn load_from_bytes<M: Params>(
+    model: &mut M,
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(), WeightsError> {
+    let st = parse(path, bytes)?;
+    let mut check = Check {
+        path,
+        st: &st,
+        seen: BTreeSet::new(),
+    };
+    model.visit_params("", &mut check).map_err(unwrap_weights)?;
+    let unexpected: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| !check.seen.contains(*n))
+        .cloned()
+        .collect();
+    if let Some(first) = unexpected.iter().min() {
+        return Err(WeightsError::Unexpected {
+            path: path.into(),
+            count: unexpected.len(),
+            first: first.clone(),
+        });
+    }
+    model
+        .visit_params_mut("", &mut Assign { path, st: &st })
+        .map_err(unwrap_weights)
+}
+
+/// Loads a safetensors file into `model` (see [`load_from_bytes`]).
+pub fn load_safetensors<M: Params>(
+    model: &mut M,
+    path: impl AsRef<Path>,
+) -> Result<(), WeightsError> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+        path: path.into(),
+        source,
+    })?;
+    load_from_bytes(model, &bytes, path)
+}
+
+struct Collect(Vec<(String, StDtype, Vec<usize>, Vec<u8>)>);
+
+impl ParamVisitor for Collect {
+    fn tensor<S: Shape>(
+        &mut self,
+        name: &str,
+        t: &Tensor<S, f32, Cpu>,
+        _: ParamKind,
+    ) -> crate::Result<()> {
+        let bytes = crate::ops::read(t)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        self.0
+            .push((name.to_string(), StDtype::F32, shape_of(t), bytes));
+        Ok(())
+    }
+    fn counter(&mut self, name: &str, value: u64) -> crate::Result<()> {
+        self.0.push((
+            name.to_string(),
+            StDtype::I64,
+            vec![],
+            (value as i64).to_le_bytes().to_vec(),
+        ));
+        Ok(())
+    }
+}
+
+/// Serialises `model` to safetensors bytes with torchvision's names (f32 tensors,
+/// int64 `num_batches_tracked`), loadable by `safetensors.torch.load_file`.
+pub fn to_bytes<M: Params>(model: &M) -> Result<Vec<u8>, WeightsError> {
+    let mut c = Collect(Vec::new());
+    model.visit_params("", &mut c).map_err(unwrap_weights)?;
+    let views: Vec<(String, TensorView<'_>)> =
+        c.0.iter()
+            .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| WeightsError::Format {
+                path: PathBuf::new(),
+                msg: e.to_string(),
+            })?;
+    safetensors::tensor::serialize(views, &None).map_err(|e| WeightsError::Format {
+        path: PathBuf::new(),
+        msg: e.to_string(),
+    })
+}
+
+/// Saves `model` to `path` atomically (see [`to_bytes`] and [`write_atomic`]).
+pub fn save_safetensors<M: Params>(model: &M, path: impl AsRef<Path>) -> Result<(), WeightsError> {
+    let path = path.as_ref();
+    let bytes = to_bytes(model)?;
+    write_atomic(path, &bytes).map_err(|source| WeightsError::Write {
+        path: path.into(),
+        source,
+    })
+}

@@ -1,0 +1,4 @@
+//! Integration tests of resnext-core: one test binary, topic modules.
+
+mod common;
+mod model;
