@@ -17,3 +17,17 @@ pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
 pub fn dev(seed: u64) -> Cpu {
     Cpu::seed_from_u64(seed)
 }
+
+/// Relative error in the max norm: `max |a - b| / max |b|`.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
