@@ -2,4 +2,5 @@
 
 mod common;
 mod model;
+mod ops;
 mod parity;

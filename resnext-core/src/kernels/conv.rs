@@ -211,6 +211,9 @@ fn im2col(g: &Conv2dGeom, x: &[f32], col: &mut [f32]) {
                     dst[..xlo].fill(0.0);
                     dst[xhi..].fill(0.0);
                     let src = &plane[iy * w..(iy + 1) * w];
+                    if xlo >= xhi {
+                        continue;
+                    }
                     if s == 1 {
                         let ix0 = xlo + kx - p;
                         dst[xlo..xhi].copy_from_slice(&src[ix0..ix0 + (xhi - xlo)]);
@@ -241,6 +244,9 @@ fn col2im_add(g: &Conv2dGeom, col: &[f32], dx: &mut [f32]) {
                     let iy = oy * s + ky - p;
                     let src = &row[oy * ow..(oy + 1) * ow];
                     let dst = &mut plane[iy * w..(iy + 1) * w];
+                    if xlo >= xhi {
+                        continue;
+                    }
                     if s == 1 {
                         let ix0 = xlo + kx - p;
                         for (d, v) in dst[ix0..ix0 + (xhi - xlo)].iter_mut().zip(&src[xlo..xhi]) {

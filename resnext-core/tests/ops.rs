@@ -1,0 +1,344 @@
+//! Every op against a plain reference (f64 loops) and its backward against finite
+//! differences, with proptest over batch, size, channels, stride, padding and groups.
+
+use dfdx::prelude::*;
+use proptest::prelude::*;
+use resnext_core::kernels::batchnorm::{self as bn, BnGeom};
+use resnext_core::kernels::conv::{self, Conv2dGeom};
+use resnext_core::kernels::pool::{self, PoolGeom};
+use resnext_core::ops::{self, Act, BnConfig, ConvConfig};
+
+use crate::common::rel_err;
+
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn conv_geom() -> impl Strategy<Value = Conv2dGeom> {
+    (
+        1usize..3,
+        1usize..4,
+        1usize..4,
+        1usize..4,
+        1usize..9,
+        1usize..9,
+        prop::sample::select(vec![1usize, 3, 5]),
+        1usize..4,
+        0usize..3,
+    )
+        .prop_filter_map(
+            "valid geometry",
+            |(batch, groups, ipg, opg, h, w, kernel, stride, padding)| {
+                let g = Conv2dGeom {
+                    batch,
+                    in_channels: groups * ipg,
+                    out_channels: groups * opg,
+                    in_h: h,
+                    in_w: w,
+                    kernel,
+                    stride,
+                    padding,
+                    groups,
+                };
+                g.validate().ok().map(|_| g)
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn conv_fast_kernels_match_reference(g in conv_geom(), seed in any::<u64>()) {
+        let x = values(seed, g.input_len());
+        let w = values(seed ^ 1, g.weight_len());
+        let dy = values(seed ^ 2, g.output_len());
+        let (mut y_ref, mut y) = (vec![0.0; g.output_len()], vec![0.0; g.output_len()]);
+        conv::conv2d_forward_ref(&g, &x, &w, &mut y_ref);
+        conv::conv2d_forward(&g, &x, &w, &mut y);
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5);
+        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+        conv::conv2d_backward_ref(&g, &x, &w, &dy, &mut dx_ref, &mut dw_ref);
+        let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+        conv::conv2d_backward(&g, &x, &w, &dy, Some(&mut dx), &mut dw);
+        prop_assert!(rel_err(&dx, &dx_ref) <= 1e-5, "dx");
+        prop_assert!(rel_err(&dw, &dw_ref) <= 1e-5, "dw");
+    }
+
+    #[test]
+    fn grouped_conv_equals_concatenated_per_group_convs(g in conv_geom(), seed in any::<u64>()) {
+        // The paper's equivalence (Fig. 3b vs 3c): split the input channels into groups,
+        // convolve each with its own filters, concatenate the outputs.
+        let x = values(seed, g.input_len());
+        let w = values(seed ^ 1, g.weight_len());
+        let mut y = vec![0.0; g.output_len()];
+        conv::conv2d_forward(&g, &x, &w, &mut y);
+        let (ipg, opg, hw, ohw) = (g.in_per_group(), g.out_per_group(), g.in_h * g.in_w, g.out_h() * g.out_w());
+        let one = Conv2dGeom { in_channels: ipg, out_channels: opg, groups: 1, batch: 1, ..g };
+        let wlen = one.weight_len();
+        for n in 0..g.batch {
+            for grp in 0..g.groups {
+                let xs = &x[(n * g.in_channels + grp * ipg) * hw..][..ipg * hw];
+                let mut ys = vec![0.0; opg * ohw];
+                conv::conv2d_forward_ref(&one, xs, &w[grp * wlen..(grp + 1) * wlen], &mut ys);
+                let got = &y[(n * g.out_channels + grp * opg) * ohw..][..opg * ohw];
+                prop_assert!(rel_err(got, &ys) <= 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn batch_norm_train_forward_matches_reference(n in 1usize..4, c in 1usize..6, s in 1usize..20, relu in any::<bool>(), seed in any::<u64>()) {
+        let g = BnGeom { batch: n, channels: c, spatial: s };
+        prop_assume!(g.per_channel() > 1);
+        let x: Vec<f32> = values(seed, g.len()).iter().map(|v| v * 3.0 + 0.5).collect();
+        let gamma = values(seed ^ 1, c);
+        let beta = values(seed ^ 2, c);
+        let mut y = vec![0.0; g.len()];
+        let stats = bn::bn_train_forward(&g, &x, &gamma, &beta, 1e-5, relu, &mut y);
+        let (y_ref, mean, var) = bn::bn_train_forward_ref(&g, &x, &gamma, &beta, 1e-5, relu);
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5);
+        // running statistics: momentum 0.1 with the unbiased variance
+        let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
+        bn::update_running(&g, &stats, 0.1, &mut rm, &mut rv);
+        let m = g.per_channel() as f64;
+        for ch in 0..c {
+            prop_assert!((rm[ch] as f64 - (0.9 * 0.5 + 0.1 * mean[ch])).abs() < 1e-5);
+            prop_assert!((rv[ch] as f64 - (0.9 * 2.0 + 0.1 * var[ch] * m / (m - 1.0))).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn max_pool_matches_reference(planes in 1usize..4, h in 1usize..10, w in 1usize..10, k in 1usize..4, s in 1usize..3, p in 0usize..2, seed in any::<u64>()) {
+        let g = PoolGeom { planes, in_h: h, in_w: w, kernel: k, stride: s, padding: p };
+        prop_assume!(g.validate().is_ok());
+        let x = values(seed, planes * h * w);
+        let mut y = vec![0.0; planes * g.out_h() * g.out_w()];
+        let mut idx = vec![0u32; y.len()];
+        pool::max_pool_forward(&g, &x, &mut y, &mut idx);
+        prop_assert_eq!(y, pool::max_pool_forward_ref(&g, &x));
+    }
+}
+
+/// Central finite differences of `loss = Σ f(p) · r` at up to `probes` coordinates of `p`,
+/// checked against `analytic`. A coordinate whose perturbation moves any output across a
+/// ReLU kink (which outputs are exactly zero changes) is skipped: the function is not
+/// differentiable there.
+fn check_fd(
+    p: &[f32],
+    analytic: &[f32],
+    probes: usize,
+    f: impl Fn(&[f32]) -> Vec<f32>,
+    r: &[f32],
+    what: &str,
+) {
+    let zeros = |v: &[f32]| v.iter().map(|x| *x == 0.0).collect::<Vec<_>>();
+    let base = zeros(&f(p));
+    let step = (p.len() / probes).max(1);
+    for i in (0..p.len()).step_by(step) {
+        let eps = 1e-2f32;
+        let (mut a, mut b) = (p.to_vec(), p.to_vec());
+        a[i] += eps;
+        b[i] -= eps;
+        let (fa, fb) = (f(&a), f(&b));
+        if zeros(&fa) != base || zeros(&fb) != base {
+            continue;
+        }
+        let dot = |v: &[f32]| -> f64 { v.iter().zip(r).map(|(x, y)| *x as f64 * *y as f64).sum() };
+        let fd = (dot(&fa) - dot(&fb)) / (2.0 * eps as f64);
+        let an = analytic[i] as f64;
+        assert!(
+            (fd - an).abs() <= 2e-2 * an.abs().max(1.0),
+            "{what}[{i}]: finite difference {fd} vs backward {an}"
+        );
+    }
+}
+
+fn act<const C: usize>(dev: &Cpu, v: Vec<f32>, n: usize, h: usize, w: usize) -> Act<C> {
+    dev.tensor_from_vec(v, (n, Const::<C>, h, w))
+}
+
+macro_rules! conv_fd_case {
+    ($name:ident, $i:literal, $o:literal, $g:literal) => {
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
+            #[test]
+            fn $name(n in 1usize..3, h in 3usize..8, w in 3usize..8, k in prop::sample::select(vec![1usize, 3]), s in 1usize..3, p in 0usize..2, seed in any::<u64>()) {
+                let dev = Cpu::default();
+                let cfg = ConvConfig { kernel: k, stride: s, padding: p, groups: $g };
+                let xv = values(seed, n * $i * h * w);
+                let wv = values(seed ^ 7, $o * ($i / $g) * k * k);
+                let wt: Tensor<(usize,), f32, Cpu> = dev.tensor_from_vec(wv.clone(), (wv.len(),));
+                let x = act::<$i>(&dev, xv.clone(), n, h, w);
+                let y: Act<$o, _> = ops::conv2d(x.trace(Gradients::leaky()), &wt, cfg).unwrap();
+                let r = values(seed ^ 9, y.shape().num_elements());
+                let rt = dev.tensor_from_vec(r.clone(), *y.shape());
+                let grads = (y * rt).sum().backward();
+                let (gx, gw) = (grads.get(&x).as_vec(), grads.get(&wt).as_vec());
+                let fwd_x = |q: &[f32]| ops::conv2d::<$i, $o, _, NoneTape>(act::<$i>(&dev, q.to_vec(), n, h, w), &wt, cfg).unwrap().as_vec();
+                check_fd(&xv, &gx, 16, fwd_x, &r, "dx");
+                let fwd_w = |q: &[f32]| {
+                    let wq: Tensor<(usize,), f32, Cpu> = dev.tensor_from_vec(q.to_vec(), (q.len(),));
+                    ops::conv2d::<$i, $o, _, NoneTape>(act::<$i>(&dev, xv.clone(), n, h, w), &wq, cfg).unwrap().as_vec()
+                };
+                check_fd(&wv, &gw, 16, fwd_w, &r, "dw");
+            }
+        }
+    };
+}
+
+conv_fd_case!(conv_backward_matches_finite_differences_dense, 3, 4, 1);
+conv_fd_case!(conv_backward_matches_finite_differences_grouped, 8, 8, 4);
+conv_fd_case!(conv_backward_matches_finite_differences_depthwise, 4, 8, 4);
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+
+    #[test]
+    fn batch_norm_backward_matches_finite_differences(n in 1usize..4, h in 1usize..5, w in 1usize..5, relu in any::<bool>(), train in any::<bool>(), seed in any::<u64>()) {
+        prop_assume!(n * h * w > 1);
+        let dev = Cpu::default();
+        let xv: Vec<f32> = values(seed, n * 3 * h * w).iter().map(|v| v * 2.0).collect();
+        let gamma: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([1.5, 0.7, -0.4]);
+        let beta: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([0.1, -0.2, 0.3]);
+        let mean0: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([0.2, -0.1, 0.0]);
+        let var0: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([0.8, 1.3, 2.0]);
+        let cfg = BnConfig { relu, ..Default::default() };
+        let run = |x: Act<3, OwnedTape<f32, Cpu>>| {
+            if train {
+                let (mut m, mut v) = (mean0.clone(), var0.clone());
+                ops::batch_norm2d_train(x, &gamma, &beta, &mut m, &mut v, cfg).unwrap()
+            } else {
+                ops::batch_norm2d_eval(x, &gamma, &beta, &mean0, &var0, cfg).unwrap()
+            }
+        };
+        let x = act::<3>(&dev, xv.clone(), n, h, w);
+        let y = run(x.trace(Gradients::leaky()));
+        let r = values(seed ^ 5, y.shape().num_elements());
+        let rt = dev.tensor_from_vec(r.clone(), *y.shape());
+        let grads = (y * rt).sum().backward();
+        let gx = grads.get(&x).as_vec();
+        let (gg, gb) = (grads.get(&gamma).as_vec(), grads.get(&beta).as_vec());
+        let fwd = |q: &[f32]| run(act::<3>(&dev, q.to_vec(), n, h, w).trace(Gradients::leaky())).as_vec();
+        check_fd(&xv, &gx, 24, fwd, &r, "dx");
+        let fwd_g = |q: &[f32]| {
+            let gq: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([q[0], q[1], q[2]]);
+            let x = act::<3>(&dev, xv.clone(), n, h, w);
+            if train {
+                let (mut m, mut v) = (mean0.clone(), var0.clone());
+                ops::batch_norm2d_train(x, &gq, &beta, &mut m, &mut v, cfg).unwrap().as_vec()
+            } else {
+                ops::batch_norm2d_eval(x, &gq, &beta, &mean0, &var0, cfg).unwrap().as_vec()
+            }
+        };
+        check_fd(&gamma.as_vec(), &gg, 3, fwd_g, &r, "dgamma");
+        let fwd_b = |q: &[f32]| {
+            let bq: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([q[0], q[1], q[2]]);
+            let x = act::<3>(&dev, xv.clone(), n, h, w);
+            if train {
+                let (mut m, mut v) = (mean0.clone(), var0.clone());
+                ops::batch_norm2d_train(x, &gamma, &bq, &mut m, &mut v, cfg).unwrap().as_vec()
+            } else {
+                ops::batch_norm2d_eval(x, &gamma, &bq, &mean0, &var0, cfg).unwrap().as_vec()
+            }
+        };
+        check_fd(&beta.as_vec(), &gb, 3, fwd_b, &r, "dbeta");
+    }
+
+    #[test]
+    fn max_pool_backward_matches_finite_differences(n in 1usize..3, h in 2usize..9, w in 2usize..9, seed in any::<u64>()) {
+        let dev = Cpu::default();
+        // distinct values so no window has a tie within the finite-difference step
+        let mut xv: Vec<f32> = (0..n * 2 * h * w).map(|i| i as f32 * 0.1).collect();
+        let perm = values(seed, xv.len());
+        let mut idx: Vec<usize> = (0..xv.len()).collect();
+        idx.sort_by(|&a, &b| perm[a].total_cmp(&perm[b]));
+        xv = idx.iter().map(|&i| xv[i]).collect();
+        let x = act::<2>(&dev, xv.clone(), n, h, w);
+        let y = ops::max_pool2d(x.trace(Gradients::leaky()), 3, 2, 1).unwrap();
+        let r = values(seed ^ 3, y.shape().num_elements());
+        let rt = dev.tensor_from_vec(r.clone(), *y.shape());
+        let grads = (y * rt).sum().backward();
+        let fwd = |q: &[f32]| ops::max_pool2d(act::<2>(&dev, q.to_vec(), n, h, w), 3, 2, 1).unwrap().as_vec();
+        check_fd(&xv, &grads.get(&x).as_vec(), 32, fwd, &r, "dx");
+    }
+
+    #[test]
+    fn pool_add_relu_linear_backward_match_finite_differences(n in 1usize..4, h in 1usize..5, w in 1usize..5, seed in any::<u64>()) {
+        let dev = Cpu::default();
+        let av = values(seed, n * 4 * h * w);
+        // keep a + b at least 0.05 away from the ReLU kink
+        let bv: Vec<f32> = values(seed ^ 1, n * 4 * h * w).iter().zip(&av).map(|(v, a)| -a + v.signum() * (0.05 + v.abs())).collect();
+        let wv = values(seed ^ 2, 3 * 4);
+        let bias: Tensor<(usize,), f32, Cpu> = dev.tensor_from_vec(values(seed ^ 3, 3), (3,));
+        let wt: Tensor<(usize, Const<4>), f32, Cpu> = dev.tensor_from_vec(wv.clone(), (3, Const::<4>));
+        let net = |a: Act<4, OwnedTape<f32, Cpu>>, b: Act<4, OwnedTape<f32, Cpu>>, wt: &Tensor<(usize, Const<4>), f32, Cpu>| {
+            let y = ops::add_relu(a, b).unwrap();
+            ops::linear(ops::global_avg_pool(y).unwrap(), wt, &bias).unwrap()
+        };
+        let (a, b) = (act::<4>(&dev, av.clone(), n, h, w), act::<4>(&dev, bv.clone(), n, h, w));
+        let (ta, tb) = a.trace(Gradients::leaky()).split_tape();
+        let y = net(ta.put_tape(tb), b.retaped(), &wt);
+        let r = values(seed ^ 4, y.shape().num_elements());
+        let rt = dev.tensor_from_vec(r.clone(), *y.shape());
+        let grads = (y * rt).sum().backward();
+        let fwd_a = |q: &[f32]| net(act::<4>(&dev, q.to_vec(), n, h, w).trace(Gradients::leaky()), b.retaped(), &wt).as_vec();
+        check_fd(&av, &grads.get(&a).as_vec(), 16, fwd_a, &r, "da");
+        let fwd_b = |q: &[f32]| net(a.clone().trace(Gradients::leaky()), act::<4>(&dev, q.to_vec(), n, h, w).retaped(), &wt).as_vec();
+        check_fd(&bv, &grads.get(&b).as_vec(), 16, fwd_b, &r, "db");
+        let fwd_w = |q: &[f32]| {
+            let wq = dev.tensor_from_vec(q.to_vec(), (3, Const::<4>));
+            net(a.clone().trace(Gradients::leaky()), b.retaped(), &wq).as_vec()
+        };
+        check_fd(&wv, &grads.get(&wt).as_vec(), 12, fwd_w, &r, "dw");
+    }
+}
+
+#[test]
+fn ops_reject_bad_shapes_with_errors_naming_the_op() {
+    let dev = Cpu::default();
+    let x: Act<4> = dev.zeros_like(&(1, Const::<4>, 2, 2));
+    let w: Tensor<(usize,), f32, Cpu> = dev.zeros_like(&(4 * 4 * 9,));
+    let err = ops::conv2d::<4, 4, _, NoneTape>(
+        x.clone(),
+        &w,
+        ConvConfig {
+            kernel: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("conv2d") && err.to_string().contains("smaller than"),
+        "{err}"
+    );
+    let err = ops::conv2d::<4, 4, _, NoneTape>(
+        x.clone(),
+        &w,
+        ConvConfig {
+            kernel: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("weight has 144 elements"), "{err}");
+    let err = ops::max_pool2d(x.clone(), 5, 1, 0).unwrap_err();
+    assert!(err.to_string().starts_with("max_pool2d"), "{err}");
+    let one: Act<4> = dev.zeros_like(&(1, Const::<4>, 1, 1));
+    let (g, b) = (dev.ones::<Rank1<4>>(), dev.zeros::<Rank1<4>>());
+    let (mut m, mut v) = (dev.zeros::<Rank1<4>>(), dev.ones::<Rank1<4>>());
+    let err =
+        ops::batch_norm2d_train(one, &g, &b, &mut m, &mut v, BnConfig::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("more than one value per channel"),
+        "{err}"
+    );
+}
