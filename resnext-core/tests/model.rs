@@ -73,9 +73,7 @@ impl ParamVisitorMut for RandomBn {
         let v: Vec<f32> = (0..n)
             .map(|i| {
                 let u = (((i as u64 + 1) * 2654435761 + self.0 * 97) % 1000) as f32 / 1000.0;
-                if name.ends_with("running_var") {
-                    0.5 + u
-                } else if name.ends_with("weight") {
+                if name.ends_with("running_var") || name.ends_with("weight") {
                     0.5 + u
                 } else {
                     u - 0.5

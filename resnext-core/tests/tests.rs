@@ -4,3 +4,4 @@ mod common;
 mod model;
 mod ops;
 mod parity;
+mod weights;

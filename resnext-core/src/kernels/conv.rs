@@ -37,7 +37,9 @@ impl Conv2dGeom {
                 self.kernel, self.stride, self.groups
             ));
         }
-        if self.in_channels % self.groups != 0 || self.out_channels % self.groups != 0 {
+        if !self.in_channels.is_multiple_of(self.groups)
+            || !self.out_channels.is_multiple_of(self.groups)
+        {
             return Err(format!(
                 "groups {} must divide in_channels {} and out_channels {}",
                 self.groups, self.in_channels, self.out_channels

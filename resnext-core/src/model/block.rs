@@ -83,7 +83,7 @@ impl<
     /// Compile-time checks of the block's wiring.
     const VALID: () = {
         assert!(
-            GROUPS > 0 && WIDTH % GROUPS == 0,
+            GROUPS > 0 && WIDTH.is_multiple_of(GROUPS),
             "Bottleneck: GROUPS must divide WIDTH"
         );
         assert!(STRIDE > 0, "Bottleneck: STRIDE must be positive");

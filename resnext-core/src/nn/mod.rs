@@ -19,7 +19,7 @@ impl<const C: usize, const G: usize> PerGroup<C, G> {
     /// `C / G`, checked at compile time.
     pub const SIZE: usize = {
         assert!(
-            G > 0 && C % G == 0,
+            G > 0 && C.is_multiple_of(G),
             "the number of groups must divide the channel count"
         );
         C / G

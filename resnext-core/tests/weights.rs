@@ -1,0 +1,185 @@
+//! Safetensors I/O: round trip, and precise errors for bad files.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use dfdx::prelude::*;
+use resnext_core::builders::{Linear, ResNeXtCifar, Stage};
+use resnext_core::weights::{self, WeightsError};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+type Small<const N: usize> = ResNeXtCifar<
+    3,
+    8,
+    Stage<8, 8, 16, 1, 2, 1>,
+    Stage<16, 16, 32, 2, 4, 2>,
+    Stage<32, 16, 32, 2, 4, 1>,
+    Linear<32, N>,
+>;
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("resnext-weights-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Rewrites a safetensors file through `edit` (name → (dtype, shape, bytes)).
+fn rewrite(
+    src: &[u8],
+    edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+) -> Vec<u8> {
+    let st = SafeTensors::deserialize(src).unwrap();
+    let mut map: HashMap<_, _> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut map);
+    let views: Vec<(String, TensorView<'_>)> = map
+        .iter()
+        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::tensor::serialize(views, &None).unwrap()
+}
+
+#[test]
+fn save_then_load_reproduces_outputs_and_counters() {
+    let dir = TempDir::new("roundtrip");
+    let dev = Cpu::seed_from_u64(1);
+    let mut a = dev.build_module::<Small<5>, f32>();
+    let _ = a.forward_mut(dev.sample_normal_like(&(4, Const::<3>, 8, 8)));
+    let path = dir.0.join("a.safetensors");
+    weights::save_safetensors(&a, &path).unwrap();
+    let mut b = Cpu::seed_from_u64(2).build_module::<Small<5>, f32>();
+    let x: Tensor<(usize, Const<3>, usize, usize), f32, Cpu> =
+        dev.sample_normal_like(&(2, Const::<3>, 8, 8));
+    assert_ne!(a.forward(x.clone()).as_vec(), b.forward(x.clone()).as_vec());
+    weights::load_safetensors(&mut b, &path).unwrap();
+    assert_eq!(a.forward(x.clone()).as_vec(), b.forward(x).as_vec());
+    assert_eq!(b.bn1.num_batches_tracked, 1);
+    assert_eq!(b.layer2.rest[0].bn3.num_batches_tracked, 1);
+    // no temporary file left behind
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
+}
+
+fn expect_err(bytes: &[u8]) -> WeightsError {
+    let dev = Cpu::default();
+    let mut net = dev.build_module::<Small<5>, f32>();
+    let before = net.fc.weight.as_vec();
+    let err = weights::load_from_bytes(&mut net, bytes, std::path::Path::new("model.safetensors"))
+        .unwrap_err();
+    assert_eq!(
+        net.fc.weight.as_vec(),
+        before,
+        "a failed load leaves the model untouched"
+    );
+    err
+}
+
+fn good_bytes() -> Vec<u8> {
+    let dev = Cpu::default();
+    weights::to_bytes(&dev.build_module::<Small<5>, f32>()).unwrap()
+}
+
+#[test]
+fn wrong_shape_names_the_tensor_and_both_shapes() {
+    let dev = Cpu::default();
+    let other = weights::to_bytes(&dev.build_module::<Small<7>, f32>()).unwrap();
+    let msg = expect_err(&other).to_string();
+    assert!(
+        msg.contains("`fc.weight`")
+            && msg.contains("[7, 32]")
+            && msg.contains("[5, 32]")
+            && msg.contains("model.safetensors"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let bytes = rewrite(&good_bytes(), |m| {
+        m.remove("layer2.1.conv2.weight");
+    });
+    let msg = expect_err(&bytes).to_string();
+    assert!(
+        msg.contains("missing tensor `layer2.1.conv2.weight`") && msg.contains("[16, 4, 3, 3]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unexpected_tensor_is_named() {
+    let bytes = rewrite(&good_bytes(), |m| {
+        m.insert(
+            "layer9.0.conv1.weight".into(),
+            (Dtype::F32, vec![1], vec![0; 4]),
+        );
+    });
+    let msg = expect_err(&bytes).to_string();
+    assert!(
+        msg.contains("unexpected") && msg.contains("`layer9.0.conv1.weight`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_dtype_is_named() {
+    let bytes = rewrite(&good_bytes(), |m| {
+        let (_, s, b) = m.remove("bn1.bias").unwrap();
+        m.insert("bn1.bias".into(), (Dtype::I32, s, b));
+    });
+    let msg = expect_err(&bytes).to_string();
+    assert!(msg.contains("`bn1.bias`") && msg.contains("I32"), "{msg}");
+}
+
+#[test]
+fn corrupt_and_truncated_files_are_errors_not_panics() {
+    let good = good_bytes();
+    for bad in [
+        &good[..good.len() / 2],
+        &good[..5],
+        b"not a safetensors file at all".as_slice(),
+        &[],
+    ] {
+        let msg = expect_err(bad).to_string();
+        assert!(
+            msg.contains("model.safetensors") && msg.contains("not a valid safetensors file"),
+            "{msg}"
+        );
+    }
+    let dev = Cpu::default();
+    let mut net = dev.build_module::<Small<5>, f32>();
+    let msg = weights::load_safetensors(&mut net, "/nonexistent/w.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("cannot read `/nonexistent/w.safetensors`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn f64_weights_and_missing_counters_load() {
+    let bytes = rewrite(&good_bytes(), |m| {
+        m.retain(|k, _| !k.ends_with("num_batches_tracked"));
+        let (_, s, b) = m.remove("fc.bias").unwrap();
+        let wide: Vec<u8> = b
+            .chunks_exact(4)
+            .flat_map(|c| (f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).to_le_bytes())
+            .collect();
+        m.insert("fc.bias".into(), (Dtype::F64, s, wide));
+    });
+    let dev = Cpu::default();
+    let mut net = dev.build_module::<Small<5>, f32>();
+    weights::load_from_bytes(&mut net, &bytes, std::path::Path::new("x")).unwrap();
+    assert_eq!(net.bn1.num_batches_tracked, 0);
+}

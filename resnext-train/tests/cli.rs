@@ -1,0 +1,202 @@
+//! The `resnext-train` binary, run as a user runs it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use dfdx::prelude::*;
+use resnext_core::model::Arch;
+
+fn bin(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_resnext-train"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("resnext-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn info_ends_with_the_parameter_count() {
+    let o = bin(&["info", "--arch", "resnext50_32x4d"]);
+    let (out, _) = text(&o);
+    assert!(o.status.success());
+    assert_eq!(out.lines().last(), Some("params: 25028904"));
+    assert!(out.contains("layer4") && out.contains("2048x7x7"), "{out}");
+    let (out, _) = text(&bin(&["info", "--arch", "resnext101_32x8d"]));
+    assert_eq!(out.lines().last(), Some("params: 88791336"));
+    let (out, _) = text(&bin(&["info", "--arch", "resnext101_64x4d"]));
+    assert_eq!(out.lines().last(), Some("params: 83455272"));
+    let (out, _) = text(&bin(&[
+        "info",
+        "--arch",
+        "resnext29_8x64d",
+        "--classes",
+        "100",
+        "--size",
+        "64",
+    ]));
+    assert!(
+        out.starts_with("resnext29_8x64d: input 3x64x64, 100 classes"),
+        "{out}"
+    );
+    assert!(out.contains("1024x16x16"), "{out}");
+}
+
+#[test]
+fn unknown_arch_lists_the_valid_names() {
+    let o = bin(&["info", "--arch", "resnext51"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("unknown architecture `resnext51`")
+            && err.contains("resnext50_32x4d")
+            && err.contains("resnext29_16x64d"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn predict_matches_the_library_and_writes_logits() {
+    let dir = TempDir::new("predict");
+    let dev = Cpu::seed_from_u64(4);
+    let net = Arch::ResNeXt29_2x64d.build(&dev, 3, 37).unwrap();
+    net.save_safetensors(dir.0.join("w.safetensors").as_path())
+        .unwrap();
+    let x: Vec<f32> = (0..2 * 3 * 16 * 16)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    datasets::npy::write(dir.0.join("x.npy"), &[2, 3, 16, 16], &x).unwrap();
+    let want = net.forward_eval(x, [2, 3, 16, 16]).unwrap();
+
+    let o = bin(&[
+        "predict",
+        "--arch",
+        "resnext29_2x64d",
+        "--weights",
+        &dir.path("w.safetensors"),
+        "--npy-input",
+        &dir.path("x.npy"),
+        "--logits-out",
+        &dir.path("y.npy"),
+        "--topk",
+        "3",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let y = datasets::npy::read(dir.0.join("y.npy")).unwrap();
+    assert_eq!(y.shape, vec![2, 37]);
+    assert_eq!(y.data, want);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let best = (0..37)
+        .max_by(|&i, &j| want[i].total_cmp(&want[j]))
+        .unwrap();
+    assert!(lines[0].starts_with(&format!("0: {best} (")), "{out}");
+    assert_eq!(lines[0].matches('(').count(), 3);
+}
+
+#[test]
+fn predict_rejects_bad_input_with_clear_errors() {
+    let dir = TempDir::new("bad");
+    let dev = Cpu::default();
+    Arch::ResNeXt29_2x64d
+        .build(&dev, 3, 10)
+        .unwrap()
+        .save_safetensors(dir.0.join("w.safetensors").as_path())
+        .unwrap();
+    datasets::npy::write(dir.0.join("x1.npy"), &[1, 1, 8, 8], &[0.0; 64]).unwrap();
+    datasets::npy::write(dir.0.join("x3.npy"), &[1, 3, 8, 8], &[0.0; 192]).unwrap();
+    std::fs::write(dir.0.join("junk.npy"), b"hello").unwrap();
+
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--arch".into(),
+                "resnext29_4x64d".into(),
+                "--npy-input".into(),
+                dir.path("x3.npy"),
+            ],
+            "layer1.0.conv1.weight",
+        ),
+        (
+            vec![
+                "--arch".into(),
+                "resnext29_2x64d".into(),
+                "--npy-input".into(),
+                dir.path("x1.npy"),
+            ],
+            "1 channels",
+        ),
+        (
+            vec![
+                "--arch".into(),
+                "resnext29_2x64d".into(),
+                "--npy-input".into(),
+                dir.path("junk.npy"),
+            ],
+            "junk.npy",
+        ),
+        (
+            vec![
+                "--arch".into(),
+                "resnext29_2x64d".into(),
+                "--npy-input".into(),
+                dir.path("missing.npy"),
+            ],
+            "cannot read",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec![
+            "predict".to_string(),
+            "--weights".into(),
+            dir.path("w.safetensors"),
+        ];
+        args.extend(extra);
+        let o = bin(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let (_, err) = text(&o);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(
+            err.starts_with("error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let o = bin(&[
+        "predict",
+        "--arch",
+        "resnext29_2x64d",
+        "--weights",
+        &dir.path("x3.npy"),
+        "--npy-input",
+        &dir.path("x3.npy"),
+    ]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+}
