@@ -16,6 +16,9 @@ pub enum Error {
     /// The tensor backend failed (allocation).
     #[error("tensor backend: {0}")]
     Device(CpuError),
+    /// A loss or activation became NaN or infinite.
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
     /// Loading or saving weights failed.
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),

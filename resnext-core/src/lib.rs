@@ -9,5 +9,6 @@ pub mod ops;
 pub use error::{Error, Result};
 pub mod model;
 pub mod nn;
+pub mod optim;
 pub mod params;
 pub mod weights;

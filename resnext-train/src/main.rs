@@ -1,22 +1,33 @@
-//! `resnext-train`: inspect, run and train ResNeXt models.
+//! `resnext-train`: train, evaluate, inspect and run ResNeXt models.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod curves;
+mod data;
+mod eval;
 mod info;
 mod predict;
+mod train;
 
 /// Train, evaluate, inspect and run ResNeXt models (Xie et al. 2017) on the CPU.
+/// Without a subcommand, trains the default model on the embedded digits dataset.
 #[derive(Parser, Debug)]
 #[command(name = "resnext-train", version, about)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train a model (the default).
+    Train(train::TrainArgs),
+    /// Top-1 / top-5 accuracy of saved weights on a dataset's test split.
+    Eval(eval::EvalArgs),
     /// Per-stage summary of an architecture: output shape, parameters and MACs.
     Info(info::InfoArgs),
     /// Eval-mode forward of an `(N, C, H, W)` float32 .npy batch with saved weights.
@@ -24,10 +35,29 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
-        Command::Info(a) => info::run(a),
-        Command::Predict(a) => predict::run(a),
+        None => {
+            let sub = train::TrainArgs::augment_args(clap::Command::new("train"))
+                .get_matches_from(["train"]);
+            train::TrainArgs::from_arg_matches(&sub)
+                .map_err(anyhow::Error::from)
+                .and_then(|a| train_with_ctrlc(a, &sub))
+        }
+        Some(Command::Train(a)) => {
+            let sub = matches
+                .subcommand_matches("train")
+                .expect("train subcommand matched")
+                .clone();
+            train_with_ctrlc(a, &sub)
+        }
+        Some(Command::Eval(a)) => eval::run(a),
+        Some(Command::Info(a)) => info::run(a),
+        Some(Command::Predict(a)) => predict::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -36,4 +66,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn train_with_ctrlc(args: train::TrainArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let args = train::resolve(args, matches)?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: finishing the current step and writing a checkpoint (Ctrl-C again to abort)");
+    })?;
+    train::run(args, interrupted)
 }

@@ -356,22 +356,30 @@ pub fn conv2d_backward(
         }
         None => (0..g.batch).map(|_| None).collect(),
     };
+    // Images are split into a fixed number of contiguous chunks (one per thread), each with
+    // its own weight-gradient accumulator, summed in chunk order: the result does not depend
+    // on work stealing, so training is reproducible for a given thread count.
     let wlen = w.len();
-    let partial = dx_chunks
+    let chunks = rayon::current_num_threads().clamp(1, g.batch.max(1));
+    let per = g.batch.div_ceil(chunks).max(1);
+    let mut jobs: Vec<Vec<(usize, Option<&mut [f32]>)>> = Vec::new();
+    for (n, dxn) in dx_chunks.into_iter().enumerate() {
+        if n % per == 0 {
+            jobs.push(Vec::new());
+        }
+        jobs.last_mut().expect("pushed").push((n, dxn));
+    }
+    let partials: Vec<Vec<f32>> = jobs
         .into_par_iter()
-        .enumerate()
-        .fold(
-            || {
-                (
-                    vec![0.0f32; wlen],
-                    vec![0.0f32; col_len],
-                    vec![0.0f32; col_len],
-                )
-            },
-            |(mut dw_acc, mut col, mut dcol), (n, dxn)| {
+        .map(|job| {
+            let (mut dw_acc, mut col, mut dcol) = (
+                vec![0.0f32; wlen],
+                vec![0.0f32; col_len],
+                vec![0.0f32; col_len],
+            );
+            for (n, mut dxn) in job {
                 let xn = &x[n * in_img..(n + 1) * in_img];
                 let dyn_ = &dy[n * out_img..(n + 1) * out_img];
-                let mut dxn = dxn;
                 for grp in 0..g.groups {
                     let xg = &xn[grp * in_grp..(grp + 1) * in_grp];
                     let dyg = &dyn_[grp * opg * ohw..(grp + 1) * opg * ohw];
@@ -425,16 +433,16 @@ pub fn conv2d_backward(
                         }
                     }
                 }
-                (dw_acc, col, dcol)
-            },
-        )
-        .map(|(dw_acc, _, _)| dw_acc)
-        .reduce_with(|mut a, b| {
-            for (x, y) in a.iter_mut().zip(&b) {
-                *x += y;
             }
-            a
-        });
+            dw_acc
+        })
+        .collect();
+    let partial = partials.into_iter().reduce(|mut a, b| {
+        for (x, y) in a.iter_mut().zip(&b) {
+            *x += y;
+        }
+        a
+    });
     if let Some(p) = partial {
         for (d, v) in dw.iter_mut().zip(&p) {
             *d += v;

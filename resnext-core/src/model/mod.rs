@@ -6,4 +6,4 @@ mod registry;
 
 pub use block::{Bottleneck, Downsample, Stage};
 pub use network::*;
-pub use registry::{Arch, BuildRuntime, Network, UnknownArch};
+pub use registry::{Arch, BuildRuntime, Network, TrainOutput, UnknownArch};

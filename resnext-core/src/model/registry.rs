@@ -15,6 +15,7 @@ use crate::builders as b;
 use crate::error::{shape_err, Error, Result};
 use crate::nn;
 use crate::ops::Act;
+use crate::optim::Sgd;
 use crate::params::Params;
 use crate::weights::{self, WeightsError};
 
@@ -36,6 +37,26 @@ pub trait Network {
     fn load_safetensors(&mut self, path: &Path) -> Result<(), WeightsError>;
     /// Saves torchvision-named safetensors weights atomically.
     fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError>;
+    /// One training step on an `(n, C, h, w)` batch: training-mode forward (batch
+    /// statistics), cross-entropy with `label_smoothing`, backward, and an SGD update.
+    /// A non-finite loss is an error and leaves the weights as they were.
+    fn train_step(
+        &mut self,
+        x: Vec<f32>,
+        shape: [usize; 4],
+        targets: &[usize],
+        label_smoothing: f32,
+        opt: &mut Sgd,
+    ) -> Result<TrainOutput>;
+}
+
+/// What one training step produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOutput {
+    /// Mean loss over the batch (before the update).
+    pub loss: f32,
+    /// Training-mode logits `(n, classes)`, row-major.
+    pub logits: Vec<f32>,
 }
 
 struct Named<M> {
@@ -47,7 +68,8 @@ macro_rules! impl_network {
     ($ty:ident <$(const $cp:ident),*> [$($L:ident),+]) => {
         impl<const C: usize, $(const $cp: usize,)* const F: usize, $($L,)+> Network for Named<$ty<C, $($cp,)* $($L,)+ nn::Linear<F, usize, f32, Cpu>, f32, Cpu>>
         where
-            $ty<C, $($cp,)* $($L,)+ nn::Linear<F, usize, f32, Cpu>, f32, Cpu>: Module<Act<C>, Output = Tensor<(usize, usize), f32, Cpu>, Error = Error>,
+            $ty<C, $($cp,)* $($L,)+ nn::Linear<F, usize, f32, Cpu>, f32, Cpu>: Module<Act<C>, Output = Tensor<(usize, usize), f32, Cpu>, Error = Error>
+                + ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>, Error = Error>,
             $($L: TensorCollection<f32, Cpu> + StageMeta,)+
         {
             fn arch(&self) -> Arch {
@@ -82,6 +104,24 @@ macro_rules! impl_network {
             }
             fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError> {
                 weights::save_safetensors(&self.net, path)
+            }
+            fn train_step(&mut self, x: Vec<f32>, shape: [usize; 4], targets: &[usize], label_smoothing: f32, opt: &mut Sgd) -> Result<TrainOutput> {
+                let [n, c, h, w] = shape;
+                if c != C || x.len() != n * c * h * w {
+                    return Err(shape_err("train_step", format!("{} expects (N, {C}, H, W) input, got shape {shape:?} with {} values", self.arch, x.len())));
+                }
+                let dev = self.net.conv1.weight.device().clone();
+                let x: Act<C> = dev.try_tensor_from_vec(x, (n, Const::<C>, h, w))?;
+                let logits = self.net.try_forward_mut(x.trace(Gradients::leaky()))?;
+                let values = logits.as_vec();
+                let loss = crate::ops::cross_entropy(logits, targets, label_smoothing)?;
+                let value = loss.array();
+                if !value.is_finite() {
+                    return Err(Error::NonFinite(format!("loss is {value}")));
+                }
+                let mut grads = loss.backward();
+                opt.step(&mut self.net, &mut grads)?;
+                Ok(TrainOutput { loss: value, logits: values })
             }
         }
     };

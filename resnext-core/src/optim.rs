@@ -1,0 +1,244 @@
+//! Stochastic gradient descent with momentum, Nesterov and decoupled-from-BN weight decay,
+//! with PyTorch's `torch.optim.SGD` update rule, and learning-rate schedules.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use dfdx::prelude::*;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::Result;
+use crate::ops::read;
+use crate::params::{ParamKind, ParamVisitorMut, Params};
+use crate::weights::{write_atomic, WeightsError};
+
+/// SGD hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SgdConfig {
+    /// Learning rate (set per step by the schedule).
+    pub lr: f32,
+    /// Momentum factor μ (0 disables the buffer).
+    pub momentum: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 weight decay λ, added to the gradient as λ·p.
+    pub weight_decay: f32,
+    /// Also decay batch-norm parameters and biases (off by default, as is usual for ResNets).
+    pub decay_vectors: bool,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        Self {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 5e-4,
+            decay_vectors: false,
+        }
+    }
+}
+
+/// SGD with one momentum buffer per parameter, keyed by torchvision name.
+///
+/// Per parameter `p` with gradient `g`: `g += λ p` (if decayed); `b = μ b + g` (`b = g` on
+/// the first step); `g = g + μ b` (Nesterov) or `g = b`; `p -= lr g`.
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    /// Hyper-parameters.
+    pub cfg: SgdConfig,
+    buffers: BTreeMap<String, Vec<f32>>,
+}
+
+struct Step<'a> {
+    cfg: &'a SgdConfig,
+    buffers: &'a mut BTreeMap<String, Vec<f32>>,
+    grads: &'a mut Gradients<f32, Cpu>,
+}
+
+impl ParamVisitorMut for Step<'_> {
+    fn tensor<S: Shape>(
+        &mut self,
+        name: &str,
+        t: &mut Tensor<S, f32, Cpu>,
+        kind: ParamKind,
+    ) -> Result<()> {
+        if kind == ParamKind::Buffer {
+            return Ok(());
+        }
+        let mut p = read(t);
+        let grad = self.grads.get_or_alloc_mut(t)?;
+        let decay = if kind == ParamKind::Weight || self.cfg.decay_vectors {
+            self.cfg.weight_decay
+        } else {
+            0.0
+        };
+        let (mu, lr) = (self.cfg.momentum, self.cfg.lr);
+        let buf = if mu != 0.0 {
+            let fresh = !self.buffers.contains_key(name);
+            let b = self
+                .buffers
+                .entry(name.to_string())
+                .or_insert_with(|| vec![0.0; p.len()]);
+            Some((b, fresh))
+        } else {
+            None
+        };
+        match buf {
+            Some((b, fresh)) => {
+                for ((pv, &gv), bv) in p.iter_mut().zip(grad.iter()).zip(b.iter_mut()) {
+                    let g = gv + decay * *pv;
+                    *bv = if fresh { g } else { mu * *bv + g };
+                    let step = if self.cfg.nesterov { g + mu * *bv } else { *bv };
+                    *pv -= lr * step;
+                }
+            }
+            None => {
+                for (pv, &gv) in p.iter_mut().zip(grad.iter()) {
+                    *pv -= lr * (gv + decay * *pv);
+                }
+            }
+        }
+        t.copy_from(&p);
+        Ok(())
+    }
+}
+
+impl Sgd {
+    /// A new optimiser with empty momentum buffers.
+    pub fn new(cfg: SgdConfig) -> Self {
+        Self {
+            cfg,
+            buffers: BTreeMap::new(),
+        }
+    }
+
+    /// Updates every trainable tensor of `model` from its gradient in `grads`.
+    pub fn step<M: Params>(
+        &mut self,
+        model: &mut M,
+        grads: &mut Gradients<f32, Cpu>,
+    ) -> Result<()> {
+        model.visit_params_mut(
+            "",
+            &mut Step {
+                cfg: &self.cfg,
+                buffers: &mut self.buffers,
+                grads,
+            },
+        )
+    }
+
+    /// The momentum buffers as safetensors bytes (`momentum.<name>`).
+    pub fn state_bytes(&self) -> Result<Vec<u8>, WeightsError> {
+        let bytes: Vec<(String, Vec<u8>, usize)> = self
+            .buffers
+            .iter()
+            .map(|(n, b)| {
+                (
+                    format!("momentum.{n}"),
+                    b.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    b.len(),
+                )
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(n, b, len)| TensorView::new(Dtype::F32, vec![*len], b).map(|v| (n.clone(), v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| WeightsError::Format {
+                path: "optimizer state".into(),
+                msg: e.to_string(),
+            })?;
+        safetensors::tensor::serialize(views, &None).map_err(|e| WeightsError::Format {
+            path: "optimizer state".into(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// Saves the momentum buffers atomically.
+    pub fn save_state(&self, path: &Path) -> Result<(), WeightsError> {
+        let bytes = self.state_bytes()?;
+        write_atomic(path, &bytes).map_err(|source| WeightsError::Write {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Restores momentum buffers saved by [`Sgd::save_state`].
+    pub fn load_state(&mut self, path: &Path) -> Result<(), WeightsError> {
+        let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Format {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        let mut buffers = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let Some(param) = name.strip_prefix("momentum.") else {
+                return Err(WeightsError::Unexpected {
+                    path: path.into(),
+                    count: 1,
+                    first: name,
+                });
+            };
+            if view.dtype() != Dtype::F32 {
+                return Err(WeightsError::Dtype {
+                    path: path.into(),
+                    name,
+                    found: format!("{:?}", view.dtype()),
+                    expected: "F32",
+                });
+            }
+            buffers.insert(
+                param.to_string(),
+                view.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            );
+        }
+        self.buffers = buffers;
+        Ok(())
+    }
+}
+
+/// Learning-rate schedules over epochs (with fractional progress inside an epoch).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    /// Multiply by `gamma` at each of `milestones` (fractions of the run: 0.5 and 0.75).
+    Step {
+        /// Factor per milestone.
+        gamma: f32,
+    },
+    /// Cosine from the base rate to 0 over the run.
+    Cosine,
+}
+
+impl Schedule {
+    /// The rate at `epoch` (fractional) of `epochs`, with linear warm-up over `warmup` epochs.
+    pub fn lr(self, base: f32, epoch: f32, epochs: usize, warmup: f32) -> f32 {
+        if warmup > 0.0 && epoch < warmup {
+            return base * (epoch + 1.0 / 64.0).min(warmup) / warmup;
+        }
+        let total = epochs.max(1) as f32;
+        match self {
+            Schedule::Step { gamma } => {
+                let mut lr = base;
+                for m in [0.5, 0.75] {
+                    if epoch >= (m * total).floor() {
+                        lr *= gamma;
+                    }
+                }
+                lr
+            }
+            Schedule::Cosine => {
+                let span = (total - warmup).max(1e-6);
+                let t = ((epoch - warmup) / span).clamp(0.0, 1.0);
+                base * 0.5 * (1.0 + (std::f32::consts::PI * t).cos())
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Evaluation: loss, top-1 and top-5 over a loader; the `eval` subcommand.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use datasets::loader::{Loader, LoaderConfig};
+use dfdx::prelude::*;
+use resnext_core::model::{Arch, Network};
+
+use crate::data;
+
+/// Test-set numbers.
+pub struct EvalResult {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Top-1 accuracy (fraction).
+    pub top1: f64,
+    /// Top-5 accuracy (fraction).
+    pub top5: f64,
+}
+
+/// Eval-mode pass over every batch of `loader`.
+pub fn evaluate(net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
+    let classes = net.classes();
+    let (mut loss, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
+    for batch in loader.epoch(0, 0) {
+        let batch = batch?;
+        let logits = net.forward_eval(batch.data, batch.shape)?;
+        for (row, &label) in logits.chunks(classes).zip(&batch.labels) {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            loss += lse - row[label] as f64;
+            let better = row.iter().filter(|&&v| v > row[label]).count();
+            top1 += usize::from(better == 0);
+            top5 += usize::from(better < 5);
+            n += 1;
+        }
+    }
+    if n == 0 {
+        bail!("the evaluation set is empty");
+    }
+    Ok(EvalResult {
+        loss: loss / n as f64,
+        top1: top1 as f64 / n as f64,
+        top5: top5 as f64 / n as f64,
+    })
+}
+
+/// Arguments of `eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Architecture the weights belong to.
+    #[arg(long, default_value = "resnext11_8x8d")]
+    arch: String,
+    /// Torchvision-named safetensors weights.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Dataset whose test split to evaluate.
+    #[arg(long, default_value = "digits")]
+    dataset: String,
+    /// Folder holding the dataset's files.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// Prints top-1 and top-5; the last line is `top1: X top5: Y`.
+pub fn run(a: EvalArgs) -> Result<()> {
+    let arch: Arch = a.arch.parse()?;
+    let data = data::prepare(&a.dataset, a.data_dir.as_deref(), false)?;
+    let dev = Cpu::default();
+    let mut net = arch.build(&dev, data.info.channels, data.info.classes.len())?;
+    net.load_safetensors(&a.weights)?;
+    let loader = Loader::new(
+        data.test,
+        data.test_pipeline,
+        LoaderConfig {
+            batch_size: 256,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            threads: 1,
+            prefetch: 2,
+        },
+    );
+    let r = evaluate(net.as_ref(), &loader)?;
+    println!("{arch} on {} test: loss {:.4}", a.dataset, r.loss);
+    println!("top1: {:.4} top5: {:.4}", r.top1, r.top5);
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! `resnext-train train` / `eval` end to end on the embedded digits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn bin(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_resnext-train"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("resnext-train-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    fn s(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ok(o: &Output) -> String {
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "failed:\n{out}\n{err}");
+    out.into_owned()
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_short_run_writes_metrics_curves_and_checkpoints_that_eval_reads() {
+    let d = TempDir::new("short");
+    let run = d.s("run");
+    let out = ok(&bin(&["train", "--epochs", "2", "--out-dir", &run]));
+    let last = out.lines().last().unwrap();
+    let top1: f64 = last
+        .strip_prefix("final test_top1: ")
+        .expect("final line")
+        .parse()
+        .unwrap();
+    let m = metrics(Path::new(&run));
+    assert_eq!(m.len(), 2);
+    for key in [
+        "epoch",
+        "train_loss",
+        "train_top1",
+        "test_loss",
+        "test_top1",
+        "lr",
+        "images_per_s",
+        "seconds",
+    ] {
+        assert!(
+            m[1].get(key).is_some_and(|v| v.is_number()),
+            "metrics lack {key}: {}",
+            m[1]
+        );
+    }
+    assert!((m[1]["test_top1"].as_f64().unwrap() - top1).abs() < 1e-4);
+    assert!(top1 > 0.5, "two epochs on digits learn something: {top1}");
+    let svg = std::fs::read_to_string(Path::new(&run).join("curves.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+
+    // eval of the best checkpoint reproduces the best epoch's test accuracy
+    let best = m
+        .iter()
+        .map(|r| r["test_top1"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let out = ok(&bin(&[
+        "eval",
+        "--weights",
+        &format!("{run}/best.safetensors"),
+    ]));
+    let last = out.lines().last().unwrap();
+    let parts: Vec<&str> = last.split_whitespace().collect();
+    assert_eq!((parts[0], parts[2]), ("top1:", "top5:"), "{last}");
+    assert!(
+        (parts[1].parse::<f64>().unwrap() - best).abs() < 1e-4,
+        "{last} vs {best}"
+    );
+    assert!(parts[3].parse::<f64>().unwrap() >= best);
+}
+
+#[test]
+fn resuming_an_interrupted_run_ends_with_the_same_metrics() {
+    let d = TempDir::new("resume");
+    let (a, b) = (d.s("a"), d.s("b"));
+    ok(&bin(&[
+        "train",
+        "--epochs",
+        "2",
+        "--seed",
+        "5",
+        "--out-dir",
+        &a,
+    ]));
+    // 44 steps per epoch: stop inside the second epoch, then resume
+    let out = ok(&bin(&[
+        "train",
+        "--epochs",
+        "2",
+        "--seed",
+        "5",
+        "--out-dir",
+        &b,
+        "--max-steps",
+        "50",
+    ]));
+    assert!(out.contains("--max-steps reached"), "{out}");
+    assert_eq!(metrics(Path::new(&b)).len(), 1);
+    ok(&bin(&["train", "--resume", &b]));
+    let (ma, mb) = (metrics(Path::new(&a)), metrics(Path::new(&b)));
+    assert_eq!(ma.len(), mb.len());
+    for (ra, rb) in ma.iter().zip(&mb) {
+        for key in [
+            "epoch",
+            "train_loss",
+            "train_top1",
+            "test_loss",
+            "test_top1",
+            "lr",
+        ] {
+            assert_eq!(ra[key], rb[key], "{key} differs: {ra} vs {rb}");
+        }
+    }
+}
+
+#[test]
+fn a_config_file_sets_flags_and_command_line_flags_win() {
+    let d = TempDir::new("config");
+    let cfg = d.0.join("c.toml");
+    std::fs::write(&cfg, "epochs = 5\nbatch-size = 64\nmax_steps_typo = 3\n").unwrap();
+    let o = bin(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-dir",
+        &d.s("r"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("unknown key `max_steps_typo`")
+            && err.contains("batch-size"),
+        "{err}"
+    );
+    std::fs::write(&cfg, "epochs = 5\nbatch_size = 64\nlr = 0.02\n").unwrap();
+    let out = ok(&bin(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out-dir",
+        &d.s("r"),
+    ]));
+    assert!(out.contains("for 1 epochs"), "{out}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.0.join("r/state.json")).unwrap()).unwrap();
+    assert_eq!(state["config"]["batch-size"], 64);
+    assert_eq!(state["config"]["epochs"], 1);
+    assert!((state["config"]["lr"].as_f64().unwrap() - 0.02).abs() < 1e-6);
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
+    let d = TempDir::new("bad");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["train".into(), "--dataset".into(), "imagenet21k".into()],
+            "unknown dataset `imagenet21k`; valid names: digits, cifar10",
+        ),
+        (
+            vec!["train".into(), "--arch".into(), "resnext9".into()],
+            "unknown architecture `resnext9`",
+        ),
+        (
+            vec!["train".into(), "--schedule".into(), "linear".into()],
+            "unknown schedule `linear`",
+        ),
+        (
+            vec!["train".into(), "--resume".into(), d.s("nothing-here")],
+            "cannot resume",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "--weights".into(),
+                d.s("missing.safetensors"),
+            ],
+            "cannot read",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = bin(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(
+            err.contains(want) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_checkpoint_of_another_architecture_is_rejected_naming_the_tensor() {
+    let d = TempDir::new("otherarch");
+    let run = d.s("r");
+    ok(&bin(&["train", "--max-steps", "1", "--out-dir", &run]));
+    let o = bin(&[
+        "eval",
+        "--arch",
+        "resnext29_2x64d",
+        "--weights",
+        &format!("{run}/checkpoint/model-1.safetensors"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("tensor `conv1.weight` has shape [32, 1, 3, 3] in the file, the model expects [64, 1, 3, 3]"), "{err}");
+}
+
+#[test]
+fn a_diverging_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
+    let d = TempDir::new("nan");
+    let run = d.s("r");
+    let o = bin(&[
+        "train",
+        "--lr",
+        "1e12",
+        "--warmup-epochs",
+        "0",
+        "--out-dir",
+        &run,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("training stopped at epoch") && err.contains("non-finite"),
+        "{err}"
+    );
+}
+
+#[test]
+fn killing_the_process_at_any_moment_leaves_a_readable_checkpoint() {
+    let d = TempDir::new("kill");
+    let run = d.s("r");
+    // big batches: 5 steps per epoch, so checkpoints are written every fraction of a second
+    // and the kills land before, during and after writes
+    for ms in [300u64, 900, 1300, 1700, 2300, 2900, 3500, 4000] {
+        let resume = Path::new(&run).join("state.json").exists();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_resnext-train"));
+        cmd.args([
+            "train",
+            "--epochs",
+            "200",
+            "--batch-size",
+            "256",
+            "--out-dir",
+            &run,
+        ]);
+        if resume {
+            cmd.args(["--resume", &run]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let state = Path::new(&run).join("state.json");
+        if state.exists() {
+            let s: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&state).unwrap())
+                    .expect("state.json is complete");
+            let model = Path::new(&run)
+                .join("checkpoint")
+                .join(s["model_file"].as_str().unwrap());
+            let out = ok(&bin(&["eval", "--weights", model.to_str().unwrap()]));
+            assert!(out.lines().last().unwrap().starts_with("top1: "));
+        }
+    }
+    assert!(
+        Path::new(&run).join("state.json").exists(),
+        "some epoch finished within the kills"
+    );
+}
+
+#[test]
+fn ctrl_c_finishes_the_step_and_writes_a_checkpoint() {
+    let d = TempDir::new("sigint");
+    let run = d.s("r");
+    let child = Command::new(env!("CARGO_BIN_EXE_resnext-train"))
+        .args(["train", "--epochs", "30", "--out-dir", &run])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let o = child.wait_with_output().unwrap();
+    let out = ok(&o);
+    assert!(out.contains("interrupted: checkpoint written"), "{out}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&run).join("state.json")).unwrap())
+            .unwrap();
+    assert!(s["global_step"].as_u64().unwrap() > 0);
+}
