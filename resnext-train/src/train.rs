@@ -407,7 +407,7 @@ pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
                 p.seen as f64 / p.seconds.max(1e-9)
             ));
             if !tty
-                && (state.step_in_epoch % (steps / 4).max(1) == 0)
+                && state.step_in_epoch.is_multiple_of((steps / 4).max(1))
                 && state.step_in_epoch < steps
             {
                 println!(
