@@ -6,10 +6,17 @@
 //! - [`transforms`]: seeded, composable augmentation and normalisation.
 //! - [`loader`]: epoch shuffling, batching, worker threads with bounded prefetch;
 //!   the same seed gives the same batches whatever the number of threads.
+//! - Formats: [`cifar`] (binary, folder or `.tar.gz`), [`mnist`] (IDX, plain or `.gz`),
+//!   [`folder`] (JPEG/PNG class folders, lazily decoded), [`download`] (checked, atomic).
 //! - [`npy`]: NumPy `.npy` arrays.
 
+pub mod archive;
+pub mod cifar;
 pub mod digits;
+pub mod download;
+pub mod folder;
 pub mod loader;
+pub mod mnist;
 pub mod npy;
 pub mod transforms;
 

@@ -1,0 +1,63 @@
+//! Reading a dataset's member files from a folder or straight from a `.tar.gz`, and plain
+//! or gzip-compressed single files.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::DataError;
+
+fn read_err(path: &Path, source: std::io::Error) -> DataError {
+    DataError::Read {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Reads `path`, or `path.gz` (gunzipped) when `path` does not exist; returns the bytes and
+/// the file actually read.
+pub fn read_maybe_gz(path: &Path) -> Result<(Vec<u8>, PathBuf), DataError> {
+    if path.exists() {
+        let bytes = std::fs::read(path).map_err(|e| read_err(path, e))?;
+        if path.extension().is_some_and(|e| e == "gz") {
+            return Ok((gunzip(&bytes, path)?, path.into()));
+        }
+        return Ok((bytes, path.into()));
+    }
+    let gz = PathBuf::from(format!("{}.gz", path.display()));
+    let bytes = std::fs::read(&gz).map_err(|e| read_err(path, e))?;
+    Ok((gunzip(&bytes, &gz)?, gz))
+}
+
+/// Decompresses gzip bytes; `path` labels errors.
+pub fn gunzip(bytes: &[u8], path: &Path) -> Result<Vec<u8>, DataError> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| DataError::Format {
+            path: path.into(),
+            msg: format!("corrupt gzip data: {e}"),
+        })?;
+    Ok(out)
+}
+
+/// The members of a `.tar.gz` whose names end with one of `suffixes`, as `(name, bytes)`.
+pub fn tar_gz_members(path: &Path, suffixes: &[&str]) -> Result<Vec<(String, Vec<u8>)>, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| read_err(path, e))?;
+    let bad = |e: std::io::Error| DataError::Format {
+        path: path.into(),
+        msg: format!("corrupt .tar.gz archive: {e}"),
+    };
+    let mut archive =
+        tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
+    let mut out = Vec::new();
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let name = entry.path().map_err(bad)?.to_string_lossy().into_owned();
+        if suffixes.iter().any(|s| name.ends_with(s)) {
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).map_err(bad)?;
+            out.push((name, bytes));
+        }
+    }
+    Ok(out)
+}
