@@ -67,12 +67,20 @@ pub struct EvalArgs {
     /// Folder holding the dataset's files.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Evaluation crop size for image folders [default: the architecture's].
+    #[arg(long)]
+    image_size: Option<usize>,
 }
 
 /// Prints top-1 and top-5; the last line is `top1: X top5: Y`.
 pub fn run(a: EvalArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
-    let data = data::prepare(&a.dataset, a.data_dir.as_deref(), false)?;
+    let data = data::prepare(
+        &a.dataset,
+        a.data_dir.as_deref(),
+        false,
+        a.image_size.unwrap_or(arch.default_size()),
+    )?;
     let dev = Cpu::default();
     let mut net = arch.build(&dev, data.info.channels, data.info.classes.len())?;
     net.load_safetensors(&a.weights)?;

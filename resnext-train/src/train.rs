@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// Download the dataset into --data-dir when it is missing.
     #[arg(long)]
     pub download: bool,
+    /// Training crop size for image folders [default: the architecture's, 224 or 32].
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// Epochs to train.
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
@@ -267,7 +270,12 @@ pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
             .build_global()
             .context("cannot set up the thread pool")?;
     }
-    let data = data::prepare(&args.dataset, args.data_dir.as_deref(), args.download)?;
+    let data = data::prepare(
+        &args.dataset,
+        args.data_dir.as_deref(),
+        args.download,
+        args.image_size.unwrap_or(arch.default_size()),
+    )?;
     let classes = data.info.classes.len();
     let dir = match &args.out_dir {
         Some(d) => d.clone(),
