@@ -1,11 +1,16 @@
-//! `resnext-train predict`.
+//! `resnext-train predict`: eval-mode forward of a `.npy` batch or of image files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use datasets::transforms::constants::*;
+use datasets::transforms::{CenterCrop, Normalize, Pipeline, Resize};
 use dfdx::prelude::*;
+use rand::SeedableRng;
 use resnext_core::model::Arch;
+
+static IMAGENET_CLASSES: &str = include_str!("../data/imagenet_classes.txt");
 
 /// Arguments of `predict`.
 #[derive(Args, Debug)]
@@ -16,18 +21,147 @@ pub struct PredictArgs {
     /// Torchvision-named safetensors weights (the class count is read from `fc.weight`).
     #[arg(long)]
     weights: PathBuf,
-    /// Input batch: float32 .npy of shape (N, C, H, W), already normalised.
-    #[arg(long)]
-    npy_input: PathBuf,
+    /// Image files (JPEG or PNG), resized, cropped and normalised as the model was trained.
+    images: Vec<PathBuf>,
+    /// Input batch instead of images: float32 .npy of shape (N, C, H, W), already normalised.
+    #[arg(long, conflicts_with = "images")]
+    npy_input: Option<PathBuf>,
     /// Write the logits here as float32 .npy of shape (N, classes).
     #[arg(long)]
     logits_out: Option<PathBuf>,
-    /// How many classes to print per row.
+    /// How many classes to print per input.
     #[arg(long, default_value_t = 5)]
     topk: usize,
+    /// Class names, one per line [default: ImageNet's for 1000 classes, the training
+    /// dataset's when the weights sit in a run folder, else indices].
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// Input size for images [default: the training run's, else the architecture's].
+    #[arg(long)]
+    image_size: Option<usize>,
 }
 
-/// Runs the eval-mode forward and prints the top-k classes per row.
+/// The dataset a run folder was trained on (weights in `run/` or `run/checkpoint/`).
+fn run_dataset(weights: &Path) -> Option<String> {
+    let dir = weights.parent()?;
+    [dir.join("state.json"), dir.parent()?.join("state.json")]
+        .iter()
+        .find_map(|p| {
+            let text = std::fs::read_to_string(p).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v["config"]["dataset"].as_str().map(String::from)
+        })
+}
+
+fn names_for(dataset: Option<&str>, classes: usize) -> Vec<String> {
+    let list: Option<Vec<&str>> = match dataset {
+        Some("cifar10") => Some(vec![
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ]),
+        Some("fashion-mnist") => Some(vec![
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ]),
+        _ if classes == 1000 => Some(IMAGENET_CLASSES.lines().collect()),
+        _ => None,
+    };
+    match list {
+        Some(l) if l.len() == classes => l.into_iter().map(String::from).collect(),
+        _ => (0..classes).map(|i| i.to_string()).collect(),
+    }
+}
+
+/// Normalisation constants, input size and whether to resize like ImageNet eval.
+fn preprocessing(
+    dataset: Option<&str>,
+    channels: usize,
+    arch: Arch,
+) -> (Vec<f32>, Vec<f32>, usize, bool) {
+    match dataset {
+        Some("digits") => (vec![0.3052], vec![0.3763], 8, false),
+        Some("mnist") => (MNIST_MEAN.to_vec(), MNIST_STD.to_vec(), 28, false),
+        Some("fashion-mnist") => (
+            FASHION_MNIST_MEAN.to_vec(),
+            FASHION_MNIST_STD.to_vec(),
+            28,
+            false,
+        ),
+        Some("cifar10") => (CIFAR10_MEAN.to_vec(), CIFAR10_STD.to_vec(), 32, false),
+        Some("cifar100") => (CIFAR100_MEAN.to_vec(), CIFAR100_STD.to_vec(), 32, false),
+        _ if channels == 1 => (
+            MNIST_MEAN.to_vec(),
+            MNIST_STD.to_vec(),
+            arch.default_size(),
+            !arch.is_cifar(),
+        ),
+        _ => (
+            IMAGENET_MEAN.to_vec(),
+            IMAGENET_STD.to_vec(),
+            arch.default_size(),
+            !arch.is_cifar(),
+        ),
+    }
+}
+
+/// Decodes, converts, resizes, crops and normalises `paths` into one `(N, C, S, S)` batch.
+fn load_images(
+    paths: &[PathBuf],
+    channels: usize,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    size: usize,
+    imagenet_resize: bool,
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let shorter = if imagenet_resize {
+        size * 256 / 224
+    } else {
+        size
+    };
+    let pipe = Pipeline::new(255.0)
+        .then(Resize { shorter })
+        .then(CenterCrop { size })
+        .then(Normalize { mean, std });
+    let mut data = Vec::with_capacity(paths.len() * channels * size * size);
+    for p in paths {
+        let mut img = datasets::folder::decode_rgb(p)?;
+        if channels == 1 {
+            let hw = img.height * img.width;
+            img.data = (0..hw)
+                .map(|i| {
+                    (0.299 * img.data[i] as f32
+                        + 0.587 * img.data[hw + i] as f32
+                        + 0.114 * img.data[2 * hw + i] as f32)
+                        .round() as u8
+                })
+                .collect();
+            img.channels = 1;
+        }
+        data.extend(
+            pipe.run(&img, &mut rand::rngs::StdRng::seed_from_u64(0))
+                .data,
+        );
+    }
+    Ok((data, [paths.len(), channels, size, size]))
+}
+
+/// Runs the eval-mode forward and prints the top-k classes per input.
 pub fn run(a: PredictArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
     let tensors = resnext_core::weights::inspect(&a.weights)?;
@@ -38,42 +172,91 @@ pub fn run(a: PredictArgs) -> Result<()> {
             a.weights.display()
         ),
     };
-    let input = datasets::npy::read(&a.npy_input)?;
-    let shape: [usize; 4] = input.shape.as_slice().try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "`{}` has shape {:?}; expected 4 dims (N, C, H, W)",
-            a.npy_input.display(),
-            input.shape
-        )
-    })?;
-    if shape[1] != in_channels {
-        bail!(
-            "`{}` has {} channels (shape {:?}) but the weights expect {in_channels}",
-            a.npy_input.display(),
-            shape[1],
-            shape
-        );
-    }
+    let dataset = run_dataset(&a.weights);
+    let (labels, data, shape): (Vec<String>, Vec<f32>, [usize; 4]) =
+        match (&a.npy_input, a.images.is_empty()) {
+            (Some(npy), _) => {
+                let input = datasets::npy::read(npy)?;
+                let shape: [usize; 4] = input.shape.as_slice().try_into().map_err(|_| {
+                    anyhow!(
+                        "`{}` has shape {:?}; expected 4 dims (N, C, H, W)",
+                        npy.display(),
+                        input.shape
+                    )
+                })?;
+                if shape[1] != in_channels {
+                    bail!(
+                        "`{}` has {} channels (shape {:?}) but the weights expect {in_channels}",
+                        npy.display(),
+                        shape[1],
+                        shape
+                    );
+                }
+                (
+                    (0..shape[0]).map(|i| i.to_string()).collect(),
+                    input.data,
+                    shape,
+                )
+            }
+            (None, false) => {
+                let (mean, std, size, imagenet) =
+                    preprocessing(dataset.as_deref(), in_channels, arch);
+                let (data, shape) = load_images(
+                    &a.images,
+                    in_channels,
+                    mean,
+                    std,
+                    a.image_size.unwrap_or(size),
+                    imagenet,
+                )?;
+                (
+                    a.images.iter().map(|p| p.display().to_string()).collect(),
+                    data,
+                    shape,
+                )
+            }
+            (None, true) => bail!("nothing to predict: give image files or --npy-input"),
+        };
+    let names = match &a.classes {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read `{}`", f.display()))?;
+            let names: Vec<String> = text
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect();
+            if names.len() != classes {
+                bail!(
+                    "`{}` lists {} class names, the weights have {classes} classes",
+                    f.display(),
+                    names.len()
+                );
+            }
+            names
+        }
+        None => names_for(dataset.as_deref(), classes),
+    };
     let dev = Cpu::default();
     let mut net = arch.build(&dev, in_channels, classes)?;
     net.load_safetensors(&a.weights)?;
     let logits = net
-        .forward_eval(input.data, shape)
-        .with_context(|| format!("running {arch} on `{}`", a.npy_input.display()))?;
+        .forward_eval(data, shape)
+        .with_context(|| format!("running {arch}"))?;
     if let Some(out) = &a.logits_out {
         datasets::npy::write(out, &[shape[0], classes], &logits)?;
     }
     let k = a.topk.min(classes);
-    for (row, l) in logits.chunks(classes).enumerate() {
+    for (label, l) in labels.iter().zip(logits.chunks(classes)) {
         let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let z: f64 = l.iter().map(|v| ((v - max) as f64).exp()).sum();
         let mut idx: Vec<usize> = (0..classes).collect();
         idx.sort_by(|&i, &j| l[j].total_cmp(&l[i]));
         let top: Vec<String> = idx[..k]
             .iter()
-            .map(|&i| format!("{i} ({:.4})", ((l[i] - max) as f64).exp() / z))
+            .map(|&i| format!("{i} {} ({:.4})", names[i], ((l[i] - max) as f64).exp() / z))
             .collect();
-        println!("{row}: {}", top.join(", "));
+        println!("{label}: {}", top.join(", "));
     }
     Ok(())
 }

@@ -114,7 +114,10 @@ fn predict_matches_the_library_and_writes_logits() {
     let best = (0..37)
         .max_by(|&i, &j| want[i].total_cmp(&want[j]))
         .unwrap();
-    assert!(lines[0].starts_with(&format!("0: {best} (")), "{out}");
+    assert!(
+        lines[0].starts_with(&format!("0: {best} {best} (")),
+        "{out}"
+    );
     assert_eq!(lines[0].matches('(').count(), 3);
 }
 
