@@ -103,7 +103,7 @@ pub fn parse_records(
 ) -> Result<(), DataError> {
     let head = if kind == Cifar::Ten { 1 } else { 2 };
     let rec = head + PIXELS;
-    if bytes.is_empty() || bytes.len() % rec != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
         return Err(DataError::Format {
             path: path.into(),
             msg: format!("{} bytes is not a whole number of {rec}-byte records: truncated or corrupt record at byte {}", bytes.len(), bytes.len() / rec * rec),
