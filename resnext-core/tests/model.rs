@@ -264,3 +264,16 @@ fn torchvision_names_are_used() {
     assert_eq!(names.len(), 320);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn fused_inference_path_equals_the_differentiable_eval_path() {
+    // Without a tape, blocks and stages fold batch norm into the convolutions and pass plain
+    // buffers; with a tape they compose the separate ops. Both are eval mode.
+    let dev = Cpu::seed_from_u64(9);
+    let mut stage = dev.build_module::<Stage<16, 32, 64, 2, 8, 3>, f32>();
+    walk_mut(&mut stage, "", &mut RandomBn(5)).unwrap();
+    let x: Act<16> = dev.sample_normal_like(&(3, Const::<16>, 9, 9));
+    let fused = stage.forward(x.clone()).as_vec();
+    let composed = stage.forward(x.trace(Gradients::leaky())).as_vec();
+    assert!(crate::common::rel_err(&fused, &composed) <= 1e-5);
+}

@@ -35,6 +35,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    resnext_core::keep_freed_memory();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,

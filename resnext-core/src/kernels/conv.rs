@@ -268,6 +268,54 @@ fn col2im_add(g: &Conv2dGeom, col: &[f32], dx: &mut [f32]) {
 /// Fast forward: im2col (skipped for 1×1 stride-1 convolutions) and one GEMM per group and
 /// image, images spread over the rayon pool. Overwrites `y`.
 pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
+    conv2d_forward_with(g, x, w, y, |_, _| {});
+}
+
+/// Forward fused with a per-channel epilogue, applied to each image's output while it is
+/// still in cache: `y = relu?(y + shift[c] (+ residual))`. With `w` pre-multiplied by a
+/// batch norm's eval-mode scale this is convolution + batch norm (+ residual add) + ReLU
+/// in one pass.
+pub fn conv2d_forward_fused(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    shift: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let ohw = g.out_h() * g.out_w();
+    let out_img = g.out_channels * ohw;
+    if let Some(r) = residual {
+        assert_eq!(r.len(), g.output_len(), "conv2d fused: residual length");
+    }
+    conv2d_forward_with(g, x, w, y, |n, yn| {
+        let res = residual.map(|r| &r[n * out_img..(n + 1) * out_img]);
+        for (c, plane) in yn.chunks_mut(ohw.max(1)).enumerate() {
+            let b = shift[c];
+            match (res, relu) {
+                (Some(r), true) => plane
+                    .iter_mut()
+                    .zip(&r[c * ohw..(c + 1) * ohw])
+                    .for_each(|(v, &r)| *v = (*v + b + r).max(0.0)),
+                (Some(r), false) => plane
+                    .iter_mut()
+                    .zip(&r[c * ohw..(c + 1) * ohw])
+                    .for_each(|(v, &r)| *v += b + r),
+                (None, true) => plane.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
+                (None, false) => plane.iter_mut().for_each(|v| *v += b),
+            }
+        }
+    });
+}
+
+fn conv2d_forward_with(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: impl Fn(usize, &mut [f32]) + Sync,
+) {
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
@@ -307,6 +355,7 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
                     inner_parallel,
                 );
             }
+            epilogue(n, yn);
         },
     );
 }

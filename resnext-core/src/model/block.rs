@@ -188,6 +188,36 @@ impl<
         self.bn3.forward_eval_act(self.conv3.try_forward(y)?, false)
     }
 
+    /// Inference on a plain `(n, IN, h, w)` buffer with `dims = [n, h, w]`: every conv with
+    /// its batch norm folded in, the residual add and last ReLU fused into conv3's pass.
+    /// Returns the `(n, OUT, h', w')` buffer and `h'`, `w'`.
+    pub fn forward_eval_raw(
+        &self,
+        x: &[f32],
+        dims: [usize; 3],
+    ) -> Result<(Vec<f32>, usize, usize)> {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::VALID;
+        let n = dims[0];
+        let (y, h1, w1) = self
+            .conv1
+            .forward_bn_eval_raw(x, dims, &self.bn1, true, None)?;
+        let (y, h2, w2) = self
+            .conv2
+            .forward_bn_eval_raw(&y, [n, h1, w1], &self.bn2, true, None)?;
+        let projected = match &self.downsample {
+            Some(ds) => Some(ds.conv.forward_bn_eval_raw(x, dims, &ds.bn, false, None)?.0),
+            None => None,
+        };
+        self.conv3.forward_bn_eval_raw(
+            &y,
+            [n, h2, w2],
+            &self.bn3,
+            true,
+            Some(projected.as_deref().unwrap_or(x)),
+        )
+    }
+
     /// The shortcut branch only, eval mode.
     pub fn shortcut<T: Tape<f32, Cpu>>(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
         match &self.downsample {
@@ -226,6 +256,15 @@ impl<
     fn try_forward(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
         #[allow(clippy::let_unit_value)]
         let () = Self::VALID;
+        if !T::OWNS_TAPE {
+            let (x, tape) = x.split_tape();
+            let &(n, _, h, w) = x.shape();
+            let (y, oh, ow) = self.forward_eval_raw(&ops::read(&x), [n, h, w])?;
+            return Ok(x
+                .device()
+                .try_tensor_from_vec(y, (n, Const::<OUT>, oh, ow))?
+                .put_tape(tape));
+        }
         let (x, sc) = fork(x);
         let y = self.residual(x)?;
         let s = self.shortcut(sc)?;
@@ -353,6 +392,19 @@ impl<
     type Output = Act<OUT, T>;
     type Error = Error;
     fn try_forward(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+        if !T::OWNS_TAPE {
+            // inference: blocks pass plain buffers, one copy in and one tensor out per stage
+            let (x, tape) = x.split_tape();
+            let &(n, _, h, w) = x.shape();
+            let (mut y, mut h, mut w) = self.first.forward_eval_raw(&ops::read(&x), [n, h, w])?;
+            for b in &self.rest {
+                (y, h, w) = b.forward_eval_raw(&y, [n, h, w])?;
+            }
+            return Ok(x
+                .device()
+                .try_tensor_from_vec(y, (n, Const::<OUT>, h, w))?
+                .put_tape(tape));
+        }
         let mut y = self.first.try_forward(x)?;
         for b in &self.rest {
             y = b.try_forward(y)?;

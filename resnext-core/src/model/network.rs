@@ -230,6 +230,10 @@ fn stem_eval<
     bn: &BatchNorm2d<S, f32, Cpu>,
     x: Act<C, T>,
 ) -> Result<Act<S, T>> {
+    if !T::OWNS_TAPE {
+        let (x, tape) = x.split_tape();
+        return Ok(conv.forward_bn_eval(x, bn, true, None)?.put_tape(tape));
+    }
     bn.forward_eval_act(conv.try_forward(x)?, true)
 }
 

@@ -405,3 +405,67 @@ impl<const F: usize, O: Dim, T: Tape<f32, Cpu>> Module<Mat<Const<F>, T>>
         ops::linear(x, &self.weight, &self.bias)
     }
 }
+
+impl<
+        const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const G: usize,
+    > Conv2d<I, O, K, S, P, G, f32, Cpu>
+{
+    /// Inference: this convolution followed by `bn` in eval mode, an optional residual add
+    /// and an optional ReLU, fused into one pass ([`ops::conv2d_bn_eval`]).
+    pub fn forward_bn_eval(
+        &self,
+        x: Act<I>,
+        bn: &BatchNorm2d<O, f32, Cpu>,
+        relu: bool,
+        residual: Option<&Act<O>>,
+    ) -> Result<Act<O>> {
+        let bnr = ops::BnRef {
+            gamma: &bn.weight,
+            beta: &bn.bias,
+            mean: &bn.running_mean,
+            var: &bn.running_var,
+        };
+        ops::conv2d_bn_eval(
+            x,
+            &self.weight,
+            Self::CONFIG,
+            bnr,
+            BnConfig::default().eps,
+            relu,
+            residual,
+        )
+    }
+
+    /// [`Conv2d::forward_bn_eval`] on a plain `(n, I, h, w)` buffer `x` with `dims = [n, h, w]`;
+    /// returns the output buffer and its height and width.
+    pub fn forward_bn_eval_raw(
+        &self,
+        x: &[f32],
+        dims: [usize; 3],
+        bn: &BatchNorm2d<O, f32, Cpu>,
+        relu: bool,
+        residual: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, usize, usize)> {
+        let bnr = ops::BnRef {
+            gamma: &bn.weight,
+            beta: &bn.bias,
+            mean: &bn.running_mean,
+            var: &bn.running_var,
+        };
+        ops::conv2d_bn_eval_raw::<I, O, _>(
+            x,
+            dims,
+            &self.weight,
+            Self::CONFIG,
+            bnr,
+            BnConfig::default().eps,
+            relu,
+            residual,
+        )
+    }
+}

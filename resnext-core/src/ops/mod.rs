@@ -24,7 +24,8 @@ pub type Act<const C: usize, T = NoneTape> = Tensor<(usize, Const<C>, usize, usi
 /// A `(batch, F)` feature or logit matrix whose second dim is `F`.
 pub type Mat<F, T = NoneTape> = Tensor<(usize, F), f32, Cpu, T>;
 
-pub(crate) fn read<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
+/// Copies a contiguous tensor's values out.
+pub fn read<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
     let mut v = vec![0.0f32; t.shape().num_elements()];
     t.copy_into(&mut v);
     v
@@ -86,6 +87,8 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
             ),
         ));
     }
+    let kind = conv_kind(&g);
+    let _t = crate::profile::scope(kind.0);
     let xs = read(&x);
     let ws = read(weight);
     let mut y = vec![0.0f32; g.output_len()];
@@ -96,6 +99,7 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
     if T::OWNS_TAPE {
         let (xg, wg, og) = (x.ghost(), weight.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
+            let _t = crate::profile::scope(kind.1);
             let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
             let mut dw = vec![0.0f32; ws.len()];
             conv::conv2d_backward(
@@ -111,6 +115,16 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
         });
     }
     Ok(out.put_tape(tape))
+}
+
+fn conv_kind(g: &conv::Conv2dGeom) -> (&'static str, &'static str) {
+    if g.groups > 1 {
+        ("conv grouped fwd", "conv grouped bwd")
+    } else if g.kernel == 1 {
+        ("conv 1x1 fwd", "conv 1x1 bwd")
+    } else {
+        ("conv kxk fwd", "conv kxk bwd")
+    }
 }
 
 /// Batch-norm constants.
@@ -161,6 +175,7 @@ fn bn_finish<const C: usize, T: Tape<f32, Cpu>>(
         let (xs, gs, bs, mean, inv_std) = saved;
         let (xg, gg, bg, og) = (x.ghost(), gamma.ghost(), beta.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
+            let _t = crate::profile::scope("batch_norm bwd");
             let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
             let (mut dgamma, mut dbeta) = (vec![0.0f32; C], vec![0.0f32; C]);
             bn::bn_backward(
@@ -195,6 +210,7 @@ pub fn batch_norm2d_train<const C: usize, T: Tape<f32, Cpu>>(
     running_var: &mut Tensor<Rank1<C>, f32, Cpu>,
     cfg: BnConfig,
 ) -> Result<Act<C, T>> {
+    let _t = crate::profile::scope("batch_norm train fwd");
     let g = bn_geom(&x);
     if g.per_channel() < 2 {
         return Err(shape_err(
@@ -234,6 +250,7 @@ pub fn batch_norm2d_eval<const C: usize, T: Tape<f32, Cpu>>(
     running_var: &Tensor<Rank1<C>, f32, Cpu>,
     cfg: BnConfig,
 ) -> Result<Act<C, T>> {
+    let _t = crate::profile::scope("batch_norm eval fwd");
     let g = bn_geom(&x);
     let xs = read(&x);
     let (gs, bs, rm, rv) = (
@@ -278,6 +295,7 @@ pub fn max_pool2d<const C: usize, T: Tape<f32, Cpu>>(
     };
     g.validate().map_err(|m| shape_err("max_pool2d", m))?;
     let (oh, ow) = (g.out_h(), g.out_w());
+    let _t = crate::profile::scope("max_pool fwd");
     let xs = read(&x);
     let mut y = vec![0.0f32; n * C * oh * ow];
     let mut argmax = vec![0u32; y.len()];
@@ -337,6 +355,7 @@ pub fn add_relu<const C: usize, T: Tape<f32, Cpu> + Merge<T>>(
         ));
     }
     let shape = *a.shape();
+    let _t = crate::profile::scope("add_relu fwd");
     let (av, bv) = (read(&a), read(&b));
     let mut y = vec![0.0f32; av.len()];
     ew::add_relu_forward(&av, &bv, &mut y);
@@ -350,6 +369,7 @@ pub fn add_relu<const C: usize, T: Tape<f32, Cpu> + Merge<T>>(
         let (ag, bg, og) = (a.ghost(), b.ghost(), out.ghost());
         let yv = read(&out);
         tape.add_backward_op(move |grads| {
+            let _t = crate::profile::scope("add_relu bwd");
             let mut dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
             ew::relu_mask_inplace(&yv, &mut dy);
             ew::add_into(grads.get_or_alloc_mut(&ag)?, &dy);
@@ -488,4 +508,126 @@ pub fn cross_entropy<K: Dim, T: Tape<f32, Cpu>>(
         });
     }
     Ok(out.put_tape(tape))
+}
+
+/// Borrowed batch-norm tensors (γ, β, running mean, running variance).
+#[derive(Clone, Copy, Debug)]
+pub struct BnRef<'a, const C: usize> {
+    /// Scale γ.
+    pub gamma: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Shift β.
+    pub beta: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Running mean.
+    pub mean: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Running variance.
+    pub var: &'a Tensor<Rank1<C>, f32, Cpu>,
+}
+
+/// Inference only: convolution with an eval-mode batch norm folded into its weights, an
+/// optional residual added, and an optional ReLU, in one pass over the output
+/// (`relu?(bn(conv(x)) + residual)`). Equal to the composition of [`conv2d`],
+/// [`batch_norm2d_eval`] and [`add_relu`] up to rounding.
+pub fn conv2d_bn_eval<const I: usize, const O: usize, WS: Shape>(
+    x: Act<I>,
+    weight: &Tensor<WS, f32, Cpu>,
+    cfg: ConvConfig,
+    bn: BnRef<'_, O>,
+    eps: f64,
+    relu: bool,
+    residual: Option<&Act<O>>,
+) -> Result<Act<O>> {
+    let &(n, _, h, w) = x.shape();
+    let res = residual.map(read);
+    let (y, oh, ow) = conv2d_bn_eval_raw::<I, O, WS>(
+        &read(&x),
+        [n, h, w],
+        weight,
+        cfg,
+        bn,
+        eps,
+        relu,
+        res.as_deref(),
+    )?;
+    Ok(x.device().try_tensor_from_vec(y, (n, Const::<O>, oh, ow))?)
+}
+
+/// [`conv2d_bn_eval`] on a plain `(n, I, h, w)` buffer: returns the output buffer and its
+/// height and width. Lets a stage run its blocks without copying activations in and out
+/// of tensors between convolutions.
+pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
+    x: &[f32],
+    [n, h, w]: [usize; 3],
+    weight: &Tensor<WS, f32, Cpu>,
+    cfg: ConvConfig,
+    bn: BnRef<'_, O>,
+    eps: f64,
+    relu: bool,
+    residual: Option<&[f32]>,
+) -> Result<(Vec<f32>, usize, usize)> {
+    let g = conv::Conv2dGeom {
+        batch: n,
+        in_channels: I,
+        out_channels: O,
+        in_h: h,
+        in_w: w,
+        kernel: cfg.kernel,
+        stride: cfg.stride,
+        padding: cfg.padding,
+        groups: cfg.groups,
+    };
+    let _t = crate::profile::scope(match conv_kind(&g).0 {
+        "conv grouped fwd" => "conv grouped+bn eval",
+        "conv 1x1 fwd" => "conv 1x1+bn eval",
+        _ => "conv kxk+bn eval",
+    });
+    g.validate().map_err(|m| shape_err("conv2d", m))?;
+    if x.len() != g.input_len() {
+        return Err(shape_err(
+            "conv2d",
+            format!(
+                "input has {} values, shape ({n}, {I}, {h}, {w}) needs {}",
+                x.len(),
+                g.input_len()
+            ),
+        ));
+    }
+    if weight.shape().num_elements() != g.weight_len() {
+        return Err(shape_err(
+            "conv2d",
+            format!(
+                "weight has {} elements, expected {}",
+                weight.shape().num_elements(),
+                g.weight_len()
+            ),
+        ));
+    }
+    if let Some(r) = residual {
+        if r.len() != g.output_len() {
+            return Err(shape_err(
+                "conv2d_bn_eval",
+                format!(
+                    "residual has {} values, the output ({n}, {O}, {}, {}) has {}",
+                    r.len(),
+                    g.out_h(),
+                    g.out_w(),
+                    g.output_len()
+                ),
+            ));
+        }
+    }
+    let (scale, shift) = bn::eval_affine(
+        &read(bn.gamma),
+        &read(bn.beta),
+        &read(bn.mean),
+        &read(bn.var),
+        eps,
+    );
+    let mut ws = read(weight);
+    let per = ws.len() / O;
+    for (row, s) in ws.chunks_mut(per.max(1)).zip(&scale) {
+        row.iter_mut().for_each(|v| *v *= s);
+    }
+    let mut y = vec![0.0f32; g.output_len()];
+    conv::conv2d_forward_fused(&g, x, &ws, &shift, residual, relu, &mut y);
+    Ok((y, g.out_h(), g.out_w()))
 }

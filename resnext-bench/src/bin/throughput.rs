@@ -1,0 +1,107 @@
+//! `throughput`: images per second of a named network, eval or training, on the CPU.
+//!
+//! `cargo run --release -p resnext-bench --bin throughput -- --arch resnext50_32x4d --batch 8 --size 224 --mode eval`
+//! prints per-iteration times, then `peak_rss_mb: …` and, last, `img/s: X`.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use dfdx::prelude::*;
+use resnext_core::model::Arch;
+use resnext_core::optim::{Sgd, SgdConfig};
+
+/// Measure eval or training throughput.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Architecture.
+    #[arg(long, default_value = "resnext50_32x4d")]
+    arch: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Input height and width.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// eval (forward with running statistics) or train (forward, backward, SGD update).
+    #[arg(long, default_value = "eval")]
+    mode: String,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Classes.
+    #[arg(long, default_value_t = 1000)]
+    classes: usize,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    resnext_core::keep_freed_memory();
+    if a.threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(a.threads)
+            .build_global()?;
+    }
+    let arch: Arch = a.arch.parse()?;
+    let dev = Cpu::seed_from_u64(0);
+    let mut net = arch.build(&dev, 3, a.classes)?;
+    let shape = [a.batch, 3, a.size, a.size];
+    let x = resnext_bench::values(shape.iter().product(), 1);
+    let labels: Vec<usize> = (0..a.batch).map(|i| i % a.classes).collect();
+    let mut opt = Sgd::new(SgdConfig {
+        lr: 1e-4,
+        ..Default::default()
+    });
+    let mut step = || -> Result<()> {
+        match a.mode.as_str() {
+            "eval" => {
+                net.forward_eval(x.clone(), shape)?;
+            }
+            "train" => {
+                net.train_step(x.clone(), shape, &labels, 0.0, &mut opt)?;
+            }
+            m => bail!("unknown mode `{m}`; valid: eval, train"),
+        }
+        Ok(())
+    };
+    step()?;
+    let mut times = Vec::new();
+    for i in 0..a.iters {
+        let t = Instant::now();
+        step()?;
+        let s = t.elapsed().as_secs_f64();
+        println!("iter {i}: {:.3} s ({:.2} img/s)", s, a.batch as f64 / s);
+        times.push(s);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{} {} batch {} size {} threads {}: median {:.3} s",
+        arch,
+        a.mode,
+        a.batch,
+        a.size,
+        rayon::current_num_threads(),
+        median
+    );
+    let prof = resnext_core::profile::report();
+    if !prof.is_empty() {
+        let total: f64 = prof.iter().map(|p| p.1.as_secs_f64()).sum();
+        println!("profile over {} iterations (RESNEXT_PROFILE):", a.iters + 1);
+        for (name, d, n) in prof {
+            println!(
+                "  {name:<24} {:>8.3} s {:>5.1}% {n:>6} calls",
+                d.as_secs_f64(),
+                100.0 * d.as_secs_f64() / total
+            );
+        }
+    }
+    if let Some(b) = resnext_bench::peak_rss_bytes() {
+        println!("peak_rss_mb: {:.0}", b as f64 / 1e6);
+    }
+    println!("img/s: {:.2}", a.batch as f64 / median);
+    Ok(())
+}
