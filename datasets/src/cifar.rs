@@ -93,6 +93,20 @@ impl Cifar {
 
 const PIXELS: usize = 3 * 32 * 32;
 
+/// CIFAR-10 class names in label order (as in `batches.meta.txt`).
+pub const CIFAR10_CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+
 /// Parses the records of one binary file; `path` labels errors.
 pub fn parse_records(
     kind: Cifar,

@@ -27,7 +27,8 @@ pub const FILES: [&str; 4] = [
     "t10k-labels-idx1-ubyte",
 ];
 
-const FASHION: [&str; 10] = [
+/// Fashion-MNIST class names in label order.
+pub const FASHION_CLASSES: [&str; 10] = [
     "T-shirt/top",
     "Trouser",
     "Pullover",
@@ -120,7 +121,7 @@ pub fn load(kind: Idx, dir: &Path, split: Split) -> Result<InMemory, DataError> 
         Idx::FashionMnist => (
             FASHION_MNIST_MEAN,
             FASHION_MNIST_STD,
-            FASHION.iter().map(|s| s.to_string()).collect(),
+            FASHION_CLASSES.iter().map(|s| s.to_string()).collect(),
         ),
     };
     let info = Info {

@@ -55,30 +55,8 @@ fn run_dataset(weights: &Path) -> Option<String> {
 
 fn names_for(dataset: Option<&str>, classes: usize) -> Vec<String> {
     let list: Option<Vec<&str>> = match dataset {
-        Some("cifar10") => Some(vec![
-            "airplane",
-            "automobile",
-            "bird",
-            "cat",
-            "deer",
-            "dog",
-            "frog",
-            "horse",
-            "ship",
-            "truck",
-        ]),
-        Some("fashion-mnist") => Some(vec![
-            "T-shirt/top",
-            "Trouser",
-            "Pullover",
-            "Dress",
-            "Coat",
-            "Sandal",
-            "Shirt",
-            "Sneaker",
-            "Bag",
-            "Ankle boot",
-        ]),
+        Some("cifar10") => Some(datasets::cifar::CIFAR10_CLASSES.to_vec()),
+        Some("fashion-mnist") => Some(datasets::mnist::FASHION_CLASSES.to_vec()),
         _ if classes == 1000 => Some(IMAGENET_CLASSES.lines().collect()),
         _ => None,
     };

@@ -1,40 +1,18 @@
 //! The `resnext-train` binary, run as a user runs it.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+use common::*;
+
+use std::process::Output;
 
 use dfdx::prelude::*;
 use resnext_core::model::Arch;
-
-fn bin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_resnext-train"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
 
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("resnext-cli-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]
@@ -96,11 +74,11 @@ fn predict_matches_the_library_and_writes_logits() {
         "--arch",
         "resnext29_2x64d",
         "--weights",
-        &dir.path("w.safetensors"),
+        &dir.s("w.safetensors"),
         "--npy-input",
-        &dir.path("x.npy"),
+        &dir.s("x.npy"),
         "--logits-out",
-        &dir.path("y.npy"),
+        &dir.s("y.npy"),
         "--topk",
         "3",
     ]);
@@ -140,7 +118,7 @@ fn predict_rejects_bad_input_with_clear_errors() {
                 "--arch".into(),
                 "resnext29_4x64d".into(),
                 "--npy-input".into(),
-                dir.path("x3.npy"),
+                dir.s("x3.npy"),
             ],
             "layer1.0.conv1.weight",
         ),
@@ -149,7 +127,7 @@ fn predict_rejects_bad_input_with_clear_errors() {
                 "--arch".into(),
                 "resnext29_2x64d".into(),
                 "--npy-input".into(),
-                dir.path("x1.npy"),
+                dir.s("x1.npy"),
             ],
             "1 channels",
         ),
@@ -158,7 +136,7 @@ fn predict_rejects_bad_input_with_clear_errors() {
                 "--arch".into(),
                 "resnext29_2x64d".into(),
                 "--npy-input".into(),
-                dir.path("junk.npy"),
+                dir.s("junk.npy"),
             ],
             "junk.npy",
         ),
@@ -167,7 +145,7 @@ fn predict_rejects_bad_input_with_clear_errors() {
                 "--arch".into(),
                 "resnext29_2x64d".into(),
                 "--npy-input".into(),
-                dir.path("missing.npy"),
+                dir.s("missing.npy"),
             ],
             "cannot read",
         ),
@@ -176,7 +154,7 @@ fn predict_rejects_bad_input_with_clear_errors() {
         let mut args = vec![
             "predict".to_string(),
             "--weights".into(),
-            dir.path("w.safetensors"),
+            dir.s("w.safetensors"),
         ];
         args.extend(extra);
         let o = bin(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -193,9 +171,9 @@ fn predict_rejects_bad_input_with_clear_errors() {
         "--arch",
         "resnext29_2x64d",
         "--weights",
-        &dir.path("x3.npy"),
+        &dir.s("x3.npy"),
         "--npy-input",
-        &dir.path("x3.npy"),
+        &dir.s("x3.npy"),
     ]);
     let (_, err) = text(&o);
     assert!(

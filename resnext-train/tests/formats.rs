@@ -1,34 +1,11 @@
 //! Smoke runs of `train --max-steps` and `eval` on each dataset format, from small files
 //! the test writes in the publishers' formats.
 
+mod common;
+use common::*;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_resnext-train"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("resnext-formats-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-    fn s(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use std::path::Path;
 
 fn smoke(dataset: &str, data: &Path, extra: &[&str], out: &TempDir) {
     let run = out.s(&format!("run-{dataset}"));

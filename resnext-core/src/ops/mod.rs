@@ -63,30 +63,7 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
     cfg: ConvConfig,
 ) -> Result<Act<O, T>> {
     let &(n, _, h, w) = x.shape();
-    let g = conv::Conv2dGeom {
-        batch: n,
-        in_channels: I,
-        out_channels: O,
-        in_h: h,
-        in_w: w,
-        kernel: cfg.kernel,
-        stride: cfg.stride,
-        padding: cfg.padding,
-        groups: cfg.groups,
-    };
-    g.validate().map_err(|m| shape_err("conv2d", m))?;
-    if weight.shape().num_elements() != g.weight_len() {
-        return Err(shape_err(
-            "conv2d",
-            format!(
-                "weight has {} elements, expected {O}x{}x{}x{}",
-                weight.shape().num_elements(),
-                g.in_per_group(),
-                cfg.kernel,
-                cfg.kernel
-            ),
-        ));
-    }
+    let g = conv_geom::<I, O, WS>([n, h, w], weight, cfg)?;
     let kind = conv_kind(&g);
     let _t = crate::profile::scope(kind.0);
     let xs = read(&x);
@@ -125,6 +102,39 @@ fn conv_kind(g: &conv::Conv2dGeom) -> (&'static str, &'static str) {
     } else {
         ("conv kxk fwd", "conv kxk bwd")
     }
+}
+
+/// The checked geometry of an `I → O` convolution of an `(n, I, h, w)` input.
+fn conv_geom<const I: usize, const O: usize, WS: Shape>(
+    [n, h, w]: [usize; 3],
+    weight: &Tensor<WS, f32, Cpu>,
+    cfg: ConvConfig,
+) -> Result<conv::Conv2dGeom> {
+    let g = conv::Conv2dGeom {
+        batch: n,
+        in_channels: I,
+        out_channels: O,
+        in_h: h,
+        in_w: w,
+        kernel: cfg.kernel,
+        stride: cfg.stride,
+        padding: cfg.padding,
+        groups: cfg.groups,
+    };
+    g.validate().map_err(|m| shape_err("conv2d", m))?;
+    if weight.shape().num_elements() != g.weight_len() {
+        return Err(shape_err(
+            "conv2d",
+            format!(
+                "weight has {} elements, expected {O}x{}x{}x{}",
+                weight.shape().num_elements(),
+                g.in_per_group(),
+                cfg.kernel,
+                cfg.kernel
+            ),
+        ));
+    }
+    Ok(g)
 }
 
 /// Batch-norm constants.
@@ -564,23 +574,12 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
     relu: bool,
     residual: Option<&[f32]>,
 ) -> Result<(Vec<f32>, usize, usize)> {
-    let g = conv::Conv2dGeom {
-        batch: n,
-        in_channels: I,
-        out_channels: O,
-        in_h: h,
-        in_w: w,
-        kernel: cfg.kernel,
-        stride: cfg.stride,
-        padding: cfg.padding,
-        groups: cfg.groups,
-    };
+    let g = conv_geom::<I, O, WS>([n, h, w], weight, cfg)?;
     let _t = crate::profile::scope(match conv_kind(&g).0 {
         "conv grouped fwd" => "conv grouped+bn eval",
         "conv 1x1 fwd" => "conv 1x1+bn eval",
         _ => "conv kxk+bn eval",
     });
-    g.validate().map_err(|m| shape_err("conv2d", m))?;
     if x.len() != g.input_len() {
         return Err(shape_err(
             "conv2d",
@@ -588,16 +587,6 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
                 "input has {} values, shape ({n}, {I}, {h}, {w}) needs {}",
                 x.len(),
                 g.input_len()
-            ),
-        ));
-    }
-    if weight.shape().num_elements() != g.weight_len() {
-        return Err(shape_err(
-            "conv2d",
-            format!(
-                "weight has {} elements, expected {}",
-                weight.shape().num_elements(),
-                g.weight_len()
             ),
         ));
     }
