@@ -47,20 +47,38 @@ fn channel_planes(g: &BnGeom, c: usize) -> impl Iterator<Item = std::ops::Range<
     })
 }
 
-/// Batch mean and biased variance per channel (two passes, `f64` accumulation).
+fn sum_f32(v: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for (l, x) in lanes.iter_mut().zip(ch) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Batch mean and biased variance per channel (two passes; `f32` sums within a plane,
+/// `f64` across planes).
 pub fn batch_stats(g: &BnGeom, x: &[f32], eps: f64) -> BnStats {
     let m = g.per_channel().max(1) as f64;
+    // f32 sums within a plane (vectorisable), f64 across planes
     let per: Vec<(f32, f32, f32)> = (0..g.channels)
         .into_par_iter()
         .map(|c| {
             let mut sum = 0.0f64;
             for r in channel_planes(g, c) {
-                sum += x[r].iter().map(|&v| v as f64).sum::<f64>();
+                sum += sum_f32(&x[r]) as f64;
             }
             let mean = sum / m;
+            let mf = mean as f32;
             let mut sq = 0.0f64;
             for r in channel_planes(g, c) {
-                sq += x[r].iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+                sq += x[r]
+                    .chunks(8)
+                    .map(|ch| ch.iter().map(|&v| (v - mf) * (v - mf)).sum::<f32>())
+                    .sum::<f32>() as f64;
             }
             let var = sq / m;
             (mean as f32, var as f32, (1.0 / (var + eps).sqrt()) as f32)
@@ -199,12 +217,23 @@ pub fn bn_backward(
         .into_par_iter()
         .map(|c| {
             let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            let (mu, is, ga, be) = (mean[c], inv_std[c], gamma[c], beta[c]);
             for r in channel_planes(g, c) {
-                for (&xv, &d) in x[r.clone()].iter().zip(&dy[r]) {
-                    let d = masked(c, xv, d) as f64;
-                    sg += d;
-                    sgx += d * ((xv - mean[c]) * inv_std[c]) as f64;
+                let (mut pg, mut pgx) = ([0.0f32; 8], [0.0f32; 8]);
+                for (xc, dc) in x[r.clone()].chunks(8).zip(dy[r].chunks(8)) {
+                    for (k, (&xv, &d)) in xc.iter().zip(dc).enumerate() {
+                        let xhat = (xv - mu) * is;
+                        let d = if relu && xhat * ga + be <= 0.0 {
+                            0.0
+                        } else {
+                            d
+                        };
+                        pg[k] += d;
+                        pgx[k] += d * xhat;
+                    }
                 }
+                sg += pg.iter().sum::<f32>() as f64;
+                sgx += pgx.iter().sum::<f32>() as f64;
             }
             (sg, sgx)
         })
