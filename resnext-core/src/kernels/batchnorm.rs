@@ -72,12 +72,18 @@ pub fn batch_stats(g: &BnGeom, x: &[f32], eps: f64) -> BnStats {
                 sum += sum_f32(&x[r]) as f64;
             }
             let mean = sum / m;
-            let mf = mean as f32;
+            // the f64 mean as an f32 pair, so deviations of nearly equal values keep their bits
+            let hi = mean as f32;
+            let lo = (mean - hi as f64) as f32;
             let mut sq = 0.0f64;
             for r in channel_planes(g, c) {
                 sq += x[r]
                     .chunks(8)
-                    .map(|ch| ch.iter().map(|&v| (v - mf) * (v - mf)).sum::<f32>())
+                    .map(|ch| {
+                        ch.iter()
+                            .map(|&v| ((v - hi) - lo) * ((v - hi) - lo))
+                            .sum::<f32>()
+                    })
                     .sum::<f32>() as f64;
             }
             let var = sq / m;
@@ -91,10 +97,13 @@ pub fn batch_stats(g: &BnGeom, x: &[f32], eps: f64) -> BnStats {
     }
 }
 
-/// `y = x * scale[c] + shift[c]`, then `max(y, 0)` when `relu`. Overwrites `y`.
+/// `y = (x - center[c]) * scale[c] + shift[c]`, then `max(y, 0)` when `relu`. Overwrites
+/// `y`. Centring before scaling keeps precision when the variance is tiny (the scale is
+/// then huge and `x * scale - mean * scale` would cancel).
 pub fn affine_forward(
     g: &BnGeom,
     x: &[f32],
+    center: &[f32],
     scale: &[f32],
     shift: &[f32],
     relu: bool,
@@ -110,14 +119,14 @@ pub fn affine_forward(
         .enumerate()
         .for_each(|(plane, (yp, xp))| {
             let c = plane % g.channels;
-            let (a, b) = (scale[c], shift[c]);
+            let (m, a, b) = (center[c], scale[c], shift[c]);
             if relu {
                 for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = (v * a + b).max(0.0);
+                    *o = ((v - m) * a + b).max(0.0);
                 }
             } else {
                 for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = v * a + b;
+                    *o = (v - m) * a + b;
                 }
             }
         });
@@ -137,10 +146,7 @@ pub fn bn_train_forward(
     let scale: Vec<f32> = (0..g.channels)
         .map(|c| gamma[c] * stats.inv_std[c])
         .collect();
-    let shift: Vec<f32> = (0..g.channels)
-        .map(|c| beta[c] - stats.mean[c] * scale[c])
-        .collect();
-    affine_forward(g, x, &scale, &shift, relu, y);
+    affine_forward(g, x, &stats.mean, &scale, beta, relu, y);
     stats
 }
 

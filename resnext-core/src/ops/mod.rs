@@ -269,9 +269,9 @@ pub fn batch_norm2d_eval<const C: usize, T: Tape<f32, Cpu>>(
         read(running_mean),
         read(running_var),
     );
-    let (scale, shift) = bn::eval_affine(&gs, &bs, &rm, &rv, cfg.eps);
+    let (scale, _) = bn::eval_affine(&gs, &bs, &rm, &rv, cfg.eps);
     let mut y = vec![0.0f32; g.len()];
-    bn::affine_forward(&g, &xs, &scale, &shift, cfg.relu, &mut y);
+    bn::affine_forward(&g, &xs, &rm, &scale, &bs, cfg.relu, &mut y);
     let inv_std: Vec<f32> = rv
         .iter()
         .map(|&v| (1.0 / (v as f64 + cfg.eps).sqrt()) as f32)
