@@ -21,6 +21,11 @@ pub enum Split {
     Test,
 }
 
+/// Mean of the training images after scaling to [0, 1] (pixel / 16).
+pub const DIGITS_MEAN: f32 = 0.3052;
+/// Standard deviation of the training images after scaling to [0, 1].
+pub const DIGITS_STD: f32 = 0.3763;
+
 fn info() -> Info {
     Info {
         name: "digits".into(),
@@ -29,8 +34,8 @@ fn info() -> Info {
         width: 8,
         classes: (0..10).map(|d| d.to_string()).collect(),
         max_value: 16.0,
-        mean: vec![0.3052],
-        std: vec![0.3763],
+        mean: vec![DIGITS_MEAN],
+        std: vec![DIGITS_STD],
     }
 }
 

@@ -73,7 +73,12 @@ fn preprocessing(
     arch: Arch,
 ) -> (Vec<f32>, Vec<f32>, usize, bool) {
     match dataset {
-        Some("digits") => (vec![0.3052], vec![0.3763], 8, false),
+        Some("digits") => (
+            vec![datasets::digits::DIGITS_MEAN],
+            vec![datasets::digits::DIGITS_STD],
+            8,
+            false,
+        ),
         Some("mnist") => (MNIST_MEAN.to_vec(), MNIST_STD.to_vec(), 28, false),
         Some("fashion-mnist") => (
             FASHION_MNIST_MEAN.to_vec(),

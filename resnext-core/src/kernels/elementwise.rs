@@ -1,4 +1,4 @@
-//! Element-wise kernels: the residual add fused with ReLU, ReLU alone, and the dense layer.
+//! Element-wise kernels: the residual add fused with ReLU, its gradient, and the dense layer.
 
 use rayon::prelude::*;
 
@@ -13,17 +13,6 @@ pub fn add_relu_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
         .for_each(|(yc, (ac, bc))| {
             for ((o, &u), &v) in yc.iter_mut().zip(ac).zip(bc) {
                 *o = (u + v).max(0.0);
-            }
-        });
-}
-
-/// `y = max(x, 0)`.
-pub fn relu_forward(x: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = v.max(0.0);
             }
         });
 }
