@@ -2,10 +2,13 @@
 """Side-by-side throughput of resnext-rs and PyTorch on this machine, same thread count.
 
     /tmp/torchenv/bin/python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick]
+    /tmp/torchenv/bin/python tools/compare_pytorch.py --ops [--threads 2]
 
 Builds and runs `throughput` from resnext-bench for each configuration, measures the same
 configuration in PyTorch (torchvision's models, `torch.set_num_threads`), and prints a
-Markdown table of images/s, the ratio and peak memory. Not used by the tests or CI.
+Markdown table of images/s, the ratio and peak memory. With `--ops`, compares single
+convolutions at the stage shapes of resnext50_32x4d instead (`opbench`, GFLOP/s, forward and
+backward). Not used by the tests or CI.
 """
 import argparse
 import resource
@@ -88,13 +91,83 @@ def ours(arch, batch, size, mode, iters, threads):
     return ips, mem
 
 
+OP_CONFIGS = [(op, stage, stride) for op in ("grouped3x3",) for stage in (1, 2, 3, 4) for stride in (1, 2) if stage > 1 or stride == 1] + [
+    ("1x1", stage, 1) for stage in (1, 2, 3, 4)]
+
+
+def op_shape(op, stage, stride, batch):
+    hw, width = 56 >> (stage - 1), 128 << (stage - 1)
+    if op == "grouped3x3":
+        return (batch, width, hw * stride, hw * stride), (width, width // 32, 3, 3), dict(stride=stride, padding=1, groups=32)
+    return (batch, 2 * width, hw, hw), (width, 2 * width, 1, 1), {}
+
+
+def torch_gflops(op, stage, stride, pas, batch, iters):
+    xs, ws, kw = op_shape(op, stage, stride, batch)
+    x = torch.randn(xs, requires_grad=pas == "bwd")
+    w = torch.randn(ws, requires_grad=pas == "bwd")
+    y = F.conv2d(x, w, **kw)
+    macs = y.numel() * ws[1] * ws[2] * ws[3]
+    dy = torch.randn_like(y)
+
+    def run():
+        if pas == "fwd":
+            with torch.no_grad():
+                F.conv2d(x, w, **kw)
+        else:
+            torch.autograd.grad(F.conv2d(x, w, **kw), (x, w), dy)
+
+    run()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    # backward counts input + weight gradient only (2× the forward), as opbench does
+    flops = 2 * macs if pas == "fwd" else 4 * macs
+    if pas == "bwd":
+        # subtract the forward the autograd call repeats
+        t = time.perf_counter()
+        for _ in range(iters):
+            with torch.no_grad():
+                F.conv2d(x, w, **kw)
+        fwd = (time.perf_counter() - t) / iters
+        return flops / max(times[len(times) // 2] - fwd, 1e-9) / 1e9
+    return flops / times[len(times) // 2] / 1e9
+
+
+def ours_gflops(op, stage, stride, pas, batch, iters, threads):
+    out = subprocess.run(
+        ["cargo", "run", "--release", "-q", "-p", "resnext-bench", "--bin", "opbench", "--", "--op", op, "--stage", str(stage),
+         "--stride", str(stride), "--pass", pas, "--batch", str(batch), "--iters", str(iters), "--threads", str(threads)],
+        check=True, capture_output=True, text=True).stdout.splitlines()
+    return float(out[-1].split()[-1])
+
+
+def compare_ops(a):
+    print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch}\n")
+    print("| op | stage | stride | pass | resnext-rs GFLOP/s | PyTorch GFLOP/s | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for op, stage, stride in OP_CONFIGS:
+        for pas in ("fwd", "bwd"):
+            ours_g = ours_gflops(op, stage, stride, pas, a.batch, 4 * a.iters, a.threads)
+            torch_g = torch_gflops(op, stage, stride, pas, a.batch, 4 * a.iters)
+            print(f"| {op} | {stage} | {stride} | {pas} | {ours_g:.1f} | {torch_g:.1f} | {ours_g / torch_g:.2f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="only resnext50_32x4d eval and train at batch 8")
+    p.add_argument("--ops", action="store_true", help="single convolutions at the stage shapes instead of networks")
+    p.add_argument("--batch", type=int, default=8, help="batch for --ops")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.ops:
+        compare_ops(a)
+        return
     configs = CONFIGS[:3] if a.quick else CONFIGS
     print(f"torch {torch.__version__}, {a.threads} threads\n")
     print("| model | batch | size | mode | resnext-rs img/s | PyTorch img/s | ratio | resnext-rs peak MB |")

@@ -74,6 +74,37 @@ proptest! {
     }
 
     #[test]
+    fn direct_grouped_conv_matches_reference(
+        (batch, groups, ipg, opg) in (1usize..3, 2usize..4, 1usize..19, 1usize..19),
+        (h, w, kernel, stride, padding) in (1usize..21, 1usize..21, 2usize..6, 1usize..4, 0usize..3),
+        portable in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        // Channel counts past the kernel's 8-channel blocks and grids past several vectors.
+        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel, stride, padding, groups };
+        prop_assume!(g.validate().is_ok());
+        prop_assert!(conv::direct::suits(&g));
+        let x = values(seed, g.input_len());
+        let wt = values(seed ^ 1, g.weight_len());
+        let dy = values(seed ^ 2, g.output_len());
+        let mut y_ref = vec![0.0; g.output_len()];
+        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
+        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
+        conv::conv2d_backward_ref(&g, &x, &wt, &dy, &mut dx_ref, &mut dw_ref);
+        conv::direct::force_portable(portable);
+        let mut y = vec![0.0; g.output_len()];
+        conv::direct::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
+        // Accumulates into what is there, like every backward kernel.
+        let (mut dx, mut dw) = (vec![1.0; x.len()], vec![1.0; wt.len()]);
+        conv::direct::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
+        conv::direct::force_portable(false);
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx");
+        prop_assert!(rel_err(&minus_one(dw), &dw_ref) <= 1e-5, "dw");
+    }
+
+    #[test]
     fn grouped_conv_equals_concatenated_per_group_convs(g in conv_geom(), seed in any::<u64>()) {
         // The paper's equivalence (Fig. 3b vs 3c): split the input channels into groups,
         // convolve each with its own filters, concatenate the outputs.

@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+pub use super::direct;
 use super::gemm::{sgemm, MatRef};
 
 /// The geometry of one convolution call.
@@ -265,10 +266,11 @@ fn col2im_add(g: &Conv2dGeom, col: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// Fast forward: im2col (skipped for 1×1 stride-1 convolutions) and one GEMM per group and
-/// image, images spread over the rayon pool. Overwrites `y`.
+/// Fast forward: grouped convolutions with few channels per group go to the direct kernel
+/// ([`direct`]); others to im2col (skipped for 1×1 stride-1 convolutions) and one GEMM per
+/// group and image, images spread over the rayon pool. Overwrites `y`.
 pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
-    conv2d_forward_with(g, x, w, y, |_, _| {});
+    conv2d_forward_with(g, x, w, y, |_, _, _| {});
 }
 
 /// Forward fused with a per-channel epilogue, applied to each image's output while it is
@@ -289,10 +291,10 @@ pub fn conv2d_forward_fused(
     if let Some(r) = residual {
         assert_eq!(r.len(), g.output_len(), "conv2d fused: residual length");
     }
-    conv2d_forward_with(g, x, w, y, |n, yn| {
-        let res = residual.map(|r| &r[n * out_img..(n + 1) * out_img]);
+    conv2d_forward_with(g, x, w, y, |n, c0, yn| {
+        let res = residual.map(|r| &r[n * out_img + c0 * ohw..][..yn.len()]);
         for (c, plane) in yn.chunks_mut(ohw.max(1)).enumerate() {
-            let b = shift[c];
+            let b = shift[c0 + c];
             match (res, relu) {
                 (Some(r), true) => plane
                     .iter_mut()
@@ -314,8 +316,11 @@ fn conv2d_forward_with(
     x: &[f32],
     w: &[f32],
     y: &mut [f32],
-    epilogue: impl Fn(usize, &mut [f32]) + Sync,
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    if direct::suits(g) {
+        return direct::conv2d_forward(g, x, w, y, epilogue);
+    }
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
@@ -355,7 +360,7 @@ fn conv2d_forward_with(
                     inner_parallel,
                 );
             }
-            epilogue(n, yn);
+            epilogue(n, 0, yn);
         },
     );
 }
@@ -370,6 +375,9 @@ pub fn conv2d_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) {
+    if direct::suits(g) {
+        return direct::conv2d_backward(g, x, w, dy, dx, dw);
+    }
     assert_eq!(x.len(), g.input_len(), "conv2d backward: input length");
     assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
     assert_eq!(

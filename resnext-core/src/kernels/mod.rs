@@ -8,6 +8,7 @@
 
 pub mod batchnorm;
 pub mod conv;
+pub mod direct;
 pub mod elementwise;
 pub mod gemm;
 pub mod pool;

@@ -1,0 +1,124 @@
+//! `opbench`: speed of one convolution at a `resnext50_32x4d` stage shape, for comparing
+//! op by op with PyTorch (`tools/compare_pytorch.py --ops`).
+//!
+//! `cargo run --release -p resnext-bench --bin opbench -- --op grouped3x3 --stage 1 --pass fwd`
+//! prints per-iteration times and, last, `GFLOP/s: X` (a multiply-add counts as 2 FLOPs; the
+//! backward pass, input and weight gradient, counts twice the forward's FLOPs).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use resnext_bench::values;
+use resnext_core::kernels::conv::{self, Conv2dGeom};
+
+/// Measure one convolution, forward or backward.
+#[derive(Parser, Debug)]
+struct Args {
+    /// grouped3x3 (the block's 3×3 conv, 32 groups) or 1x1 (the block's first 1×1 conv).
+    #[arg(long, default_value = "grouped3x3")]
+    op: String,
+    /// Stage of resnext50_32x4d, 1 to 4 (56, 28, 14, 7 pixels; width 128 to 1024).
+    #[arg(long, default_value_t = 1)]
+    stage: usize,
+    /// Stride of the 3×3 conv (2 is the first block of stages 2 to 4, on the previous
+    /// stage's spatial size).
+    #[arg(long, default_value_t = 1)]
+    stride: usize,
+    /// fwd or bwd (input and weight gradients).
+    #[arg(long, default_value = "fwd")]
+    pass: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+/// The convolution geometry `opbench` measures.
+fn geometry(a: &Args) -> Result<Conv2dGeom> {
+    if !(1..=4).contains(&a.stage) {
+        bail!("--stage {}: valid stages are 1 to 4", a.stage);
+    }
+    if !(1..=2).contains(&a.stride) {
+        bail!("--stride {}: valid strides are 1 and 2", a.stride);
+    }
+    let hw = 56 >> (a.stage - 1);
+    let width = 128 << (a.stage - 1);
+    let g = match a.op.as_str() {
+        "grouped3x3" => Conv2dGeom {
+            batch: a.batch,
+            in_channels: width,
+            out_channels: width,
+            in_h: hw * a.stride,
+            in_w: hw * a.stride,
+            kernel: 3,
+            stride: a.stride,
+            padding: 1,
+            groups: 32,
+        },
+        "1x1" => Conv2dGeom {
+            batch: a.batch,
+            in_channels: 2 * width,
+            out_channels: width,
+            in_h: hw,
+            in_w: hw,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+            groups: 1,
+        },
+        o => bail!("--op {o}: valid ops are grouped3x3, 1x1"),
+    };
+    g.validate().map_err(anyhow::Error::msg)?;
+    Ok(g)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    if a.threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(a.threads)
+            .build_global()?;
+    }
+    let g = geometry(&a)?;
+    let x = values(g.input_len(), 1);
+    let w = values(g.weight_len(), 2);
+    let dy = values(g.output_len(), 3);
+    let mut y = vec![0.0; g.output_len()];
+    let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+    let flops = match a.pass.as_str() {
+        "fwd" => 2.0 * g.macs() as f64,
+        "bwd" => 4.0 * g.macs() as f64,
+        p => bail!("--pass {p}: valid passes are fwd, bwd"),
+    };
+    let mut run = || match a.pass.as_str() {
+        "fwd" => conv::conv2d_forward(&g, &x, &w, &mut y),
+        _ => conv::conv2d_backward(&g, &x, &w, &dy, Some(&mut dx), &mut dw),
+    };
+    run();
+    let mut times = Vec::new();
+    for _ in 0..a.iters.max(1) {
+        let t = Instant::now();
+        run();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{} stage {} stride {} {} batch {} threads {}: median {:.3} ms",
+        a.op,
+        a.stage,
+        a.stride,
+        a.pass,
+        a.batch,
+        rayon::current_num_threads(),
+        median * 1e3
+    );
+    println!("GFLOP/s: {:.2}", flops / median / 1e9);
+    Ok(())
+}

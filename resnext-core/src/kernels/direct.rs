@@ -1,0 +1,721 @@
+//! Direct convolution for grouped convolutions with few channels per group (ResNeXt's 3×3
+//! convolutions: 4 to 32 channels per group).
+//!
+//! A per-group GEMM on an im2col matrix is a poor fit there: the matrices are a few rows
+//! tall and the column matrix is rebuilt for every group. Here each group's input is copied
+//! once into a zero-padded buffer, split by stride phase, so that every kernel tap
+//! `(channel, ky, kx)` becomes a fixed offset into that buffer and output position `q` of a
+//! row-major grid reads input position `q + offset`. A convolution is then
+//! `out[o][q] = Σ_t W[o][t] · in[q + off[t]]`: a matrix product whose right-hand matrix is
+//! never materialised ("implicit GEMM"). The register-blocked kernel keeps up to 8 output
+//! channels × 48 positions in AVX-512 registers and streams the taps; a portable loop
+//! serves other CPUs.
+//!
+//! The input gradient is the same product on the padded output gradient (one product per
+//! stride phase of the input), and the weight gradient is
+//! `dW[o][t] = Σ_q dY[o][q] · in[q + off[t]]`.
+
+use rayon::prelude::*;
+
+use super::conv::Conv2dGeom;
+
+/// Vector width in `f32` lanes of the AVX-512 kernels; grids are padded to a multiple.
+const LANES: usize = 16;
+/// Zeros after each packed buffer, so the last vector of a grid may read past its end.
+const SLACK: usize = 4 * LANES;
+
+/// Whether [`conv2d_forward`]/[`conv2d_backward`] here are the better choice for `g`:
+/// grouped convolutions with at most 64 channels per group, kernel larger than 1.
+pub fn suits(g: &Conv2dGeom) -> bool {
+    g.groups > 1 && g.kernel > 1 && g.in_per_group() <= 64 && g.out_per_group() <= 64
+}
+
+fn round_up(n: usize, m: usize) -> usize {
+    n.div_ceil(m) * m
+}
+
+static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes this module use its portable loops even where AVX-512 is present, so tests can
+/// check both paths on one machine. Results are equal up to rounding either way.
+#[doc(hidden)]
+pub fn force_portable(on: bool) {
+    PORTABLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+            && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Makes `buf` `len` zeros unless it already has that length (then it holds zero padding
+/// from an earlier pack of the same layout, and the pack overwrites the rest).
+fn zeroed(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() != len {
+        buf.clear();
+        buf.resize(len, 0.0);
+    }
+}
+
+/// `dst = src` for short rows, without a call into `memcpy`.
+fn copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "copy: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; both slices hold `dst.len()` values.
+        unsafe { avx512::copy(dst.as_mut_ptr(), src.as_ptr(), dst.len()) };
+        return;
+    }
+    dst.copy_from_slice(src);
+}
+
+/// `dst += src`.
+fn add(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "add: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; both slices hold `dst.len()` values.
+        unsafe { avx512::add(dst.as_mut_ptr(), src.as_ptr(), dst.len()) };
+        return;
+    }
+    for (d, v) in dst.iter_mut().zip(src) {
+        *d += v;
+    }
+}
+
+/// Weights of a tap product, packed per block of output channels: block `(o0, ob, at)`
+/// holds `taps × ob` values at `at`, row `t` being the block's weights for tap `t`.
+#[derive(Clone, Debug, Default)]
+pub struct PackedWeights {
+    data: Vec<f32>,
+    blocks: Vec<(usize, usize, usize)>,
+    taps: usize,
+    outs: usize,
+}
+
+impl PackedWeights {
+    /// Packs `outs × taps` weights given by `w(o, t)`.
+    pub fn new(outs: usize, taps: usize, w: impl Fn(usize, usize) -> f32) -> Self {
+        let mut data = Vec::with_capacity(outs * taps);
+        let mut blocks = Vec::new();
+        let mut o0 = 0;
+        while o0 < outs {
+            let ob = [8, 4, 2, 1]
+                .into_iter()
+                .find(|&b| b <= outs - o0)
+                .expect("1 always fits");
+            blocks.push((o0, ob, data.len()));
+            for t in 0..taps {
+                data.extend((o0..o0 + ob).map(|o| w(o, t)));
+            }
+            o0 += ob;
+        }
+        Self {
+            data,
+            blocks,
+            taps,
+            outs,
+        }
+    }
+}
+
+/// `out[o·qpad + q] = Σ_t W[o][t] · inp[q + offs[t]]` for every output channel `o` and
+/// `q < qpad` (`qpad` a multiple of [`LANES`]). `inp` must hold `max(offs) + qpad` values.
+fn taps_product(inp: &[f32], offs: &[usize], w: &PackedWeights, qpad: usize, out: &mut [f32]) {
+    assert_eq!(offs.len(), w.taps, "taps_product: tap count");
+    assert!(qpad.is_multiple_of(LANES), "taps_product: padded grid");
+    assert!(out.len() >= w.outs * qpad, "taps_product: output buffer");
+    let max_off = offs.iter().copied().max().unwrap_or(0);
+    assert!(max_off + qpad <= inp.len(), "taps_product: input buffer");
+    for &(o0, ob, at) in &w.blocks {
+        let wb = &w.data[at..at + ob * w.taps];
+        let ob_out = &mut out[o0 * qpad..(o0 + ob) * qpad];
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: AVX-512F is present; the asserts above bound every read of `inp`
+            // (`q + off < qpad + max_off`) and the kernels write `ob_out[o·qpad + q]` for
+            // `o < ob`, `q < qpad` only.
+            unsafe { avx512::product_block(inp, offs, wb, ob, qpad, ob_out) };
+            continue;
+        }
+        for o in 0..ob {
+            let row = &mut ob_out[o * qpad..(o + 1) * qpad];
+            row.fill(0.0);
+            for (t, &off) in offs.iter().enumerate() {
+                let wv = wb[t * ob + o];
+                for (r, &x) in row.iter_mut().zip(&inp[off..off + qpad]) {
+                    *r += wv * x;
+                }
+            }
+        }
+    }
+}
+
+/// `dw[o·taps + t] += Σ_{q<qpad} dy[o·qpad + q] · inp[q + offs[t]]`.
+fn taps_weight_grad(
+    inp: &[f32],
+    offs: &[usize],
+    dy: &[f32],
+    outs: usize,
+    qpad: usize,
+    dw: &mut [f32],
+) {
+    let taps = offs.len();
+    assert!(qpad.is_multiple_of(LANES), "taps_weight_grad: padded grid");
+    assert!(dy.len() >= outs * qpad, "taps_weight_grad: gradient buffer");
+    assert!(dw.len() >= outs * taps, "taps_weight_grad: weight gradient");
+    let max_off = offs.iter().copied().max().unwrap_or(0);
+    assert!(
+        max_off + qpad <= inp.len(),
+        "taps_weight_grad: input buffer"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; reads stay below `max_off + qpad` in `inp` and
+        // `outs · qpad` in `dy` (asserted above); writes stay in `dw[..outs · taps]`.
+        unsafe { avx512::weight_grad(inp, offs, dy, outs, qpad, dw) };
+        return;
+    }
+    for o in 0..outs {
+        let d = &dy[o * qpad..(o + 1) * qpad];
+        for (t, &off) in offs.iter().enumerate() {
+            let s: f32 = d
+                .iter()
+                .zip(&inp[off..off + qpad])
+                .map(|(a, b)| a * b)
+                .sum();
+            dw[o * taps + t] += s;
+        }
+    }
+}
+
+/// The AVX-512 kernels. Every function requires AVX-512F (checked by the callers) and
+/// in-bounds pointers (asserted by the safe wrappers above).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_op_in_unsafe_fn)]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    /// The mask of the first `n < 16` lanes.
+    #[inline]
+    fn head(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn copy(dst: *mut f32, src: *const f32, len: usize) {
+        let mut i = 0;
+        while i + LANES <= len {
+            _mm512_storeu_ps(dst.add(i), _mm512_loadu_ps(src.add(i)));
+            i += LANES;
+        }
+        if i < len {
+            let m = head(len - i);
+            _mm512_mask_storeu_ps(dst.add(i), m, _mm512_maskz_loadu_ps(m, src.add(i)));
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn add(dst: *mut f32, src: *const f32, len: usize) {
+        let mut i = 0;
+        while i + LANES <= len {
+            let v = _mm512_add_ps(_mm512_loadu_ps(dst.add(i)), _mm512_loadu_ps(src.add(i)));
+            _mm512_storeu_ps(dst.add(i), v);
+            i += LANES;
+        }
+        if i < len {
+            let m = head(len - i);
+            let v = _mm512_add_ps(
+                _mm512_maskz_loadu_ps(m, dst.add(i)),
+                _mm512_maskz_loadu_ps(m, src.add(i)),
+            );
+            _mm512_mask_storeu_ps(dst.add(i), m, v);
+        }
+    }
+
+    /// One block of `ob ∈ {1, 2, 4, 8}` output channels over the whole grid.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn product_block(
+        inp: &[f32],
+        offs: &[usize],
+        w: &[f32],
+        ob: usize,
+        qpad: usize,
+        out: &mut [f32],
+    ) {
+        match ob {
+            8 => run::<8, 3>(inp, offs, w, qpad, out),
+            4 => run::<4, 5>(inp, offs, w, qpad, out),
+            2 => run::<2, 8>(inp, offs, w, qpad, out),
+            _ => run::<1, 8>(inp, offs, w, qpad, out),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const OB: usize, const NT: usize>(
+        inp: &[f32],
+        offs: &[usize],
+        w: &[f32],
+        qpad: usize,
+        out: &mut [f32],
+    ) {
+        let mut q = 0;
+        while q + NT * LANES <= qpad {
+            tile::<OB, NT>(inp.as_ptr(), offs, w.as_ptr(), q, qpad, out.as_mut_ptr());
+            q += NT * LANES;
+        }
+        while q < qpad {
+            tile::<OB, 1>(inp.as_ptr(), offs, w.as_ptr(), q, qpad, out.as_mut_ptr());
+            q += LANES;
+        }
+    }
+
+    /// `OB` channels × `NT` vectors of positions starting at `q`, accumulated in registers.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const OB: usize, const NT: usize>(
+        inp: *const f32,
+        offs: &[usize],
+        w: *const f32,
+        q: usize,
+        qpad: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NT]; OB];
+        for (t, &off) in offs.iter().enumerate() {
+            let p = inp.add(q + off);
+            let mut xv = [_mm512_setzero_ps(); NT];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(p.add(j * LANES));
+            }
+            let wt = w.add(t * OB);
+            for (o, acc_o) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*wt.add(o));
+                for (a, &x) in acc_o.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(wv, x, *a);
+                }
+            }
+        }
+        for (o, acc_o) in acc.iter().enumerate() {
+            for (j, &a) in acc_o.iter().enumerate() {
+                _mm512_storeu_ps(out.add(o * qpad + q + j * LANES), a);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_grad(
+        inp: &[f32],
+        offs: &[usize],
+        dy: &[f32],
+        outs: usize,
+        qpad: usize,
+        dw: &mut [f32],
+    ) {
+        let taps = offs.len();
+        let mut o = 0;
+        while o < outs {
+            let ob = if outs - o >= 4 {
+                4
+            } else if outs - o >= 2 {
+                2
+            } else {
+                1
+            };
+            let mut t = 0;
+            while t < taps {
+                let tb = (taps - t).min(6);
+                match (ob, tb) {
+                    (4, 6) => wg_tile::<4, 6>(inp, offs, dy, o, t, qpad, taps, dw),
+                    (2, 6) => wg_tile::<2, 6>(inp, offs, dy, o, t, qpad, taps, dw),
+                    (1, 6) => wg_tile::<1, 6>(inp, offs, dy, o, t, qpad, taps, dw),
+                    (4, _) => wg_tile::<4, 1>(inp, offs, dy, o, t, qpad, taps, dw),
+                    (2, _) => wg_tile::<2, 1>(inp, offs, dy, o, t, qpad, taps, dw),
+                    _ => wg_tile::<1, 1>(inp, offs, dy, o, t, qpad, taps, dw),
+                }
+                t += if tb == 6 { 6 } else { 1 };
+            }
+            o += ob;
+        }
+    }
+
+    /// `OB` channels × `TB` taps of the weight gradient, reduced over the whole grid.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn wg_tile<const OB: usize, const TB: usize>(
+        inp: &[f32],
+        offs: &[usize],
+        dy: &[f32],
+        o0: usize,
+        t0: usize,
+        qpad: usize,
+        taps: usize,
+        dw: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); TB]; OB];
+        let mut ptrs = [inp.as_ptr(); TB];
+        for (j, p) in ptrs.iter_mut().enumerate() {
+            *p = inp.as_ptr().add(offs[t0 + j]);
+        }
+        let d = dy.as_ptr().add(o0 * qpad);
+        let mut q = 0;
+        while q < qpad {
+            let mut xv = [_mm512_setzero_ps(); TB];
+            for (v, p) in xv.iter_mut().zip(&ptrs) {
+                *v = _mm512_loadu_ps(p.add(q));
+            }
+            for (o, acc_o) in acc.iter_mut().enumerate() {
+                let dv = _mm512_loadu_ps(d.add(o * qpad + q));
+                for (a, &x) in acc_o.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(dv, x, *a);
+                }
+            }
+            q += LANES;
+        }
+        for (o, acc_o) in acc.iter().enumerate() {
+            for (j, &a) in acc_o.iter().enumerate() {
+                dw[(o0 + o) * taps + t0 + j] += _mm512_reduce_add_ps(a);
+            }
+        }
+    }
+}
+
+/// How one group's input is laid out for the forward product: zero-padded, split into
+/// `stride × stride` phase planes of `rows × pitch`, one set per channel.
+#[derive(Clone, Debug)]
+struct FwdLayout {
+    pitch: usize,
+    rows: usize,
+    /// Values of the packed input, slack included.
+    len: usize,
+    /// Offset of each tap `(c, ky, kx)`, in PyTorch's weight order.
+    offs: Vec<usize>,
+    /// Output grid: `oh` rows of `pitch` positions, padded to [`LANES`].
+    qpad: usize,
+}
+
+impl FwdLayout {
+    fn new(g: &Conv2dGeom) -> Self {
+        let (s, k, p) = (g.stride, g.kernel, g.padding);
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let pitch = (g.in_w + 2 * p).div_ceil(s).max(ow + (k - 1) / s);
+        let rows = (g.in_h + 2 * p).div_ceil(s).max(oh + (k - 1) / s) + 1;
+        let plane = rows * pitch;
+        let ipg = g.in_per_group();
+        let mut offs = Vec::with_capacity(ipg * k * k);
+        for c in 0..ipg {
+            for ky in 0..k {
+                for kx in 0..k {
+                    offs.push(((c * s + ky % s) * s + kx % s) * plane + (ky / s) * pitch + kx / s);
+                }
+            }
+        }
+        Self {
+            pitch,
+            rows,
+            len: ipg * s * s * plane + SLACK,
+            offs,
+            qpad: round_up(oh * pitch, LANES),
+        }
+    }
+
+    /// Copies one group of one image (`ipg × h × w`) into `buf`. Writes the same positions
+    /// every time, so a buffer reused for one layout keeps its zero padding.
+    fn pack(&self, g: &Conv2dGeom, x: &[f32], buf: &mut Vec<f32>) {
+        let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
+        let plane = self.rows * self.pitch;
+        zeroed(buf, self.len);
+        for (c, xc) in x.chunks_exact(h * w).enumerate() {
+            for (iy, src) in xc.chunks_exact(w).enumerate() {
+                let py = iy + p;
+                let base = (c * s + py % s) * s * plane + (py / s) * self.pitch;
+                if s == 1 {
+                    copy(&mut buf[base + p..base + p + w], src);
+                    continue;
+                }
+                // Column phase r holds padded columns r, r + s, …: input columns from the
+                // first ix with (ix + p) % s == r, every s-th.
+                for r in 0..s {
+                    let ix0 = (r + s - p % s) % s;
+                    if ix0 >= w {
+                        continue;
+                    }
+                    let dst = &mut buf[base + r * plane + (ix0 + p) / s..];
+                    for (d, &v) in dst.iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward of a grouped convolution, one task per (image, group), each group's output passed
+/// to `epilogue(image, first channel, values)` while still in cache. Overwrites `y`.
+pub fn conv2d_forward(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    assert_eq!(x.len(), g.input_len(), "conv2d: input length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
+    assert_eq!(y.len(), g.output_len(), "conv2d: output length");
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let (ipg, opg) = (g.in_per_group(), g.out_per_group());
+    let taps = ipg * g.kernel * g.kernel;
+    let in_grp = ipg * g.in_h * g.in_w;
+    let out_grp = opg * oh * ow;
+    if out_grp == 0 {
+        return;
+    }
+    let layout = FwdLayout::new(g);
+    let packed: Vec<PackedWeights> = (0..g.groups)
+        .into_par_iter()
+        .map(|grp| {
+            let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
+            PackedWeights::new(opg, taps, |o, t| wg[o * taps + t])
+        })
+        .collect();
+    y.par_chunks_mut(out_grp).enumerate().for_each_init(
+        || (Vec::new(), vec![0.0f32; opg * layout.qpad]),
+        |(buf, grid), (i, yg)| {
+            let (n, grp) = (i / g.groups, i % g.groups);
+            let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
+            layout.pack(g, xg, buf);
+            taps_product(buf, &layout.offs, &packed[grp], layout.qpad, grid);
+            for (o, yo) in yg.chunks_exact_mut(oh * ow).enumerate() {
+                let src = &grid[o * layout.qpad..];
+                for (oy, dst) in yo.chunks_exact_mut(ow).enumerate() {
+                    copy(dst, &src[oy * layout.pitch..oy * layout.pitch + ow]);
+                }
+            }
+            epilogue(n, grp * opg, yg);
+        },
+    );
+}
+
+/// One stride phase `(a, b)` of the input gradient: input rows `s·i + a`, columns `s·j + b`.
+#[derive(Clone, Debug)]
+struct Phase {
+    a: usize,
+    b: usize,
+    /// Rows and columns of the phase grid.
+    hi: usize,
+    wj: usize,
+    /// The forward taps `(o, ky, kx)` that reach this phase, and their offsets into the
+    /// padded output gradient.
+    taps: Vec<(usize, usize, usize)>,
+    offs: Vec<usize>,
+    qpad: usize,
+}
+
+/// How one group's output gradient is laid out for the input-gradient products.
+#[derive(Clone, Debug)]
+struct BwdLayout {
+    top: usize,
+    left: usize,
+    pitch: usize,
+    rows: usize,
+    len: usize,
+    phases: Vec<Phase>,
+}
+
+impl BwdLayout {
+    fn new(g: &Conv2dGeom) -> Self {
+        let (s, k, p) = (g.stride as isize, g.kernel, g.padding as isize);
+        let (oh, ow) = (g.out_h(), g.out_w());
+        // Input row s·i + a receives output row i + (a + p − ky)/s through tap ky when
+        // s divides a + p − ky.
+        let shift = |a: usize, kk: usize| -> Option<isize> {
+            let d = a as isize + p - kk as isize;
+            (d.rem_euclid(s) == 0).then(|| d.div_euclid(s))
+        };
+        let mut raw = Vec::new();
+        let (mut lo_r, mut lo_c, mut hi_r, mut hi_c) = (0isize, 0isize, 0isize, 0isize);
+        for a in 0..g.stride.min(g.in_h) {
+            for b in 0..g.stride.min(g.in_w) {
+                let hi = (g.in_h - a).div_ceil(g.stride);
+                let wj = (g.in_w - b).div_ceil(g.stride);
+                let mut taps = Vec::new();
+                for ky in 0..k {
+                    let Some(dr) = shift(a, ky) else { continue };
+                    for kx in 0..k {
+                        let Some(dc) = shift(b, kx) else { continue };
+                        lo_r = lo_r.min(dr);
+                        lo_c = lo_c.min(dc);
+                        hi_r = hi_r.max(hi as isize + dr);
+                        hi_c = hi_c.max(wj as isize + dc);
+                        taps.push((ky, kx, dr, dc));
+                    }
+                }
+                raw.push((a, b, hi, wj, taps));
+            }
+        }
+        let (top, left) = ((-lo_r) as usize, (-lo_c) as usize);
+        let pitch = left + ow.max(hi_c.max(0) as usize);
+        let rows = top + oh.max(hi_r.max(0) as usize) + 1;
+        let plane = rows * pitch;
+        let opg = g.out_per_group();
+        let phases = raw
+            .into_iter()
+            .map(|(a, b, hi, wj, taps)| {
+                let mut ptaps = Vec::new();
+                let mut offs = Vec::new();
+                for o in 0..opg {
+                    for &(ky, kx, dr, dc) in &taps {
+                        ptaps.push((o, ky, kx));
+                        offs.push(
+                            o * plane
+                                + (dr + top as isize) as usize * pitch
+                                + (dc + left as isize) as usize,
+                        );
+                    }
+                }
+                Phase {
+                    a,
+                    b,
+                    hi,
+                    wj,
+                    taps: ptaps,
+                    offs,
+                    qpad: round_up(hi * pitch, LANES),
+                }
+            })
+            .collect();
+        Self {
+            top,
+            left,
+            pitch,
+            rows,
+            len: opg * plane + SLACK,
+            phases,
+        }
+    }
+
+    /// Copies one group of one image's output gradient (`opg × oh × ow`) into `buf`.
+    fn pack(&self, oh: usize, ow: usize, dy: &[f32], buf: &mut Vec<f32>) {
+        let plane = self.rows * self.pitch;
+        zeroed(buf, self.len);
+        for (o, d) in dy.chunks_exact(oh * ow).enumerate() {
+            for (oy, src) in d.chunks_exact(ow).enumerate() {
+                let at = o * plane + (oy + self.top) * self.pitch + self.left;
+                copy(&mut buf[at..at + ow], src);
+            }
+        }
+    }
+}
+
+/// Backward of a grouped convolution: adds the input gradient into `dx` (when given) and
+/// the weight gradient into `dw`. One task per group, images in order inside it, so the
+/// weight gradient's summation order does not depend on the thread count.
+pub fn conv2d_backward(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+) {
+    assert_eq!(x.len(), g.input_len(), "conv2d backward: input length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
+    assert_eq!(
+        dy.len(),
+        g.output_len(),
+        "conv2d backward: output-gradient length"
+    );
+    assert_eq!(
+        dw.len(),
+        g.weight_len(),
+        "conv2d backward: weight-gradient length"
+    );
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let (ipg, opg, k) = (g.in_per_group(), g.out_per_group(), g.kernel);
+    let taps = ipg * k * k;
+    let in_grp = ipg * g.in_h * g.in_w;
+    let out_grp = opg * oh * ow;
+    if out_grp == 0 || in_grp == 0 {
+        return;
+    }
+    let fwd = FwdLayout::new(g);
+    let bwd = BwdLayout::new(g);
+    // Per group: its weight gradient and, per image, its slice of the input gradient.
+    let mut dx_groups: Vec<Vec<&mut [f32]>> = (0..g.groups).map(|_| Vec::new()).collect();
+    if let Some(dx) = dx {
+        assert_eq!(
+            dx.len(),
+            g.input_len(),
+            "conv2d backward: input-gradient length"
+        );
+        for (i, part) in dx.chunks_exact_mut(in_grp).enumerate() {
+            dx_groups[i % g.groups].push(part);
+        }
+    }
+    dw.par_chunks_exact_mut(opg * taps)
+        .zip(dx_groups.into_par_iter())
+        .enumerate()
+        .for_each(|(grp, (dwg, mut dxg))| {
+            let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
+            let phase_w: Vec<PackedWeights> = bwd
+                .phases
+                .iter()
+                .map(|ph| {
+                    PackedWeights::new(ipg, ph.taps.len(), |c, t| {
+                        let (o, ky, kx) = ph.taps[t];
+                        wg[((o * ipg + c) * k + ky) * k + kx]
+                    })
+                })
+                .collect();
+            let (mut xbuf, mut dybuf, mut dypad) = (Vec::new(), Vec::new(), Vec::new());
+            let mut grid = Vec::new();
+            for n in 0..g.batch {
+                let xn = &x[(n * g.groups + grp) * in_grp..][..in_grp];
+                let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
+                // Weight gradient: output gradient on the forward grid, zeros elsewhere.
+                fwd.pack(g, xn, &mut xbuf);
+                zeroed(&mut dybuf, opg * fwd.qpad);
+                for (o, d) in dyn_.chunks_exact(oh * ow).enumerate() {
+                    for (oy, src) in d.chunks_exact(ow).enumerate() {
+                        let at = o * fwd.qpad + oy * fwd.pitch;
+                        copy(&mut dybuf[at..at + ow], src);
+                    }
+                }
+                taps_weight_grad(&xbuf, &fwd.offs, &dybuf, opg, fwd.qpad, dwg);
+                // Input gradient, one stride phase at a time.
+                let Some(dxn) = dxg.get_mut(n) else { continue };
+                bwd.pack(oh, ow, dyn_, &mut dypad);
+                for (ph, pw) in bwd.phases.iter().zip(&phase_w) {
+                    if ph.taps.is_empty() {
+                        continue;
+                    }
+                    grid.resize(ipg * ph.qpad, 0.0);
+                    taps_product(&dypad, &ph.offs, pw, ph.qpad, &mut grid);
+                    let (s, hw) = (g.stride, g.in_h * g.in_w);
+                    for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
+                        let src = &grid[c * ph.qpad..];
+                        for i in 0..ph.hi {
+                            let row = &src[i * bwd.pitch..i * bwd.pitch + ph.wj];
+                            let dst = &mut dxc[(s * i + ph.a) * g.in_w..][..g.in_w];
+                            if s == 1 {
+                                add(dst, row);
+                            } else {
+                                for (j, v) in row.iter().enumerate() {
+                                    dst[s * j + ph.b] += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
