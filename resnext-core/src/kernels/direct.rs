@@ -90,6 +90,46 @@ fn add(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// `ev[j] = src[2j]`, `od[j] = src[2j + 1]`.
+fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
+    assert!(
+        ev.len() == src.len().div_ceil(2) && od.len() == src.len() / 2,
+        "deinterleave2: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; lengths checked above.
+        unsafe { avx512::deinterleave2(src, ev, od) };
+        return;
+    }
+    for (e, &v) in ev.iter_mut().zip(src.iter().step_by(2)) {
+        *e = v;
+    }
+    for (o, &v) in od.iter_mut().zip(src.iter().skip(1).step_by(2)) {
+        *o = v;
+    }
+}
+
+/// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`.
+fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
+    assert!(
+        ev.len() == dst.len().div_ceil(2) && od.len() == dst.len() / 2,
+        "interleave2_add: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; lengths checked above.
+        unsafe { avx512::interleave2_add(dst, ev, od) };
+        return;
+    }
+    for (d, &v) in dst.iter_mut().step_by(2).zip(ev) {
+        *d += v;
+    }
+    for (d, &v) in dst.iter_mut().skip(1).step_by(2).zip(od) {
+        *d += v;
+    }
+}
+
 /// Weights of a tap product, packed per block of output channels: block `(o0, ob, at)`
 /// holds `taps × ob` values at `at`, row `t` being the block's weights for tap `t`.
 #[derive(Clone, Debug, Default)]
@@ -103,7 +143,7 @@ pub struct PackedWeights {
 impl PackedWeights {
     /// Packs `outs × taps` weights given by `w(o, t)`.
     pub fn new(outs: usize, taps: usize, w: impl Fn(usize, usize) -> f32) -> Self {
-        let mut data = Vec::with_capacity(outs * taps);
+        let mut data = vec![0.0f32; outs * taps];
         let mut blocks = Vec::new();
         let mut o0 = 0;
         while o0 < outs {
@@ -111,9 +151,13 @@ impl PackedWeights {
                 .into_iter()
                 .find(|&b| b <= outs - o0)
                 .expect("1 always fits");
-            blocks.push((o0, ob, data.len()));
-            for t in 0..taps {
-                data.extend((o0..o0 + ob).map(|o| w(o, t)));
+            let at = o0 * taps;
+            blocks.push((o0, ob, at));
+            let block = &mut data[at..at + ob * taps];
+            for o in 0..ob {
+                for (t, d) in block.iter_mut().skip(o).step_by(ob).enumerate() {
+                    *d = w(o0 + o, t);
+                }
             }
             o0 += ob;
         }
@@ -239,6 +283,52 @@ mod avx512 {
                 _mm512_maskz_loadu_ps(m, src.add(i)),
             );
             _mm512_mask_storeu_ps(dst.add(i), m, v);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
+        let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let mut i = 0;
+        while i + 2 * LANES <= src.len() {
+            let a = _mm512_loadu_ps(src.as_ptr().add(i));
+            let b = _mm512_loadu_ps(src.as_ptr().add(i + LANES));
+            _mm512_storeu_ps(ev.as_mut_ptr().add(i / 2), _mm512_permutex2var_ps(a, ie, b));
+            _mm512_storeu_ps(od.as_mut_ptr().add(i / 2), _mm512_permutex2var_ps(a, io, b));
+            i += 2 * LANES;
+        }
+        for (k, &v) in src.iter().enumerate().skip(i) {
+            if k % 2 == 0 {
+                ev[k / 2] = v;
+            } else {
+                od[k / 2] = v;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let mut j = 0;
+        while j + LANES <= od.len() {
+            let e = _mm512_loadu_ps(ev.as_ptr().add(j));
+            let o = _mm512_loadu_ps(od.as_ptr().add(j));
+            let d = dst.as_mut_ptr().add(2 * j);
+            _mm512_storeu_ps(
+                d,
+                _mm512_add_ps(_mm512_loadu_ps(d), _mm512_permutex2var_ps(e, lo, o)),
+            );
+            let d = d.add(LANES);
+            _mm512_storeu_ps(
+                d,
+                _mm512_add_ps(_mm512_loadu_ps(d), _mm512_permutex2var_ps(e, hi, o)),
+            );
+            j += LANES;
+        }
+        for k in 2 * j..dst.len() {
+            dst[k] += if k % 2 == 0 { ev[k / 2] } else { od[k / 2] };
         }
     }
 
@@ -442,6 +532,23 @@ impl FwdLayout {
                     copy(&mut buf[base + p..base + p + w], src);
                     continue;
                 }
+                if s == 2 {
+                    // Even input columns go to phase p % 2 from column p / 2, odd ones to
+                    // the other phase from column (p + 1) / 2.
+                    let (e0, o0) = (
+                        base + (p % 2) * plane + p / 2,
+                        base + ((p + 1) % 2) * plane + (p + 1) / 2,
+                    );
+                    let (ev, od) = if e0 < o0 {
+                        let (lo, hi) = buf.split_at_mut(o0);
+                        (&mut lo[e0..e0 + w.div_ceil(2)], &mut hi[..w / 2])
+                    } else {
+                        let (lo, hi) = buf.split_at_mut(e0);
+                        (&mut hi[..w.div_ceil(2)], &mut lo[o0..o0 + w / 2])
+                    };
+                    deinterleave2(src, ev, od);
+                    continue;
+                }
                 // Column phase r holds padded columns r, r + s, …: input columns from the
                 // first ix with (ix + p) % s == r, every s-th.
                 for r in 0..s {
@@ -505,13 +612,11 @@ pub fn conv2d_forward(
     );
 }
 
-/// One stride phase `(a, b)` of the input gradient: input rows `s·i + a`, columns `s·j + b`.
+/// One stride phase `(a, b)` of the input gradient (input rows `s·i + a`, columns
+/// `s·j + b`), stored at index `a · min(s, w) + b`.
 #[derive(Clone, Debug)]
 struct Phase {
-    a: usize,
-    b: usize,
-    /// Rows and columns of the phase grid.
-    hi: usize,
+    /// Columns of the phase grid.
     wj: usize,
     /// The forward taps `(o, ky, kx)` that reach this phase, and their offsets into the
     /// padded output gradient.
@@ -559,7 +664,7 @@ impl BwdLayout {
                         taps.push((ky, kx, dr, dc));
                     }
                 }
-                raw.push((a, b, hi, wj, taps));
+                raw.push((hi, wj, taps));
             }
         }
         let (top, left) = ((-lo_r) as usize, (-lo_c) as usize);
@@ -569,7 +674,7 @@ impl BwdLayout {
         let opg = g.out_per_group();
         let phases = raw
             .into_iter()
-            .map(|(a, b, hi, wj, taps)| {
+            .map(|(hi, wj, taps)| {
                 let mut ptaps = Vec::new();
                 let mut offs = Vec::new();
                 for o in 0..opg {
@@ -583,9 +688,6 @@ impl BwdLayout {
                     }
                 }
                 Phase {
-                    a,
-                    b,
-                    hi,
                     wj,
                     taps: ptaps,
                     offs,
@@ -677,7 +779,7 @@ pub fn conv2d_backward(
                 })
                 .collect();
             let (mut xbuf, mut dybuf, mut dypad) = (Vec::new(), Vec::new(), Vec::new());
-            let mut grid = Vec::new();
+            let mut grids: Vec<Vec<f32>> = Vec::new();
             for n in 0..g.batch {
                 let xn = &x[(n * g.groups + grp) * in_grp..][..in_grp];
                 let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
@@ -694,23 +796,45 @@ pub fn conv2d_backward(
                 // Input gradient, one stride phase at a time.
                 let Some(dxn) = dxg.get_mut(n) else { continue };
                 bwd.pack(oh, ow, dyn_, &mut dypad);
-                for (ph, pw) in bwd.phases.iter().zip(&phase_w) {
-                    if ph.taps.is_empty() {
-                        continue;
+                grids.resize_with(bwd.phases.len(), Vec::new);
+                for ((ph, pw), grid) in bwd.phases.iter().zip(&phase_w).zip(grids.iter_mut()) {
+                    if !ph.taps.is_empty() {
+                        zeroed(grid, ipg * ph.qpad);
+                        taps_product(&dypad, &ph.offs, pw, ph.qpad, grid);
                     }
-                    grid.resize(ipg * ph.qpad, 0.0);
-                    taps_product(&dypad, &ph.offs, pw, ph.qpad, &mut grid);
-                    let (s, hw) = (g.stride, g.in_h * g.in_w);
-                    for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
-                        let src = &grid[c * ph.qpad..];
-                        for i in 0..ph.hi {
-                            let row = &src[i * bwd.pitch..i * bwd.pitch + ph.wj];
-                            let dst = &mut dxc[(s * i + ph.a) * g.in_w..][..g.in_w];
-                            if s == 1 {
-                                add(dst, row);
-                            } else {
-                                for (j, v) in row.iter().enumerate() {
-                                    dst[s * j + ph.b] += v;
+                }
+                let (s, hw) = (g.stride, g.in_h * g.in_w);
+                for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
+                    for (iy, dst) in dxc.chunks_exact_mut(g.in_w).enumerate() {
+                        let (a, i) = (iy % s, iy / s);
+                        let row = |b: usize| {
+                            let ph = &bwd.phases[a * s.min(g.in_w) + b];
+                            (!ph.taps.is_empty()).then(|| {
+                                &grids[a * s.min(g.in_w) + b][c * ph.qpad + i * bwd.pitch..]
+                                    [..ph.wj]
+                            })
+                        };
+                        if s == 1 {
+                            if let Some(r) = row(0) {
+                                add(dst, r);
+                            }
+                        } else if s == 2 && g.in_w >= 2 {
+                            match (row(0), row(1)) {
+                                (Some(e), Some(o)) => interleave2_add(dst, e, o),
+                                (e, o) => {
+                                    for (b, r) in [(0, e), (1, o)] {
+                                        let Some(r) = r else { continue };
+                                        for (d, v) in dst.iter_mut().skip(b).step_by(2).zip(r) {
+                                            *d += v;
+                                        }
+                                    }
+                                }
+                            }
+                        } else {
+                            for b in 0..s.min(g.in_w) {
+                                let Some(r) = row(b) else { continue };
+                                for (d, v) in dst.iter_mut().skip(b).step_by(s).zip(r) {
+                                    *d += v;
                                 }
                             }
                         }
