@@ -136,7 +136,16 @@ proptest! {
         let mut y = vec![0.0; g.len()];
         let stats = bn::bn_train_forward(&g, &x, &gamma, &beta, 1e-5, relu, &mut y);
         let (y_ref, mean, var) = bn::bn_train_forward_ref(&g, &x, &gamma, &beta, 1e-5, relu);
-        prop_assert!(rel_err(&y, &y_ref) <= 1e-5);
+        // f32 inputs make `x − mean` uncertain by a few ulps of |x|, which normalising
+        // divides by the channel's σ: with two nearly equal values per channel that alone
+        // exceeds any fixed relative tolerance, in PyTorch as much as here.
+        let max_x = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+        let max_g = gamma.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+        let min_sd = var.iter().fold(f64::INFINITY, |m, v| m.min((v + 1e-5).sqrt()));
+        let scale = y_ref.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+        let bound = 1e-5 * scale + 8.0 * f32::EPSILON as f64 * max_x * max_g / min_sd;
+        let worst = y.iter().zip(&y_ref).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+        prop_assert!(worst <= bound, "max error {worst} above {bound}");
         // running statistics: momentum 0.1 with the unbiased variance
         let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
         bn::update_running(&g, &stats, 0.1, &mut rm, &mut rv);
@@ -238,6 +247,17 @@ proptest! {
         prop_assume!(n * h * w > 1);
         let dev = Cpu::default();
         let xv: Vec<f32> = values(seed, n * 3 * h * w).iter().map(|v| v * 2.0).collect();
+        if train {
+            // Central differences with step 1e-2 need each channel's spread well above the
+            // step: with nearly equal values batch norm is close to a step function there.
+            let hw = h * w;
+            for c in 0..3 {
+                let vals: Vec<f64> = (0..n).flat_map(|i| xv[(i * 3 + c) * hw..(i * 3 + c + 1) * hw].iter().map(|&v| v as f64)).collect();
+                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+                prop_assume!(var > 0.05);
+            }
+        }
         let gamma: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([1.5, 0.7, -0.4]);
         let beta: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([0.1, -0.2, 0.3]);
         let mean0: Tensor<Rank1<3>, f32, Cpu> = dev.tensor([0.2, -0.1, 0.0]);

@@ -537,7 +537,7 @@ impl FwdLayout {
                     // the other phase from column (p + 1) / 2.
                     let (e0, o0) = (
                         base + (p % 2) * plane + p / 2,
-                        base + ((p + 1) % 2) * plane + (p + 1) / 2,
+                        base + ((p + 1) % 2) * plane + p.div_ceil(2),
                     );
                     let (ev, od) = if e0 < o0 {
                         let (lo, hi) = buf.split_at_mut(o0);
