@@ -164,6 +164,9 @@ proptest! {
         let mut y = vec![0.0; planes * g.out_h() * g.out_w()];
         let mut idx = vec![0u32; y.len()];
         pool::max_pool_forward(&g, &x, &mut y, &mut idx);
+        let mut values_only = vec![0.0; y.len()];
+        pool::max_pool_forward_values(&g, &x, &mut values_only);
+        prop_assert_eq!(&values_only, &y);
         prop_assert_eq!(y, pool::max_pool_forward_ref(&g, &x));
     }
 }

@@ -15,7 +15,8 @@ use resnext_core::kernels::conv::{self, Conv2dGeom};
 /// Measure one convolution, forward or backward.
 #[derive(Parser, Debug)]
 struct Args {
-    /// grouped3x3 (the block's 3×3 conv, 32 groups) or 1x1 (the block's first 1×1 conv).
+    /// grouped3x3 (the block's 3×3 conv, 32 groups), 1x1 (the block's first 1×1 conv) or
+    /// 1x1-expand (its last).
     #[arg(long, default_value = "grouped3x3")]
     op: String,
     /// Stage of resnext50_32x4d, 1 to 4 (56, 28, 14, 7 pixels; width 128 to 1024).
@@ -72,7 +73,18 @@ fn geometry(a: &Args) -> Result<Conv2dGeom> {
             padding: 0,
             groups: 1,
         },
-        o => bail!("--op {o}: valid ops are grouped3x3, 1x1"),
+        "1x1-expand" => Conv2dGeom {
+            batch: a.batch,
+            in_channels: width,
+            out_channels: 2 * width,
+            in_h: hw,
+            in_w: hw,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+            groups: 1,
+        },
+        o => bail!("--op {o}: valid ops are grouped3x3, 1x1, 1x1-expand"),
     };
     g.validate().map_err(anyhow::Error::msg)?;
     Ok(g)

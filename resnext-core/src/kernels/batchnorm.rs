@@ -40,6 +40,9 @@ pub struct BnStats {
     pub inv_std: Vec<f32>,
 }
 
+/// Lanes of the vectorised loops.
+const LANES: usize = 16;
+
 fn channel_planes(g: &BnGeom, c: usize) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     (0..g.batch).map(move |n| {
         let start = (n * g.channels + c) * g.spatial;
@@ -47,6 +50,7 @@ fn channel_planes(g: &BnGeom, c: usize) -> impl Iterator<Item = std::ops::Range<
     })
 }
 
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn sum_f32(v: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let chunks = v.chunks_exact(8);
@@ -57,6 +61,26 @@ fn sum_f32(v: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// `Σ ((v − hi) − lo)²`, squared and summed in `f64` lanes: the variance sets `1/σ`, and
+/// the input gradient of a channel with few values is very sensitive to it.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn sum_sq_dev(x: &[f32], hi: f32, lo: f32) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for (l, &v) in lanes.iter_mut().zip(ch) {
+            let d = ((v - hi) - lo) as f64;
+            *l += d * d;
+        }
+    }
+    lanes.iter().sum::<f64>()
+        + rest
+            .iter()
+            .map(|&v| (((v - hi) - lo) as f64).powi(2))
+            .sum::<f64>()
 }
 
 /// Batch mean and biased variance per channel (two passes; `f32` sums within a plane,
@@ -77,14 +101,7 @@ pub fn batch_stats(g: &BnGeom, x: &[f32], eps: f64) -> BnStats {
             let lo = (mean - hi as f64) as f32;
             let mut sq = 0.0f64;
             for r in channel_planes(g, c) {
-                sq += x[r]
-                    .chunks(8)
-                    .map(|ch| {
-                        ch.iter()
-                            .map(|&v| ((v - hi) - lo) * ((v - hi) - lo))
-                            .sum::<f32>()
-                    })
-                    .sum::<f32>() as f64;
+                sq += sum_sq_dev(&x[r], hi, lo);
             }
             let var = sq / m;
             (mean as f32, var as f32, (1.0 / (var + eps).sqrt()) as f32)
@@ -119,17 +136,21 @@ pub fn affine_forward(
         .enumerate()
         .for_each(|(plane, (yp, xp))| {
             let c = plane % g.channels;
-            let (m, a, b) = (center[c], scale[c], shift[c]);
-            if relu {
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = ((v - m) * a + b).max(0.0);
-                }
-            } else {
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = (v - m) * a + b;
-                }
-            }
+            affine_plane(xp, center[c], scale[c], shift[c], relu, yp);
         });
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn affine_plane(x: &[f32], m: f32, a: f32, b: f32, relu: bool, y: &mut [f32]) {
+    if relu {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = ((v - m) * a + b).max(0.0);
+        }
+    } else {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (v - m) * a + b;
+        }
+    }
 }
 
 /// Training-mode forward: normalises with batch statistics and returns them.
@@ -211,35 +232,26 @@ pub fn bn_backward(
     dbeta: &mut [f32],
 ) {
     let m = g.per_channel() as f64;
+    assert_eq!(x.len(), g.len(), "batch norm backward: input length");
+    assert_eq!(dy.len(), g.len(), "batch norm backward: gradient length");
     // The ReLU mask is recomputed from x: y > 0 exactly when xhat * gamma + beta > 0.
-    let masked = |c: usize, xv: f32, d: f32| -> f32 {
-        if relu && (xv - mean[c]) * inv_std[c] * gamma[c] + beta[c] <= 0.0 {
-            0.0
-        } else {
-            d
-        }
-    };
+    // Per-plane constants are hoisted and the loops run on fixed-width lanes so they
+    // vectorise (the ReLU test becomes a select).
     let sums: Vec<(f64, f64)> = (0..g.channels)
         .into_par_iter()
         .map(|c| {
+            let p = PlaneBn {
+                mu: mean[c],
+                is: inv_std[c],
+                ga: gamma[c],
+                be: beta[c],
+                relu,
+            };
             let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            let (mu, is, ga, be) = (mean[c], inv_std[c], gamma[c], beta[c]);
             for r in channel_planes(g, c) {
-                let (mut pg, mut pgx) = ([0.0f32; 8], [0.0f32; 8]);
-                for (xc, dc) in x[r.clone()].chunks(8).zip(dy[r].chunks(8)) {
-                    for (k, (&xv, &d)) in xc.iter().zip(dc).enumerate() {
-                        let xhat = (xv - mu) * is;
-                        let d = if relu && xhat * ga + be <= 0.0 {
-                            0.0
-                        } else {
-                            d
-                        };
-                        pg[k] += d;
-                        pgx[k] += d * xhat;
-                    }
-                }
-                sg += pg.iter().sum::<f32>() as f64;
-                sgx += pgx.iter().sum::<f32>() as f64;
+                let (a, b) = plane_grad_sums(&p, &x[r.clone()], &dy[r]);
+                sg += a;
+                sgx += b;
             }
             (sg, sgx)
         })
@@ -252,26 +264,97 @@ pub fn bn_backward(
     if g.spatial == 0 {
         return;
     }
+    assert_eq!(
+        dx.len(),
+        g.len(),
+        "batch norm backward: input-gradient length"
+    );
     dx.par_chunks_mut(g.spatial)
         .zip(x.par_chunks(g.spatial))
         .zip(dy.par_chunks(g.spatial))
         .enumerate()
         .for_each(|(plane, ((dxp, xp), dyp))| {
             let c = plane % g.channels;
-            let k = gamma[c] * inv_std[c];
-            if train {
-                let mean_g = (sums[c].0 / m) as f32;
-                let mean_gx = (sums[c].1 / m) as f32;
-                for ((o, &xv), &d) in dxp.iter_mut().zip(xp).zip(dyp) {
-                    let xhat = (xv - mean[c]) * inv_std[c];
-                    *o += k * (masked(c, xv, d) - mean_g - xhat * mean_gx);
-                }
+            let p = PlaneBn {
+                mu: mean[c],
+                is: inv_std[c],
+                ga: gamma[c],
+                be: beta[c],
+                relu,
+            };
+            // train: dx = k (d − mean(d) − xhat · mean(d · xhat)); eval: dx = k d
+            let (mg, mgx) = if train {
+                ((sums[c].0 / m) as f32, (sums[c].1 / m) as f32)
             } else {
-                for ((o, &xv), &d) in dxp.iter_mut().zip(xp).zip(dyp) {
-                    *o += k * masked(c, xv, d);
-                }
-            }
+                (0.0, 0.0)
+            };
+            plane_input_grad(&p, mg, mgx, xp, dyp, dxp);
         });
+}
+
+/// One plane's batch-norm constants.
+struct PlaneBn {
+    mu: f32,
+    is: f32,
+    ga: f32,
+    be: f32,
+    relu: bool,
+}
+
+/// `d` masked by the ReLU that followed the batch norm (`y > 0` exactly when
+/// `xhat · gamma + beta > 0`). A select, so the loops around it vectorise.
+#[inline(always)]
+fn relu_mask(p: &PlaneBn, xhat: f32, d: f32) -> f32 {
+    let keep = !p.relu | (xhat * p.ga + p.be > 0.0);
+    if keep {
+        d
+    } else {
+        0.0
+    }
+}
+
+/// `(Σ d, Σ d · xhat)` over one plane, `d` the ReLU-masked output gradient, accumulated in
+/// `f64` lanes: the input gradient subtracts these means from `d`, where their rounding
+/// error would be amplified.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_grad_sums(p: &PlaneBn, x: &[f32], dy: &[f32]) -> (f64, f64) {
+    let (mut pg, mut pgx) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (xs, ds) in xc.zip(dc) {
+        for k in 0..LANES {
+            let xhat = (xs[k] - p.mu) * p.is;
+            let d = relu_mask(p, xhat, ds[k]);
+            pg[k] += d as f64;
+            pgx[k] += d as f64 * xhat as f64;
+        }
+    }
+    for (k, (&xv, &dv)) in xr.iter().zip(dr).enumerate() {
+        let xhat = (xv - p.mu) * p.is;
+        let d = relu_mask(p, xhat, dv);
+        pg[k] += d as f64;
+        pgx[k] += d as f64 * xhat as f64;
+    }
+    (pg.iter().sum(), pgx.iter().sum())
+}
+
+/// `dx += gamma · inv_std · (d − mg − xhat · mgx)` over one plane.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_input_grad(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let k = p.ga * p.is;
+    let mut oc = dx.chunks_exact_mut(LANES);
+    let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for ((os, xs), ds) in (&mut oc).zip(xc).zip(dc) {
+        for j in 0..LANES {
+            let xhat = (xs[j] - p.mu) * p.is;
+            os[j] += k * (relu_mask(p, xhat, ds[j]) - mg - xhat * mgx);
+        }
+    }
+    for ((o, &xv), &dv) in oc.into_remainder().iter_mut().zip(xr).zip(dr) {
+        let xhat = (xv - p.mu) * p.is;
+        *o += k * (relu_mask(p, xhat, dv) - mg - xhat * mgx);
+    }
 }
 
 /// Reference training forward in `f64`: returns `(y, mean, biased var)`.

@@ -273,14 +273,37 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
     conv2d_forward_with(g, x, w, y, |_, _, _| {});
 }
 
+/// Convolution weights prepared once for repeated forward passes (inference): the plain
+/// `(out, in / groups, k, k)` values and, for convolutions that take the direct grouped
+/// kernel, their packed form.
+#[derive(Clone, Debug)]
+pub struct PreparedWeights {
+    w: Vec<f32>,
+    packed: Option<Vec<direct::PackedWeights>>,
+}
+
+impl PreparedWeights {
+    /// Prepares `w` for convolutions with `g`'s channel counts, kernel and groups.
+    pub fn new(g: &Conv2dGeom, w: Vec<f32>) -> Self {
+        let packed = direct::suits(g).then(|| direct::pack_forward_weights(g, &w));
+        Self { w, packed }
+    }
+
+    /// The plain weights.
+    pub fn weights(&self) -> &[f32] {
+        &self.w
+    }
+}
+
 /// Forward fused with a per-channel epilogue, applied to each image's output while it is
-/// still in cache: `y = relu?(y + shift[c] (+ residual))`. With `w` pre-multiplied by a
-/// batch norm's eval-mode scale this is convolution + batch norm (+ residual add) + ReLU
-/// in one pass.
+/// still in cache: `y = relu?(y · scale[c] + shift[c] (+ residual))` (`scale` all ones when
+/// `None`). With `scale`/`shift` from a batch norm's eval-mode statistics this is
+/// convolution + batch norm (+ residual add) + ReLU in one pass.
 pub fn conv2d_forward_fused(
     g: &Conv2dGeom,
     x: &[f32],
-    w: &[f32],
+    w: &PreparedWeights,
+    scale: Option<&[f32]>,
     shift: &[f32],
     residual: Option<&[f32]>,
     relu: bool,
@@ -288,27 +311,35 @@ pub fn conv2d_forward_fused(
 ) {
     let ohw = g.out_h() * g.out_w();
     let out_img = g.out_channels * ohw;
+    assert_eq!(shift.len(), g.out_channels, "conv2d fused: shift length");
+    if let Some(s) = scale {
+        assert_eq!(s.len(), g.out_channels, "conv2d fused: scale length");
+    }
     if let Some(r) = residual {
         assert_eq!(r.len(), g.output_len(), "conv2d fused: residual length");
     }
-    conv2d_forward_with(g, x, w, y, |n, c0, yn| {
+    let epilogue = |n: usize, c0: usize, yn: &mut [f32]| {
         let res = residual.map(|r| &r[n * out_img + c0 * ohw..][..yn.len()]);
         for (c, plane) in yn.chunks_mut(ohw.max(1)).enumerate() {
-            let b = shift[c0 + c];
+            let (a, b) = (scale.map_or(1.0, |s| s[c0 + c]), shift[c0 + c]);
             match (res, relu) {
                 (Some(r), true) => plane
                     .iter_mut()
                     .zip(&r[c * ohw..(c + 1) * ohw])
-                    .for_each(|(v, &r)| *v = (*v + b + r).max(0.0)),
+                    .for_each(|(v, &r)| *v = (*v * a + b + r).max(0.0)),
                 (Some(r), false) => plane
                     .iter_mut()
                     .zip(&r[c * ohw..(c + 1) * ohw])
-                    .for_each(|(v, &r)| *v += b + r),
-                (None, true) => plane.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
-                (None, false) => plane.iter_mut().for_each(|v| *v += b),
+                    .for_each(|(v, &r)| *v = *v * a + b + r),
+                (None, true) => plane.iter_mut().for_each(|v| *v = (*v * a + b).max(0.0)),
+                (None, false) => plane.iter_mut().for_each(|v| *v = *v * a + b),
             }
         }
-    });
+    };
+    match &w.packed {
+        Some(p) if direct::suits(g) => direct::conv2d_forward_packed(g, x, p, y, epilogue),
+        _ => conv2d_forward_with(g, x, &w.w, y, epilogue),
+    }
 }
 
 fn conv2d_forward_with(

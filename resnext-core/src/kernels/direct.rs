@@ -566,6 +566,22 @@ impl FwdLayout {
     }
 }
 
+/// The weights of a grouped convolution packed for [`conv2d_forward_packed`], one
+/// [`PackedWeights`] per group. Depends on the weights and the channel counts only, so an
+/// inference session can pack once and reuse it for any batch and image size.
+pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> Vec<PackedWeights> {
+    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
+    let (ipg, opg) = (g.in_per_group(), g.out_per_group());
+    let taps = ipg * g.kernel * g.kernel;
+    (0..g.groups)
+        .into_par_iter()
+        .map(|grp| {
+            let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
+            PackedWeights::new(opg, taps, |o, t| wg[o * taps + t])
+        })
+        .collect()
+}
+
 /// Forward of a grouped convolution, one task per (image, group), each group's output passed
 /// to `epilogue(image, first channel, values)` while still in cache. Overwrites `y`.
 pub fn conv2d_forward(
@@ -575,25 +591,32 @@ pub fn conv2d_forward(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    conv2d_forward_packed(g, x, &pack_forward_weights(g, w), y, epilogue);
+}
+
+/// [`conv2d_forward`] with weights from [`pack_forward_weights`].
+pub fn conv2d_forward_packed(
+    g: &Conv2dGeom,
+    x: &[f32],
+    packed: &[PackedWeights],
+    y: &mut [f32],
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
-    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
     let (oh, ow) = (g.out_h(), g.out_w());
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     let taps = ipg * g.kernel * g.kernel;
+    assert!(
+        packed.len() == g.groups && packed.iter().all(|p| p.outs == opg && p.taps == taps),
+        "conv2d: packed weights do not match the geometry"
+    );
     let in_grp = ipg * g.in_h * g.in_w;
     let out_grp = opg * oh * ow;
     if out_grp == 0 {
         return;
     }
     let layout = FwdLayout::new(g);
-    let packed: Vec<PackedWeights> = (0..g.groups)
-        .into_par_iter()
-        .map(|grp| {
-            let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
-            PackedWeights::new(opg, taps, |o, t| wg[o * taps + t])
-        })
-        .collect();
     y.par_chunks_mut(out_grp).enumerate().for_each_init(
         || (Vec::new(), vec![0.0f32; opg * layout.qpad]),
         |(buf, grid), (i, yg)| {

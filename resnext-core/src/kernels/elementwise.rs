@@ -10,35 +10,43 @@ const CHUNK: usize = 1 << 14;
 pub fn add_relu_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(yc, (ac, bc))| {
-            for ((o, &u), &v) in yc.iter_mut().zip(ac).zip(bc) {
-                *o = (u + v).max(0.0);
-            }
-        });
+        .for_each(|(yc, (ac, bc))| add_relu_chunk(ac, bc, yc));
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_relu_chunk(a: &[f32], b: &[f32], y: &mut [f32]) {
+    for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
+        *o = (u + v).max(0.0);
+    }
 }
 
 /// Gradient through a ReLU given its output: `g = dy * (y > 0)`, in place.
 pub fn relu_mask_inplace(y: &[f32], dy: &mut [f32]) {
     dy.par_chunks_mut(CHUNK)
         .zip(y.par_chunks(CHUNK))
-        .for_each(|(dc, yc)| {
-            for (d, &v) in dc.iter_mut().zip(yc) {
-                if v <= 0.0 {
-                    *d = 0.0;
-                }
-            }
-        });
+        .for_each(|(dc, yc)| relu_mask_chunk(yc, dc));
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn relu_mask_chunk(y: &[f32], dy: &mut [f32]) {
+    // a select, not a branch, so it vectorises
+    for (d, &v) in dy.iter_mut().zip(y) {
+        *d = if v <= 0.0 { 0.0 } else { *d };
+    }
 }
 
 /// Adds `src` into `dst`.
 pub fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(dc, sc)| {
-            for (d, &s) in dc.iter_mut().zip(sc) {
-                *d += s;
-            }
-        });
+        .for_each(|(dc, sc)| add_chunk(dc, sc));
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_chunk(dst: &mut [f32], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
 }
 
 /// Dense layer forward: `y (n × out) = x (n × in) · wᵀ + b`, `w` stored `(out, in)`.

@@ -62,6 +62,8 @@ pub struct TrainOutput {
 struct Named<M> {
     arch: Arch,
     net: M,
+    /// Folded inference weights; cleared whenever `net` changes.
+    folded: std::sync::Arc<crate::ops::FoldCache>,
 }
 
 macro_rules! impl_network {
@@ -97,9 +99,10 @@ macro_rules! impl_network {
                 }
                 let dev = self.net.conv1.weight.device().clone();
                 let x: Act<C> = dev.try_tensor_from_vec(x, (n, Const::<C>, h, w))?;
-                Ok(self.net.try_forward(x)?.as_vec())
+                crate::ops::with_fold_cache(&self.folded, || Ok(self.net.try_forward(x)?.as_vec()))
             }
             fn load_safetensors(&mut self, path: &Path) -> Result<(), WeightsError> {
+                self.folded.clear();
                 weights::load_safetensors(&mut self.net, path)
             }
             fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError> {
@@ -110,6 +113,7 @@ macro_rules! impl_network {
                 if c != C || x.len() != n * c * h * w {
                     return Err(shape_err("train_step", format!("{} expects (N, {C}, H, W) input, got shape {shape:?} with {} values", self.arch, x.len())));
                 }
+                self.folded.clear();
                 let dev = self.net.conv1.weight.device().clone();
                 let x: Act<C> = dev.try_tensor_from_vec(x, (n, Const::<C>, h, w))?;
                 let logits = self.net.try_forward_mut(x.trace(Gradients::leaky()))?;
@@ -231,8 +235,8 @@ macro_rules! archs {
                 }
                 match (self, in_channels) {
                     $(
-                        (Arch::$variant, 1) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 1> as BuildRuntime>::build_runtime(dev, classes)? })),
-                        (Arch::$variant, 3) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 3> as BuildRuntime>::build_runtime(dev, classes)? })),
+                        (Arch::$variant, 1) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 1> as BuildRuntime>::build_runtime(dev, classes)?, folded: Default::default() })),
+                        (Arch::$variant, 3) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 3> as BuildRuntime>::build_runtime(dev, classes)?, folded: Default::default() })),
                     )+
                     (_, c) => Err(shape_err("build", format!("{c} input channels: the named networks take 1 or 3 (use the typed API for others)"))),
                 }

@@ -308,6 +308,15 @@ pub fn max_pool2d<const C: usize, T: Tape<f32, Cpu>>(
     let _t = crate::profile::scope("max_pool fwd");
     let xs = read(&x);
     let mut y = vec![0.0f32; n * C * oh * ow];
+    if !T::OWNS_TAPE {
+        pool::max_pool_forward_values(&g, &xs, &mut y);
+        drop(xs);
+        let (x, tape) = x.split_tape();
+        return Ok(x
+            .device()
+            .try_tensor_from_vec(y, (n, Const::<C>, oh, ow))?
+            .put_tape(tape));
+    }
     let mut argmax = vec![0u32; y.len()];
     pool::max_pool_forward(&g, &xs, &mut y, &mut argmax);
     drop(xs);
@@ -520,6 +529,118 @@ pub fn cross_entropy<K: Dim, T: Tape<f32, Cpu>>(
     Ok(out.put_tape(tape))
 }
 
+/// Eval-mode batch norm as a per-channel `(scale, shift)`.
+fn fold_bn<const C: usize>(bn: BnRef<'_, C>, eps: f64) -> (Vec<f32>, Vec<f32>) {
+    bn::eval_affine(
+        &read(bn.gamma),
+        &read(bn.beta),
+        &read(bn.mean),
+        &read(bn.var),
+        eps,
+    )
+}
+
+pub use fold_cache::{with_fold_cache, FoldCache};
+
+/// Inference sessions: convolution weights with their batch norm folded in, prepared once
+/// and reused by every later call of [`conv2d_bn_eval`]/[`conv2d_bn_eval_raw`] on the same
+/// weight tensor, instead of being folded and packed again per call (for ResNeXt-50 that
+/// is 100 MB of weights read and written per forward pass: most of a batch-1 forward).
+mod fold_cache {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use crate::kernels::conv::PreparedWeights;
+
+    pub(super) struct Folded {
+        pub(super) w: PreparedWeights,
+        pub(super) shift: Vec<f32>,
+    }
+
+    /// Folded weights keyed by the address of the weight tensor they came from.
+    ///
+    /// Valid only while the modules it has seen are neither changed nor moved: whoever owns
+    /// the model clears it after any change (as [`crate::model::Network`]'s implementations
+    /// do after loading weights or a training step). Install it for a call with
+    /// [`with_fold_cache`].
+    #[derive(Default)]
+    pub struct FoldCache {
+        map: Mutex<HashMap<usize, Arc<Folded>>>,
+    }
+
+    impl std::fmt::Debug for FoldCache {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("FoldCache")
+                .field("entries", &self.len())
+                .finish()
+        }
+    }
+
+    impl FoldCache {
+        /// An empty cache.
+        pub fn new() -> Self {
+            Self::default()
+        }
+        /// Forgets every folded weight (call after the model changed).
+        pub fn clear(&self) {
+            self.map
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+        /// Number of cached convolutions.
+        pub fn len(&self) -> usize {
+            self.map
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+        }
+        /// Whether nothing is cached.
+        pub fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+    }
+
+    thread_local! {
+        static ACTIVE: RefCell<Option<Arc<FoldCache>>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `f` with `cache` serving the eval-mode convolutions it calls on this thread.
+    pub fn with_fold_cache<R>(cache: &Arc<FoldCache>, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<Arc<FoldCache>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let prev = self.0.take();
+                ACTIVE.with(|a| *a.borrow_mut() = prev);
+            }
+        }
+        let _restore = Restore(ACTIVE.with(|a| a.borrow_mut().replace(cache.clone())));
+        f()
+    }
+
+    /// The folded weights for `key` from the active cache (made with `make` on a miss), or
+    /// `None` when no cache is active.
+    pub(super) fn lookup(key: usize, make: impl FnOnce() -> Folded) -> Option<Arc<Folded>> {
+        let cache = ACTIVE.with(|a| a.borrow().clone())?;
+        if let Some(f) = cache
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Some(f.clone());
+        }
+        let folded = Arc::new(make());
+        cache
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, folded.clone());
+        Some(folded)
+    }
+}
+
 /// Borrowed batch-norm tensors (γ, β, running mean, running variance).
 #[derive(Clone, Copy, Debug)]
 pub struct BnRef<'a, const C: usize> {
@@ -604,19 +725,35 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
             ));
         }
     }
-    let (scale, shift) = bn::eval_affine(
-        &read(bn.gamma),
-        &read(bn.beta),
-        &read(bn.mean),
-        &read(bn.var),
-        eps,
-    );
-    let mut ws = read(weight);
-    let per = ws.len() / O;
-    for (row, s) in ws.chunks_mut(per.max(1)).zip(&scale) {
-        row.iter_mut().for_each(|v| *v *= s);
-    }
     let mut y = vec![0.0f32; g.output_len()];
-    conv::conv2d_forward_fused(&g, x, &ws, &shift, residual, relu, &mut y);
+    let key = weight as *const Tensor<WS, f32, Cpu> as usize;
+    if let Some(folded) = fold_cache::lookup(key, || {
+        let (scale, shift) = fold_bn(bn, eps);
+        let mut ws = read(weight);
+        let per = ws.len() / O;
+        for (row, s) in ws.chunks_mut(per.max(1)).zip(&scale) {
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+        fold_cache::Folded {
+            w: conv::PreparedWeights::new(&g, ws),
+            shift,
+        }
+    }) {
+        conv::conv2d_forward_fused(
+            &g,
+            x,
+            &folded.w,
+            None,
+            &folded.shift,
+            residual,
+            relu,
+            &mut y,
+        );
+    } else {
+        // No cache: scale in the epilogue rather than a pass over the weights.
+        let (scale, shift) = fold_bn(bn, eps);
+        let w = conv::PreparedWeights::new(&g, read(weight));
+        conv::conv2d_forward_fused(&g, x, &w, Some(&scale), &shift, residual, relu, &mut y);
+    }
     Ok((y, g.out_h(), g.out_w()))
 }
