@@ -105,6 +105,30 @@ proptest! {
     }
 
     #[test]
+    fn pointwise_conv_matches_reference_per_image_and_batched(
+        (batch, cin, cout, h, w) in (1usize..5, 1usize..20, 1usize..20, 1usize..13, 1usize..13),
+        seed in any::<u64>(),
+    ) {
+        // Up to 8×8 pixels the batch runs as one product (channels × batch·pixels), above
+        // it one product per image; both must equal the reference.
+        let g = Conv2dGeom { batch, in_channels: cin, out_channels: cout, in_h: h, in_w: w, kernel: 1, stride: 1, padding: 0, groups: 1 };
+        let x = values(seed, g.input_len());
+        let wt = values(seed ^ 1, g.weight_len());
+        let dy = values(seed ^ 2, g.output_len());
+        let (mut y_ref, mut y) = (vec![0.0; g.output_len()], vec![0.0; g.output_len()]);
+        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
+        conv::conv2d_forward(&g, &x, &wt, &mut y);
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
+        conv::conv2d_backward_ref(&g, &x, &wt, &dy, &mut dx_ref, &mut dw_ref);
+        let (mut dx, mut dw) = (vec![0.5; x.len()], vec![0.5; wt.len()]);
+        conv::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
+        let minus = |v: Vec<f32>| v.into_iter().map(|v| v - 0.5).collect::<Vec<_>>();
+        prop_assert!(rel_err(&minus(dx), &dx_ref) <= 1e-5, "dx");
+        prop_assert!(rel_err(&minus(dw), &dw_ref) <= 1e-5, "dw");
+    }
+
+    #[test]
     fn grouped_conv_equals_concatenated_per_group_convs(g in conv_geom(), seed in any::<u64>()) {
         // The paper's equivalence (Fig. 3b vs 3c): split the input channels into groups,
         // convolve each with its own filters, concatenate the outputs.

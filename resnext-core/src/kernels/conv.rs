@@ -342,6 +342,135 @@ pub fn conv2d_forward_fused(
     }
 }
 
+/// Whether a 1×1 convolution runs as one matrix product over the whole batch (channels ×
+/// batch·pixels) instead of one per image: for small images, where per-image products are
+/// too thin (ResNeXt-50's stage 4 at 7×7, the CIFAR networks' last stage at 8×8) and the weight gradient would be
+/// re-read and re-written once per image.
+fn batches_pointwise(g: &Conv2dGeom) -> bool {
+    g.is_pointwise() && g.groups == 1 && g.batch > 1 && g.in_h * g.in_w <= 64
+}
+
+/// `[n][c][hw]` → `[c][n·hw]`.
+fn to_channel_major(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut((n * hw).max(1))
+        .enumerate()
+        .for_each(|(ch, row)| {
+            for (i, dst) in row.chunks_exact_mut(hw.max(1)).enumerate() {
+                dst.copy_from_slice(&x[(i * c + ch) * hw..][..hw]);
+            }
+        });
+    out
+}
+
+/// `[c][n·hw]` → `[n][c][hw]`, added into `y` when `add`, else written.
+fn from_channel_major(t: &[f32], n: usize, c: usize, hw: usize, y: &mut [f32], add: bool) {
+    y.par_chunks_mut((c * hw).max(1))
+        .enumerate()
+        .for_each(|(i, yn)| {
+            for (ch, dst) in yn.chunks_exact_mut(hw.max(1)).enumerate() {
+                let src = &t[(ch * n + i) * hw..][..hw];
+                if add {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+        });
+}
+
+fn pointwise_forward_batched(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    assert_eq!(x.len(), g.input_len(), "conv2d: input length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
+    assert_eq!(y.len(), g.output_len(), "conv2d: output length");
+    let (n, hw) = (g.batch, g.in_h * g.in_w);
+    let (ci, co) = (g.in_channels, g.out_channels);
+    let xt = to_channel_major(x, n, ci, hw);
+    let mut yt = vec![0.0f32; co * n * hw];
+    sgemm(
+        co,
+        n * hw,
+        ci,
+        MatRef::row_major(w, ci),
+        MatRef::row_major(&xt, n * hw),
+        &mut yt,
+        n * hw,
+        false,
+        true,
+    );
+    drop(xt);
+    from_channel_major(&yt, n, co, hw, y, false);
+    y.par_chunks_mut((co * hw).max(1))
+        .enumerate()
+        .for_each(|(i, yn)| epilogue(i, 0, yn));
+}
+
+fn pointwise_backward_batched(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+) {
+    assert_eq!(x.len(), g.input_len(), "conv2d backward: input length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
+    assert_eq!(
+        dy.len(),
+        g.output_len(),
+        "conv2d backward: output-gradient length"
+    );
+    assert_eq!(
+        dw.len(),
+        g.weight_len(),
+        "conv2d backward: weight-gradient length"
+    );
+    let (n, hw) = (g.batch, g.in_h * g.in_w);
+    let (ci, co) = (g.in_channels, g.out_channels);
+    let dyt = to_channel_major(dy, n, co, hw);
+    {
+        // dW += dYᵗ · Xᵗᵀ over all images at once
+        let xt = to_channel_major(x, n, ci, hw);
+        sgemm(
+            co,
+            ci,
+            n * hw,
+            MatRef::row_major(&dyt, n * hw),
+            MatRef::transposed(&xt, n * hw),
+            dw,
+            ci,
+            true,
+            true,
+        );
+    }
+    if let Some(dx) = dx {
+        assert_eq!(
+            dx.len(),
+            g.input_len(),
+            "conv2d backward: input-gradient length"
+        );
+        let mut dxt = vec![0.0f32; ci * n * hw];
+        sgemm(
+            ci,
+            n * hw,
+            co,
+            MatRef::transposed(w, ci),
+            MatRef::row_major(&dyt, n * hw),
+            &mut dxt,
+            n * hw,
+            false,
+            true,
+        );
+        from_channel_major(&dxt, n, ci, hw, dx, true);
+    }
+}
+
 fn conv2d_forward_with(
     g: &Conv2dGeom,
     x: &[f32],
@@ -351,6 +480,9 @@ fn conv2d_forward_with(
 ) {
     if direct::suits(g) {
         return direct::conv2d_forward(g, x, w, y, epilogue);
+    }
+    if batches_pointwise(g) {
+        return pointwise_forward_batched(g, x, w, y, epilogue);
     }
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
@@ -408,6 +540,9 @@ pub fn conv2d_backward(
 ) {
     if direct::suits(g) {
         return direct::conv2d_backward(g, x, w, dy, dx, dw);
+    }
+    if batches_pointwise(g) {
+        return pointwise_backward_batched(g, x, w, dy, dx, dw);
     }
     assert_eq!(x.len(), g.input_len(), "conv2d backward: input length");
     assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
