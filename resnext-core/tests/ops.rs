@@ -129,6 +129,17 @@ proptest! {
     }
 
     #[test]
+    fn relu_bit_mask_matches_the_positive_test(len in prop::sample::select(vec![1usize, 63, 64, 65, 1000, 16384, 16384 + 70, 40000]), seed in any::<u64>()) {
+        use resnext_core::kernels::elementwise as ew;
+        let y: Vec<f32> = values(seed, len).iter().map(|&v| if v < -0.5 { 0.0 } else { v }).collect();
+        let dy = values(seed ^ 3, len);
+        let mut got = dy.clone();
+        ew::apply_positive_mask(&ew::positive_mask(&y), &mut got);
+        let want: Vec<f32> = y.iter().zip(&dy).map(|(&v, &d)| if v > 0.0 { d } else { 0.0 }).collect();
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
     fn grouped_conv_equals_concatenated_per_group_convs(g in conv_geom(), seed in any::<u64>()) {
         // The paper's equivalence (Fig. 3b vs 3c): split the input channels into groups,
         // convolve each with its own filters, concatenate the outputs.

@@ -20,18 +20,45 @@ fn add_relu_chunk(a: &[f32], b: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Gradient through a ReLU given its output: `g = dy * (y > 0)`, in place.
-pub fn relu_mask_inplace(y: &[f32], dy: &mut [f32]) {
-    dy.par_chunks_mut(CHUNK)
+/// Bit `i % 64` of word `i / 64` set exactly when `y[i] > 0`.
+pub fn positive_mask(y: &[f32]) -> Vec<u64> {
+    let mut mask = vec![0u64; y.len().div_ceil(64)];
+    mask.par_chunks_mut(CHUNK / 64)
         .zip(y.par_chunks(CHUNK))
-        .for_each(|(dc, yc)| relu_mask_chunk(yc, dc));
+        .for_each(|(mc, yc)| mask_chunk(yc, mc));
+    mask
 }
 
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn relu_mask_chunk(y: &[f32], dy: &mut [f32]) {
-    // a select, not a branch, so it vectorises
-    for (d, &v) in dy.iter_mut().zip(y) {
-        *d = if v <= 0.0 { 0.0 } else { *d };
+fn mask_chunk(y: &[f32], mask: &mut [u64]) {
+    for (m, ys) in mask.iter_mut().zip(y.chunks(64)) {
+        let mut bits = 0u64;
+        for (k, &v) in ys.iter().enumerate() {
+            bits |= ((v > 0.0) as u64) << k;
+        }
+        *m = bits;
+    }
+}
+
+/// Gradient through a ReLU given [`positive_mask`] of its output: zeroes `dy` where the
+/// output was not positive, in place.
+pub fn apply_positive_mask(mask: &[u64], dy: &mut [f32]) {
+    assert_eq!(
+        mask.len(),
+        dy.len().div_ceil(64),
+        "apply_positive_mask: mask length"
+    );
+    dy.par_chunks_mut(CHUNK)
+        .zip(mask.par_chunks(CHUNK / 64))
+        .for_each(|(dc, mc)| unmask_chunk(mc, dc));
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn unmask_chunk(mask: &[u64], dy: &mut [f32]) {
+    for (&m, ds) in mask.iter().zip(dy.chunks_mut(64)) {
+        for (k, d) in ds.iter_mut().enumerate() {
+            *d = if (m >> k) & 1 == 1 { *d } else { 0.0 };
+        }
     }
 }
 

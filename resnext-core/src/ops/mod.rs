@@ -379,6 +379,12 @@ pub fn add_relu<const C: usize, T: Tape<f32, Cpu> + Merge<T>>(
     let mut y = vec![0.0f32; av.len()];
     ew::add_relu_forward(&av, &bv, &mut y);
     drop((av, bv));
+    // The backward pass needs only where y > 0: one bit per value instead of y itself.
+    let mask = if T::OWNS_TAPE {
+        ew::positive_mask(&y)
+    } else {
+        Vec::new()
+    };
     let dev = a.device().clone();
     let (a, ta) = a.split_tape();
     let (b, tb) = b.split_tape();
@@ -386,11 +392,10 @@ pub fn add_relu<const C: usize, T: Tape<f32, Cpu> + Merge<T>>(
     let out = dev.try_tensor_from_vec(y, shape)?;
     if T::OWNS_TAPE {
         let (ag, bg, og) = (a.ghost(), b.ghost(), out.ghost());
-        let yv = read(&out);
         tape.add_backward_op(move |grads| {
             let _t = crate::profile::scope("add_relu bwd");
             let mut dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
-            ew::relu_mask_inplace(&yv, &mut dy);
+            ew::apply_positive_mask(&mask, &mut dy);
             ew::add_into(grads.get_or_alloc_mut(&ag)?, &dy);
             ew::add_into(grads.get_or_alloc_mut(&bg)?, &dy);
             Ok(())
