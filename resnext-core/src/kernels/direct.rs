@@ -350,6 +350,8 @@ mod avx512 {
         }
     }
 
+    /// Tiles of `NT` vectors; the last few vectors in tiles as even as possible (4 left
+    /// over as 2 + 2, not 3 + 1: a one-vector tile is load-bound).
     #[target_feature(enable = "avx512f")]
     unsafe fn run<const OB: usize, const NT: usize>(
         inp: &[f32],
@@ -358,14 +360,28 @@ mod avx512 {
         qpad: usize,
         out: &mut [f32],
     ) {
+        let (i, o, wp) = (inp.as_ptr(), out.as_mut_ptr(), w.as_ptr());
         let mut q = 0;
-        while q + NT * LANES <= qpad {
-            tile::<OB, NT>(inp.as_ptr(), offs, w.as_ptr(), q, qpad, out.as_mut_ptr());
-            q += NT * LANES;
-        }
         while q < qpad {
-            tile::<OB, 1>(inp.as_ptr(), offs, w.as_ptr(), q, qpad, out.as_mut_ptr());
-            q += LANES;
+            let left = (qpad - q) / LANES;
+            let nt = if left >= NT + 2 || left == NT {
+                NT
+            } else if left > NT {
+                left.div_ceil(2)
+            } else {
+                left
+            };
+            match nt.min(NT) {
+                8 => tile::<OB, 8>(i, offs, wp, q, qpad, o),
+                7 => tile::<OB, 7>(i, offs, wp, q, qpad, o),
+                6 => tile::<OB, 6>(i, offs, wp, q, qpad, o),
+                5 => tile::<OB, 5>(i, offs, wp, q, qpad, o),
+                4 => tile::<OB, 4>(i, offs, wp, q, qpad, o),
+                3 => tile::<OB, 3>(i, offs, wp, q, qpad, o),
+                2 => tile::<OB, 2>(i, offs, wp, q, qpad, o),
+                _ => tile::<OB, 1>(i, offs, wp, q, qpad, o),
+            }
+            q += nt.min(NT) * LANES;
         }
     }
 
