@@ -183,3 +183,54 @@ fn f64_weights_and_missing_counters_load() {
     weights::load_from_bytes(&mut net, &bytes, std::path::Path::new("x")).unwrap();
     assert_eq!(net.bn1.num_batches_tracked, 0);
 }
+
+#[test]
+fn inference_after_loading_or_training_uses_the_new_weights() {
+    // Network::forward_eval caches BN-folded weights; loading weights and training steps
+    // must invalidate that cache.
+    use resnext_core::model::Arch;
+    use resnext_core::optim::{Sgd, SgdConfig};
+    let dir = TempDir::new("fold-cache");
+    let dev = Cpu::seed_from_u64(3);
+    let arch = Arch::ResNeXt11_8x8d;
+    let shape = [4, 3, 16, 16];
+    let x: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let mut a = arch.build(&dev, 3, 10).unwrap();
+    let mut b = arch.build(&dev, 3, 10).unwrap();
+    let before = a.forward_eval(x.clone(), shape).unwrap();
+    assert_eq!(
+        before,
+        a.forward_eval(x.clone(), shape).unwrap(),
+        "cached pass repeats"
+    );
+
+    // load b's weights into a: a must now compute what b computes
+    let b_file = dir.0.join("b.safetensors");
+    b.save_safetensors(&b_file).unwrap();
+    let from_b = b.forward_eval(x.clone(), shape).unwrap();
+    a.load_safetensors(&b_file).unwrap();
+    assert_eq!(a.forward_eval(x.clone(), shape).unwrap(), from_b);
+    assert_ne!(before, from_b, "the two networks differ to begin with");
+
+    // a training step changes weights and running statistics
+    let mut opt = Sgd::new(SgdConfig {
+        lr: 0.1,
+        ..Default::default()
+    });
+    a.train_step(x.clone(), shape, &[0, 1, 2, 3], 0.0, &mut opt)
+        .unwrap();
+    let after = a.forward_eval(x.clone(), shape).unwrap();
+    assert_ne!(after, from_b, "the step changed the outputs");
+    let a_file = dir.0.join("a.safetensors");
+    a.save_safetensors(&a_file).unwrap();
+    b.load_safetensors(&a_file).unwrap();
+    let fresh = b.forward_eval(x, shape).unwrap();
+    let err = after
+        .iter()
+        .zip(&fresh)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0f32, f32::max);
+    assert!(err <= 1e-5, "stale cache: outputs differ by {err}");
+}
