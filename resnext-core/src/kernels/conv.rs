@@ -87,6 +87,34 @@ impl Conv2dGeom {
     pub fn macs(&self) -> usize {
         self.output_len() * self.in_per_group() * self.kernel * self.kernel
     }
+    /// Panics naming the buffer whose length does not fit a forward pass.
+    pub fn check_forward(&self, x: &[f32], w: &[f32], y: &[f32]) {
+        assert_eq!(x.len(), self.input_len(), "conv2d: input length");
+        assert_eq!(w.len(), self.weight_len(), "conv2d: weight length");
+        assert_eq!(y.len(), self.output_len(), "conv2d: output length");
+    }
+    /// Panics naming the buffer whose length does not fit a backward pass.
+    pub fn check_backward(&self, x: &[f32], w: &[f32], dy: &[f32], dx: Option<&[f32]>, dw: &[f32]) {
+        assert_eq!(x.len(), self.input_len(), "conv2d backward: input length");
+        assert_eq!(w.len(), self.weight_len(), "conv2d backward: weight length");
+        assert_eq!(
+            dy.len(),
+            self.output_len(),
+            "conv2d backward: output-gradient length"
+        );
+        assert_eq!(
+            dw.len(),
+            self.weight_len(),
+            "conv2d backward: weight-gradient length"
+        );
+        if let Some(dx) = dx {
+            assert_eq!(
+                dx.len(),
+                self.input_len(),
+                "conv2d backward: input-gradient length"
+            );
+        }
+    }
     fn is_pointwise(&self) -> bool {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
@@ -288,11 +316,6 @@ impl PreparedWeights {
         let packed = direct::suits(g).then(|| direct::pack_forward_weights(g, &w));
         Self { w, packed }
     }
-
-    /// The plain weights.
-    pub fn weights(&self) -> &[f32] {
-        &self.w
-    }
 }
 
 /// Forward fused with a per-channel epilogue, applied to each image's output while it is
@@ -386,9 +409,7 @@ fn pointwise_forward_batched(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    assert_eq!(x.len(), g.input_len(), "conv2d: input length");
-    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    assert_eq!(y.len(), g.output_len(), "conv2d: output length");
+    g.check_forward(x, w, y);
     let (n, hw) = (g.batch, g.in_h * g.in_w);
     let (ci, co) = (g.in_channels, g.out_channels);
     let xt = to_channel_major(x, n, ci, hw);
@@ -419,18 +440,7 @@ fn pointwise_backward_batched(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) {
-    assert_eq!(x.len(), g.input_len(), "conv2d backward: input length");
-    assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
-    assert_eq!(
-        dy.len(),
-        g.output_len(),
-        "conv2d backward: output-gradient length"
-    );
-    assert_eq!(
-        dw.len(),
-        g.weight_len(),
-        "conv2d backward: weight-gradient length"
-    );
+    g.check_backward(x, w, dy, dx.as_deref(), dw);
     let (n, hw) = (g.batch, g.in_h * g.in_w);
     let (ci, co) = (g.in_channels, g.out_channels);
     let dyt = to_channel_major(dy, n, co, hw);
@@ -450,11 +460,6 @@ fn pointwise_backward_batched(
         );
     }
     if let Some(dx) = dx {
-        assert_eq!(
-            dx.len(),
-            g.input_len(),
-            "conv2d backward: input-gradient length"
-        );
         let mut dxt = vec![0.0f32; ci * n * hw];
         sgemm(
             ci,
@@ -484,9 +489,7 @@ fn conv2d_forward_with(
     if batches_pointwise(g) {
         return pointwise_forward_batched(g, x, w, y, epilogue);
     }
-    assert_eq!(x.len(), g.input_len(), "conv2d: input length");
-    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    assert_eq!(y.len(), g.output_len(), "conv2d: output length");
+    g.check_forward(x, w, y);
     let ohw = g.out_h() * g.out_w();
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     let rows = ipg * g.kernel * g.kernel;
@@ -544,18 +547,7 @@ pub fn conv2d_backward(
     if batches_pointwise(g) {
         return pointwise_backward_batched(g, x, w, dy, dx, dw);
     }
-    assert_eq!(x.len(), g.input_len(), "conv2d backward: input length");
-    assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
-    assert_eq!(
-        dy.len(),
-        g.output_len(),
-        "conv2d backward: output-gradient length"
-    );
-    assert_eq!(
-        dw.len(),
-        g.weight_len(),
-        "conv2d backward: weight-gradient length"
-    );
+    g.check_backward(x, w, dy, dx.as_deref(), dw);
     let ohw = g.out_h() * g.out_w();
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     let rows = ipg * g.kernel * g.kernel;
@@ -569,14 +561,7 @@ pub fn conv2d_backward(
     let inner_parallel = g.batch < rayon::current_num_threads();
     let col_len = if direct { 0 } else { rows * ohw };
     let dx_chunks: Vec<Option<&mut [f32]>> = match dx {
-        Some(dx) => {
-            assert_eq!(
-                dx.len(),
-                g.input_len(),
-                "conv2d backward: input-gradient length"
-            );
-            dx.chunks_mut(in_img).map(Some).collect()
-        }
+        Some(dx) => dx.chunks_mut(in_img).map(Some).collect(),
         None => (0..g.batch).map(|_| None).collect(),
     };
     // Images are split into a fixed number of contiguous chunks (one per thread), each with

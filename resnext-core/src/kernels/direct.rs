@@ -768,18 +768,7 @@ pub fn conv2d_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) {
-    assert_eq!(x.len(), g.input_len(), "conv2d backward: input length");
-    assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
-    assert_eq!(
-        dy.len(),
-        g.output_len(),
-        "conv2d backward: output-gradient length"
-    );
-    assert_eq!(
-        dw.len(),
-        g.weight_len(),
-        "conv2d backward: weight-gradient length"
-    );
+    g.check_backward(x, w, dy, dx.as_deref(), dw);
     let (oh, ow) = (g.out_h(), g.out_w());
     let (ipg, opg, k) = (g.in_per_group(), g.out_per_group(), g.kernel);
     let taps = ipg * k * k;
@@ -793,11 +782,6 @@ pub fn conv2d_backward(
     // Per group: its weight gradient and, per image, its slice of the input gradient.
     let mut dx_groups: Vec<Vec<&mut [f32]>> = (0..g.groups).map(|_| Vec::new()).collect();
     if let Some(dx) = dx {
-        assert_eq!(
-            dx.len(),
-            g.input_len(),
-            "conv2d backward: input-gradient length"
-        );
         for (i, part) in dx.chunks_exact_mut(in_grp).enumerate() {
             dx_groups[i % g.groups].push(part);
         }
