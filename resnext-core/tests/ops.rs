@@ -393,6 +393,75 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// The fused training op against the ops it replaces (each checked against finite
+    /// differences above): outputs, running statistics and every gradient.
+    #[test]
+    fn fused_conv_bn_train_equals_conv_then_batch_norm_then_add_relu(
+        n in 1usize..3, h in 2usize..8, w in 2usize..8, k in prop::sample::select(vec![1usize, 3]),
+        s in 1usize..3, groups in prop::sample::select(vec![1usize, 2]), relu in any::<bool>(),
+        with_residual in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let dev = Cpu::default();
+        let cfg = ConvConfig { kernel: k, stride: s, padding: k / 2, groups };
+        let (oh, ow) = ((h + 2 * (k / 2) - k) / s + 1, (w + 2 * (k / 2) - k) / s + 1);
+        prop_assume!(n * oh * ow > 1);
+        let xv = values(seed, n * 4 * h * w);
+        let wv = values(seed ^ 3, 6 * (4 / groups) * k * k);
+        let rv = values(seed ^ 11, n * 6 * oh * ow);
+        let wt: Tensor<(usize,), f32, Cpu> = dev.tensor_from_vec(wv.clone(), (wv.len(),));
+        let gamma: Tensor<Rank1<6>, f32, Cpu> = dev.tensor([1.5, 0.7, -0.4, 1.0, 0.2, -1.1]);
+        let beta: Tensor<Rank1<6>, f32, Cpu> = dev.tensor([0.1, -0.2, 0.3, 0.0, 0.5, -0.6]);
+        let mean0: Tensor<Rank1<6>, f32, Cpu> = dev.tensor([0.2, -0.1, 0.0, 0.3, 0.1, -0.2]);
+        let var0: Tensor<Rank1<6>, f32, Cpu> = dev.tensor([0.8, 1.3, 2.0, 1.0, 0.5, 1.1]);
+        let bn_cfg = BnConfig { relu: relu && !with_residual, ..Default::default() };
+        let x = act::<4>(&dev, xv.clone(), n, h, w);
+        let r = act::<6>(&dev, rv.clone(), n, oh, ow);
+
+        // composed
+        let (mut m1, mut v1) = (mean0.clone(), var0.clone());
+        let y: Act<6, _> = ops::conv2d(x.trace(Gradients::leaky()), &wt, cfg).unwrap();
+        let y = ops::batch_norm2d_train(y, &gamma, &beta, &mut m1, &mut v1, bn_cfg).unwrap();
+        let y = match (with_residual, relu) {
+            (true, true) => ops::add_relu(y, r.trace(Gradients::leaky())).unwrap(),
+            (true, false) => y + r.trace(Gradients::leaky()),
+            _ => y,
+        };
+        let probe = values(seed ^ 17, y.shape().num_elements());
+        let pt = dev.tensor_from_vec(probe.clone(), *y.shape());
+        let want_y = y.as_vec();
+        let want = (y * pt.clone()).sum().backward();
+
+        // fused
+        let (mut m2, mut v2) = (mean0.clone(), var0.clone());
+        let bnr = ops::BnTrainRef { gamma: &gamma, beta: &beta, mean: &mut m2, var: &mut v2 };
+        let fused_cfg = BnConfig { relu, ..Default::default() };
+        let res = with_residual.then(|| r.trace(Gradients::leaky()));
+        let y: Act<6, _> = ops::conv2d_bn_train(x.trace(Gradients::leaky()), &wt, cfg, bnr, fused_cfg, res).unwrap();
+        let got_y = y.as_vec();
+        let got = (y * pt).sum().backward();
+
+        prop_assert!(rel_err(&got_y, &want_y) < 1e-6, "output: {}", rel_err(&got_y, &want_y));
+        prop_assert_eq!(m2.as_vec(), m1.as_vec());
+        prop_assert_eq!(v2.as_vec(), v1.as_vec());
+        let pairs = [
+            ("dx", got.get(&x).as_vec(), want.get(&x).as_vec()),
+            ("dw", got.get(&wt).as_vec(), want.get(&wt).as_vec()),
+            ("dgamma", got.get(&gamma).as_vec(), want.get(&gamma).as_vec()),
+            ("dbeta", got.get(&beta).as_vec(), want.get(&beta).as_vec()),
+        ];
+        for (what, a, b) in &pairs {
+            prop_assert!(rel_err(a, b) < 1e-5, "{}: {}", what, rel_err(a, b));
+        }
+        if with_residual {
+            let (a, b) = (got.get(&r).as_vec(), want.get(&r).as_vec());
+            prop_assert!(rel_err(&a, &b) < 1e-6, "dresidual: {}", rel_err(&a, &b));
+        }
+    }
+}
+
 #[test]
 fn ops_reject_bad_shapes_with_errors_naming_the_op() {
     let dev = Cpu::default();
@@ -430,6 +499,27 @@ fn ops_reject_bad_shapes_with_errors_naming_the_op() {
         ops::batch_norm2d_train(one, &g, &b, &mut m, &mut v, BnConfig::default()).unwrap_err();
     assert!(
         err.to_string().contains("more than one value per channel"),
+        "{err}"
+    );
+    let w1: Tensor<(usize,), f32, Cpu> = dev.zeros_like(&(16,));
+    let bad_residual: Act<4> = dev.zeros_like(&(1, Const::<4>, 3, 2));
+    let bnr = ops::BnTrainRef {
+        gamma: &g,
+        beta: &b,
+        mean: &mut m,
+        var: &mut v,
+    };
+    let err = ops::conv2d_bn_train::<4, 4, _, NoneTape>(
+        x.clone(),
+        &w1,
+        ConvConfig::default(),
+        bnr,
+        BnConfig::default(),
+        Some(bad_residual),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().starts_with("conv2d_bn_train") && err.to_string().contains("residual"),
         "{err}"
     );
 }

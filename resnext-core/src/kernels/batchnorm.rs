@@ -153,6 +153,40 @@ fn affine_plane(x: &[f32], m: f32, a: f32, b: f32, relu: bool, y: &mut [f32]) {
     }
 }
 
+/// `y = max((x - center[c]) * scale[c] + shift[c] + r, 0)`: [`affine_forward`] with a
+/// residual `r` added before the ReLU (the end of a bottleneck block). Overwrites `y`.
+#[allow(clippy::too_many_arguments)]
+pub fn affine_add_relu_forward(
+    g: &BnGeom,
+    x: &[f32],
+    center: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    r: &[f32],
+    y: &mut [f32],
+) {
+    assert_eq!(x.len(), g.len(), "batch norm: input length");
+    assert_eq!(r.len(), g.len(), "batch norm: residual length");
+    assert_eq!(y.len(), g.len(), "batch norm: output length");
+    if g.spatial == 0 {
+        return;
+    }
+    y.par_chunks_mut(g.spatial)
+        .zip(x.par_chunks(g.spatial).zip(r.par_chunks(g.spatial)))
+        .enumerate()
+        .for_each(|(plane, (yp, (xp, rp)))| {
+            let c = plane % g.channels;
+            affine_add_relu_plane(xp, center[c], scale[c], shift[c], rp, yp);
+        });
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn affine_add_relu_plane(x: &[f32], m: f32, a: f32, b: f32, r: &[f32], y: &mut [f32]) {
+    for ((o, &v), &u) in y.iter_mut().zip(x).zip(r) {
+        *o = ((v - m) * a + b + u).max(0.0);
+    }
+}
+
 /// Training-mode forward: normalises with batch statistics and returns them.
 pub fn bn_train_forward(
     g: &BnGeom,
@@ -234,28 +268,7 @@ pub fn bn_backward(
     let m = g.per_channel() as f64;
     assert_eq!(x.len(), g.len(), "batch norm backward: input length");
     assert_eq!(dy.len(), g.len(), "batch norm backward: gradient length");
-    // The ReLU mask is recomputed from x: y > 0 exactly when xhat * gamma + beta > 0.
-    // Per-plane constants are hoisted and the loops run on fixed-width lanes so they
-    // vectorise (the ReLU test becomes a select).
-    let sums: Vec<(f64, f64)> = (0..g.channels)
-        .into_par_iter()
-        .map(|c| {
-            let p = PlaneBn {
-                mu: mean[c],
-                is: inv_std[c],
-                ga: gamma[c],
-                be: beta[c],
-                relu,
-            };
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for r in channel_planes(g, c) {
-                let (a, b) = plane_grad_sums(&p, &x[r.clone()], &dy[r]);
-                sg += a;
-                sgx += b;
-            }
-            (sg, sgx)
-        })
-        .collect();
+    let sums = grad_sums(g, x, gamma, beta, mean, inv_std, relu, dy);
     for c in 0..g.channels {
         dbeta[c] += sums[c].0 as f32;
         dgamma[c] += sums[c].1 as f32;
@@ -290,6 +303,106 @@ pub fn bn_backward(
             };
             plane_input_grad(&p, mg, mgx, xp, dyp, dxp);
         });
+}
+
+/// Per channel `(Σ d, Σ d · xhat)`, `d` the output gradient masked by the fused ReLU.
+#[allow(clippy::too_many_arguments)]
+fn grad_sums(
+    g: &BnGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    relu: bool,
+    dy: &[f32],
+) -> Vec<(f64, f64)> {
+    // The ReLU mask is recomputed from x: y > 0 exactly when xhat * gamma + beta > 0.
+    // Per-plane constants are hoisted and the loops run on fixed-width lanes so they
+    // vectorise (the ReLU test becomes a select).
+    (0..g.channels)
+        .into_par_iter()
+        .map(|c| {
+            let p = PlaneBn {
+                mu: mean[c],
+                is: inv_std[c],
+                ga: gamma[c],
+                be: beta[c],
+                relu,
+            };
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for r in channel_planes(g, c) {
+                let (a, b) = plane_grad_sums(&p, &x[r.clone()], &dy[r]);
+                sg += a;
+                sgx += b;
+            }
+            (sg, sgx)
+        })
+        .collect()
+}
+
+/// Training-mode [`bn_backward`] that turns the output gradient `d` into the input
+/// gradient in place (instead of adding it into a separate buffer): for a fused
+/// convolution + batch norm whose input gradient feeds the convolution's backward pass
+/// directly. Adds into `dgamma` and `dbeta`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward_in_place(
+    g: &BnGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    relu: bool,
+    d: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    assert_eq!(x.len(), g.len(), "batch norm backward: input length");
+    assert_eq!(d.len(), g.len(), "batch norm backward: gradient length");
+    let m = g.per_channel() as f64;
+    let sums = grad_sums(g, x, gamma, beta, mean, inv_std, relu, d);
+    for c in 0..g.channels {
+        dbeta[c] += sums[c].0 as f32;
+        dgamma[c] += sums[c].1 as f32;
+    }
+    if g.spatial == 0 {
+        return;
+    }
+    d.par_chunks_mut(g.spatial)
+        .zip(x.par_chunks(g.spatial))
+        .enumerate()
+        .for_each(|(plane, (dp, xp))| {
+            let c = plane % g.channels;
+            let p = PlaneBn {
+                mu: mean[c],
+                is: inv_std[c],
+                ga: gamma[c],
+                be: beta[c],
+                relu,
+            };
+            let (mg, mgx) = ((sums[c].0 / m) as f32, (sums[c].1 / m) as f32);
+            plane_input_grad_in_place(&p, mg, mgx, xp, dp);
+        });
+}
+
+/// `d = gamma · inv_std · (relu_mask(d) − mg − xhat · mgx)` over one plane, in place.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_input_grad_in_place(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], d: &mut [f32]) {
+    let k = p.ga * p.is;
+    let mut dc = d.chunks_exact_mut(LANES);
+    let xc = x.chunks_exact(LANES);
+    let xr = xc.remainder();
+    for (ds, xs) in (&mut dc).zip(xc) {
+        for j in 0..LANES {
+            let xhat = (xs[j] - p.mu) * p.is;
+            ds[j] = k * (relu_mask(p, xhat, ds[j]) - mg - xhat * mgx);
+        }
+    }
+    for (o, &xv) in dc.into_remainder().iter_mut().zip(xr) {
+        let xhat = (xv - p.mu) * p.is;
+        *o = k * (relu_mask(p, xhat, *o) - mg - xhat * mgx);
+    }
 }
 
 /// One plane's batch-norm constants.

@@ -287,20 +287,13 @@ impl<
         #[allow(clippy::let_unit_value)]
         let () = Self::VALID;
         let (x, sc) = fork(x);
-        let y = self
-            .bn1
-            .forward_train_act(self.conv1.try_forward(x)?, true)?;
-        let y = self
-            .bn2
-            .forward_train_act(self.conv2.try_forward(y)?, true)?;
-        let y = self
-            .bn3
-            .forward_train_act(self.conv3.try_forward(y)?, false)?;
+        let y = self.conv1.forward_bn_train(x, &mut self.bn1, true, None)?;
+        let y = self.conv2.forward_bn_train(y, &mut self.bn2, true, None)?;
         let s = match &mut self.downsample {
-            Some(ds) => ds.bn.forward_train_act(ds.conv.try_forward(sc)?, false)?,
+            Some(ds) => ds.conv.forward_bn_train(sc, &mut ds.bn, false, None)?,
             None => identity(sc)?,
         };
-        ops::add_relu(y, s)
+        self.conv3.forward_bn_train(y, &mut self.bn3, true, Some(s))
     }
 }
 

@@ -243,13 +243,13 @@ fn stem_train<
     const K: usize,
     const ST: usize,
     const P: usize,
-    T: Tape<f32, Cpu>,
+    T: Tape<f32, Cpu> + Merge<T>,
 >(
     conv: &Conv2d<C, S, K, ST, P, 1, f32, Cpu>,
     bn: &mut BatchNorm2d<S, f32, Cpu>,
     x: Act<C, T>,
 ) -> Result<Act<S, T>> {
-    bn.forward_train_act(conv.try_forward(x)?, true)
+    conv.forward_bn_train(x, bn, true, None)
 }
 
 impl<const C: usize, L1, L2, L3, L4, H, T: Tape<f32, Cpu> + Merge<T>> Module<Act<C, T>>

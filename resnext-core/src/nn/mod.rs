@@ -441,6 +441,31 @@ impl<
         )
     }
 
+    /// Training: this convolution followed by `bn` with batch statistics (updating its
+    /// running statistics), an optional residual add and an optional ReLU, as one fused
+    /// differentiable op ([`ops::conv2d_bn_train`]).
+    pub fn forward_bn_train<T: Tape<f32, Cpu> + Merge<T>>(
+        &self,
+        x: Act<I, T>,
+        bn: &mut BatchNorm2d<O, f32, Cpu>,
+        relu: bool,
+        residual: Option<Act<O, T>>,
+    ) -> Result<Act<O, T>> {
+        let bnr = ops::BnTrainRef {
+            gamma: &bn.weight,
+            beta: &bn.bias,
+            mean: &mut bn.running_mean,
+            var: &mut bn.running_var,
+        };
+        let cfg = BnConfig {
+            relu,
+            ..Default::default()
+        };
+        let y = ops::conv2d_bn_train(x, &self.weight, Self::CONFIG, bnr, cfg, residual)?;
+        bn.num_batches_tracked += 1;
+        Ok(y)
+    }
+
     /// [`Conv2d::forward_bn_eval`] on a plain `(n, I, h, w)` buffer `x` with `dims = [n, h, w]`;
     /// returns the output buffer and its height and width.
     pub fn forward_bn_eval_raw(

@@ -762,3 +762,154 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
     }
     Ok((y, g.out_h(), g.out_w()))
 }
+
+/// Batch-norm tensors for a training-mode call: γ and β, and the running statistics it
+/// updates.
+#[derive(Debug)]
+pub struct BnTrainRef<'a, const C: usize> {
+    /// Scale γ.
+    pub gamma: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Shift β.
+    pub beta: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Running mean, updated in place.
+    pub mean: &'a mut Tensor<Rank1<C>, f32, Cpu>,
+    /// Running variance, updated in place.
+    pub var: &'a mut Tensor<Rank1<C>, f32, Cpu>,
+}
+
+/// Training: convolution, batch norm with batch statistics, an optional residual add and
+/// the ReLU of `cfg` (`relu?(bn(conv(x)) + residual)`), as one differentiable op. Equal to
+/// [`conv2d`], then [`batch_norm2d_train`], then [`add_relu`] (or the fused ReLU), up to
+/// rounding, and updates the running statistics the same way.
+///
+/// Faster than the composition because the convolution's output never becomes a tensor:
+/// the batch norm reads it where the convolution wrote it, and its input gradient is
+/// computed in place in the output gradient's buffer and handed straight to the
+/// convolution's backward pass (no copy, no zero-filled gradient buffer, no second pass).
+/// With a residual, `cfg.relu` applies after the add and the add costs no extra pass.
+pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu> + Merge<T>>(
+    x: Act<I, T>,
+    weight: &Tensor<WS, f32, Cpu>,
+    conv_cfg: ConvConfig,
+    bn: BnTrainRef<'_, O>,
+    cfg: BnConfig,
+    residual: Option<Act<O, T>>,
+) -> Result<Act<O, T>> {
+    let &(n, _, h, w) = x.shape();
+    let g = conv_geom::<I, O, WS>([n, h, w], weight, conv_cfg)?;
+    let out_shape = (n, Const::<O>, g.out_h(), g.out_w());
+    if let Some(r) = &residual {
+        if *r.shape() != out_shape {
+            return Err(shape_err(
+                "conv2d_bn_train",
+                format!(
+                    "residual has shape {:?}, the output has {out_shape:?}",
+                    r.shape()
+                ),
+            ));
+        }
+    }
+    let bg = bn::BnGeom {
+        batch: n,
+        channels: O,
+        spatial: g.out_h() * g.out_w(),
+    };
+    if bg.per_channel() < 2 {
+        return Err(shape_err(
+            "batch_norm2d",
+            format!("training needs more than one value per channel, got output {out_shape:?}"),
+        ));
+    }
+    let kind = conv_kind(&g);
+    let (xs, ws, yc) = {
+        let _t = crate::profile::scope(kind.0);
+        let xs = read(&x);
+        let ws = read(weight);
+        let mut yc = vec![0.0f32; g.output_len()];
+        conv::conv2d_forward(&g, &xs, &ws, &mut yc);
+        (xs, ws, yc)
+    };
+    let _t = crate::profile::scope("batch_norm train fwd");
+    let (gs, bs) = (read(bn.gamma), read(bn.beta));
+    let stats = bn::batch_stats(&bg, &yc, cfg.eps);
+    let scale: Vec<f32> = gs.iter().zip(&stats.inv_std).map(|(a, b)| a * b).collect();
+    let mut y = vec![0.0f32; g.output_len()];
+    let (res, mut tape) = match residual {
+        Some(r) => {
+            let rs = read(&r);
+            if cfg.relu {
+                bn::affine_add_relu_forward(&bg, &yc, &stats.mean, &scale, &bs, &rs, &mut y);
+            } else {
+                bn::affine_forward(&bg, &yc, &stats.mean, &scale, &bs, false, &mut y);
+                ew::add_into(&mut y, &rs);
+            }
+            let (r, tr) = r.split_tape();
+            (Some(r.ghost()), tr)
+        }
+        None => {
+            bn::affine_forward(&bg, &yc, &stats.mean, &scale, &bs, cfg.relu, &mut y);
+            (None, Default::default())
+        }
+    };
+    let (mut rm, mut rv) = (read(bn.mean), read(bn.var));
+    bn::update_running(&bg, &stats, cfg.momentum, &mut rm, &mut rv);
+    bn.mean.copy_from(&rm);
+    bn.var.copy_from(&rv);
+    // With a residual the ReLU's mask cannot be recomputed from the batch norm's input:
+    // keep one bit per output value.
+    let mask = if T::OWNS_TAPE && cfg.relu && res.is_some() {
+        ew::positive_mask(&y)
+    } else {
+        Vec::new()
+    };
+    let dev = x.device().clone();
+    let (x, tx) = x.split_tape();
+    tape = tx.merge(tape);
+    let out = dev.try_tensor_from_vec(y, out_shape)?;
+    if T::OWNS_TAPE {
+        let (xg, wg, og) = (x.ghost(), weight.ghost(), out.ghost());
+        let (gg, bgh) = (bn.gamma.ghost(), bn.beta.ghost());
+        let bn_relu = cfg.relu && res.is_none();
+        tape.add_backward_op(move |grads| {
+            let mut d: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            {
+                let _t = crate::profile::scope("batch_norm bwd");
+                if let Some(rg) = &res {
+                    if !mask.is_empty() {
+                        ew::apply_positive_mask(&mask, &mut d);
+                    }
+                    ew::add_into(grads.get_or_alloc_mut(rg)?, &d);
+                }
+                let (mut dgamma, mut dbeta) = (vec![0.0f32; O], vec![0.0f32; O]);
+                bn::bn_backward_in_place(
+                    &bg,
+                    &yc,
+                    &gs,
+                    &bs,
+                    &stats.mean,
+                    &stats.inv_std,
+                    bn_relu,
+                    &mut d,
+                    &mut dgamma,
+                    &mut dbeta,
+                );
+                ew::add_into(grads.get_or_alloc_mut(&gg)?, &dgamma);
+                ew::add_into(grads.get_or_alloc_mut(&bgh)?, &dbeta);
+            }
+            drop(yc);
+            let _t = crate::profile::scope(kind.1);
+            let mut dw = vec![0.0f32; ws.len()];
+            conv::conv2d_backward(
+                &g,
+                &xs,
+                &ws,
+                &d,
+                Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
+                &mut dw,
+            );
+            ew::add_into(grads.get_or_alloc_mut(&wg)?, &dw);
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
