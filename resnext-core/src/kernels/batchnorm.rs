@@ -83,35 +83,65 @@ fn sum_sq_dev(x: &[f32], hi: f32, lo: f32) -> f64 {
             .sum::<f64>()
 }
 
-/// Batch mean and biased variance per channel (two passes; `f32` sums within a plane,
-/// `f64` across planes).
-pub fn batch_stats(g: &BnGeom, x: &[f32], eps: f64) -> BnStats {
-    let m = g.per_channel().max(1) as f64;
-    // f32 sums within a plane (vectorisable), f64 across planes
-    let per: Vec<(f32, f32, f32)> = (0..g.channels)
-        .into_par_iter()
-        .map(|c| {
-            let mut sum = 0.0f64;
-            for r in channel_planes(g, c) {
-                sum += sum_f32(&x[r]) as f64;
-            }
-            let mean = sum / m;
-            // the f64 mean as an f32 pair, so deviations of nearly equal values keep their bits
-            let hi = mean as f32;
-            let lo = (mean - hi as f64) as f32;
-            let mut sq = 0.0f64;
-            for r in channel_planes(g, c) {
-                sq += sum_sq_dev(&x[r], hi, lo);
-            }
-            let var = sq / m;
-            (mean as f32, var as f32, (1.0 / (var + eps).sqrt()) as f32)
-        })
-        .collect();
-    BnStats {
-        mean: per.iter().map(|p| p.0).collect(),
-        var: per.iter().map(|p| p.1).collect(),
-        inv_std: per.iter().map(|p| p.2).collect(),
+/// One plane's `(mean, Σ (v − mean)²)`: two passes over the plane (the second from cache),
+/// `f32` lane sums for the mean, the squared deviations summed in `f64`.
+pub fn plane_stats(v: &[f32]) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
     }
+    let mean = sum_f32(v) as f64 / v.len() as f64;
+    // the f64 mean as an f32 pair, so deviations of nearly equal values keep their bits
+    let hi = mean as f32;
+    let lo = (mean - hi as f64) as f32;
+    (mean, sum_sq_dev(v, hi, lo))
+}
+
+/// Batch statistics from per-plane [`plane_stats`] (`planes[n * channels + c]`), combined
+/// across the batch with Chan et al.'s pairwise update, which stays exact where
+/// `E[x²] − E[x]²` would cancel.
+pub fn stats_from_planes(g: &BnGeom, planes: &[(f64, f64)], eps: f64) -> BnStats {
+    assert_eq!(
+        planes.len(),
+        g.batch * g.channels,
+        "batch norm: plane count"
+    );
+    let hw = g.spatial as f64;
+    let m = g.per_channel().max(1) as f64;
+    let (mut mean, mut var, mut inv_std) = (
+        Vec::with_capacity(g.channels),
+        Vec::with_capacity(g.channels),
+        Vec::with_capacity(g.channels),
+    );
+    for c in 0..g.channels {
+        let mu = (0..g.batch)
+            .map(|n| planes[n * g.channels + c].0)
+            .sum::<f64>()
+            * hw
+            / m;
+        let m2: f64 = (0..g.batch)
+            .map(|n| {
+                let (pm, pm2) = planes[n * g.channels + c];
+                pm2 + hw * (pm - mu) * (pm - mu)
+            })
+            .sum();
+        let v = m2 / m;
+        mean.push(mu as f32);
+        var.push(v as f32);
+        inv_std.push((1.0 / (v + eps).sqrt()) as f32);
+    }
+    BnStats { mean, var, inv_std }
+}
+
+/// Batch mean and biased variance per channel: [`plane_stats`] of every plane, in
+/// parallel, then [`stats_from_planes`].
+pub fn batch_stats(g: &BnGeom, x: &[f32], eps: f64) -> BnStats {
+    assert_eq!(x.len(), g.len(), "batch norm: input length");
+    let planes: Vec<(f64, f64)> = if g.spatial == 0 {
+        vec![(0.0, 0.0); g.batch * g.channels]
+    } else {
+        x.par_chunks(g.spatial).map(plane_stats).collect()
+    };
+    stats_from_planes(g, &planes, eps)
 }
 
 /// `y = (x - center[c]) * scale[c] + shift[c]`, then `max(y, 0)` when `relu`. Overwrites

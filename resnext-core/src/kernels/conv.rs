@@ -301,6 +301,44 @@ pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
     conv2d_forward_with(g, x, w, y, |_, _, _| {});
 }
 
+/// [`conv2d_forward`] that also returns every output plane's
+/// [`plane_stats`](super::batchnorm::plane_stats) (index `n * out_channels + c`),
+/// computed while the image's output is still in cache: the batch statistics of a
+/// following training-mode batch norm without two more passes over memory.
+pub fn conv2d_forward_plane_stats(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+) -> Vec<(f64, f64)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let ohw = g.out_h() * g.out_w();
+    let cells: Vec<(AtomicU64, AtomicU64)> = (0..g.batch * g.out_channels)
+        .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+        .collect();
+    if ohw > 0 {
+        conv2d_forward_with(g, x, w, y, |n, c0, yn| {
+            for (c, plane) in yn.chunks(ohw).enumerate() {
+                let (mean, m2) = super::batchnorm::plane_stats(plane);
+                let cell = &cells[n * g.out_channels + c0 + c];
+                cell.0.store(mean.to_bits(), Ordering::Relaxed);
+                cell.1.store(m2.to_bits(), Ordering::Relaxed);
+            }
+        });
+    } else {
+        conv2d_forward(g, x, w, y);
+    }
+    cells
+        .into_iter()
+        .map(|(a, b)| {
+            (
+                f64::from_bits(a.into_inner()),
+                f64::from_bits(b.into_inner()),
+            )
+        })
+        .collect()
+}
+
 /// Convolution weights prepared once for repeated forward passes (inference): the plain
 /// `(out, in / groups, k, k)` values and, for convolutions that take the direct grouped
 /// kernel, their packed form.
@@ -375,7 +413,7 @@ fn batches_pointwise(g: &Conv2dGeom) -> bool {
 
 /// `[n][c][hw]` → `[c][n·hw]`.
 fn to_channel_major(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = super::elementwise::zeroed(x.len());
     out.par_chunks_mut((n * hw).max(1))
         .enumerate()
         .for_each(|(ch, row)| {
@@ -460,7 +498,7 @@ fn pointwise_backward_batched(
         );
     }
     if let Some(dx) = dx {
-        let mut dxt = vec![0.0f32; ci * n * hw];
+        let mut dxt = super::elementwise::zeroed(ci * n * hw);
         sgemm(
             ci,
             n * hw,

@@ -6,6 +6,18 @@ use super::gemm::{sgemm, MatRef};
 
 const CHUNK: usize = 1 << 14;
 
+/// A zero-filled buffer of `len` values, filled by all threads when it is large: `vec!`
+/// zero-fills (or page-faults) on the calling thread alone while the others wait, and
+/// the forward pass allocates hundreds of megabytes of activations per step.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    if len < 1 << 18 {
+        return vec![0.0; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(0.0f32, len));
+    v
+}
+
 /// `y = max(a + b, 0)`.
 pub fn add_relu_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)

@@ -68,7 +68,7 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
     let _t = crate::profile::scope(kind.0);
     let xs = read(&x);
     let ws = read(weight);
-    let mut y = vec![0.0f32; g.output_len()];
+    let mut y = ew::zeroed(g.output_len());
     conv::conv2d_forward(&g, &xs, &ws, &mut y);
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
@@ -78,7 +78,7 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
         tape.add_backward_op(move |grads| {
             let _t = crate::profile::scope(kind.1);
             let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
-            let mut dw = vec![0.0f32; ws.len()];
+            let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
             conv::conv2d_backward(
                 &g,
                 &xs,
@@ -87,7 +87,7 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
                 Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
                 &mut dw,
             );
-            ew::add_into(grads.get_or_alloc_mut(&wg)?, &dw);
+            **grads.get_or_alloc_mut(&wg)? = dw;
             Ok(())
         });
     }
@@ -233,7 +233,7 @@ pub fn batch_norm2d_train<const C: usize, T: Tape<f32, Cpu>>(
     }
     let xs = read(&x);
     let (gs, bs) = (read(gamma), read(beta));
-    let mut y = vec![0.0f32; g.len()];
+    let mut y = ew::zeroed(g.len());
     let stats = bn::bn_train_forward(&g, &xs, &gs, &bs, cfg.eps, cfg.relu, &mut y);
     let (mut rm, mut rv) = (read(running_mean), read(running_var));
     bn::update_running(&g, &stats, cfg.momentum, &mut rm, &mut rv);
@@ -270,7 +270,7 @@ pub fn batch_norm2d_eval<const C: usize, T: Tape<f32, Cpu>>(
         read(running_var),
     );
     let (scale, _) = bn::eval_affine(&gs, &bs, &rm, &rv, cfg.eps);
-    let mut y = vec![0.0f32; g.len()];
+    let mut y = ew::zeroed(g.len());
     bn::affine_forward(&g, &xs, &rm, &scale, &bs, cfg.relu, &mut y);
     let inv_std: Vec<f32> = rv
         .iter()
@@ -376,7 +376,7 @@ pub fn add_relu<const C: usize, T: Tape<f32, Cpu> + Merge<T>>(
     let shape = *a.shape();
     let _t = crate::profile::scope("add_relu fwd");
     let (av, bv) = (read(&a), read(&b));
-    let mut y = vec![0.0f32; av.len()];
+    let mut y = ew::zeroed(av.len());
     ew::add_relu_forward(&av, &bv, &mut y);
     drop((av, bv));
     // The backward pass needs only where y > 0: one bit per value instead of y itself.
@@ -730,7 +730,7 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
             ));
         }
     }
-    let mut y = vec![0.0f32; g.output_len()];
+    let mut y = ew::zeroed(g.output_len());
     let key = weight as *const Tensor<WS, f32, Cpu> as usize;
     if let Some(folded) = fold_cache::lookup(key, || {
         let (scale, shift) = fold_bn(bn, eps);
@@ -821,19 +821,19 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
         ));
     }
     let kind = conv_kind(&g);
-    let (xs, ws, yc) = {
+    let (xs, ws, yc, planes) = {
         let _t = crate::profile::scope(kind.0);
         let xs = read(&x);
         let ws = read(weight);
-        let mut yc = vec![0.0f32; g.output_len()];
-        conv::conv2d_forward(&g, &xs, &ws, &mut yc);
-        (xs, ws, yc)
+        let mut yc = ew::zeroed(g.output_len());
+        let planes = conv::conv2d_forward_plane_stats(&g, &xs, &ws, &mut yc);
+        (xs, ws, yc, planes)
     };
     let _t = crate::profile::scope("batch_norm train fwd");
     let (gs, bs) = (read(bn.gamma), read(bn.beta));
-    let stats = bn::batch_stats(&bg, &yc, cfg.eps);
+    let stats = bn::stats_from_planes(&bg, &planes, cfg.eps);
     let scale: Vec<f32> = gs.iter().zip(&stats.inv_std).map(|(a, b)| a * b).collect();
-    let mut y = vec![0.0f32; g.output_len()];
+    let mut y = ew::zeroed(g.output_len());
     let (res, mut tape) = match residual {
         Some(r) => {
             let rs = read(&r);
@@ -898,7 +898,8 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
             }
             drop(yc);
             let _t = crate::profile::scope(kind.1);
-            let mut dw = vec![0.0f32; ws.len()];
+            // the weight gradient accumulates straight into its slot, moved out meanwhile
+            let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
             conv::conv2d_backward(
                 &g,
                 &xs,
@@ -907,7 +908,7 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
                 Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
                 &mut dw,
             );
-            ew::add_into(grads.get_or_alloc_mut(&wg)?, &dw);
+            **grads.get_or_alloc_mut(&wg)? = dw;
             Ok(())
         });
     }
