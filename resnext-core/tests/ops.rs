@@ -107,6 +107,29 @@ proptest! {
     }
 
     #[test]
+    fn direct_forward_of_a_stem_conv_matches_reference(
+        (batch, cin, cout) in (1usize..3, 1usize..5, prop_oneof![1usize..19, Just(64usize)]),
+        (h, w, kernel, stride, padding) in (5usize..30, 5usize..30, 5usize..8, 1usize..4, 0usize..4),
+        portable in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        // A dense convolution with an RGB-like input and a large kernel (ResNeXt's 7×7
+        // stride-2 stem) takes the direct forward kernel.
+        let g = Conv2dGeom { batch, in_channels: cin, out_channels: cout, in_h: h, in_w: w, kernel, stride, padding, groups: 1 };
+        prop_assume!(g.validate().is_ok());
+        prop_assert!(conv::direct::suits_forward(&g));
+        let x = values(seed, g.input_len());
+        let wt = values(seed ^ 1, g.weight_len());
+        let mut y_ref = vec![0.0; g.output_len()];
+        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
+        conv::direct::force_portable(portable);
+        let mut y = vec![0.0; g.output_len()];
+        conv::conv2d_forward(&g, &x, &wt, &mut y);
+        conv::direct::force_portable(false);
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+    }
+
+    #[test]
     fn pointwise_conv_matches_reference_per_image_and_batched(
         (batch, cin, cout, h, w) in (1usize..5, 1usize..20, 1usize..20, 1usize..13, 1usize..13),
         seed in any::<u64>(),

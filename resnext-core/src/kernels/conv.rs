@@ -351,7 +351,7 @@ pub struct PreparedWeights {
 impl PreparedWeights {
     /// Prepares `w` for convolutions with `g`'s channel counts, kernel and groups.
     pub fn new(g: &Conv2dGeom, w: Vec<f32>) -> Self {
-        let packed = direct::suits(g).then(|| direct::pack_forward_weights(g, &w));
+        let packed = direct::suits_forward(g).then(|| direct::pack_forward_weights(g, &w));
         Self { w, packed }
     }
 }
@@ -398,7 +398,7 @@ pub fn conv2d_forward_fused(
         }
     };
     match &w.packed {
-        Some(p) if direct::suits(g) => direct::conv2d_forward_packed(g, x, p, y, epilogue),
+        Some(p) if direct::suits_forward(g) => direct::conv2d_forward_packed(g, x, p, y, epilogue),
         _ => conv2d_forward_with(g, x, &w.w, y, epilogue),
     }
 }
@@ -521,7 +521,7 @@ fn conv2d_forward_with(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    if direct::suits(g) {
+    if direct::suits_forward(g) {
         return direct::conv2d_forward(g, x, w, y, epilogue);
     }
     if batches_pointwise(g) {

@@ -30,6 +30,14 @@ pub fn suits(g: &Conv2dGeom) -> bool {
     g.groups > 1 && g.kernel > 1 && g.in_per_group() <= 64 && g.out_per_group() <= 64
 }
 
+/// Whether the forward pass here beats im2col + GEMM for `g`: [`suits`], and also dense
+/// convolutions with very few input channels and a large kernel (an RGB stem: 3 input
+/// channels, 7×7), whose im2col matrix is ~50× the input. Their backward pass stays on
+/// im2col + GEMM, which splits the weight gradient over the batch.
+pub fn suits_forward(g: &Conv2dGeom) -> bool {
+    suits(g) || (g.groups == 1 && g.kernel >= 5 && g.in_channels <= 4 && g.out_channels <= 64)
+}
+
 fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
 }
