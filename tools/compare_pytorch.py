@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side throughput of resnext-rs and PyTorch on this machine, same thread count.
 
-    /tmp/torchenv/bin/python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick]
+    /tmp/torchenv/bin/python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick] [--rounds 3]
     /tmp/torchenv/bin/python tools/compare_pytorch.py --ops [--threads 2]
 
 Builds and runs `throughput` from resnext-bench for each configuration, measures the same
@@ -179,6 +179,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="only resnext50_32x4d eval and train at batch 8")
     p.add_argument("--ops", action="store_true", help="single convolutions at the stage shapes instead of networks")
     p.add_argument("--batch", type=int, default=8, help="batch for --ops")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each network configuration this many times, alternating the two sides, and "
+                        "report medians and the range of the per-round ratios (this machine's speed drifts by "
+                        "10-30%% over minutes, so one pair of runs can mislead)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.ops:
@@ -186,12 +190,21 @@ def main():
         return
     configs = CONFIGS[:3] if a.quick else CONFIGS
     print(f"torch {torch.__version__}, {a.threads} threads\n")
-    print("| model | batch | size | mode | resnext-rs img/s | PyTorch img/s | ratio | resnext-rs peak MB | PyTorch peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    rounds = max(a.rounds, 1)
+    extra = " | ratio range" if rounds > 1 else ""
+    print(f"| model | batch | size | mode | resnext-rs img/s | PyTorch img/s | ratio{extra} | resnext-rs peak MB | PyTorch peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds > 1 else ""))
+    med = lambda v: sorted(v)[len(v) // 2]
     for arch, batch, size, mode in configs:
-        ips, mem = ours(arch, batch, size, mode, a.iters, a.threads)
-        tps, tmem = torch_in_child(arch, batch, size, mode, a.iters, a.threads)
-        print(f"| {arch} | {batch} | {size} | {mode} | {ips:.2f} | {tps:.2f} | {ips / tps:.2f} | {mem:.0f} | {tmem:.0f} |", flush=True)
+        runs = []
+        for _ in range(rounds):
+            ips, mem = ours(arch, batch, size, mode, a.iters, a.threads)
+            tps, tmem = torch_in_child(arch, batch, size, mode, a.iters, a.threads)
+            runs.append((ips, tps, ips / tps, mem, tmem))
+        ips, tps, ratio = med([r[0] for r in runs]), med([r[1] for r in runs]), med([r[2] for r in runs])
+        mem, tmem = max(r[3] for r in runs), max(r[4] for r in runs)
+        rng = f" | {min(r[2] for r in runs):.2f}-{max(r[2] for r in runs):.2f}" if rounds > 1 else ""
+        print(f"| {arch} | {batch} | {size} | {mode} | {ips:.2f} | {tps:.2f} | {ratio:.2f}{rng} | {mem:.0f} | {tmem:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
