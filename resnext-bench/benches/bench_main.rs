@@ -1,5 +1,5 @@
 //! Criterion benchmarks: each op at the four stage shapes of `resnext50_32x4d` (forward
-//! and backward), one block, whole networks (eval at batch 1 and 8, one training step at
+//! and backward), one block (eval, and a training forward + backward), whole networks (eval at batch 1 and 8, one training step at
 //! batch 8) at 224×224, a CIFAR-size network, and ResNeXt-50 against ResNet-50 built from
 //! the same blocks. Names carry the device (`cpu`).
 //!
@@ -119,6 +119,26 @@ fn ops(c: &mut Criterion) {
                 })
             },
         );
+        g.bench_function(
+            BenchmarkId::new("train_bwd_in_place_cpu", format!("stage{stage}")),
+            |b| {
+                b.iter(|| {
+                    dx.copy_from_slice(&dy); // (includes this copy: the pass overwrites its input)
+                    batchnorm::bn_backward_in_place(
+                        &geom,
+                        &x,
+                        &gamma,
+                        &beta,
+                        &stats.mean,
+                        &stats.inv_std,
+                        true,
+                        &mut dx,
+                        &mut dg,
+                        &mut db,
+                    )
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -133,6 +153,14 @@ fn block(c: &mut Criterion) {
     let mut g = c.benchmark_group("block");
     g.sample_size(10);
     g.bench_function("layer1_eval_b8_cpu", |b| b.iter(|| blk.forward(x.clone())));
+    // training: the fused conv + batch norm (+ residual + ReLU) ops, forward and backward
+    let mut train_blk = blk.clone();
+    g.bench_function("layer1_train_fwd_bwd_b8_cpu", |b| {
+        b.iter(|| {
+            let y = train_blk.forward_mut(x.trace(Gradients::leaky()));
+            y.sum().backward()
+        })
+    });
     g.finish();
 }
 
