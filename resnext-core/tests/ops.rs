@@ -117,16 +117,19 @@ proptest! {
         // stride-2 stem) takes the direct forward kernel.
         let g = Conv2dGeom { batch, in_channels: cin, out_channels: cout, in_h: h, in_w: w, kernel, stride, padding, groups: 1 };
         prop_assume!(g.validate().is_ok());
-        prop_assert!(conv::direct::suits_forward(&g));
         let x = values(seed, g.input_len());
         let wt = values(seed ^ 1, g.weight_len());
         let mut y_ref = vec![0.0; g.output_len()];
         conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
         conv::direct::force_portable(portable);
         let mut y = vec![0.0; g.output_len()];
-        conv::conv2d_forward(&g, &x, &wt, &mut y);
+        conv::direct::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
+        // and through the dispatcher, which picks it when the batch fills the threads
+        let mut y_dispatched = vec![0.0; g.output_len()];
+        conv::conv2d_forward(&g, &x, &wt, &mut y_dispatched);
         conv::direct::force_portable(false);
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        prop_assert!(rel_err(&y_dispatched, &y_ref) <= 1e-5, "y (dispatched)");
     }
 
     #[test]

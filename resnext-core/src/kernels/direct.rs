@@ -33,9 +33,16 @@ pub fn suits(g: &Conv2dGeom) -> bool {
 /// Whether the forward pass here beats im2col + GEMM for `g`: [`suits`], and also dense
 /// convolutions with very few input channels and a large kernel (an RGB stem: 3 input
 /// channels, 7×7), whose im2col matrix is ~50× the input. Their backward pass stays on
-/// im2col + GEMM, which splits the weight gradient over the batch.
+/// im2col + GEMM, which splits the weight gradient over the batch. The forward here runs
+/// one task per image and group, so a dense convolution takes it only when the batch gives
+/// every thread an image (a batch-1 stem stays on the GEMM, which splits one image).
 pub fn suits_forward(g: &Conv2dGeom) -> bool {
-    suits(g) || (g.groups == 1 && g.kernel >= 5 && g.in_channels <= 4 && g.out_channels <= 64)
+    suits(g)
+        || (g.groups == 1
+            && g.kernel >= 5
+            && g.in_channels <= 4
+            && g.out_channels <= 64
+            && g.batch >= rayon::current_num_threads())
 }
 
 fn round_up(n: usize, m: usize) -> usize {
