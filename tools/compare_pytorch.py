@@ -197,9 +197,12 @@ def main():
     med = lambda v: sorted(v)[len(v) // 2]
     for arch, batch, size, mode in configs:
         runs = []
+        # the same number of images per measurement whatever the batch: a batch-1 pass is
+        # short enough that 5 of them time mostly noise
+        iters = a.iters * max(1, 8 // batch)
         for _ in range(rounds):
-            ips, mem = ours(arch, batch, size, mode, a.iters, a.threads)
-            tps, tmem = torch_in_child(arch, batch, size, mode, a.iters, a.threads)
+            ips, mem = ours(arch, batch, size, mode, iters, a.threads)
+            tps, tmem = torch_in_child(arch, batch, size, mode, iters, a.threads)
             runs.append((ips, tps, ips / tps, mem, tmem))
         ips, tps, ratio = med([r[0] for r in runs]), med([r[1] for r in runs]), med([r[2] for r in runs])
         mem, tmem = max(r[3] for r in runs), max(r[4] for r in runs)
