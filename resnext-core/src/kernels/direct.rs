@@ -23,6 +23,13 @@ use super::conv::Conv2dGeom;
 const LANES: usize = 16;
 /// Zeros after each packed buffer, so the last vector of a grid may read past its end.
 const SLACK: usize = 4 * LANES;
+/// Grid positions below which the weight gradient batches images into one product: with
+/// grids this short (7×7 images) the per-weight reduction across lanes costs more than the
+/// products. Batching pays for it with the padding rows between images, so longer grids
+/// (14×14 and up) stay one image per product.
+const WG_BATCH_BELOW: usize = 128;
+/// At most this many input values per batched weight-gradient product (1 MB).
+const WG_CHUNK_VALUES: usize = 1 << 18;
 
 /// Whether [`conv2d_forward`]/[`conv2d_backward`] here are the better choice for `g`:
 /// grouped convolutions with at most 64 channels per group, kernel larger than 1.
@@ -552,13 +559,27 @@ impl FwdLayout {
     /// Copies one group of one image (`ipg × h × w`) into `buf`. Writes the same positions
     /// every time, so a buffer reused for one layout keeps its zero padding.
     fn pack(&self, g: &Conv2dGeom, x: &[f32], buf: &mut Vec<f32>) {
-        let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
-        let plane = self.rows * self.pitch;
         zeroed(buf, self.len);
+        self.pack_strided(g, x, buf, 0, self.rows * self.pitch);
+    }
+
+    /// [`FwdLayout::pack`] into `buf` from `start`, with consecutive (channel, phase)
+    /// planes `plane_stride` apart instead of one plane: with `plane_stride = B · plane`
+    /// and `start = b · plane`, images `0..B` interleave plane by plane.
+    fn pack_strided(
+        &self,
+        g: &Conv2dGeom,
+        x: &[f32],
+        buf: &mut [f32],
+        start: usize,
+        plane_stride: usize,
+    ) {
+        let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
+        let plane = plane_stride;
         for (c, xc) in x.chunks_exact(h * w).enumerate() {
             for (iy, src) in xc.chunks_exact(w).enumerate() {
                 let py = iy + p;
-                let base = (c * s + py % s) * s * plane + (py / s) * self.pitch;
+                let base = start + (c * s + py % s) * s * plane + (py / s) * self.pitch;
                 if s == 1 {
                     copy(&mut buf[base + p..base + p + w], src);
                     continue;
@@ -818,19 +839,49 @@ pub fn conv2d_backward(
                 .collect();
             let (mut xbuf, mut dybuf, mut dypad) = (Vec::new(), Vec::new(), Vec::new());
             let mut grids: Vec<Vec<f32>> = Vec::new();
-            for n in 0..g.batch {
-                let xn = &x[(n * g.groups + grp) * in_grp..][..in_grp];
-                let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
-                // Weight gradient: output gradient on the forward grid, zeros elsewhere.
-                fwd.pack(g, xn, &mut xbuf);
-                zeroed(&mut dybuf, opg * fwd.qpad);
-                for (o, d) in dyn_.chunks_exact(oh * ow).enumerate() {
-                    for (oy, src) in d.chunks_exact(ow).enumerate() {
-                        let at = o * fwd.qpad + oy * fwd.pitch;
-                        copy(&mut dybuf[at..at + ow], src);
+            // Weight gradient, several images per product: their planes interleave (plane
+            // stride B · plane), so one grid runs over all of them and each weight's sum is
+            // reduced across lanes once per chunk rather than once per small image.
+            let plane = fwd.rows * fwd.pitch;
+            let per_image = ipg * g.stride * g.stride * plane;
+            let chunk = if fwd.qpad >= WG_BATCH_BELOW {
+                1
+            } else {
+                (WG_CHUNK_VALUES / per_image.max(1)).clamp(1, g.batch)
+            };
+            for n0 in (0..g.batch).step_by(chunk) {
+                let b = chunk.min(g.batch - n0);
+                let stride = b * plane;
+                // one image: its own grid only; several: every plane but the last's tail
+                let qtot = if b == 1 {
+                    fwd.qpad
+                } else {
+                    round_up(stride, LANES)
+                };
+                let offs: Vec<usize> = fwd
+                    .offs
+                    .iter()
+                    .map(|&o| (o / plane) * stride + o % plane)
+                    .collect();
+                zeroed(&mut xbuf, per_image * b + plane + SLACK);
+                zeroed(&mut dybuf, opg * qtot);
+                for j in 0..b {
+                    let n = n0 + j;
+                    let xn = &x[(n * g.groups + grp) * in_grp..][..in_grp];
+                    fwd.pack_strided(g, xn, &mut xbuf, j * plane, stride);
+                    let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
+                    // output gradient on the forward grid, zeros elsewhere
+                    for (o, d) in dyn_.chunks_exact(oh * ow).enumerate() {
+                        for (oy, src) in d.chunks_exact(ow).enumerate() {
+                            let at = o * qtot + j * plane + oy * fwd.pitch;
+                            copy(&mut dybuf[at..at + ow], src);
+                        }
                     }
                 }
-                taps_weight_grad(&xbuf, &fwd.offs, &dybuf, opg, fwd.qpad, dwg);
+                taps_weight_grad(&xbuf, &offs, &dybuf, opg, qtot, dwg);
+            }
+            for n in 0..g.batch {
+                let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
                 // Input gradient, one stride phase at a time.
                 let Some(dxn) = dxg.get_mut(n) else { continue };
                 bwd.pack(oh, ow, dyn_, &mut dypad);
