@@ -98,6 +98,13 @@ fn ops(c: &mut Criterion) {
         );
         let stats = batchnorm::bn_train_forward(&geom, &x, &gamma, &beta, 1e-5, true, &mut y);
         let (mut dx, mut dg, mut db) = (vec![0.0; geom.len()], vec![0.0; width], vec![0.0; width]);
+        let ch = batchnorm::BnChannels {
+            gamma: &gamma,
+            beta: &beta,
+            mean: &stats.mean,
+            inv_std: &stats.inv_std,
+            relu: true,
+        };
         g.bench_function(
             BenchmarkId::new("train_bwd_cpu", format!("stage{stage}")),
             |b| {
@@ -105,11 +112,7 @@ fn ops(c: &mut Criterion) {
                     batchnorm::bn_backward(
                         &geom,
                         &x,
-                        &gamma,
-                        &beta,
-                        &stats.mean,
-                        &stats.inv_std,
-                        true,
+                        &ch,
                         true,
                         &dy,
                         Some(&mut dx),
@@ -124,18 +127,7 @@ fn ops(c: &mut Criterion) {
             |b| {
                 b.iter(|| {
                     dx.copy_from_slice(&dy); // (includes this copy: the pass overwrites its input)
-                    batchnorm::bn_backward_in_place(
-                        &geom,
-                        &x,
-                        &gamma,
-                        &beta,
-                        &stats.mean,
-                        &stats.inv_std,
-                        true,
-                        &mut dx,
-                        &mut dg,
-                        &mut db,
-                    )
+                    batchnorm::bn_backward_in_place(&geom, &x, &ch, &mut dx, &mut dg, &mut db)
                 })
             },
         );

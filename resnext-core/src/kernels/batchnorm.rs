@@ -185,7 +185,6 @@ fn affine_plane(x: &[f32], m: f32, a: f32, b: f32, relu: bool, y: &mut [f32]) {
 
 /// `y = max((x - center[c]) * scale[c] + shift[c] + r, 0)`: [`affine_forward`] with a
 /// residual `r` added before the ReLU (the end of a bottleneck block). Overwrites `y`.
-#[allow(clippy::too_many_arguments)]
 pub fn affine_add_relu_forward(
     g: &BnGeom,
     x: &[f32],
@@ -276,6 +275,34 @@ pub fn eval_affine(
     (scale, shift)
 }
 
+/// What a batch norm's backward pass needs from its forward, per channel: γ, β, the mean
+/// and `1 / sqrt(var + eps)` it normalised with, and whether a ReLU followed.
+#[derive(Clone, Copy, Debug)]
+pub struct BnChannels<'a> {
+    /// Scale γ.
+    pub gamma: &'a [f32],
+    /// Shift β.
+    pub beta: &'a [f32],
+    /// Mean subtracted (batch or running).
+    pub mean: &'a [f32],
+    /// `1 / sqrt(var + eps)` (batch or running variance).
+    pub inv_std: &'a [f32],
+    /// Whether the output went through a fused ReLU.
+    pub relu: bool,
+}
+
+impl BnChannels<'_> {
+    fn plane(&self, c: usize) -> PlaneBn {
+        PlaneBn {
+            mu: self.mean[c],
+            is: self.inv_std[c],
+            ga: self.gamma[c],
+            be: self.beta[c],
+            relu: self.relu,
+        }
+    }
+}
+
 /// Backward of `y = relu?(x * scale + shift)` where `xhat = (x - mean) * inv_std` is the
 /// normalised input and `scale = gamma * inv_std`.
 ///
@@ -284,11 +311,7 @@ pub fn eval_affine(
 pub fn bn_backward(
     g: &BnGeom,
     x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    inv_std: &[f32],
-    relu: bool,
+    ch: &BnChannels<'_>,
     train: bool,
     dy: &[f32],
     dx: Option<&mut [f32]>,
@@ -298,11 +321,7 @@ pub fn bn_backward(
     let m = g.per_channel() as f64;
     assert_eq!(x.len(), g.len(), "batch norm backward: input length");
     assert_eq!(dy.len(), g.len(), "batch norm backward: gradient length");
-    let sums = grad_sums(g, x, gamma, beta, mean, inv_std, relu, dy);
-    for c in 0..g.channels {
-        dbeta[c] += sums[c].0 as f32;
-        dgamma[c] += sums[c].1 as f32;
-    }
+    let sums = grad_sums(g, x, ch, dy, dgamma, dbeta);
     let Some(dx) = dx else { return };
     if g.spatial == 0 {
         return;
@@ -318,13 +337,7 @@ pub fn bn_backward(
         .enumerate()
         .for_each(|(plane, ((dxp, xp), dyp))| {
             let c = plane % g.channels;
-            let p = PlaneBn {
-                mu: mean[c],
-                is: inv_std[c],
-                ga: gamma[c],
-                be: beta[c],
-                relu,
-            };
+            let p = ch.plane(c);
             // train: dx = k (d − mean(d) − xhat · mean(d · xhat)); eval: dx = k d
             let (mg, mgx) = if train {
                 ((sums[c].0 / m) as f32, (sums[c].1 / m) as f32)
@@ -335,31 +348,23 @@ pub fn bn_backward(
         });
 }
 
-/// Per channel `(Σ d, Σ d · xhat)`, `d` the output gradient masked by the fused ReLU.
-#[allow(clippy::too_many_arguments)]
+/// Per channel `(Σ d, Σ d · xhat)`, `d` the output gradient masked by the fused ReLU;
+/// adds them into `dbeta` and `dgamma`, which they are.
 fn grad_sums(
     g: &BnGeom,
     x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    inv_std: &[f32],
-    relu: bool,
+    ch: &BnChannels<'_>,
     dy: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
 ) -> Vec<(f64, f64)> {
     // The ReLU mask is recomputed from x: y > 0 exactly when xhat * gamma + beta > 0.
     // Per-plane constants are hoisted and the loops run on fixed-width lanes so they
     // vectorise (the ReLU test becomes a select).
-    (0..g.channels)
+    let sums: Vec<(f64, f64)> = (0..g.channels)
         .into_par_iter()
         .map(|c| {
-            let p = PlaneBn {
-                mu: mean[c],
-                is: inv_std[c],
-                ga: gamma[c],
-                be: beta[c],
-                relu,
-            };
+            let p = ch.plane(c);
             let (mut sg, mut sgx) = (0.0f64, 0.0f64);
             for r in channel_planes(g, c) {
                 let (a, b) = plane_grad_sums(&p, &x[r.clone()], &dy[r]);
@@ -368,22 +373,22 @@ fn grad_sums(
             }
             (sg, sgx)
         })
-        .collect()
+        .collect();
+    for (c, &(sg, sgx)) in sums.iter().enumerate() {
+        dbeta[c] += sg as f32;
+        dgamma[c] += sgx as f32;
+    }
+    sums
 }
 
 /// Training-mode [`bn_backward`] that turns the output gradient `d` into the input
 /// gradient in place (instead of adding it into a separate buffer): for a fused
 /// convolution + batch norm whose input gradient feeds the convolution's backward pass
 /// directly. Adds into `dgamma` and `dbeta`.
-#[allow(clippy::too_many_arguments)]
 pub fn bn_backward_in_place(
     g: &BnGeom,
     x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    inv_std: &[f32],
-    relu: bool,
+    ch: &BnChannels<'_>,
     d: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
@@ -391,11 +396,7 @@ pub fn bn_backward_in_place(
     assert_eq!(x.len(), g.len(), "batch norm backward: input length");
     assert_eq!(d.len(), g.len(), "batch norm backward: gradient length");
     let m = g.per_channel() as f64;
-    let sums = grad_sums(g, x, gamma, beta, mean, inv_std, relu, d);
-    for c in 0..g.channels {
-        dbeta[c] += sums[c].0 as f32;
-        dgamma[c] += sums[c].1 as f32;
-    }
+    let sums = grad_sums(g, x, ch, d, dgamma, dbeta);
     if g.spatial == 0 {
         return;
     }
@@ -404,15 +405,8 @@ pub fn bn_backward_in_place(
         .enumerate()
         .for_each(|(plane, (dp, xp))| {
             let c = plane % g.channels;
-            let p = PlaneBn {
-                mu: mean[c],
-                is: inv_std[c],
-                ga: gamma[c],
-                be: beta[c],
-                relu,
-            };
             let (mg, mgx) = ((sums[c].0 / m) as f32, (sums[c].1 / m) as f32);
-            plane_input_grad_in_place(&p, mg, mgx, xp, dp);
+            plane_input_grad_in_place(&ch.plane(c), mg, mgx, xp, dp);
         });
 }
 

@@ -564,18 +564,10 @@ impl FwdLayout {
     }
 
     /// [`FwdLayout::pack`] into `buf` from `start`, with consecutive (channel, phase)
-    /// planes `plane_stride` apart instead of one plane: with `plane_stride = B · plane`
-    /// and `start = b · plane`, images `0..B` interleave plane by plane.
-    fn pack_strided(
-        &self,
-        g: &Conv2dGeom,
-        x: &[f32],
-        buf: &mut [f32],
-        start: usize,
-        plane_stride: usize,
-    ) {
+    /// planes `plane` apart (one layout plane, or with `plane = B · rows · pitch` and
+    /// `start = b · rows · pitch`, images `0..B` interleaved plane by plane).
+    fn pack_strided(&self, g: &Conv2dGeom, x: &[f32], buf: &mut [f32], start: usize, plane: usize) {
         let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
-        let plane = plane_stride;
         for (c, xc) in x.chunks_exact(h * w).enumerate() {
             for (iy, src) in xc.chunks_exact(w).enumerate() {
                 let py = iy + p;

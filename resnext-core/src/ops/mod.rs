@@ -188,14 +188,17 @@ fn bn_finish<const C: usize, T: Tape<f32, Cpu>>(
             let _t = crate::profile::scope("batch_norm bwd");
             let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
             let (mut dgamma, mut dbeta) = (vec![0.0f32; C], vec![0.0f32; C]);
+            let ch = bn::BnChannels {
+                gamma: &gs,
+                beta: &bs,
+                mean: &mean,
+                inv_std: &inv_std,
+                relu,
+            };
             bn::bn_backward(
                 &g,
                 &xs,
-                &gs,
-                &bs,
-                &mean,
-                &inv_std,
-                relu,
+                &ch,
                 train,
                 &dy,
                 Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
@@ -210,6 +213,31 @@ fn bn_finish<const C: usize, T: Tape<f32, Cpu>>(
     Ok(out.put_tape(tape))
 }
 
+/// Batch statistics need more than one value per channel.
+fn check_batch_stats(g: &bn::BnGeom, what: &str, shape: &impl std::fmt::Debug) -> Result<()> {
+    if g.per_channel() < 2 {
+        return Err(shape_err(
+            "batch_norm2d",
+            format!("training needs more than one value per channel, got {what} {shape:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Folds a training batch's statistics into the running-statistics tensors.
+fn update_running<const C: usize>(
+    g: &bn::BnGeom,
+    stats: &bn::BnStats,
+    momentum: f64,
+    running_mean: &mut Tensor<Rank1<C>, f32, Cpu>,
+    running_var: &mut Tensor<Rank1<C>, f32, Cpu>,
+) {
+    let (mut rm, mut rv) = (read(running_mean), read(running_var));
+    bn::update_running(g, stats, momentum, &mut rm, &mut rv);
+    running_mean.copy_from(&rm);
+    running_var.copy_from(&rv);
+}
+
 /// Training-mode batch norm (PyTorch semantics): normalises with the batch mean and biased
 /// variance, and updates the running statistics in place with the unbiased variance.
 pub fn batch_norm2d_train<const C: usize, T: Tape<f32, Cpu>>(
@@ -222,23 +250,12 @@ pub fn batch_norm2d_train<const C: usize, T: Tape<f32, Cpu>>(
 ) -> Result<Act<C, T>> {
     let _t = crate::profile::scope("batch_norm train fwd");
     let g = bn_geom(&x);
-    if g.per_channel() < 2 {
-        return Err(shape_err(
-            "batch_norm2d",
-            format!(
-                "training needs more than one value per channel, got input {:?}",
-                x.shape()
-            ),
-        ));
-    }
+    check_batch_stats(&g, "input", x.shape())?;
     let xs = read(&x);
     let (gs, bs) = (read(gamma), read(beta));
     let mut y = ew::zeroed(g.len());
     let stats = bn::bn_train_forward(&g, &xs, &gs, &bs, cfg.eps, cfg.relu, &mut y);
-    let (mut rm, mut rv) = (read(running_mean), read(running_var));
-    bn::update_running(&g, &stats, cfg.momentum, &mut rm, &mut rv);
-    running_mean.copy_from(&rm);
-    running_var.copy_from(&rv);
+    update_running(&g, &stats, cfg.momentum, running_mean, running_var);
     bn_finish(
         x,
         y,
@@ -814,12 +831,7 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
         channels: O,
         spatial: g.out_h() * g.out_w(),
     };
-    if bg.per_channel() < 2 {
-        return Err(shape_err(
-            "batch_norm2d",
-            format!("training needs more than one value per channel, got output {out_shape:?}"),
-        ));
-    }
+    check_batch_stats(&bg, "output", &out_shape)?;
     let kind = conv_kind(&g);
     let (xs, ws, yc, planes) = {
         let _t = crate::profile::scope(kind.0);
@@ -851,10 +863,7 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
             (None, Default::default())
         }
     };
-    let (mut rm, mut rv) = (read(bn.mean), read(bn.var));
-    bn::update_running(&bg, &stats, cfg.momentum, &mut rm, &mut rv);
-    bn.mean.copy_from(&rm);
-    bn.var.copy_from(&rv);
+    update_running(&bg, &stats, cfg.momentum, bn.mean, bn.var);
     // With a residual the ReLU's mask cannot be recomputed from the batch norm's input:
     // keep one bit per output value.
     let mask = if T::OWNS_TAPE && cfg.relu && res.is_some() {
@@ -881,18 +890,14 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
                     ew::add_into(grads.get_or_alloc_mut(rg)?, &d);
                 }
                 let (mut dgamma, mut dbeta) = (vec![0.0f32; O], vec![0.0f32; O]);
-                bn::bn_backward_in_place(
-                    &bg,
-                    &yc,
-                    &gs,
-                    &bs,
-                    &stats.mean,
-                    &stats.inv_std,
-                    bn_relu,
-                    &mut d,
-                    &mut dgamma,
-                    &mut dbeta,
-                );
+                let ch = bn::BnChannels {
+                    gamma: &gs,
+                    beta: &bs,
+                    mean: &stats.mean,
+                    inv_std: &stats.inv_std,
+                    relu: bn_relu,
+                };
+                bn::bn_backward_in_place(&bg, &yc, &ch, &mut d, &mut dgamma, &mut dbeta);
                 ew::add_into(grads.get_or_alloc_mut(&gg)?, &dgamma);
                 ew::add_into(grads.get_or_alloc_mut(&bgh)?, &dbeta);
             }
