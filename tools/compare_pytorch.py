@@ -3,6 +3,7 @@
 
     /tmp/torchenv/bin/python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick] [--rounds 3]
     /tmp/torchenv/bin/python tools/compare_pytorch.py --ops [--threads 2]
+    /tmp/torchenv/bin/python tools/compare_pytorch.py --torch-profile [--iters 2]
 
 Builds and runs `throughput` from resnext-bench for each configuration, measures the same
 configuration in PyTorch (torchvision's models, `torch.set_num_threads`), and prints a
@@ -157,6 +158,28 @@ def compare_ops(a):
             print(f"| {op} | {stage} | {stride} | {pas} | {ours_g:.1f} | {torch_g:.1f} | {ours_g / torch_g:.2f} |", flush=True)
 
 
+def torch_profile(a):
+    """PyTorch's own per-op profile of one resnext50_32x4d training step (batch 8, 224),
+    to set beside ours (`RESNEXT_PROFILE=1 ... throughput --mode train`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, _ = torch_model("resnext50_32x4d")
+    model.train()
+    x, y = torch.randn(8, 3, 224, 224), torch.arange(8)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(a.iters):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def torch_in_child(arch, batch, size, mode, iters, threads):
     """PyTorch's img/s and peak RSS for one configuration, each in a fresh process so the
     peak belongs to that configuration alone."""
@@ -179,6 +202,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="only resnext50_32x4d eval and train at batch 8")
     p.add_argument("--ops", action="store_true", help="single convolutions at the stage shapes instead of networks")
     p.add_argument("--batch", type=int, default=8, help="batch for --ops")
+    p.add_argument("--torch-profile", action="store_true",
+                   help="print PyTorch's per-op profile of a resnext50_32x4d batch-8 training step instead")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure each network configuration this many times, alternating the two sides, and "
                         "report medians and the range of the per-round ratios (this machine's speed drifts by "
@@ -187,6 +212,9 @@ def main():
     torch.set_num_threads(a.threads)
     if a.ops:
         compare_ops(a)
+        return
+    if a.torch_profile:
+        torch_profile(a)
         return
     configs = CONFIGS[:3] if a.quick else CONFIGS
     print(f"torch {torch.__version__}, {a.threads} threads\n")
