@@ -107,6 +107,41 @@ proptest! {
     }
 
     #[test]
+    fn lanes_grouped_conv_matches_reference(
+        (batch, groups) in (1usize..4, 2usize..4),
+        // 16 to 64 channels per group: one and two vectors of lanes, and 48 = 32 + 16
+        ipg in prop::sample::select(vec![16usize, 32, 48, 64]),
+        opg in prop::sample::select(vec![16usize, 32, 48, 64]),
+        // rows past one 14-position tile, in uneven chunks
+        (h, w, kernel, stride, padding) in (1usize..33, 1usize..33, 2usize..6, 1usize..4, 0usize..3),
+        seed in any::<u64>(),
+    ) {
+        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel, stride, padding, groups };
+        prop_assume!(g.validate().is_ok());
+        prop_assume!(conv::lanes::suits(&g)); // AVX-512 machines only
+        let x = values(seed, g.input_len());
+        let wt = values(seed ^ 1, g.weight_len());
+        let dy = values(seed ^ 2, g.output_len());
+        let mut y_ref = vec![0.0; g.output_len()];
+        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
+        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
+        conv::conv2d_backward_ref(&g, &x, &wt, &dy, &mut dx_ref, &mut dw_ref);
+        let mut y = vec![0.0; g.output_len()];
+        let packed = conv::lanes::pack_forward_weights(&g, &wt);
+        conv::lanes::conv2d_forward_packed(&g, &x, &packed, &mut y, |_, _, _| {});
+        let (mut dx, mut dw) = (vec![1.0; x.len()], vec![1.0; wt.len()]);
+        conv::lanes::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx");
+        prop_assert!(rel_err(&minus_one(dw), &dw_ref) <= 1e-5, "dw");
+        // the weight gradient alone (no input gradient wanted)
+        let mut dw_only = vec![0.0; wt.len()];
+        conv::lanes::conv2d_backward(&g, &x, &wt, &dy, None, &mut dw_only);
+        prop_assert!(rel_err(&dw_only, &dw_ref) <= 1e-5, "dw without dx");
+    }
+
+    #[test]
     fn direct_forward_of_a_stem_conv_matches_reference(
         (batch, cin, cout) in (1usize..3, 1usize..5, prop_oneof![1usize..19, Just(64usize)]),
         (h, w, kernel, stride, padding) in (5usize..30, 5usize..30, 5usize..8, 1usize..4, 0usize..4),

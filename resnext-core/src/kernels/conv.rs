@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 pub use super::direct;
 use super::gemm::{sgemm, MatRef};
+pub use super::lanes;
 
 /// The geometry of one convolution call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,7 +346,7 @@ pub fn conv2d_forward_plane_stats(
 #[derive(Clone, Debug)]
 pub struct PreparedWeights {
     w: Vec<f32>,
-    packed: Option<Vec<direct::PackedWeights>>,
+    packed: Option<direct::ForwardWeights>,
 }
 
 impl PreparedWeights {

@@ -65,11 +65,16 @@ pub fn force_portable(on: bool) {
     PORTABLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn has_avx512() -> bool {
+/// Whether the AVX-512 kernels run: the CPU has AVX-512F and [`force_portable`] is off.
+pub(super) fn has_avx512() -> bool {
+    !PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) && cpu_has_avx512()
+}
+
+/// Whether the CPU has AVX-512F: what the AVX-512 kernels need to be safe to call.
+pub(super) fn cpu_has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        !PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
-            && std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -79,7 +84,7 @@ fn has_avx512() -> bool {
 
 /// Makes `buf` `len` zeros unless it already has that length (then it holds zero padding
 /// from an earlier pack of the same layout, and the pack overwrites the rest).
-fn zeroed(buf: &mut Vec<f32>, len: usize) {
+pub(super) fn zeroed(buf: &mut Vec<f32>, len: usize) {
     if buf.len() != len {
         buf.clear();
         buf.resize(len, 0.0);
@@ -520,19 +525,19 @@ mod avx512 {
 /// How one group's input is laid out for the forward product: zero-padded, split into
 /// `stride × stride` phase planes of `rows × pitch`, one set per channel.
 #[derive(Clone, Debug)]
-struct FwdLayout {
-    pitch: usize,
-    rows: usize,
+pub(super) struct FwdLayout {
+    pub(super) pitch: usize,
+    pub(super) rows: usize,
     /// Values of the packed input, slack included.
-    len: usize,
+    pub(super) len: usize,
     /// Offset of each tap `(c, ky, kx)`, in PyTorch's weight order.
-    offs: Vec<usize>,
+    pub(super) offs: Vec<usize>,
     /// Output grid: `oh` rows of `pitch` positions, padded to [`LANES`].
     qpad: usize,
 }
 
 impl FwdLayout {
-    fn new(g: &Conv2dGeom) -> Self {
+    pub(super) fn new(g: &Conv2dGeom) -> Self {
         let (s, k, p) = (g.stride, g.kernel, g.padding);
         let (oh, ow) = (g.out_h(), g.out_w());
         let pitch = (g.in_w + 2 * p).div_ceil(s).max(ow + (k - 1) / s);
@@ -558,7 +563,7 @@ impl FwdLayout {
 
     /// Copies one group of one image (`ipg × h × w`) into `buf`. Writes the same positions
     /// every time, so a buffer reused for one layout keeps its zero padding.
-    fn pack(&self, g: &Conv2dGeom, x: &[f32], buf: &mut Vec<f32>) {
+    pub(super) fn pack(&self, g: &Conv2dGeom, x: &[f32], buf: &mut Vec<f32>) {
         zeroed(buf, self.len);
         self.pack_strided(g, x, buf, 0, self.rows * self.pitch);
     }
@@ -566,7 +571,14 @@ impl FwdLayout {
     /// [`FwdLayout::pack`] into `buf` from `start`, with consecutive (channel, phase)
     /// planes `plane` apart (one layout plane, or with `plane = B · rows · pitch` and
     /// `start = b · rows · pitch`, images `0..B` interleaved plane by plane).
-    fn pack_strided(&self, g: &Conv2dGeom, x: &[f32], buf: &mut [f32], start: usize, plane: usize) {
+    pub(super) fn pack_strided(
+        &self,
+        g: &Conv2dGeom,
+        x: &[f32],
+        buf: &mut [f32],
+        start: usize,
+        plane: usize,
+    ) {
         let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
         for (c, xc) in x.chunks_exact(h * w).enumerate() {
             for (iy, src) in xc.chunks_exact(w).enumerate() {
@@ -610,20 +622,35 @@ impl FwdLayout {
     }
 }
 
-/// The weights of a grouped convolution packed for [`conv2d_forward_packed`], one
+/// The weights of a convolution packed for [`conv2d_forward_packed`]: for the
+/// channel-in-lanes kernel ([`super::lanes`]) where it [suits](super::lanes::suits), else one
 /// [`PackedWeights`] per group. Depends on the weights and the channel counts only, so an
 /// inference session can pack once and reuse it for any batch and image size.
-pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> Vec<PackedWeights> {
+#[derive(Clone, Debug)]
+pub enum ForwardWeights {
+    /// Output positions in the lanes (this module).
+    Taps(Vec<PackedWeights>),
+    /// Output channels in the lanes ([`super::lanes`]).
+    Lanes(Vec<super::lanes::LaneWeights>),
+}
+
+/// Packs `w` for [`conv2d_forward_packed`] with `g`'s channel counts, kernel and groups.
+pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> ForwardWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    let (ipg, opg) = (g.in_per_group(), g.out_per_group());
-    let taps = ipg * g.kernel * g.kernel;
-    (0..g.groups)
-        .into_par_iter()
-        .map(|grp| {
-            let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
-            PackedWeights::new(opg, taps, |o, t| wg[o * taps + t])
-        })
-        .collect()
+    if super::lanes::suits(g) {
+        return ForwardWeights::Lanes(super::lanes::pack_forward_weights(g, w));
+    }
+    let opg = g.out_per_group();
+    let taps = g.in_per_group() * g.kernel * g.kernel;
+    ForwardWeights::Taps(
+        (0..g.groups)
+            .into_par_iter()
+            .map(|grp| {
+                let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
+                PackedWeights::new(opg, taps, |o, t| wg[o * taps + t])
+            })
+            .collect(),
+    )
 }
 
 /// Forward of a grouped convolution, one task per (image, group), each group's output passed
@@ -642,10 +669,16 @@ pub fn conv2d_forward(
 pub fn conv2d_forward_packed(
     g: &Conv2dGeom,
     x: &[f32],
-    packed: &[PackedWeights],
+    packed: &ForwardWeights,
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    let packed = match packed {
+        ForwardWeights::Lanes(p) => {
+            return super::lanes::conv2d_forward_packed(g, x, p, y, epilogue)
+        }
+        ForwardWeights::Taps(p) => p,
+    };
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
     let (oh, ow) = (g.out_h(), g.out_w());
@@ -682,29 +715,31 @@ pub fn conv2d_forward_packed(
 /// One stride phase `(a, b)` of the input gradient (input rows `s·i + a`, columns
 /// `s·j + b`), stored at index `a · min(s, w) + b`.
 #[derive(Clone, Debug)]
-struct Phase {
+pub(super) struct Phase {
+    /// Rows of the phase grid.
+    pub(super) hi: usize,
     /// Columns of the phase grid.
-    wj: usize,
+    pub(super) wj: usize,
     /// The forward taps `(o, ky, kx)` that reach this phase, and their offsets into the
     /// padded output gradient.
-    taps: Vec<(usize, usize, usize)>,
-    offs: Vec<usize>,
+    pub(super) taps: Vec<(usize, usize, usize)>,
+    pub(super) offs: Vec<usize>,
     qpad: usize,
 }
 
 /// How one group's output gradient is laid out for the input-gradient products.
 #[derive(Clone, Debug)]
-struct BwdLayout {
+pub(super) struct BwdLayout {
     top: usize,
     left: usize,
-    pitch: usize,
+    pub(super) pitch: usize,
     rows: usize,
     len: usize,
-    phases: Vec<Phase>,
+    pub(super) phases: Vec<Phase>,
 }
 
 impl BwdLayout {
-    fn new(g: &Conv2dGeom) -> Self {
+    pub(super) fn new(g: &Conv2dGeom) -> Self {
         let (s, k, p) = (g.stride as isize, g.kernel, g.padding as isize);
         let (oh, ow) = (g.out_h(), g.out_w());
         // Input row s·i + a receives output row i + (a + p − ky)/s through tap ky when
@@ -755,6 +790,7 @@ impl BwdLayout {
                     }
                 }
                 Phase {
+                    hi,
                     wj,
                     taps: ptaps,
                     offs,
@@ -773,7 +809,7 @@ impl BwdLayout {
     }
 
     /// Copies one group of one image's output gradient (`opg × oh × ow`) into `buf`.
-    fn pack(&self, oh: usize, ow: usize, dy: &[f32], buf: &mut Vec<f32>) {
+    pub(super) fn pack(&self, oh: usize, ow: usize, dy: &[f32], buf: &mut Vec<f32>) {
         let plane = self.rows * self.pitch;
         zeroed(buf, self.len);
         for (o, d) in dy.chunks_exact(oh * ow).enumerate() {
@@ -796,6 +832,9 @@ pub fn conv2d_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) {
+    if super::lanes::suits(g) {
+        return super::lanes::conv2d_backward(g, x, w, dy, dx, dw);
+    }
     g.check_backward(x, w, dy, dx.as_deref(), dw);
     let (oh, ow) = (g.out_h(), g.out_w());
     let (ipg, opg, k) = (g.in_per_group(), g.out_per_group(), g.kernel);

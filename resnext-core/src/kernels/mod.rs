@@ -11,4 +11,5 @@ pub mod conv;
 pub mod direct;
 pub mod elementwise;
 pub mod gemm;
+pub mod lanes;
 pub mod pool;
