@@ -2,7 +2,7 @@
 """Side-by-side throughput of resnext-rs and PyTorch on this machine, same thread count.
 
     /tmp/torchenv/bin/python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick] [--rounds 3]
-    /tmp/torchenv/bin/python tools/compare_pytorch.py --ops [--threads 2]
+    /tmp/torchenv/bin/python tools/compare_pytorch.py --ops [--threads 2] [--rounds 3] [--op grouped3x3]
     /tmp/torchenv/bin/python tools/compare_pytorch.py --torch-profile [--iters 2]
 
 Builds and runs `throughput` from resnext-bench for each configuration, measures the same
@@ -14,6 +14,7 @@ backward). Not used by the tests or CI.
 """
 import argparse
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -148,14 +149,24 @@ def ours_gflops(op, stage, stride, pas, batch, iters, threads):
 
 
 def compare_ops(a):
-    print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch}\n")
-    print("| op | stage | stride | pass | resnext-rs GFLOP/s | PyTorch GFLOP/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    rounds = max(a.rounds, 1)
+    print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch}, {rounds} alternating round(s), medians\n")
+    extra = " ratio range |" if rounds > 1 else ""
+    print("| op | stage | stride | pass | resnext-rs GFLOP/s | PyTorch GFLOP/s | ratio |" + extra)
+    print("|---|---|---|---|---|---|---|" + ("---|" if rounds > 1 else ""))
     for op, stage, stride in OP_CONFIGS:
+        if a.op and op != a.op:
+            continue
         for pas in ("fwd", "bwd"):
-            ours_g = ours_gflops(op, stage, stride, pas, a.batch, 4 * a.iters, a.threads)
-            torch_g = torch_gflops(op, stage, stride, pas, a.batch, 4 * a.iters)
-            print(f"| {op} | {stage} | {stride} | {pas} | {ours_g:.1f} | {torch_g:.1f} | {ours_g / torch_g:.2f} |", flush=True)
+            runs = []
+            for _ in range(rounds):
+                ours_g = ours_gflops(op, stage, stride, pas, a.batch, 4 * a.iters, a.threads)
+                torch_g = torch_gflops(op, stage, stride, pas, a.batch, 4 * a.iters)
+                runs.append((ours_g, torch_g, ours_g / torch_g))
+            ours_g = statistics.median(r[0] for r in runs)
+            torch_g = statistics.median(r[1] for r in runs)
+            rng = f" {min(r[2] for r in runs):.2f}-{max(r[2] for r in runs):.2f} |" if rounds > 1 else ""
+            print(f"| {op} | {stage} | {stride} | {pas} | {ours_g:.1f} | {torch_g:.1f} | {ours_g / torch_g:.2f} |{rng}", flush=True)
 
 
 def torch_profile(a):
@@ -202,6 +213,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="only resnext50_32x4d eval and train at batch 8")
     p.add_argument("--ops", action="store_true", help="single convolutions at the stage shapes instead of networks")
     p.add_argument("--batch", type=int, default=8, help="batch for --ops")
+    p.add_argument("--op", choices=sorted({c[0] for c in OP_CONFIGS}), help="only this op with --ops")
     p.add_argument("--torch-profile", action="store_true",
                    help="print PyTorch's per-op profile of a resnext50_32x4d batch-8 training step instead")
     p.add_argument("--rounds", type=int, default=1,

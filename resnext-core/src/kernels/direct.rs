@@ -18,6 +18,7 @@
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
+use super::scratch;
 
 /// Vector width in `f32` lanes of the AVX-512 kernels; grids are padded to a multiple.
 const LANES: usize = 16;
@@ -138,7 +139,7 @@ fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
 }
 
 /// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`.
-fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
+pub(super) fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
     assert!(
         ev.len() == dst.len().div_ceil(2) && od.len() == dst.len() / 2,
         "interleave2_add: lengths"
@@ -276,7 +277,7 @@ mod avx512 {
 
     use super::LANES;
 
-    /// The mask of the first `n < 16` lanes.
+    /// The mask of the first `n ≤ 16` lanes.
     #[inline]
     fn head(n: usize) -> __mmask16 {
         ((1u32 << n) - 1) as __mmask16
@@ -325,12 +326,28 @@ mod avx512 {
             _mm512_storeu_ps(od.as_mut_ptr().add(i / 2), _mm512_permutex2var_ps(a, io, b));
             i += 2 * LANES;
         }
-        for (k, &v) in src.iter().enumerate().skip(i) {
-            if k % 2 == 0 {
-                ev[k / 2] = v;
+        if i < src.len() {
+            // the last up to 31 values, with masks
+            let n = src.len() - i;
+            let (m0, m1) = (head(n.min(LANES)), head(n.saturating_sub(LANES)));
+            let a = _mm512_maskz_loadu_ps(m0, src.as_ptr().add(i));
+            // (no load at all past the end: a fully masked load can still be slow)
+            let b = if n > LANES {
+                _mm512_maskz_loadu_ps(m1, src.as_ptr().add(i + LANES))
             } else {
-                od[k / 2] = v;
-            }
+                _mm512_setzero_ps()
+            };
+            let (me, mo) = (head(n.div_ceil(2)), head(n / 2));
+            _mm512_mask_storeu_ps(
+                ev.as_mut_ptr().add(i / 2),
+                me,
+                _mm512_permutex2var_ps(a, ie, b),
+            );
+            _mm512_mask_storeu_ps(
+                od.as_mut_ptr().add(i / 2),
+                mo,
+                _mm512_permutex2var_ps(a, io, b),
+            );
         }
     }
 
@@ -561,6 +578,24 @@ impl FwdLayout {
         }
     }
 
+    /// What identifies this layout's packed buffers for [`scratch::take_keyed`] (with
+    /// `images` packed side by side).
+    pub(super) fn key(&self, g: &Conv2dGeom, images: usize) -> scratch::Key {
+        let (s, p) = (g.stride, g.padding);
+        [
+            1,
+            self.pitch,
+            self.rows,
+            self.len,
+            s,
+            p,
+            g.in_h,
+            g.in_w,
+            g.in_per_group(),
+            images,
+        ]
+    }
+
     /// Copies one group of one image (`ipg × h × w`) into `buf`. Writes the same positions
     /// every time, so a buffer reused for one layout keeps its zero padding.
     pub(super) fn pack(&self, g: &Conv2dGeom, x: &[f32], buf: &mut Vec<f32>) {
@@ -631,14 +666,19 @@ pub enum ForwardWeights {
     /// Output positions in the lanes (this module).
     Taps(Vec<PackedWeights>),
     /// Output channels in the lanes ([`super::lanes`]).
-    Lanes(Vec<super::lanes::LaneWeights>),
+    Lanes(super::lanes::LaneWeights),
 }
 
 /// Packs `w` for [`conv2d_forward_packed`] with `g`'s channel counts, kernel and groups.
 pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> ForwardWeights {
+    pack_forward_weights_in(g, w, Vec::new())
+}
+
+/// [`pack_forward_weights`] into `buf` where it can (a buffer to reuse).
+fn pack_forward_weights_in(g: &Conv2dGeom, w: &[f32], buf: Vec<f32>) -> ForwardWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     if super::lanes::suits(g) {
-        return ForwardWeights::Lanes(super::lanes::pack_forward_weights(g, w));
+        return ForwardWeights::Lanes(super::lanes::pack_forward_weights(g, w, buf));
     }
     let opg = g.out_per_group();
     let taps = g.in_per_group() * g.kernel * g.kernel;
@@ -662,7 +702,17 @@ pub fn conv2d_forward(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    conv2d_forward_packed(g, x, &pack_forward_weights(g, w), y, epilogue);
+    // packed for this call only: in a buffer from this thread's pool, returned after
+    let buf = if super::lanes::suits(g) {
+        scratch::take_stale(w.len())
+    } else {
+        Vec::new()
+    };
+    let packed = pack_forward_weights_in(g, w, buf);
+    conv2d_forward_packed(g, x, &packed, y, epilogue);
+    if let ForwardWeights::Lanes(p) = packed {
+        scratch::give([p.into_buffer()]);
+    }
 }
 
 /// [`conv2d_forward`] with weights from [`pack_forward_weights`].
@@ -806,6 +856,14 @@ impl BwdLayout {
             len: opg * plane + SLACK,
             phases,
         }
+    }
+
+    /// What identifies this layout's packed buffers for [`scratch::take_keyed`].
+    pub(super) fn key(&self, oh: usize, ow: usize) -> scratch::Key {
+        let planes = (self.len - SLACK) / (self.rows * self.pitch);
+        [
+            2, self.top, self.left, self.pitch, self.rows, self.len, oh, ow, planes, 0,
+        ]
     }
 
     /// Copies one group of one image's output gradient (`opg × oh × ow`) into `buf`.

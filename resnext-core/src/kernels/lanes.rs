@@ -18,7 +18,8 @@
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::direct::{cpu_has_avx512, has_avx512, zeroed, BwdLayout, FwdLayout};
+use super::direct::{cpu_has_avx512, has_avx512, interleave2_add, zeroed, BwdLayout, FwdLayout};
+use super::scratch;
 
 /// `f32` lanes of an AVX-512 vector.
 const LANES: usize = 16;
@@ -34,6 +35,12 @@ const WG_CHUNK_VALUES: usize = 1 << 18;
 /// groups have a multiple of 16 channels on both sides, at most 64, on a CPU with AVX-512
 /// (and [`super::direct::force_portable`] off). A subset of [`super::direct::suits`].
 pub fn suits(g: &Conv2dGeom) -> bool {
+    suits_shape(g) && has_avx512()
+}
+
+/// The shape half of [`suits`]: grouped, kernel larger than 1, 16 to 64 channels per group
+/// on both sides in multiples of 16.
+pub fn suits_shape(g: &Conv2dGeom) -> bool {
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     g.groups > 1
         && g.kernel > 1
@@ -41,63 +48,178 @@ pub fn suits(g: &Conv2dGeom) -> bool {
         && opg.is_multiple_of(LANES)
         && ipg <= 64
         && opg <= 64
-        && has_avx512()
 }
 
-/// The weights of one product `out[q][o] = Σ_t W[o][t] · in[q + off[t]]`, in blocks of up
-/// to 32 outputs (two vectors): block `(o0, width, at)` holds `taps × width` values at `at`,
-/// row `t` being the block's weights for tap `t`.
+/// Whether this CPU can run the kernels here at all (AVX-512F), whatever
+/// [`super::direct::force_portable`] says. Calling them without it panics.
+pub fn available() -> bool {
+    cpu_has_avx512()
+}
+
+/// The weights of one product `out[q][o] = Σ_t W[o][t] · in[q + off[t]]` per group, in
+/// blocks of up to 32 outputs (two vectors): in each group's `outs × taps` values, block
+/// `(o0, width, at)` holds `taps × width` values at `at`, row `t` being the block's weights
+/// for tap `t`.
 #[derive(Clone, Debug)]
 pub struct LaneWeights {
     data: Vec<f32>,
     blocks: Vec<(usize, usize, usize)>,
     taps: usize,
     outs: usize,
+    groups: usize,
 }
 
 impl LaneWeights {
-    /// Packs `outs × taps` weights given by `w(o, t)`; `outs` a multiple of 16.
-    fn new(outs: usize, taps: usize, w: impl Fn(usize, usize) -> f32) -> Self {
-        assert!(outs.is_multiple_of(LANES), "lane weights: outputs");
-        let mut data = vec![0.0f32; outs * taps];
-        let mut blocks = Vec::new();
-        let mut o0 = 0;
-        while o0 < outs {
-            let width = (outs - o0).min(2 * LANES);
-            let at = o0 * taps;
-            for (t, row) in data[at..at + taps * width]
-                .chunks_exact_mut(width)
-                .enumerate()
-            {
-                for (o, d) in row.iter_mut().enumerate() {
-                    *d = w(o0 + o, t);
-                }
+    /// Packs one group's `outs × taps` weights whose tap `t` has the values `row(t)` (`outs`
+    /// of them). Its values go in `data` (cleared first; a buffer to reuse).
+    fn from_tap_rows<'a>(
+        mut data: Vec<f32>,
+        outs: usize,
+        taps: usize,
+        row: impl Fn(usize) -> &'a [f32],
+    ) -> Self {
+        data.clear();
+        data.reserve(outs * taps);
+        let blocks = Self::blocks(outs, taps);
+        for &(o0, width, _) in &blocks {
+            for t in 0..taps {
+                data.extend_from_slice(&row(t)[o0..o0 + width]);
             }
-            blocks.push((o0, width, at));
-            o0 += width;
         }
         Self {
             data,
             blocks,
             taps,
             outs,
+            groups: 1,
         }
+    }
+
+    /// Packs `groups` row-major `outs × taps` matrices `w` (`w[(grp·outs + o)·taps + t]`)
+    /// into `data`, which must hold as many values (any: all are overwritten).
+    fn from_rows(mut data: Vec<f32>, groups: usize, outs: usize, taps: usize, w: &[f32]) -> Self {
+        let len = outs * taps;
+        assert!(
+            w.len() == groups * len && data.len() == w.len(),
+            "lane weights: length"
+        );
+        let blocks = Self::blocks(outs, taps);
+        if len > 0 {
+            data.par_chunks_exact_mut(len)
+                .zip(w.par_chunks_exact(len))
+                .for_each(|(dst, src)| {
+                    for &(o0, width, at) in &blocks {
+                        let (s, d) = (
+                            &src[o0 * taps..][..width * taps],
+                            &mut dst[at..][..width * taps],
+                        );
+                        transpose(s, taps, width, taps, d, width, false);
+                    }
+                });
+        }
+        Self {
+            data,
+            blocks,
+            taps,
+            outs,
+            groups,
+        }
+    }
+
+    /// Group `grp`'s values.
+    fn group(&self, grp: usize) -> &[f32] {
+        &self.data[grp * self.outs * self.taps..][..self.outs * self.taps]
+    }
+
+    /// The buffer the values are in, to reuse.
+    pub fn into_buffer(self) -> Vec<f32> {
+        self.data
+    }
+
+    /// Blocks of 32 outputs, the last 16 where `outs` is an odd multiple of 16.
+    fn blocks(outs: usize, taps: usize) -> Vec<(usize, usize, usize)> {
+        assert!(outs.is_multiple_of(LANES), "lane weights: outputs");
+        (0..outs)
+            .step_by(2 * LANES)
+            .map(|o0| (o0, (outs - o0).min(2 * LANES), o0 * taps))
+            .collect()
     }
 }
 
-/// A grouped convolution's forward weights, one [`LaneWeights`] per group (tap `t` in
-/// PyTorch's `(in channel, ky, kx)` order).
-pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> Vec<LaneWeights> {
+/// A grouped convolution's forward weights (tap `t` in PyTorch's `(in channel, ky, kx)`
+/// order), packed into `buf` (resized; its old contents do not matter).
+pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32], mut buf: Vec<f32>) -> LaneWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    let opg = g.out_per_group();
     let taps = g.in_per_group() * g.kernel * g.kernel;
-    (0..g.groups)
-        .into_par_iter()
-        .map(|grp| {
-            let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
-            LaneWeights::new(opg, taps, |o, t| wg[o * taps + t])
-        })
-        .collect()
+    buf.resize(w.len(), 0.0);
+    LaneWeights::from_rows(buf, g.groups, g.out_per_group(), taps, w)
+}
+
+/// `f32` values per cache line.
+const CACHE_LINE: usize = 16;
+
+/// A hint to bring `v`'s cache line into the L2 cache.
+#[inline]
+fn prefetch_l2(v: &f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch has no architectural effect; `v` is a valid reference anyway.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        _mm_prefetch::<_MM_HINT_T1>((v as *const f32).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// `dst[j·dstride + i] = src[i·sstride + j]` (or `+=` with `add`) for `i < rows`, `j < cols`.
+fn transpose(
+    src: &[f32],
+    sstride: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    dstride: usize,
+    add: bool,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(
+        cols <= sstride && (rows - 1) * sstride + cols <= src.len(),
+        "transpose: source"
+    );
+    assert!(
+        rows <= dstride && (cols - 1) * dstride + rows <= dst.len(),
+        "transpose: destination"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if cpu_has_avx512() {
+        for i0 in (0..rows).step_by(LANES) {
+            for j0 in (0..cols).step_by(LANES) {
+                // SAFETY: AVX-512F is present; the block reads `src[i·sstride + j]` and
+                // writes `dst[j·dstride + i]` for `i < rows`, `j < cols` only, in bounds by
+                // the asserts above.
+                unsafe {
+                    avx512::transpose16(
+                        src.as_ptr().add(i0 * sstride + j0),
+                        sstride,
+                        (rows - i0).min(LANES),
+                        (cols - j0).min(LANES),
+                        dst.as_mut_ptr().add(j0 * dstride + i0),
+                        dstride,
+                        add,
+                    )
+                };
+            }
+        }
+        return;
+    }
+    for i in 0..rows {
+        for j in 0..cols {
+            let d = &mut dst[j * dstride + i];
+            *d = if add { *d } else { 0.0 } + src[i * sstride + j];
+        }
+    }
 }
 
 /// `out[(r·cols + j)·outs + o] = Σ_t W[o][t] · inp[r·pitch + j + offs[t]]` for `r < rows`,
@@ -109,7 +231,9 @@ fn product(
     cols: usize,
     offs: &[usize],
     w: &LaneWeights,
+    grp: usize,
     out: &mut [f32],
+    prefetch: &[f32],
 ) {
     assert_eq!(offs.len(), w.taps, "lanes product: tap count");
     assert!(out.len() >= rows * cols * w.outs, "lanes product: output");
@@ -124,8 +248,14 @@ fn product(
     assert!(cpu_has_avx512(), "lanes product: needs AVX-512");
     // Row chunks as even as possible (a 28-wide row as 14 + 14, not 14 + 14 + 0).
     let chunk = cols.div_ceil(cols.div_ceil(PMAX));
+    // `prefetch` (the next task's input, typically) is pulled into cache a few lines per
+    // tile, so that its memory latency hides behind this product's arithmetic.
+    let tiles = w.blocks.len() * rows * cols.div_ceil(chunk);
+    let lines = prefetch.len().div_ceil(CACHE_LINE);
+    let per_tile = lines.div_ceil(tiles);
+    let mut next_line = 0;
     for &(o0, width, at) in &w.blocks {
-        let wb = &w.data[at..at + w.taps * width];
+        let wb = &w.group(grp)[at..at + w.taps * width];
         for r in 0..rows {
             let mut j = 0;
             while j < cols {
@@ -146,18 +276,12 @@ fn product(
                         w.outs,
                     )
                 };
+                for line in next_line..(next_line + per_tile).min(lines) {
+                    prefetch_l2(&prefetch[line * CACHE_LINE]);
+                }
+                next_line += per_tile;
                 j += p;
             }
-        }
-    }
-}
-
-/// `dst[c·n + q] = src[q·channels + c]`: position-major tiles back to channel planes.
-fn to_planes(src: &[f32], channels: usize, dst: &mut [f32]) {
-    let n = dst.len() / channels;
-    for (c, plane) in dst.chunks_exact_mut(n).enumerate() {
-        for (d, s) in plane.iter_mut().zip(src[c..].iter().step_by(channels)) {
-            *d = *s;
         }
     }
 }
@@ -167,7 +291,7 @@ fn to_planes(src: &[f32], channels: usize, dst: &mut [f32]) {
 pub fn conv2d_forward_packed(
     g: &Conv2dGeom,
     x: &[f32],
-    packed: &[LaneWeights],
+    packed: &LaneWeights,
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
@@ -176,7 +300,7 @@ pub fn conv2d_forward_packed(
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     let taps = ipg * g.kernel * g.kernel;
     assert!(
-        packed.len() == g.groups && packed.iter().all(|p| p.outs == opg && p.taps == taps),
+        packed.groups == g.groups && packed.outs == opg && packed.taps == taps,
         "conv2d: packed weights do not match the geometry"
     );
     let (oh, ow) = (g.out_h(), g.out_w());
@@ -186,17 +310,24 @@ pub fn conv2d_forward_packed(
         return;
     }
     let layout = FwdLayout::new(g);
-    y.par_chunks_mut(out_grp).enumerate().for_each_init(
-        || (Vec::new(), vec![0.0f32; out_grp]),
-        |(buf, tiles), (i, yg)| {
-            let (n, grp) = (i / g.groups, i % g.groups);
-            let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
-            layout.pack(g, xg, buf);
-            product(buf, layout.pitch, oh, ow, &layout.offs, &packed[grp], tiles);
-            to_planes(tiles, opg, yg);
-            epilogue(n, grp * opg, yg);
-        },
-    );
+    y.par_chunks_mut(out_grp).enumerate().for_each(|(i, yg)| {
+        let (n, grp) = (i / g.groups, i % g.groups);
+        let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
+        // keyed by the layout, so its zero padding is written once per thread
+        let key = layout.key(g, 1);
+        let mut buf = scratch::take_keyed(&key);
+        let [mut tiles] = scratch::take();
+        layout.pack(g, xg, &mut buf);
+        tiles.resize(out_grp, 0.0);
+        // the next (image, group)'s input follows this one's
+        let next = x.get((i + 1) * in_grp..(i + 2) * in_grp).unwrap_or(&[]);
+        let (offs, w) = (&layout.offs, packed);
+        product(&buf, layout.pitch, oh, ow, offs, w, grp, &mut tiles, next);
+        transpose(&tiles, opg, oh * ow, opg, yg, oh * ow, false);
+        scratch::give_keyed(key, buf);
+        scratch::give([tiles]);
+        epilogue(n, grp * opg, yg);
+    });
 }
 
 /// Backward: adds the input gradient into `dx` (when given) and the weight gradient into
@@ -235,8 +366,11 @@ pub fn conv2d_backward(
             let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
             // Weight gradient over chunks of images: their packed inputs side by side, the
             // output gradient position-major.
-            let (mut xbuf, mut dyt) = (Vec::new(), Vec::new());
-            let mut sums = vec![0.0f32; opg * taps];
+            let xkey = fwd.key(g, chunk);
+            let dykey = bwd.key(oh, ow);
+            let (mut xbuf, mut dypad) = (scratch::take_keyed(&xkey), scratch::take_keyed(&dykey));
+            let [mut dyt, mut sums, mut wk, mut tiles, mut planes] = scratch::take();
+            sums.resize(opg * taps, 0.0);
             for n0 in (0..g.batch).step_by(chunk) {
                 let b = chunk.min(g.batch - n0);
                 zeroed(&mut xbuf, b * fwd.len);
@@ -247,58 +381,104 @@ pub fn conv2d_backward(
                     fwd.pack_strided(g, xn, &mut xbuf[j * fwd.len..], 0, fwd.rows * fwd.pitch);
                     let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
                     let dst = &mut dyt[j * out_grp..(j + 1) * out_grp];
-                    for (o, plane) in dyn_.chunks_exact(oh * ow).enumerate() {
-                        for (d, &v) in dst[o..].iter_mut().step_by(opg).zip(plane) {
-                            *d = v;
-                        }
-                    }
+                    transpose(dyn_, oh * ow, opg, oh * ow, dst, opg, false);
                 }
                 weight_grad(&xbuf, &fwd, b, oh, ow, &dyt, opg, &mut sums);
             }
-            for (o, row) in dwg.chunks_exact_mut(taps).enumerate() {
-                for (t, d) in row.iter_mut().enumerate() {
-                    *d += sums[t * opg + o];
-                }
-            }
+            transpose(&sums, opg, taps, opg, dwg, taps, true);
+            let give_back = |xbuf, dypad, bufs| {
+                scratch::give_keyed(xkey, xbuf);
+                scratch::give_keyed(dykey, dypad);
+                scratch::give(bufs);
+            };
             if dxg.is_empty() {
+                give_back(xbuf, dypad, [dyt, sums, wk, tiles, planes]);
                 return;
             }
             // Input gradient, one stride phase at a time: outputs are this group's input
             // channels, taps the (output channel, ky, kx) that reach the phase.
+            // wk[(o·k² + kk)·ipg + c] = wg[(o·ipg + c)·k² + kk]: each tap's row of lanes
+            // contiguous.
+            let kk = k * k;
+            wk.resize(opg * kk * ipg, 0.0);
+            for (src, dst) in wg.chunks_exact(ipg * kk).zip(wk.chunks_exact_mut(kk * ipg)) {
+                transpose(src, kk, ipg, kk, dst, ipg, false);
+            }
             let phase_w: Vec<LaneWeights> = bwd
                 .phases
                 .iter()
                 .map(|ph| {
-                    LaneWeights::new(ipg, ph.taps.len(), |c, t| {
+                    let [buf] = scratch::take();
+                    LaneWeights::from_tap_rows(buf, ipg, ph.taps.len(), |t| {
                         let (o, ky, kx) = ph.taps[t];
-                        wg[((o * ipg + c) * k + ky) * k + kx]
+                        &wk[(o * kk + ky * k + kx) * ipg..][..ipg]
                     })
                 })
                 .collect();
-            let (mut dypad, mut tiles) = (Vec::new(), Vec::new());
-            let (s, iw) = (g.stride, g.in_w);
+            let (s, ih, iw) = (g.stride, g.in_h, g.in_w);
+            let sw = s.min(iw);
+            // where each phase's planes start in `planes`
+            let mut at = vec![0];
+            for ph in &bwd.phases {
+                at.push(at[at.len() - 1] + ph.hi * ph.wj * ipg);
+            }
             for (n, dxn) in dxg.iter_mut().enumerate() {
                 let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
                 bwd.pack(oh, ow, dyn_, &mut dypad);
+                if s == 1 {
+                    // one phase, whose grid is the input's: transposed straight into dx
+                    let (ph, pw) = (&bwd.phases[0], &phase_w[0]);
+                    tiles.resize(ih * iw * ipg, 0.0);
+                    product(&dypad, bwd.pitch, ih, iw, &ph.offs, pw, 0, &mut tiles, &[]);
+                    transpose(&tiles, ipg, ih * iw, ipg, dxn, ih * iw, true);
+                    continue;
+                }
+                // each phase's planes, then interleaved into dx row by row
+                planes.resize(at[bwd.phases.len()], 0.0);
                 for (idx, (ph, pw)) in bwd.phases.iter().zip(&phase_w).enumerate() {
+                    let cells = ph.hi * ph.wj;
+                    let plane = &mut planes[at[idx]..at[idx + 1]];
                     if ph.taps.is_empty() {
+                        plane.fill(0.0);
                         continue;
                     }
-                    let (a, bcol) = (idx / s.min(iw), idx % s.min(iw));
-                    tiles.resize(ph.hi * ph.wj * ipg, 0.0);
-                    product(&dypad, bwd.pitch, ph.hi, ph.wj, &ph.offs, pw, &mut tiles);
-                    let hw = g.in_h * iw;
-                    for (i, trow) in tiles.chunks_exact(ph.wj * ipg).enumerate() {
-                        let row0 = (s * i + a) * iw + bcol;
-                        for (j, v) in trow.chunks_exact(ipg).enumerate() {
-                            let at = row0 + s * j;
-                            for (c, &v) in v.iter().enumerate() {
-                                dxn[c * hw + at] += v;
+                    tiles.resize(cells * ipg, 0.0);
+                    product(
+                        &dypad,
+                        bwd.pitch,
+                        ph.hi,
+                        ph.wj,
+                        &ph.offs,
+                        pw,
+                        0,
+                        &mut tiles,
+                        &[],
+                    );
+                    transpose(&tiles, ipg, cells, ipg, plane, cells, false);
+                }
+                for (c, dxc) in dxn.chunks_exact_mut(ih * iw).enumerate() {
+                    for (iy, dst) in dxc.chunks_exact_mut(iw).enumerate() {
+                        let (a, i) = (iy % s, iy / s);
+                        let row = |b: usize| {
+                            let ph = &bwd.phases[a * sw + b];
+                            &planes[at[a * sw + b] + (c * ph.hi + i) * ph.wj..][..ph.wj]
+                        };
+                        if s == 2 && iw >= 2 {
+                            interleave2_add(dst, row(0), row(1));
+                        } else {
+                            for b in 0..sw {
+                                for (d, v) in dst.iter_mut().skip(b).step_by(s).zip(row(b)) {
+                                    *d += v;
+                                }
                             }
                         }
                     }
                 }
             }
+            for pw in phase_w {
+                scratch::give([pw.data]);
+            }
+            give_back(xbuf, dypad, [dyt, sums, wk, tiles, planes]);
         });
 }
 
@@ -429,6 +609,80 @@ mod avx512 {
         for (i, acc_i) in acc.iter().enumerate() {
             for (v, &a) in acc_i.iter().enumerate() {
                 _mm512_storeu_ps(out.add(i * ostride + v * LANES), a);
+            }
+        }
+    }
+
+    /// The mask of the first `n ≤ 16` lanes.
+    #[inline]
+    fn head(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// `dst[j·dstride + i] (+)= src[i·sstride + j]` for `i < rows ≤ 16`, `j < cols ≤ 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(
+        src: *const f32,
+        sstride: usize,
+        rows: usize,
+        cols: usize,
+        dst: *mut f32,
+        dstride: usize,
+        add: bool,
+    ) {
+        let (cm, rm) = (head(cols), head(rows));
+        // Constant trip counts and indices throughout, so that the compiler unrolls every
+        // loop and keeps the arrays in registers.
+        let mut r = [_mm512_setzero_ps(); 16];
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..16 {
+            if i < rows {
+                r[i] = _mm512_maskz_loadu_ps(cm, src.add(i * sstride));
+            }
+        }
+        // pairs of rows interleaved within 128-bit lanes: a0 b0 a1 b1 | a2 b2 a3 b3
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // quads: u[4k + m] holds, in 128-bit lane l, column 4l + m of rows 4k..4k + 4
+        let mut u = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let pd = |v: __m512| _mm512_castps_pd(v);
+            let (a, b, c, d) = (
+                pd(t[4 * k]),
+                pd(t[4 * k + 1]),
+                pd(t[4 * k + 2]),
+                pd(t[4 * k + 3]),
+            );
+            u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+            u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+            u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+            u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+        }
+        // gather lane l of u[m], u[4 + m], u[8 + m], u[12 + m] into output row 4l + m
+        let mut out = [_mm512_setzero_ps(); 16];
+        for m in 0..4 {
+            let v1 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[m], u[4 + m]);
+            let v2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[8 + m], u[12 + m]);
+            let w1 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[m], u[4 + m]);
+            let w2 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[8 + m], u[12 + m]);
+            out[m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(v1, v2);
+            out[8 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(v1, v2);
+            out[4 + m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(w1, w2);
+            out[12 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(w1, w2);
+        }
+        #[allow(clippy::needless_range_loop)]
+        for j in 0..16 {
+            if j < cols {
+                let p = dst.add(j * dstride);
+                let v = if add {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(rm, p), out[j])
+                } else {
+                    out[j]
+                };
+                _mm512_mask_storeu_ps(p, rm, v);
             }
         }
     }

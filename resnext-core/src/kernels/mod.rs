@@ -13,3 +13,4 @@ pub mod elementwise;
 pub mod gemm;
 pub mod lanes;
 pub mod pool;
+pub mod scratch;
