@@ -8,19 +8,7 @@ use resnext_core::kernels::conv::{self, Conv2dGeom};
 use resnext_core::kernels::pool::{self, PoolGeom};
 use resnext_core::ops::{self, Act, BnConfig, ConvConfig};
 
-use crate::common::rel_err;
-
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use crate::common::{rel_err, values};
 
 fn conv_geom() -> impl Strategy<Value = Conv2dGeom> {
     (
@@ -74,39 +62,6 @@ proptest! {
     }
 
     #[test]
-    fn direct_grouped_conv_matches_reference(
-        (batch, groups, ipg) in (1usize..3, 2usize..4, 1usize..19),
-        // up to 64 output channels per group, several 8-channel register blocks
-        opg in prop_oneof![1usize..19, prop::sample::select(vec![16usize, 32, 48, 64])],
-        (h, w, kernel, stride, padding) in (1usize..21, 1usize..21, 2usize..6, 1usize..4, 0usize..3),
-        portable in any::<bool>(),
-        seed in any::<u64>(),
-    ) {
-        // Channel counts past the kernel's 8-channel blocks and grids past several vectors.
-        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel, stride, padding, groups };
-        prop_assume!(g.validate().is_ok());
-        prop_assert!(conv::direct::suits(&g));
-        let x = values(seed, g.input_len());
-        let wt = values(seed ^ 1, g.weight_len());
-        let dy = values(seed ^ 2, g.output_len());
-        let mut y_ref = vec![0.0; g.output_len()];
-        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
-        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
-        conv::conv2d_backward_ref(&g, &x, &wt, &dy, &mut dx_ref, &mut dw_ref);
-        conv::direct::force_portable(portable);
-        let mut y = vec![0.0; g.output_len()];
-        conv::direct::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
-        // Accumulates into what is there, like every backward kernel.
-        let (mut dx, mut dw) = (vec![1.0; x.len()], vec![1.0; wt.len()]);
-        conv::direct::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
-        conv::direct::force_portable(false);
-        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
-        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
-        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx");
-        prop_assert!(rel_err(&minus_one(dw), &dw_ref) <= 1e-5, "dw");
-    }
-
-    #[test]
     fn lanes_grouped_conv_matches_reference(
         (batch, groups) in (1usize..4, 2usize..4),
         // 16 to 64 channels per group: one and two vectors of lanes, and 48 = 32 + 16
@@ -142,32 +97,6 @@ proptest! {
         let mut dw_only = vec![0.0; wt.len()];
         conv::lanes::conv2d_backward(&g, &x, &wt, &dy, None, &mut dw_only);
         prop_assert!(rel_err(&dw_only, &dw_ref) <= 1e-5, "dw without dx");
-    }
-
-    #[test]
-    fn direct_forward_of_a_stem_conv_matches_reference(
-        (batch, cin, cout) in (1usize..3, 1usize..5, prop_oneof![1usize..19, Just(64usize)]),
-        (h, w, kernel, stride, padding) in (5usize..30, 5usize..30, 5usize..8, 1usize..4, 0usize..4),
-        portable in any::<bool>(),
-        seed in any::<u64>(),
-    ) {
-        // A dense convolution with an RGB-like input and a large kernel (ResNeXt's 7×7
-        // stride-2 stem) takes the direct forward kernel.
-        let g = Conv2dGeom { batch, in_channels: cin, out_channels: cout, in_h: h, in_w: w, kernel, stride, padding, groups: 1 };
-        prop_assume!(g.validate().is_ok());
-        let x = values(seed, g.input_len());
-        let wt = values(seed ^ 1, g.weight_len());
-        let mut y_ref = vec![0.0; g.output_len()];
-        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
-        conv::direct::force_portable(portable);
-        let mut y = vec![0.0; g.output_len()];
-        conv::direct::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
-        // and through the dispatcher, which picks it when the batch fills the threads
-        let mut y_dispatched = vec![0.0; g.output_len()];
-        conv::conv2d_forward(&g, &x, &wt, &mut y_dispatched);
-        conv::direct::force_portable(false);
-        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
-        prop_assert!(rel_err(&y_dispatched, &y_ref) <= 1e-5, "y (dispatched)");
     }
 
     #[test]

@@ -104,6 +104,28 @@ fn copy(dst: &mut [f32], src: &[f32]) {
     dst.copy_from_slice(src);
 }
 
+/// Row `r` of `src` (rows of `w` values) to `dst[r·pitch..][..w]`.
+fn copy_rows(src: &[f32], w: usize, dst: &mut [f32], pitch: usize) {
+    let rows = src.len() / w.max(1);
+    if rows == 0 {
+        return;
+    }
+    assert!(
+        w <= pitch && (rows - 1) * pitch + w <= dst.len(),
+        "copy_rows: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; reads `src[..rows·w]`, writes `dst[r·pitch..][..w]`
+        // for `r < rows`, in bounds by the assert above.
+        unsafe { avx512::copy_rows(src.as_ptr(), w, rows, dst.as_mut_ptr(), pitch) };
+        return;
+    }
+    for (r, row) in src.chunks_exact(w).enumerate() {
+        dst[r * pitch..r * pitch + w].copy_from_slice(row);
+    }
+}
+
 /// `dst += src`.
 fn add(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "add: lengths");
@@ -293,6 +315,28 @@ mod avx512 {
         if i < len {
             let m = head(len - i);
             _mm512_mask_storeu_ps(dst.add(i), m, _mm512_maskz_loadu_ps(m, src.add(i)));
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn copy_rows(
+        src: *const f32,
+        w: usize,
+        rows: usize,
+        dst: *mut f32,
+        pitch: usize,
+    ) {
+        let tail = head(w % LANES);
+        for r in 0..rows {
+            let (s, d) = (src.add(r * w), dst.add(r * pitch));
+            let mut i = 0;
+            while i + LANES <= w {
+                _mm512_storeu_ps(d.add(i), _mm512_loadu_ps(s.add(i)));
+                i += LANES;
+            }
+            if i < w {
+                _mm512_mask_storeu_ps(d.add(i), tail, _mm512_maskz_loadu_ps(tail, s.add(i)));
+            }
         }
     }
 
@@ -615,6 +659,14 @@ impl FwdLayout {
         plane: usize,
     ) {
         let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
+        if s == 1 {
+            // every row of every channel shifted by the padding: one call per channel
+            for (c, xc) in x.chunks_exact(h * w).enumerate() {
+                let at = start + c * plane + p * self.pitch + p;
+                copy_rows(xc, w, &mut buf[at..], self.pitch);
+            }
+            return;
+        }
         for (c, xc) in x.chunks_exact(h * w).enumerate() {
             for (iy, src) in xc.chunks_exact(w).enumerate() {
                 let py = iy + p;
@@ -744,22 +796,26 @@ pub fn conv2d_forward_packed(
         return;
     }
     let layout = FwdLayout::new(g);
-    y.par_chunks_mut(out_grp).enumerate().for_each_init(
-        || (Vec::new(), vec![0.0f32; opg * layout.qpad]),
-        |(buf, grid), (i, yg)| {
-            let (n, grp) = (i / g.groups, i % g.groups);
-            let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
-            layout.pack(g, xg, buf);
-            taps_product(buf, &layout.offs, &packed[grp], layout.qpad, grid);
-            for (o, yo) in yg.chunks_exact_mut(oh * ow).enumerate() {
-                let src = &grid[o * layout.qpad..];
-                for (oy, dst) in yo.chunks_exact_mut(ow).enumerate() {
-                    copy(dst, &src[oy * layout.pitch..oy * layout.pitch + ow]);
-                }
+    let key = layout.key(g, 1);
+    y.par_chunks_mut(out_grp).enumerate().for_each(|(i, yg)| {
+        let (n, grp) = (i / g.groups, i % g.groups);
+        let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
+        // pooled per thread (see `scratch`); the packed input keyed by its layout
+        let mut buf = scratch::take_keyed(&key);
+        let [mut grid] = scratch::take();
+        grid.resize(opg * layout.qpad, 0.0);
+        layout.pack(g, xg, &mut buf);
+        taps_product(&buf, &layout.offs, &packed[grp], layout.qpad, &mut grid);
+        for (o, yo) in yg.chunks_exact_mut(oh * ow).enumerate() {
+            let src = &grid[o * layout.qpad..];
+            for (oy, dst) in yo.chunks_exact_mut(ow).enumerate() {
+                copy(dst, &src[oy * layout.pitch..oy * layout.pitch + ow]);
             }
-            epilogue(n, grp * opg, yg);
-        },
-    );
+        }
+        scratch::give_keyed(key, buf);
+        scratch::give([grid]);
+        epilogue(n, grp * opg, yg);
+    });
 }
 
 /// One stride phase `(a, b)` of the input gradient (input rows `s·i + a`, columns
@@ -926,8 +982,12 @@ pub fn conv2d_backward(
                     })
                 })
                 .collect();
-            let (mut xbuf, mut dybuf, mut dypad) = (Vec::new(), Vec::new(), Vec::new());
-            let mut grids: Vec<Vec<f32>> = Vec::new();
+            // pooled per thread (see `scratch`); zero-padded ones keyed by their layout
+            let chunk_key = |tag: usize, chunk: usize| {
+                let mut k = fwd.key(g, chunk);
+                k[0] = tag;
+                k
+            };
             // Weight gradient, several images per product: their planes interleave (plane
             // stride B · plane), so one grid runs over all of them and each weight's sum is
             // reduced across lanes once per chunk rather than once per small image.
@@ -938,6 +998,12 @@ pub fn conv2d_backward(
             } else {
                 (WG_CHUNK_VALUES / per_image.max(1)).clamp(1, g.batch)
             };
+            let (xkey, dykey, padkey) = (chunk_key(3, chunk), chunk_key(4, chunk), bwd.key(oh, ow));
+            let (mut xbuf, mut dybuf) = (scratch::take_keyed(&xkey), scratch::take_keyed(&dykey));
+            let mut dypad = scratch::take_keyed(&padkey);
+            let mut grids: Vec<Vec<f32>> = (0..bwd.phases.len())
+                .map(|_| scratch::take::<1>().into_iter().next().unwrap_or_default())
+                .collect();
             for n0 in (0..g.batch).step_by(chunk) {
                 let b = chunk.min(g.batch - n0);
                 let stride = b * plane;
@@ -974,7 +1040,6 @@ pub fn conv2d_backward(
                 // Input gradient, one stride phase at a time.
                 let Some(dxn) = dxg.get_mut(n) else { continue };
                 bwd.pack(oh, ow, dyn_, &mut dypad);
-                grids.resize_with(bwd.phases.len(), Vec::new);
                 for ((ph, pw), grid) in bwd.phases.iter().zip(&phase_w).zip(grids.iter_mut()) {
                     if !ph.taps.is_empty() {
                         zeroed(grid, ipg * ph.qpad);
@@ -1018,6 +1083,12 @@ pub fn conv2d_backward(
                         }
                     }
                 }
+            }
+            scratch::give_keyed(xkey, xbuf);
+            scratch::give_keyed(dykey, dybuf);
+            scratch::give_keyed(padkey, dypad);
+            for grid in grids {
+                scratch::give([grid]);
             }
         });
 }

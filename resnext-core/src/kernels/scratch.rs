@@ -104,3 +104,29 @@ fn put(key: Option<Key>, v: Vec<f32>) {
         p.push((key, v));
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyed_buffers_come_back_intact_and_only_under_their_key() {
+        let (a, b) = ([7; 10], [8; 10]);
+        give_keyed(a, vec![1.0, 2.0, 3.0]);
+        give_keyed(b, vec![4.0]);
+        assert_eq!(take_keyed(&b), vec![4.0]);
+        assert_eq!(take_keyed(&a), vec![1.0, 2.0, 3.0]);
+        assert_eq!(take_keyed(&a), Vec::<f32>::new(), "taken once");
+        // another key may reuse the memory, but never sees the contents
+        give_keyed(a, vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            take_keyed(&[9; 10]),
+            Vec::<f32>::new(),
+            "unknown key: empty"
+        );
+        let [v] = take();
+        assert!(v.is_empty(), "plain buffers come back cleared");
+        let s = take_stale(5);
+        assert_eq!(s.len(), 5);
+    }
+}
