@@ -160,16 +160,23 @@ const CACHE_LINE: usize = 16;
 
 /// A hint to bring `v`'s cache line into the L2 cache.
 #[inline]
-fn prefetch_l2(v: &f32) {
+fn prefetch_l2(v: *const f32) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch has no architectural effect; `v` is a valid reference anyway.
+    // SAFETY: a prefetch is a hint, not an access: it has no architectural effect and
+    // cannot fault, whatever the address.
     unsafe {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        _mm_prefetch::<_MM_HINT_T1>((v as *const f32).cast());
+        _mm_prefetch::<_MM_HINT_T1>(v.cast());
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = v;
 }
+
+/// Memory to pull into cache while a product runs: `(first value, values)` ranges.
+type Prefetch = [(*const f32, usize); 2];
+
+/// No prefetching.
+const NO_PREFETCH: Prefetch = [(std::ptr::null(), 0); 2];
 
 /// `dst[j·dstride + i] = src[i·sstride + j]` (or `+=` with `add`) for `i < rows`, `j < cols`.
 fn transpose(
@@ -233,7 +240,7 @@ fn product(
     w: &LaneWeights,
     grp: usize,
     out: &mut [f32],
-    prefetch: &[f32],
+    prefetch: Prefetch,
 ) {
     assert_eq!(offs.len(), w.taps, "lanes product: tap count");
     assert!(out.len() >= rows * cols * w.outs, "lanes product: output");
@@ -248,10 +255,20 @@ fn product(
     assert!(cpu_has_avx512(), "lanes product: needs AVX-512");
     // Row chunks as even as possible (a 28-wide row as 14 + 14, not 14 + 14 + 0).
     let chunk = cols.div_ceil(cols.div_ceil(PMAX));
-    // `prefetch` (the next task's input, typically) is pulled into cache a few lines per
-    // tile, so that its memory latency hides behind this product's arithmetic.
+    // `prefetch` (the next task's input and output, typically) is pulled into cache a few
+    // lines per tile, so that its memory latency hides behind this product's arithmetic.
     let tiles = w.blocks.len() * rows * cols.div_ceil(chunk);
-    let lines = prefetch.len().div_ceil(CACHE_LINE);
+    let line_at = |l: usize| {
+        let (first, len) = (prefetch[0].1.div_ceil(CACHE_LINE), prefetch[1].1);
+        if l < first {
+            prefetch[0].0.wrapping_add(l * CACHE_LINE)
+        } else {
+            prefetch[1]
+                .0
+                .wrapping_add(((l - first) * CACHE_LINE).min(len))
+        }
+    };
+    let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
     let per_tile = lines.div_ceil(tiles);
     let mut next_line = 0;
     for &(o0, width, at) in &w.blocks {
@@ -277,7 +294,7 @@ fn product(
                     )
                 };
                 for line in next_line..(next_line + per_tile).min(lines) {
-                    prefetch_l2(&prefetch[line * CACHE_LINE]);
+                    prefetch_l2(line_at(line));
                 }
                 next_line += per_tile;
                 j += p;
@@ -310,6 +327,8 @@ pub fn conv2d_forward_packed(
         return;
     }
     let layout = FwdLayout::new(g);
+    // (an address only: prefetched, never read through)
+    let y_at = y.as_ptr() as usize;
     y.par_chunks_mut(out_grp).enumerate().for_each(|(i, yg)| {
         let (n, grp) = (i / g.groups, i % g.groups);
         let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
@@ -320,7 +339,14 @@ pub fn conv2d_forward_packed(
         layout.pack(g, xg, &mut buf);
         tiles.resize(out_grp, 0.0);
         // the next (image, group)'s input follows this one's
-        let next = x.get((i + 1) * in_grp..(i + 2) * in_grp).unwrap_or(&[]);
+        let next = if i + 1 < g.batch * g.groups {
+            // the next task's output too: it is written after the product, and its
+            // first write would otherwise wait for its cache lines
+            let y_next = (y_at as *const f32).wrapping_add((i + 1) * out_grp);
+            [(x[(i + 1) * in_grp..].as_ptr(), in_grp), (y_next, out_grp)]
+        } else {
+            NO_PREFETCH
+        };
         let (offs, w) = (&layout.offs, packed);
         product(&buf, layout.pitch, oh, ow, offs, w, grp, &mut tiles, next);
         transpose(&tiles, opg, oh * ow, opg, yg, oh * ow, false);
@@ -429,7 +455,17 @@ pub fn conv2d_backward(
                     // one phase, whose grid is the input's: transposed straight into dx
                     let (ph, pw) = (&bwd.phases[0], &phase_w[0]);
                     tiles.resize(ih * iw * ipg, 0.0);
-                    product(&dypad, bwd.pitch, ih, iw, &ph.offs, pw, 0, &mut tiles, &[]);
+                    product(
+                        &dypad,
+                        bwd.pitch,
+                        ih,
+                        iw,
+                        &ph.offs,
+                        pw,
+                        0,
+                        &mut tiles,
+                        NO_PREFETCH,
+                    );
                     transpose(&tiles, ipg, ih * iw, ipg, dxn, ih * iw, true);
                     continue;
                 }
@@ -452,7 +488,7 @@ pub fn conv2d_backward(
                         pw,
                         0,
                         &mut tiles,
-                        &[],
+                        NO_PREFETCH,
                     );
                     transpose(&tiles, ipg, cells, ipg, plane, cells, false);
                 }
@@ -637,7 +673,11 @@ mod avx512 {
         #[allow(clippy::needless_range_loop)]
         for i in 0..16 {
             if i < rows {
-                r[i] = _mm512_maskz_loadu_ps(cm, src.add(i * sstride));
+                r[i] = if cols == 16 {
+                    _mm512_loadu_ps(src.add(i * sstride))
+                } else {
+                    _mm512_maskz_loadu_ps(cm, src.add(i * sstride))
+                };
             }
         }
         // pairs of rows interleaved within 128-bit lanes: a0 b0 a1 b1 | a2 b2 a3 b3
@@ -677,12 +717,22 @@ mod avx512 {
         for j in 0..16 {
             if j < cols {
                 let p = dst.add(j * dstride);
-                let v = if add {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(rm, p), out[j])
+                // plain stores for whole rows: masked ones cost more on some CPUs (Zen 4)
+                if rows == 16 {
+                    let v = if add {
+                        _mm512_add_ps(_mm512_loadu_ps(p), out[j])
+                    } else {
+                        out[j]
+                    };
+                    _mm512_storeu_ps(p, v);
                 } else {
-                    out[j]
-                };
-                _mm512_mask_storeu_ps(p, rm, v);
+                    let v = if add {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(rm, p), out[j])
+                    } else {
+                        out[j]
+                    };
+                    _mm512_mask_storeu_ps(p, rm, v);
+                }
             }
         }
     }
