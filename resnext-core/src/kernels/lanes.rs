@@ -258,16 +258,6 @@ fn product(
     // `prefetch` (the next task's input and output, typically) is pulled into cache a few
     // lines per tile, so that its memory latency hides behind this product's arithmetic.
     let tiles = w.blocks.len() * rows * cols.div_ceil(chunk);
-    let line_at = |l: usize| {
-        let (first, len) = (prefetch[0].1.div_ceil(CACHE_LINE), prefetch[1].1);
-        if l < first {
-            prefetch[0].0.wrapping_add(l * CACHE_LINE)
-        } else {
-            prefetch[1]
-                .0
-                .wrapping_add(((l - first) * CACHE_LINE).min(len))
-        }
-    };
     let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
     let per_tile = lines.div_ceil(tiles);
     let mut next_line = 0;
@@ -294,12 +284,90 @@ fn product(
                     )
                 };
                 for line in next_line..(next_line + per_tile).min(lines) {
-                    prefetch_l2(line_at(line));
+                    prefetch_l2(prefetch_line(&prefetch, line));
                 }
                 next_line += per_tile;
                 j += p;
             }
         }
+    }
+}
+
+/// Widest output rows [`product_planes`] takes: two of them fill a 14-position tile.
+const PLANES_MAX_COLS: usize = PMAX / 2;
+
+/// [`product`] for rows of at most [`PLANES_MAX_COLS`] positions, written as channel planes
+/// (`out[o·rows·cols + r·cols + j]`) straight from the registers: a tile is two whole rows,
+/// so its positions are contiguous in every plane, and the transpose from channels-in-lanes
+/// happens in registers instead of through a buffer.
+fn product_planes(
+    inp: &[f32],
+    pitch: usize,
+    rows: usize,
+    cols: usize,
+    offs: &[usize],
+    w: &LaneWeights,
+    grp: usize,
+    out: &mut [f32],
+    prefetch: Prefetch,
+) {
+    assert_eq!(offs.len(), w.taps, "lanes product: tap count");
+    assert!(
+        cols <= PLANES_MAX_COLS,
+        "lanes product: rows too wide for planes"
+    );
+    let plane = rows * cols;
+    assert!(out.len() >= plane * w.outs, "lanes product: output");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let max_off = offs.iter().copied().max().unwrap_or(0);
+    assert!(
+        (rows - 1) * pitch + cols + max_off <= inp.len(),
+        "lanes product: input"
+    );
+    assert!(cpu_has_avx512(), "lanes product: needs AVX-512");
+    let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
+    let per_tile = lines.div_ceil(w.blocks.len() * rows.div_ceil(2));
+    let mut next_line = 0;
+    for &(o0, width, at) in &w.blocks {
+        let wb = &w.group(grp)[at..at + w.taps * width];
+        for r0 in (0..rows).step_by(2) {
+            let r = (rows - r0).min(2);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F is present (asserted); the tile reads
+            // `inp[(r0 + i)·pitch + j + off]` for `i < r`, `j < cols`, below `inp.len()` by
+            // the assert above, `wb` in full, and writes `out[(o0 + c)·plane + r0·cols + k]`
+            // for `c < width`, `k < r·cols`, inside `plane · outs`.
+            unsafe {
+                avx512::tile_planes(
+                    inp.as_ptr().add(r0 * pitch),
+                    pitch,
+                    offs,
+                    wb.as_ptr(),
+                    width,
+                    (cols, r),
+                    out.as_mut_ptr().add(o0 * plane + r0 * cols),
+                    plane,
+                )
+            };
+            for line in next_line..(next_line + per_tile).min(lines) {
+                prefetch_l2(prefetch_line(&prefetch, line));
+            }
+            next_line += per_tile;
+        }
+    }
+}
+
+/// Line `l` of the ranges in `prefetch`, counted through both.
+fn prefetch_line(prefetch: &Prefetch, l: usize) -> *const f32 {
+    let first = prefetch[0].1.div_ceil(CACHE_LINE);
+    if l < first {
+        prefetch[0].0.wrapping_add(l * CACHE_LINE)
+    } else {
+        prefetch[1]
+            .0
+            .wrapping_add(((l - first) * CACHE_LINE).min(prefetch[1].1))
     }
 }
 
@@ -337,7 +405,6 @@ pub fn conv2d_forward_packed(
         let mut buf = scratch::take_keyed(&key);
         let [mut tiles] = scratch::take();
         layout.pack(g, xg, &mut buf);
-        tiles.resize(out_grp, 0.0);
         // the next (image, group)'s input follows this one's
         let next = if i + 1 < g.batch * g.groups {
             // the next task's output too: it is written after the product, and its
@@ -348,8 +415,13 @@ pub fn conv2d_forward_packed(
             NO_PREFETCH
         };
         let (offs, w) = (&layout.offs, packed);
-        product(&buf, layout.pitch, oh, ow, offs, w, grp, &mut tiles, next);
-        transpose(&tiles, opg, oh * ow, opg, yg, oh * ow, false);
+        if ow <= PLANES_MAX_COLS {
+            product_planes(&buf, layout.pitch, oh, ow, offs, w, grp, yg, next);
+        } else {
+            tiles.resize(out_grp, 0.0);
+            product(&buf, layout.pitch, oh, ow, offs, w, grp, &mut tiles, next);
+            transpose(&tiles, opg, oh * ow, opg, yg, oh * ow, false);
+        }
         scratch::give_keyed(key, buf);
         scratch::give([tiles]);
         epilogue(n, grp * opg, yg);
@@ -655,6 +727,121 @@ mod avx512 {
         ((1u32 << n) - 1) as __mmask16
     }
 
+    /// The transpose of the 16×16 matrix whose rows are `r`: row `j` of the result holds
+    /// lane `j` of every `r[i]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transpose_regs(r: &[__m512; 16]) -> [__m512; 16] {
+        // pairs of rows interleaved within 128-bit lanes: a0 b0 a1 b1 | a2 b2 a3 b3
+        let mut t = [_mm512_setzero_pd(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_castps_pd(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]));
+            t[2 * i + 1] = _mm512_castps_pd(_mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+        }
+        // quads: u[4k + m] holds, in 128-bit lane l, column 4l + m of rows 4k..4k + 4
+        let mut u = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let (a, b, c, d) = (t[4 * k], t[4 * k + 1], t[4 * k + 2], t[4 * k + 3]);
+            u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+            u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+            u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+            u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+        }
+        // gather lane l of u[m], u[4 + m], u[8 + m], u[12 + m] into output row 4l + m
+        let mut out = [_mm512_setzero_ps(); 16];
+        for m in 0..4 {
+            let v1 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[m], u[4 + m]);
+            let v2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[8 + m], u[12 + m]);
+            let w1 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[m], u[4 + m]);
+            let w2 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[8 + m], u[12 + m]);
+            out[m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(v1, v2);
+            out[8 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(v1, v2);
+            out[4 + m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(w1, w2);
+            out[12 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(w1, w2);
+        }
+        out
+    }
+
+    /// `R ≤ 2` whole output rows of `P ≤ 7` positions × `OV` vectors of channels (see
+    /// [`super::product_planes`]), transposed in registers and stored as channel planes:
+    /// `out[c·plane + r·P + j]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn run_planes<const P: usize, const R: usize, const OV: usize>(
+        x: *const f32,
+        pitch: usize,
+        offs: &[usize],
+        w: *const f32,
+        out: *mut f32,
+        plane: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); OV]; 14];
+        for (t, &off) in offs.iter().enumerate() {
+            let xp = x.add(off);
+            let wt = w.add(t * OV * LANES);
+            let mut wv = [_mm512_setzero_ps(); OV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_ps(wt.add(v * LANES));
+            }
+            for r in 0..R {
+                let xr = xp.add(r * pitch);
+                for j in 0..P {
+                    let xv = _mm512_set1_ps(*xr.add(j));
+                    for (a, &wv) in acc[r * P + j].iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(wv, xv, *a);
+                    }
+                }
+            }
+        }
+        let m = head(R * P);
+        // (`v` picks the same vector out of every position's accumulators)
+        #[allow(clippy::needless_range_loop)]
+        for v in 0..OV {
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for i in 0..R * P {
+                rows[i] = acc[i][v];
+            }
+            let planes = transpose_regs(&rows);
+            for (c, &pv) in planes.iter().enumerate() {
+                _mm512_mask_storeu_ps(out.add((v * LANES + c) * plane), m, pv);
+            }
+        }
+    }
+
+    /// `r ∈ {1, 2}` rows of `p ≤ 7` positions × `width ∈ {16, 32}` channels; see
+    /// [`super::product_planes`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_planes(
+        x: *const f32,
+        pitch: usize,
+        offs: &[usize],
+        w: *const f32,
+        width: usize,
+        (p, r): (usize, usize),
+        out: *mut f32,
+        plane: usize,
+    ) {
+        macro_rules! by_p {
+            ($r:literal, $ov:literal) => {
+                match p {
+                    7 => run_planes::<7, $r, $ov>(x, pitch, offs, w, out, plane),
+                    6 => run_planes::<6, $r, $ov>(x, pitch, offs, w, out, plane),
+                    5 => run_planes::<5, $r, $ov>(x, pitch, offs, w, out, plane),
+                    4 => run_planes::<4, $r, $ov>(x, pitch, offs, w, out, plane),
+                    3 => run_planes::<3, $r, $ov>(x, pitch, offs, w, out, plane),
+                    2 => run_planes::<2, $r, $ov>(x, pitch, offs, w, out, plane),
+                    _ => run_planes::<1, $r, $ov>(x, pitch, offs, w, out, plane),
+                }
+            };
+        }
+        match (r, width == 2 * LANES) {
+            (2, true) => by_p!(2, 2),
+            (2, false) => by_p!(2, 1),
+            (_, true) => by_p!(1, 2),
+            (_, false) => by_p!(1, 1),
+        }
+    }
+
     /// `dst[j·dstride + i] (+)= src[i·sstride + j]` for `i < rows ≤ 16`, `j < cols ≤ 16`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn transpose16(
@@ -680,39 +867,7 @@ mod avx512 {
                 };
             }
         }
-        // pairs of rows interleaved within 128-bit lanes: a0 b0 a1 b1 | a2 b2 a3 b3
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        // quads: u[4k + m] holds, in 128-bit lane l, column 4l + m of rows 4k..4k + 4
-        let mut u = [_mm512_setzero_ps(); 16];
-        for k in 0..4 {
-            let pd = |v: __m512| _mm512_castps_pd(v);
-            let (a, b, c, d) = (
-                pd(t[4 * k]),
-                pd(t[4 * k + 1]),
-                pd(t[4 * k + 2]),
-                pd(t[4 * k + 3]),
-            );
-            u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-            u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-            u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-            u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-        }
-        // gather lane l of u[m], u[4 + m], u[8 + m], u[12 + m] into output row 4l + m
-        let mut out = [_mm512_setzero_ps(); 16];
-        for m in 0..4 {
-            let v1 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[m], u[4 + m]);
-            let v2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[8 + m], u[12 + m]);
-            let w1 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[m], u[4 + m]);
-            let w2 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[8 + m], u[12 + m]);
-            out[m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(v1, v2);
-            out[8 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(v1, v2);
-            out[4 + m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(w1, w2);
-            out[12 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(w1, w2);
-        }
+        let out = transpose_regs(&r);
         #[allow(clippy::needless_range_loop)]
         for j in 0..16 {
             if j < cols {
