@@ -293,11 +293,8 @@ fn product(
     }
 }
 
-/// Widest output rows [`product_planes`] takes: two of them fill a 14-position tile.
-const PLANES_MAX_COLS: usize = PMAX / 2;
-
-/// [`product`] for rows of at most [`PLANES_MAX_COLS`] positions, written as channel planes
-/// (`out[o·rows·cols + r·cols + j]`) straight from the registers: a tile is two whole rows,
+/// [`product`] written as channel planes (`out[o·rows·cols + r·cols + j]`) straight from
+/// the registers: a tile is up to 14 positions of one row, or two whole rows of at most 7,
 /// so its positions are contiguous in every plane, and the transpose from channels-in-lanes
 /// happens in registers instead of through a buffer.
 fn product_planes(
@@ -312,10 +309,6 @@ fn product_planes(
     prefetch: Prefetch,
 ) {
     assert_eq!(offs.len(), w.taps, "lanes product: tap count");
-    assert!(
-        cols <= PLANES_MAX_COLS,
-        "lanes product: rows too wide for planes"
-    );
     let plane = rows * cols;
     assert!(out.len() >= plane * w.outs, "lanes product: output");
     if rows == 0 || cols == 0 {
@@ -327,27 +320,44 @@ fn product_planes(
         "lanes product: input"
     );
     assert!(cpu_has_avx512(), "lanes product: needs AVX-512");
+    // Tiles: (first row, rows, first column, columns); two whole rows where they fit.
+    let tiles: Vec<(usize, usize, usize, usize)> = if 2 * cols <= PMAX {
+        (0..rows)
+            .step_by(2)
+            .map(|r0| (r0, (rows - r0).min(2), 0, cols))
+            .collect()
+    } else {
+        // row chunks as even as possible (a 28-wide row as 14 + 14)
+        let chunk = cols.div_ceil(cols.div_ceil(PMAX));
+        (0..rows)
+            .flat_map(|r| {
+                (0..cols)
+                    .step_by(chunk)
+                    .map(move |j| (r, 1, j, chunk.min(cols - j)))
+            })
+            .collect()
+    };
     let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
-    let per_tile = lines.div_ceil(w.blocks.len() * rows.div_ceil(2));
+    let per_tile = lines.div_ceil(w.blocks.len() * tiles.len());
     let mut next_line = 0;
     for &(o0, width, at) in &w.blocks {
         let wb = &w.group(grp)[at..at + w.taps * width];
-        for r0 in (0..rows).step_by(2) {
-            let r = (rows - r0).min(2);
+        for &(r0, r, j0, p) in &tiles {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512F is present (asserted); the tile reads
-            // `inp[(r0 + i)·pitch + j + off]` for `i < r`, `j < cols`, below `inp.len()` by
-            // the assert above, `wb` in full, and writes `out[(o0 + c)·plane + r0·cols + k]`
-            // for `c < width`, `k < r·cols`, inside `plane · outs`.
+            // `inp[(r0 + i)·pitch + j0 + j + off]` for `i < r`, `j0 + j < cols`, below
+            // `inp.len()` by the assert above, and `wb` in full; it writes
+            // `out[(o0 + c)·plane + r0·cols + j0 + k]` for `c < width`, `k < r·p`, inside
+            // `plane · outs` (two rows only when `p = cols`, whole rows).
             unsafe {
                 avx512::tile_planes(
-                    inp.as_ptr().add(r0 * pitch),
+                    inp.as_ptr().add(r0 * pitch + j0),
                     pitch,
                     offs,
                     wb.as_ptr(),
                     width,
-                    (cols, r),
-                    out.as_mut_ptr().add(o0 * plane + r0 * cols),
+                    (p, r),
+                    out.as_mut_ptr().add(o0 * plane + r0 * cols + j0),
                     plane,
                 )
             };
@@ -403,7 +413,6 @@ pub fn conv2d_forward_packed(
         // keyed by the layout, so its zero padding is written once per thread
         let key = layout.key(g, 1);
         let mut buf = scratch::take_keyed(&key);
-        let [mut tiles] = scratch::take();
         layout.pack(g, xg, &mut buf);
         // the next (image, group)'s input follows this one's
         let next = if i + 1 < g.batch * g.groups {
@@ -415,15 +424,8 @@ pub fn conv2d_forward_packed(
             NO_PREFETCH
         };
         let (offs, w) = (&layout.offs, packed);
-        if ow <= PLANES_MAX_COLS {
-            product_planes(&buf, layout.pitch, oh, ow, offs, w, grp, yg, next);
-        } else {
-            tiles.resize(out_grp, 0.0);
-            product(&buf, layout.pitch, oh, ow, offs, w, grp, &mut tiles, next);
-            transpose(&tiles, opg, oh * ow, opg, yg, oh * ow, false);
-        }
+        product_planes(&buf, layout.pitch, oh, ow, offs, w, grp, yg, next);
         scratch::give_keyed(key, buf);
-        scratch::give([tiles]);
         epilogue(n, grp * opg, yg);
     });
 }
@@ -762,9 +764,9 @@ mod avx512 {
         out
     }
 
-    /// `R ≤ 2` whole output rows of `P ≤ 7` positions × `OV` vectors of channels (see
+    /// `R ≤ 2` output rows of `P` positions (`R·P ≤ 14`) × `OV` vectors of channels (see
     /// [`super::product_planes`]), transposed in registers and stored as channel planes:
-    /// `out[c·plane + r·P + j]`.
+    /// `out[c·plane + r·P + j]` (two rows only when they are whole rows, so contiguous).
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn run_planes<const P: usize, const R: usize, const OV: usize>(
@@ -808,8 +810,8 @@ mod avx512 {
         }
     }
 
-    /// `r ∈ {1, 2}` rows of `p ≤ 7` positions × `width ∈ {16, 32}` channels; see
-    /// [`super::product_planes`].
+    /// `r ∈ {1, 2}` rows of `p` positions (`p ≤ 14`, `p ≤ 7` for two rows) × `width ∈
+    /// {16, 32}` channels; see [`super::product_planes`].
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_planes(
         x: *const f32,
@@ -822,6 +824,24 @@ mod avx512 {
         plane: usize,
     ) {
         macro_rules! by_p {
+            (1, $ov:literal) => {
+                match p {
+                    14 => run_planes::<14, 1, $ov>(x, pitch, offs, w, out, plane),
+                    13 => run_planes::<13, 1, $ov>(x, pitch, offs, w, out, plane),
+                    12 => run_planes::<12, 1, $ov>(x, pitch, offs, w, out, plane),
+                    11 => run_planes::<11, 1, $ov>(x, pitch, offs, w, out, plane),
+                    10 => run_planes::<10, 1, $ov>(x, pitch, offs, w, out, plane),
+                    9 => run_planes::<9, 1, $ov>(x, pitch, offs, w, out, plane),
+                    8 => run_planes::<8, 1, $ov>(x, pitch, offs, w, out, plane),
+                    7 => run_planes::<7, 1, $ov>(x, pitch, offs, w, out, plane),
+                    6 => run_planes::<6, 1, $ov>(x, pitch, offs, w, out, plane),
+                    5 => run_planes::<5, 1, $ov>(x, pitch, offs, w, out, plane),
+                    4 => run_planes::<4, 1, $ov>(x, pitch, offs, w, out, plane),
+                    3 => run_planes::<3, 1, $ov>(x, pitch, offs, w, out, plane),
+                    2 => run_planes::<2, 1, $ov>(x, pitch, offs, w, out, plane),
+                    _ => run_planes::<1, 1, $ov>(x, pitch, offs, w, out, plane),
+                }
+            };
             ($r:literal, $ov:literal) => {
                 match p {
                     7 => run_planes::<7, $r, $ov>(x, pitch, offs, w, out, plane),
