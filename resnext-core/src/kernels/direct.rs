@@ -59,8 +59,10 @@ fn round_up(n: usize, m: usize) -> usize {
 
 static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Makes this module use its portable loops even where AVX-512 is present, so tests can
-/// check both paths on one machine. Results are equal up to rounding either way.
+/// Makes this module use its portable loops even where AVX-512 is present (and keeps
+/// grouped convolutions off [`super::lanes`], which has no portable path), so tests can
+/// check both paths on one machine. Results are equal up to rounding either way. The
+/// setting is process-wide.
 #[doc(hidden)]
 pub fn force_portable(on: bool) {
     PORTABLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
@@ -1002,7 +1004,10 @@ pub fn conv2d_backward(
             let (mut xbuf, mut dybuf) = (scratch::take_keyed(&xkey), scratch::take_keyed(&dykey));
             let mut dypad = scratch::take_keyed(&padkey);
             let mut grids: Vec<Vec<f32>> = (0..bwd.phases.len())
-                .map(|_| scratch::take::<1>().into_iter().next().unwrap_or_default())
+                .map(|_| {
+                    let [grid] = scratch::take();
+                    grid
+                })
                 .collect();
             for n0 in (0..g.batch).step_by(chunk) {
                 let b = chunk.min(g.batch - n0);

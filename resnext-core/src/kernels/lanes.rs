@@ -13,7 +13,9 @@
 //! The input buffers are [`super::direct`]'s padded, stride-phase-split planes, so that a
 //! tap of any stride reads position `j` of a row at a fixed offset plus `j`; only the
 //! outputs (and, for the weight gradient, the output gradient) are transposed between the
-//! channel-major tensors and the channel-in-lanes tiles.
+//! channel-major tensors and the channel-in-lanes tiles: in registers for the forward's
+//! tiles, whose positions are contiguous in every output plane, and by 16×16 block
+//! transposes through a buffer elsewhere.
 
 use rayon::prelude::*;
 
