@@ -129,7 +129,7 @@ fn copy_rows(src: &[f32], w: usize, dst: &mut [f32], pitch: usize) {
 }
 
 /// `dst += src`.
-fn add(dst: &mut [f32], src: &[f32]) {
+pub(super) fn add(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "add: lengths");
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
@@ -163,7 +163,7 @@ fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
 }
 
 /// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`.
-pub(super) fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
+fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
     assert!(
         ev.len() == dst.len().div_ceil(2) && od.len() == dst.len() / 2,
         "interleave2_add: lengths"
@@ -937,6 +937,70 @@ impl BwdLayout {
     }
 }
 
+/// `dx` (when given) split per group: for each group, its slice of every image in order.
+pub(super) fn images_by_group<'a>(
+    g: &Conv2dGeom,
+    dx: Option<&'a mut [f32]>,
+) -> Vec<Vec<&'a mut [f32]>> {
+    let mut groups: Vec<Vec<&mut [f32]>> = (0..g.groups).map(|_| Vec::new()).collect();
+    let in_grp = g.in_per_group() * g.in_h * g.in_w;
+    if let (Some(dx), true) = (dx, in_grp > 0) {
+        for (i, part) in dx.chunks_exact_mut(in_grp).enumerate() {
+            groups[i % g.groups].push(part);
+        }
+    }
+    groups
+}
+
+impl BwdLayout {
+    /// Adds one image's input gradient for one group, computed per stride phase, into
+    /// `dxn` (channel planes of `in_h × in_w`): `row(c, phase, i)` is row `i` of phase
+    /// `phase`'s grid for channel `c`, `wj` values, whose entry `j` belongs at input row
+    /// `s·i + a`, column `s·j + b` (phase index `a · min(s, w) + b`). Phases that no tap
+    /// reaches are skipped.
+    pub(super) fn add_phases<'a>(
+        &self,
+        g: &Conv2dGeom,
+        dxn: &mut [f32],
+        row: impl Fn(usize, usize, usize) -> &'a [f32],
+    ) {
+        let (s, hw, sw) = (g.stride, g.in_h * g.in_w, g.stride.min(g.in_w));
+        for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
+            for (iy, dst) in dxc.chunks_exact_mut(g.in_w).enumerate() {
+                let (a, i) = (iy % s, iy / s);
+                let row = |b: usize| {
+                    let idx = a * sw + b;
+                    (!self.phases[idx].taps.is_empty()).then(|| row(c, idx, i))
+                };
+                if s == 1 {
+                    if let Some(r) = row(0) {
+                        add(dst, r);
+                    }
+                } else if s == 2 && g.in_w >= 2 {
+                    match (row(0), row(1)) {
+                        (Some(e), Some(o)) => interleave2_add(dst, e, o),
+                        (e, o) => {
+                            for (b, r) in [(0, e), (1, o)] {
+                                let Some(r) = r else { continue };
+                                for (d, v) in dst.iter_mut().skip(b).step_by(2).zip(r) {
+                                    *d += v;
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    for b in 0..sw {
+                        let Some(r) = row(b) else { continue };
+                        for (d, v) in dst.iter_mut().skip(b).step_by(s).zip(r) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Backward of a grouped convolution: adds the input gradient into `dx` (when given) and
 /// the weight gradient into `dw`. One task per group, images in order inside it, so the
 /// weight gradient's summation order does not depend on the thread count.
@@ -963,12 +1027,7 @@ pub fn conv2d_backward(
     let fwd = FwdLayout::new(g);
     let bwd = BwdLayout::new(g);
     // Per group: its weight gradient and, per image, its slice of the input gradient.
-    let mut dx_groups: Vec<Vec<&mut [f32]>> = (0..g.groups).map(|_| Vec::new()).collect();
-    if let Some(dx) = dx {
-        for (i, part) in dx.chunks_exact_mut(in_grp).enumerate() {
-            dx_groups[i % g.groups].push(part);
-        }
-    }
+    let dx_groups = images_by_group(g, dx);
     dw.par_chunks_exact_mut(opg * taps)
         .zip(dx_groups.into_par_iter())
         .enumerate()
@@ -1051,43 +1110,10 @@ pub fn conv2d_backward(
                         taps_product(&dypad, &ph.offs, pw, ph.qpad, grid);
                     }
                 }
-                let (s, hw) = (g.stride, g.in_h * g.in_w);
-                for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
-                    for (iy, dst) in dxc.chunks_exact_mut(g.in_w).enumerate() {
-                        let (a, i) = (iy % s, iy / s);
-                        let row = |b: usize| {
-                            let ph = &bwd.phases[a * s.min(g.in_w) + b];
-                            (!ph.taps.is_empty()).then(|| {
-                                &grids[a * s.min(g.in_w) + b][c * ph.qpad + i * bwd.pitch..]
-                                    [..ph.wj]
-                            })
-                        };
-                        if s == 1 {
-                            if let Some(r) = row(0) {
-                                add(dst, r);
-                            }
-                        } else if s == 2 && g.in_w >= 2 {
-                            match (row(0), row(1)) {
-                                (Some(e), Some(o)) => interleave2_add(dst, e, o),
-                                (e, o) => {
-                                    for (b, r) in [(0, e), (1, o)] {
-                                        let Some(r) = r else { continue };
-                                        for (d, v) in dst.iter_mut().skip(b).step_by(2).zip(r) {
-                                            *d += v;
-                                        }
-                                    }
-                                }
-                            }
-                        } else {
-                            for b in 0..s.min(g.in_w) {
-                                let Some(r) = row(b) else { continue };
-                                for (d, v) in dst.iter_mut().skip(b).step_by(s).zip(r) {
-                                    *d += v;
-                                }
-                            }
-                        }
-                    }
-                }
+                bwd.add_phases(g, dxn, |c, idx, i| {
+                    let ph = &bwd.phases[idx];
+                    &grids[idx][c * ph.qpad + i * bwd.pitch..][..ph.wj]
+                });
             }
             scratch::give_keyed(xkey, xbuf);
             scratch::give_keyed(dykey, dybuf);

@@ -13,14 +13,17 @@
 //! The input buffers are [`super::direct`]'s padded, stride-phase-split planes, so that a
 //! tap of any stride reads position `j` of a row at a fixed offset plus `j`; only the
 //! outputs (and, for the weight gradient, the output gradient) are transposed between the
-//! channel-major tensors and the channel-in-lanes tiles: in registers for the forward's
-//! tiles, whose positions are contiguous in every output plane, and by 16×16 block
-//! transposes through a buffer elsewhere.
+//! channel-major tensors and the channel-in-lanes tiles: a product's tiles (forward and
+//! input gradient) in registers, their positions being contiguous in every output plane;
+//! the weight gradient's output gradient and sums, and the weights, by 16×16 block
+//! transposes.
 
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::direct::{cpu_has_avx512, has_avx512, interleave2_add, zeroed, BwdLayout, FwdLayout};
+use super::direct::{
+    add, cpu_has_avx512, has_avx512, images_by_group, zeroed, BwdLayout, FwdLayout,
+};
 use super::scratch;
 
 /// `f32` lanes of an AVX-512 vector.
@@ -231,74 +234,11 @@ fn transpose(
     }
 }
 
-/// `out[(r·cols + j)·outs + o] = Σ_t W[o][t] · inp[r·pitch + j + offs[t]]` for `r < rows`,
-/// `j < cols` and every output `o` of `w`.
-fn product(
-    inp: &[f32],
-    pitch: usize,
-    rows: usize,
-    cols: usize,
-    offs: &[usize],
-    w: &LaneWeights,
-    grp: usize,
-    out: &mut [f32],
-    prefetch: Prefetch,
-) {
-    assert_eq!(offs.len(), w.taps, "lanes product: tap count");
-    assert!(out.len() >= rows * cols * w.outs, "lanes product: output");
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    let max_off = offs.iter().copied().max().unwrap_or(0);
-    assert!(
-        (rows - 1) * pitch + cols + max_off <= inp.len(),
-        "lanes product: input"
-    );
-    assert!(cpu_has_avx512(), "lanes product: needs AVX-512");
-    // Row chunks as even as possible (a 28-wide row as 14 + 14, not 14 + 14 + 0).
-    let chunk = cols.div_ceil(cols.div_ceil(PMAX));
-    // `prefetch` (the next task's input and output, typically) is pulled into cache a few
-    // lines per tile, so that its memory latency hides behind this product's arithmetic.
-    let tiles = w.blocks.len() * rows * cols.div_ceil(chunk);
-    let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
-    let per_tile = lines.div_ceil(tiles);
-    let mut next_line = 0;
-    for &(o0, width, at) in &w.blocks {
-        let wb = &w.group(grp)[at..at + w.taps * width];
-        for r in 0..rows {
-            let mut j = 0;
-            while j < cols {
-                let p = chunk.min(cols - j);
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F is present (asserted); the tile reads
-                // `inp[r·pitch + j + i + off]` for `i < p ≤ cols − j`, below `inp.len()` by
-                // the assert above, `wb` in full, and writes `p` rows of `width` values of
-                // `out` from `(r·cols + j)·outs + o0`, inside the asserted length.
-                unsafe {
-                    avx512::tile(
-                        inp.as_ptr().add(r * pitch + j),
-                        offs,
-                        wb.as_ptr(),
-                        width,
-                        p,
-                        out.as_mut_ptr().add((r * cols + j) * w.outs + o0),
-                        w.outs,
-                    )
-                };
-                for line in next_line..(next_line + per_tile).min(lines) {
-                    prefetch_l2(prefetch_line(&prefetch, line));
-                }
-                next_line += per_tile;
-                j += p;
-            }
-        }
-    }
-}
-
-/// [`product`] written as channel planes (`out[o·rows·cols + r·cols + j]`) straight from
-/// the registers: a tile is up to 14 positions of one row, or two whole rows of at most 7,
-/// so its positions are contiguous in every plane, and the transpose from channels-in-lanes
-/// happens in registers instead of through a buffer.
+/// `out[o·rows·cols + r·cols + j] = Σ_t W[o][t] · inp[r·pitch + j + offs[t]]` for `r < rows`,
+/// `j < cols` and every output `o` of `w`'s group `grp`: a product with the outputs in the
+/// lanes, written as channel planes straight from the registers. A tile is up to 14
+/// positions of one row, or two whole rows of at most 7, so its positions are contiguous in
+/// every plane and the transpose from channels-in-lanes happens in registers.
 fn product_planes(
     inp: &[f32],
     pitch: usize,
@@ -454,12 +394,7 @@ pub fn conv2d_backward(
     }
     let fwd = FwdLayout::new(g);
     let bwd = BwdLayout::new(g);
-    let mut dx_groups: Vec<Vec<&mut [f32]>> = (0..g.groups).map(|_| Vec::new()).collect();
-    if let Some(dx) = dx {
-        for (i, part) in dx.chunks_exact_mut(in_grp).enumerate() {
-            dx_groups[i % g.groups].push(part);
-        }
-    }
+    let dx_groups = images_by_group(g, dx);
     let chunk = (WG_CHUNK_VALUES / fwd.len).clamp(1, g.batch);
     dw.par_chunks_exact_mut(opg * taps)
         .zip(dx_groups.into_par_iter())
@@ -471,7 +406,7 @@ pub fn conv2d_backward(
             let xkey = fwd.key(g, chunk);
             let dykey = bwd.key(oh, ow);
             let (mut xbuf, mut dypad) = (scratch::take_keyed(&xkey), scratch::take_keyed(&dykey));
-            let [mut dyt, mut sums, mut wk, mut tiles, mut planes] = scratch::take();
+            let [mut dyt, mut sums, mut wk, mut planes] = scratch::take();
             sums.resize(opg * taps, 0.0);
             for n0 in (0..g.batch).step_by(chunk) {
                 let b = chunk.min(g.batch - n0);
@@ -494,7 +429,7 @@ pub fn conv2d_backward(
                 scratch::give(bufs);
             };
             if dxg.is_empty() {
-                give_back(xbuf, dypad, [dyt, sums, wk, tiles, planes]);
+                give_back(xbuf, dypad, [dyt, sums, wk, planes]);
                 return;
             }
             // Input gradient, one stride phase at a time: outputs are this group's input
@@ -517,80 +452,46 @@ pub fn conv2d_backward(
                     })
                 })
                 .collect();
-            let (s, ih, iw) = (g.stride, g.in_h, g.in_w);
-            let sw = s.min(iw);
             // where each phase's planes start in `planes`
             let mut at = vec![0];
             for ph in &bwd.phases {
                 at.push(at[at.len() - 1] + ph.hi * ph.wj * ipg);
             }
+            planes.resize(at[bwd.phases.len()], 0.0);
             for (n, dxn) in dxg.iter_mut().enumerate() {
                 let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
                 bwd.pack(oh, ow, dyn_, &mut dypad);
-                if s == 1 {
-                    // one phase, whose grid is the input's: transposed straight into dx
-                    let (ph, pw) = (&bwd.phases[0], &phase_w[0]);
-                    tiles.resize(ih * iw * ipg, 0.0);
-                    product(
-                        &dypad,
-                        bwd.pitch,
-                        ih,
-                        iw,
-                        &ph.offs,
-                        pw,
-                        0,
-                        &mut tiles,
-                        NO_PREFETCH,
-                    );
-                    transpose(&tiles, ipg, ih * iw, ipg, dxn, ih * iw, true);
+                for (idx, (ph, pw)) in bwd.phases.iter().zip(&phase_w).enumerate() {
+                    if !ph.taps.is_empty() {
+                        let plane = &mut planes[at[idx]..at[idx + 1]];
+                        let (rows, cols) = (ph.hi, ph.wj);
+                        product_planes(
+                            &dypad,
+                            bwd.pitch,
+                            rows,
+                            cols,
+                            &ph.offs,
+                            pw,
+                            0,
+                            plane,
+                            NO_PREFETCH,
+                        );
+                    }
+                }
+                if g.stride == 1 {
+                    // one phase, whose planes are laid out as dx's: one pass
+                    add(dxn, &planes);
                     continue;
                 }
-                // each phase's planes, then interleaved into dx row by row
-                planes.resize(at[bwd.phases.len()], 0.0);
-                for (idx, (ph, pw)) in bwd.phases.iter().zip(&phase_w).enumerate() {
-                    let cells = ph.hi * ph.wj;
-                    let plane = &mut planes[at[idx]..at[idx + 1]];
-                    if ph.taps.is_empty() {
-                        plane.fill(0.0);
-                        continue;
-                    }
-                    tiles.resize(cells * ipg, 0.0);
-                    product(
-                        &dypad,
-                        bwd.pitch,
-                        ph.hi,
-                        ph.wj,
-                        &ph.offs,
-                        pw,
-                        0,
-                        &mut tiles,
-                        NO_PREFETCH,
-                    );
-                    transpose(&tiles, ipg, cells, ipg, plane, cells, false);
-                }
-                for (c, dxc) in dxn.chunks_exact_mut(ih * iw).enumerate() {
-                    for (iy, dst) in dxc.chunks_exact_mut(iw).enumerate() {
-                        let (a, i) = (iy % s, iy / s);
-                        let row = |b: usize| {
-                            let ph = &bwd.phases[a * sw + b];
-                            &planes[at[a * sw + b] + (c * ph.hi + i) * ph.wj..][..ph.wj]
-                        };
-                        if s == 2 && iw >= 2 {
-                            interleave2_add(dst, row(0), row(1));
-                        } else {
-                            for b in 0..sw {
-                                for (d, v) in dst.iter_mut().skip(b).step_by(s).zip(row(b)) {
-                                    *d += v;
-                                }
-                            }
-                        }
-                    }
-                }
+                bwd.add_phases(g, dxn, |c, idx, i| {
+                    let ph = &bwd.phases[idx];
+                    &planes[at[idx] + (c * ph.hi + i) * ph.wj..][..ph.wj]
+                });
             }
             for pw in phase_w {
                 scratch::give([pw.data]);
             }
-            give_back(xbuf, dypad, [dyt, sums, wk, tiles, planes]);
+            give_back(xbuf, dypad, [dyt, sums, wk, planes]);
         });
 }
 
@@ -655,75 +556,6 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{LANES, WG_TAPS};
-
-    /// `p ≤ 14` positions × `width ∈ {16, 32}` channels; see [`super::product`].
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile(
-        x: *const f32,
-        offs: &[usize],
-        w: *const f32,
-        width: usize,
-        p: usize,
-        out: *mut f32,
-        ostride: usize,
-    ) {
-        macro_rules! by_p {
-            ($ov:literal) => {
-                match p {
-                    14 => run::<14, $ov>(x, offs, w, out, ostride),
-                    13 => run::<13, $ov>(x, offs, w, out, ostride),
-                    12 => run::<12, $ov>(x, offs, w, out, ostride),
-                    11 => run::<11, $ov>(x, offs, w, out, ostride),
-                    10 => run::<10, $ov>(x, offs, w, out, ostride),
-                    9 => run::<9, $ov>(x, offs, w, out, ostride),
-                    8 => run::<8, $ov>(x, offs, w, out, ostride),
-                    7 => run::<7, $ov>(x, offs, w, out, ostride),
-                    6 => run::<6, $ov>(x, offs, w, out, ostride),
-                    5 => run::<5, $ov>(x, offs, w, out, ostride),
-                    4 => run::<4, $ov>(x, offs, w, out, ostride),
-                    3 => run::<3, $ov>(x, offs, w, out, ostride),
-                    2 => run::<2, $ov>(x, offs, w, out, ostride),
-                    _ => run::<1, $ov>(x, offs, w, out, ostride),
-                }
-            };
-        }
-        if width == 2 * LANES {
-            by_p!(2)
-        } else {
-            by_p!(1)
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn run<const P: usize, const OV: usize>(
-        x: *const f32,
-        offs: &[usize],
-        w: *const f32,
-        out: *mut f32,
-        ostride: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); OV]; P];
-        for (t, &off) in offs.iter().enumerate() {
-            let xp = x.add(off);
-            let wt = w.add(t * OV * LANES);
-            let mut wv = [_mm512_setzero_ps(); OV];
-            for (v, wv) in wv.iter_mut().enumerate() {
-                *wv = _mm512_loadu_ps(wt.add(v * LANES));
-            }
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*xp.add(i));
-                for (a, &wv) in acc_i.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(wv, xv, *a);
-                }
-            }
-        }
-        for (i, acc_i) in acc.iter().enumerate() {
-            for (v, &a) in acc_i.iter().enumerate() {
-                _mm512_storeu_ps(out.add(i * ostride + v * LANES), a);
-            }
-        }
-    }
 
     /// The mask of the first `n ≤ 16` lanes.
     #[inline]
