@@ -100,6 +100,47 @@ proptest! {
     }
 
     #[test]
+    fn winograd_grouped_conv_matches_reference(
+        (batch, groups) in (1usize..4, 2usize..4),
+        ipg in prop::sample::select(vec![16usize, 32, 48, 64]),
+        opg in prop::sample::select(vec![16usize, 32, 48, 64]),
+        // odd and even sizes (tiles cut by the edge), past one chunk of tiles at the top
+        (h, w, padding) in (1usize..26, 1usize..26, 0usize..3),
+        seed in any::<u64>(),
+    ) {
+        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel: 3, stride: 1, padding, groups };
+        prop_assume!(g.validate().is_ok());
+        prop_assert!(conv::winograd::suits_shape(&g));
+        if !conv::lanes::available() {
+            return Ok(()); // AVX-512 machines only
+        }
+        let x = values(seed, g.input_len());
+        let wt = values(seed ^ 1, g.weight_len());
+        let mut y_ref = vec![0.0; g.output_len()];
+        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
+        // per-call transform, and weights transformed once, with an epilogue that sees
+        // every (image, group) once with its own channels
+        let mut y = vec![f32::NAN; g.output_len()];
+        conv::winograd::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        let packed = conv::winograd::pack_forward_weights(&g, &wt, Vec::new());
+        let seen = std::sync::Mutex::new(Vec::new());
+        let mut y2 = vec![f32::NAN; g.output_len()];
+        conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |n, c0, v| {
+            v.iter_mut().for_each(|v| *v += 1.0);
+            seen.lock().unwrap().push((n, c0, v.len()));
+        });
+        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+        prop_assert!(rel_err(&minus_one(y2), &y_ref) <= 1e-5, "y packed");
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort_unstable();
+        let want: Vec<_> = (0..batch)
+            .flat_map(|n| (0..groups).map(move |grp| (n, grp * opg, opg * g.out_h() * g.out_w())))
+            .collect();
+        prop_assert_eq!(seen, want);
+    }
+
+    #[test]
     fn pointwise_conv_matches_reference_per_image_and_batched(
         (batch, cin, cout, h, w) in (1usize..5, 1usize..20, 1usize..20, 1usize..13, 1usize..13),
         seed in any::<u64>(),

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 pub use super::direct;
 use super::gemm::{sgemm, MatRef};
 pub use super::lanes;
+pub use super::winograd;
 
 /// The geometry of one convolution call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -721,6 +721,8 @@ pub enum ForwardWeights {
     Taps(Vec<PackedWeights>),
     /// Output channels in the lanes ([`super::lanes`]).
     Lanes(super::lanes::LaneWeights),
+    /// Winograd-transformed, output channels in the lanes ([`super::winograd`]).
+    Winograd(super::winograd::WinogradWeights),
 }
 
 /// Packs `w` for [`conv2d_forward_packed`] with `g`'s channel counts, kernel and groups.
@@ -731,6 +733,9 @@ pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> ForwardWeights {
 /// [`pack_forward_weights`] into `buf` where it can (a buffer to reuse).
 fn pack_forward_weights_in(g: &Conv2dGeom, w: &[f32], buf: Vec<f32>) -> ForwardWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
+    if super::winograd::suits(g) {
+        return ForwardWeights::Winograd(super::winograd::pack_forward_weights(g, w, buf));
+    }
     if super::lanes::suits(g) {
         return ForwardWeights::Lanes(super::lanes::pack_forward_weights(g, w, buf));
     }
@@ -756,6 +761,10 @@ pub fn conv2d_forward(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    if super::winograd::suits(g) {
+        // (each task transforms its own group's weights)
+        return super::winograd::conv2d_forward(g, x, w, y, epilogue);
+    }
     // packed for this call only: in a buffer from this thread's pool, returned after
     let buf = if super::lanes::suits(g) {
         scratch::take_stale(w.len())
@@ -780,6 +789,9 @@ pub fn conv2d_forward_packed(
     let packed = match packed {
         ForwardWeights::Lanes(p) => {
             return super::lanes::conv2d_forward_packed(g, x, p, y, epilogue)
+        }
+        ForwardWeights::Winograd(p) => {
+            return super::winograd::conv2d_forward_packed(g, x, p, y, epilogue)
         }
         ForwardWeights::Taps(p) => p,
     };

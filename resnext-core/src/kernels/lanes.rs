@@ -184,7 +184,7 @@ type Prefetch = [(*const f32, usize); 2];
 const NO_PREFETCH: Prefetch = [(std::ptr::null(), 0); 2];
 
 /// `dst[j·dstride + i] = src[i·sstride + j]` (or `+=` with `add`) for `i < rows`, `j < cols`.
-fn transpose(
+pub(super) fn transpose(
     src: &[f32],
     sstride: usize,
     rows: usize,

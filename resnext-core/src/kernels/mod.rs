@@ -14,3 +14,4 @@ pub mod gemm;
 pub mod lanes;
 pub mod pool;
 pub mod scratch;
+pub mod winograd;
