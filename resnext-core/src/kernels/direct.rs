@@ -711,10 +711,12 @@ impl FwdLayout {
     }
 }
 
-/// The weights of a convolution packed for [`conv2d_forward_packed`]: for the
-/// channel-in-lanes kernel ([`super::lanes`]) where it [suits](super::lanes::suits), else one
-/// [`PackedWeights`] per group. Depends on the weights and the channel counts only, so an
-/// inference session can pack once and reuse it for any batch and image size.
+/// The weights of a convolution packed for [`conv2d_forward_packed`]: transformed for the
+/// Winograd kernel ([`super::winograd`]) where it [suits](super::winograd::suits), else for
+/// the channel-in-lanes kernel ([`super::lanes`]) where that [suits](super::lanes::suits),
+/// else one [`PackedWeights`] per group. Depends on the weights, the channel counts, kernel
+/// and stride only, so an inference session can pack once and reuse it for any batch and
+/// image size.
 #[derive(Clone, Debug)]
 pub enum ForwardWeights {
     /// Output positions in the lanes (this module).
@@ -727,17 +729,12 @@ pub enum ForwardWeights {
 
 /// Packs `w` for [`conv2d_forward_packed`] with `g`'s channel counts, kernel and groups.
 pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> ForwardWeights {
-    pack_forward_weights_in(g, w, Vec::new())
-}
-
-/// [`pack_forward_weights`] into `buf` where it can (a buffer to reuse).
-fn pack_forward_weights_in(g: &Conv2dGeom, w: &[f32], buf: Vec<f32>) -> ForwardWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     if super::winograd::suits(g) {
-        return ForwardWeights::Winograd(super::winograd::pack_forward_weights(g, w, buf));
+        return ForwardWeights::Winograd(super::winograd::pack_forward_weights(g, w, Vec::new()));
     }
     if super::lanes::suits(g) {
-        return ForwardWeights::Lanes(super::lanes::pack_forward_weights(g, w, buf));
+        return ForwardWeights::Lanes(super::lanes::pack_forward_weights(g, w, Vec::new()));
     }
     let opg = g.out_per_group();
     let taps = g.in_per_group() * g.kernel * g.kernel;
@@ -752,8 +749,10 @@ fn pack_forward_weights_in(g: &Conv2dGeom, w: &[f32], buf: Vec<f32>) -> ForwardW
     )
 }
 
-/// Forward of a grouped convolution, one task per (image, group), each group's output passed
-/// to `epilogue(image, first channel, values)` while still in cache. Overwrites `y`.
+/// Forward of a grouped convolution, each (image, group)'s output passed to
+/// `epilogue(image, first channel, values)` while still in cache. Overwrites `y`. Runs on
+/// [`super::winograd`] where that [pays](super::winograd::pays_per_call), else on
+/// [`super::lanes`] where that suits, else here (one task per (image, group)).
 pub fn conv2d_forward(
     g: &Conv2dGeom,
     x: &[f32],
@@ -761,21 +760,20 @@ pub fn conv2d_forward(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    if super::winograd::suits(g) {
+    if super::winograd::pays_per_call(g) {
         // (each task transforms its own group's weights)
         return super::winograd::conv2d_forward(g, x, w, y, epilogue);
     }
-    // packed for this call only: in a buffer from this thread's pool, returned after
-    let buf = if super::lanes::suits(g) {
-        scratch::take_stale(w.len())
-    } else {
-        Vec::new()
-    };
-    let packed = pack_forward_weights_in(g, w, buf);
-    conv2d_forward_packed(g, x, &packed, y, epilogue);
-    if let ForwardWeights::Lanes(p) = packed {
-        scratch::give([p.into_buffer()]);
+    if super::lanes::suits(g) {
+        // packed for this call only: in a buffer from this thread's pool, returned after
+        let buf = scratch::take_stale(w.len());
+        let packed = super::lanes::pack_forward_weights(g, w, buf);
+        super::lanes::conv2d_forward_packed(g, x, &packed, y, epilogue);
+        scratch::give([packed.into_buffer()]);
+        return;
     }
+    let packed = pack_forward_weights(g, w);
+    conv2d_forward_packed(g, x, &packed, y, epilogue);
 }
 
 /// [`conv2d_forward`] with weights from [`pack_forward_weights`].

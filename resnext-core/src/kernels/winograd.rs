@@ -47,6 +47,14 @@ pub fn suits(g: &Conv2dGeom) -> bool {
     suits_shape(g) && lanes::suits(g)
 }
 
+/// Whether [`conv2d_forward`], which transforms the weights in every task, pays off over
+/// [`lanes`] for `g`: it [`suits`] and the batch has at least two register blocks of tiles
+/// (at batch 1 a 7×7 image has 16, over which one group's weight transform does not pay).
+/// Weights transformed once ([`pack_forward_weights`]) pay wherever it suits.
+pub fn pays_per_call(g: &Conv2dGeom) -> bool {
+    suits(g) && g.batch * g.out_h().div_ceil(2) * g.out_w().div_ceil(2) >= 2 * PMAX
+}
+
 /// The shape half of [`suits`].
 pub fn suits_shape(g: &Conv2dGeom) -> bool {
     g.kernel == 3 && g.stride == 1 && lanes::suits_shape(g)
