@@ -172,19 +172,20 @@ pub fn conv2d_forward_packed(
 /// The sizes one task works with.
 #[derive(Clone, Copy, Debug)]
 struct Shape {
+    /// Channels per group, in and out.
     ins: usize,
     outs: usize,
-    /// Input rows and columns, padding.
+    /// Input rows, columns and padding.
     h: usize,
     w: usize,
     pad: usize,
     /// Output rows and columns.
     oh: usize,
     ow: usize,
-    /// Tile rows and columns.
+    /// Tile rows and columns (2×2 outputs each).
     th: usize,
     tw: usize,
-    /// Rows and columns of the padded, transposed input (whole tiles).
+    /// Rows and columns of the padded, transposed input: whole tiles' patches.
     hp: usize,
     wp: usize,
 }
