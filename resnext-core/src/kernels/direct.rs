@@ -624,12 +624,12 @@ impl FwdLayout {
         }
     }
 
-    /// What identifies this layout's packed buffers for [`scratch::take_keyed`] (with
-    /// `images` packed side by side).
-    pub(super) fn key(&self, g: &Conv2dGeom, images: usize) -> scratch::Key {
+    /// What identifies this layout's packed buffers of kind `tag` (a [`scratch::tag`]) for
+    /// [`scratch::take_keyed`], with `images` packed side by side.
+    pub(super) fn key(&self, tag: usize, g: &Conv2dGeom, images: usize) -> scratch::Key {
         let (s, p) = (g.stride, g.padding);
         [
-            1,
+            tag,
             self.pitch,
             self.rows,
             self.len,
@@ -808,7 +808,7 @@ pub fn conv2d_forward_packed(
         return;
     }
     let layout = FwdLayout::new(g);
-    let key = layout.key(g, 1);
+    let key = layout.key(scratch::tag::FWD_INPUT, g, 1);
     y.par_chunks_mut(out_grp).enumerate().for_each(|(i, yg)| {
         let (n, grp) = (i / g.groups, i % g.groups);
         let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
@@ -930,7 +930,16 @@ impl BwdLayout {
     pub(super) fn key(&self, oh: usize, ow: usize) -> scratch::Key {
         let planes = (self.len - SLACK) / (self.rows * self.pitch);
         [
-            2, self.top, self.left, self.pitch, self.rows, self.len, oh, ow, planes, 0,
+            scratch::tag::BWD_PADDED,
+            self.top,
+            self.left,
+            self.pitch,
+            self.rows,
+            self.len,
+            oh,
+            ow,
+            planes,
+            0,
         ]
     }
 
@@ -1054,11 +1063,6 @@ pub fn conv2d_backward(
                 })
                 .collect();
             // pooled per thread (see `scratch`); zero-padded ones keyed by their layout
-            let chunk_key = |tag: usize, chunk: usize| {
-                let mut k = fwd.key(g, chunk);
-                k[0] = tag;
-                k
-            };
             // Weight gradient, several images per product: their planes interleave (plane
             // stride B · plane), so one grid runs over all of them and each weight's sum is
             // reduced across lanes once per chunk rather than once per small image.
@@ -1069,7 +1073,11 @@ pub fn conv2d_backward(
             } else {
                 (WG_CHUNK_VALUES / per_image.max(1)).clamp(1, g.batch)
             };
-            let (xkey, dykey, padkey) = (chunk_key(3, chunk), chunk_key(4, chunk), bwd.key(oh, ow));
+            let (xkey, dykey, padkey) = (
+                fwd.key(scratch::tag::WG_INPUT, g, chunk),
+                fwd.key(scratch::tag::WG_OUTPUT_GRAD, g, chunk),
+                bwd.key(oh, ow),
+            );
             let (mut xbuf, mut dybuf) = (scratch::take_keyed(&xkey), scratch::take_keyed(&dykey));
             let mut dypad = scratch::take_keyed(&padkey);
             let mut grids: Vec<Vec<f32>> = (0..bwd.phases.len())

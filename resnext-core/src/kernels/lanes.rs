@@ -353,7 +353,7 @@ pub fn conv2d_forward_packed(
         let (n, grp) = (i / g.groups, i % g.groups);
         let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
         // keyed by the layout, so its zero padding is written once per thread
-        let key = layout.key(g, 1);
+        let key = layout.key(scratch::tag::FWD_INPUT, g, 1);
         let mut buf = scratch::take_keyed(&key);
         layout.pack(g, xg, &mut buf);
         // the next (image, group)'s input follows this one's
@@ -403,7 +403,7 @@ pub fn conv2d_backward(
             let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
             // Weight gradient over chunks of images: their packed inputs side by side, the
             // output gradient position-major.
-            let xkey = fwd.key(g, chunk);
+            let xkey = fwd.key(scratch::tag::FWD_INPUT, g, chunk);
             let dykey = bwd.key(oh, ow);
             let (mut xbuf, mut dypad) = (scratch::take_keyed(&xkey), scratch::take_keyed(&dykey));
             let [mut dyt, mut sums, mut wk, mut planes] = scratch::take();

@@ -22,6 +22,22 @@ const KEEP_COUNT: usize = 32;
 /// exactly (so two layouts never share padding by accident).
 pub type Key = [usize; 10];
 
+/// The first number of each kind of keyed buffer's [`Key`], so that two kinds never share a
+/// key whatever their other numbers.
+pub mod tag {
+    /// `direct::FwdLayout`'s packed input (the direct and lanes kernels' forward, the lanes
+    /// kernel's weight gradient).
+    pub const FWD_INPUT: usize = 1;
+    /// `direct::BwdLayout`'s padded output gradient.
+    pub const BWD_PADDED: usize = 2;
+    /// The direct kernel's weight gradient: the packed inputs of a chunk of images…
+    pub const WG_INPUT: usize = 3;
+    /// … and their output gradients, in the same layout.
+    pub const WG_OUTPUT_GRAD: usize = 4;
+    /// The Winograd kernel's padded position × channel input rows.
+    pub const WINOGRAD_INPUT: usize = 5;
+}
+
 type Pool = Vec<(Option<Key>, Vec<f32>)>;
 
 thread_local! {

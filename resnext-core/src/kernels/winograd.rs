@@ -291,7 +291,18 @@ fn run_task(
     let (ins, outs_c) = (s.ins, s.outs);
     let in_grp = ins * s.h * s.w;
     // inputs as padded rows of positions × channels; keyed, so the padding stays zero
-    let key = [3, s.hp, s.wp, ins, s.pad, s.h, s.w, images, 0, 0];
+    let key = [
+        scratch::tag::WINOGRAD_INPUT,
+        s.hp,
+        s.wp,
+        ins,
+        s.pad,
+        s.h,
+        s.w,
+        images,
+        0,
+        0,
+    ];
     let mut xin = scratch::take_keyed(&key);
     if xin.len() != images * s.in_len() {
         xin.clear();
