@@ -100,6 +100,19 @@ proptest! {
     }
 
     #[test]
+    fn winograd_grouped_conv_of_an_empty_batch_is_empty(groups in 2usize..4, h in 1usize..9) {
+        let g = Conv2dGeom { batch: 0, in_channels: groups * 16, out_channels: groups * 32, in_h: h, in_w: h, kernel: 3, stride: 1, padding: 1, groups };
+        prop_assert!(conv::winograd::suits_shape(&g));
+        if !conv::lanes::available() {
+            return Ok(()); // AVX-512 machines only
+        }
+        let wt = values(7, g.weight_len());
+        let packed = conv::winograd::pack_forward_weights(&g, &wt, Vec::new());
+        conv::winograd::conv2d_forward_packed(&g, &[], &packed, &mut [], |_, _, _| panic!("no images"));
+        conv::winograd::conv2d_forward(&g, &[], &wt, &mut [], |_, _, _| panic!("no images"));
+    }
+
+    #[test]
     fn winograd_grouped_conv_matches_reference(
         (batch, groups) in (1usize..4, 2usize..4),
         ipg in prop::sample::select(vec![16usize, 32, 48, 64]),

@@ -240,7 +240,7 @@ fn forward(
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
     let s = Shape::new(g);
     let out_grp = s.out_len();
-    if out_grp == 0 {
+    if out_grp == 0 || g.batch == 0 {
         return;
     }
     // Tasks: one group × a run of images, enough of them to keep every thread busy.
