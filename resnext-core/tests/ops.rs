@@ -107,7 +107,7 @@ proptest! {
             return Ok(()); // AVX-512 machines only
         }
         let wt = values(7, g.weight_len());
-        let packed = conv::winograd::pack_forward_weights(&g, &wt, Vec::new());
+        let packed = conv::winograd::pack_forward_weights(&g, &wt);
         conv::winograd::conv2d_forward_packed(&g, &[], &packed, &mut [], |_, _, _| panic!("no images"));
         conv::winograd::conv2d_forward(&g, &[], &wt, &mut [], |_, _, _| panic!("no images"));
     }
@@ -136,7 +136,7 @@ proptest! {
         let mut y = vec![f32::NAN; g.output_len()];
         conv::winograd::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
-        let packed = conv::winograd::pack_forward_weights(&g, &wt, Vec::new());
+        let packed = conv::winograd::pack_forward_weights(&g, &wt);
         let seen = std::sync::Mutex::new(Vec::new());
         let mut y2 = vec![f32::NAN; g.output_len()];
         conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |n, c0, v| {

@@ -731,7 +731,7 @@ pub enum ForwardWeights {
 pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> ForwardWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     if super::winograd::suits(g) {
-        return ForwardWeights::Winograd(super::winograd::pack_forward_weights(g, w, Vec::new()));
+        return ForwardWeights::Winograd(super::winograd::pack_forward_weights(g, w));
     }
     if super::lanes::suits(g) {
         return ForwardWeights::Lanes(super::lanes::pack_forward_weights(g, w, Vec::new()));

@@ -76,20 +76,15 @@ impl WinogradWeights {
         let len = POINTS * self.ins * self.outs;
         &self.data[grp * len..][..len]
     }
-
-    /// The buffer the values are in, to reuse.
-    pub fn into_buffer(self) -> Vec<f32> {
-        self.data
-    }
 }
 
-/// Transforms `w` (PyTorch's `(out, in / groups, 3, 3)` layout) for [`conv2d_forward_packed`],
-/// into `buf` (resized; its old contents do not matter).
-pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32], mut buf: Vec<f32>) -> WinogradWeights {
+/// Transforms `w` (PyTorch's `(out, in / groups, 3, 3)` layout) once for
+/// [`conv2d_forward_packed`]. ([`conv2d_forward`] transforms each group in its task instead.)
+pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> WinogradWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     assert!(suits_shape(g), "winograd: unsuitable convolution");
     let (ins, outs) = (g.in_per_group(), g.out_per_group());
-    buf.resize(g.groups * POINTS * ins * outs, 0.0);
+    let mut buf = vec![0.0; g.groups * POINTS * ins * outs];
     buf.par_chunks_exact_mut(POINTS * ins * outs)
         .zip(w.par_chunks_exact(outs * ins * 9))
         .for_each(|(u, wg)| transform_weights(wg, ins, outs, u));
@@ -256,19 +251,16 @@ fn forward(
     }
     tasks.into_par_iter().enumerate().for_each(|(task, outs)| {
         let grp = task / runs;
-        let own = match w {
+        // this group's transform, in a pooled buffer given back after the task
+        let mut own = None;
+        let u = match w {
+            Weights::Packed(p) => p.group(grp),
             Weights::Plain(w) => {
                 let len = s.outs * s.ins * 9;
-                let mut u = scratch::take_stale(POINTS * s.ins * s.outs);
-                transform_weights(&w[grp * len..][..len], s.ins, s.outs, &mut u);
-                Some(u)
+                let u = own.insert(scratch::take_stale(POINTS * s.ins * s.outs));
+                transform_weights(&w[grp * len..][..len], s.ins, s.outs, u);
+                &u[..]
             }
-            Weights::Packed(_) => None,
-        };
-        let u = match (&own, w) {
-            (Some(u), _) => &u[..],
-            (None, Weights::Packed(p)) => p.group(grp),
-            (None, Weights::Plain(_)) => unreachable!("transformed above"),
         };
         run_task(g, &s, x, grp, u, outs, &epilogue);
         if let Some(u) = own {
