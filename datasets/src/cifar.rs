@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::archive::tar_gz_members;
-use crate::digits::Split;
 use crate::transforms::constants::*;
+use crate::Split;
 use crate::{DataError, InMemory, Info};
 
 /// Which CIFAR.

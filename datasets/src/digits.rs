@@ -8,18 +8,9 @@
 
 use std::path::PathBuf;
 
-use crate::{DataError, InMemory, Info};
+use crate::{DataError, InMemory, Info, Split};
 
 static DIGITS: &[u8] = include_bytes!("../data/digits.bin");
-
-/// Which part of a dataset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    /// Training images.
-    Train,
-    /// Held-out test images.
-    Test,
-}
 
 /// Mean of the training images after scaling to [0, 1] (pixel / 16).
 pub const DIGITS_MEAN: f32 = 0.3052;

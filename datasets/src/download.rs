@@ -132,51 +132,44 @@ pub fn fetch(url: &str, md5: &str, dest: &Path) -> Result<(), DataError> {
     let resp = ureq::get(url)
         .call()
         .map_err(|e| fail(format!("download from {url} failed: {e}")))?;
-    let tmp = dest.with_file_name(format!(
-        ".{}.part-{}",
-        dest.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut reader = resp.into_reader();
-        let mut out = std::fs::File::create(&tmp).map_err(|source| DataError::Read {
-            path: tmp.clone(),
-            source,
-        })?;
+    // what stops a download: the disk (an I/O error) or the bytes (a broken transfer,
+    // a checksum mismatch)
+    enum Stop {
+        Io(std::io::Error),
+        Bad(DataError),
+    }
+    impl From<std::io::Error> for Stop {
+        fn from(e: std::io::Error) -> Self {
+            Stop::Io(e)
+        }
+    }
+    let mut reader = resp.into_reader();
+    resnext_fs::write_atomic_with(dest, |out| {
         let mut h = Md5::new();
         let mut buf = vec![0u8; 1 << 16];
         loop {
             let n = reader
                 .read(&mut buf)
-                .map_err(|e| fail(format!("download from {url} broke off: {e}")))?;
+                .map_err(|e| Stop::Bad(fail(format!("download from {url} broke off: {e}"))))?;
             if n == 0 {
                 break;
             }
             h.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|source| DataError::Read {
-                path: tmp.clone(),
-                source,
-            })?;
+            out.write_all(&buf[..n])?;
         }
-        out.sync_all().map_err(|source| DataError::Read {
-            path: tmp.clone(),
-            source,
-        })?;
         let got = hex(&h.finalize());
         if got != md5 {
-            return Err(fail(format!(
+            return Err(Stop::Bad(fail(format!(
                 "checksum mismatch for {url}: MD5 {got}, published {md5}"
-            )));
+            ))));
         }
-        std::fs::rename(&tmp, dest).map_err(|source| DataError::Read {
+        Ok(())
+    })
+    .map_err(|stop| match stop {
+        Stop::Io(source) => DataError::Read {
             path: dest.into(),
             source,
-        })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        },
+        Stop::Bad(e) => e,
+    })
 }

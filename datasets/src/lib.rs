@@ -22,6 +22,15 @@ pub mod transforms;
 
 use std::path::PathBuf;
 
+/// Which part of a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Training images.
+    Train,
+    /// Held-out test images.
+    Test,
+}
+
 /// Why data could not be read; names the file (and record or offset where it helps).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use crate::archive::read_maybe_gz;
-use crate::digits::Split;
 use crate::transforms::constants::*;
+use crate::Split;
 use crate::{DataError, InMemory, Info};
 
 /// Which IDX dataset.

@@ -2,7 +2,6 @@
 //! arrays in C order. Reading checks every header field and the data length; writing is
 //! atomic (temporary file, then rename).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8] = b"\x93NUMPY";
@@ -185,25 +184,7 @@ pub fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
 pub fn write(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<(), NpyError> {
     let path = path.as_ref();
     let bytes = encode(shape, data);
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|source| NpyError::Write {
+    resnext_fs::write_atomic(path, &bytes).map_err(|source| NpyError::Write {
         path: path.into(),
         source,
     })

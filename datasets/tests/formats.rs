@@ -6,9 +6,9 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 use datasets::cifar::{self, Cifar};
-use datasets::digits::Split;
 use datasets::folder::ImageFolder;
 use datasets::mnist::{self, Idx};
+use datasets::Split;
 use datasets::{download, Source};
 
 struct TempDir(PathBuf);

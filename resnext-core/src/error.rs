@@ -19,9 +19,6 @@ pub enum Error {
     /// A loss or activation became NaN or infinite.
     #[error("non-finite value: {0}")]
     NonFinite(String),
-    /// Loading or saving weights failed.
-    #[error(transparent)]
-    Weights(#[from] crate::weights::WeightsError),
 }
 
 impl From<CpuError> for Error {

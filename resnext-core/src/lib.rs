@@ -1,6 +1,7 @@
 //! ResNeXt (Xie et al. 2017, "Aggregated Residual Transformations for Deep Neural
 //! Networks", <https://arxiv.org/abs/1611.05431>) as typed [dfdx] modules.
 
+pub mod backend;
 pub mod builders;
 pub mod error;
 pub mod kernels;

@@ -11,7 +11,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use crate::error::Result;
 use crate::ops::read;
 use crate::params::{ParamKind, ParamVisitorMut, Params};
-use crate::weights::{write_atomic, WeightsError};
+use crate::weights::WeightsError;
 
 /// SGD hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,6 +58,7 @@ struct Step<'a> {
 }
 
 impl ParamVisitorMut for Step<'_> {
+    type Error = crate::Error;
     fn tensor<S: Shape>(
         &mut self,
         name: &str,
@@ -131,7 +132,7 @@ impl Sgd {
         model: &mut M,
         grads: &mut Gradients<f32, Cpu>,
     ) -> Result<()> {
-        let _t = crate::profile::scope("sgd step");
+        let _t = crate::profile::scope(crate::profile::Label::SgdStep);
         model.visit_params_mut(
             "",
             &mut Step {
@@ -159,20 +160,18 @@ impl Sgd {
             .iter()
             .map(|(n, b, len)| TensorView::new(Dtype::F32, vec![*len], b).map(|v| (n.clone(), v)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| WeightsError::Format {
-                path: "optimizer state".into(),
-                msg: e.to_string(),
-            })?;
-        safetensors::tensor::serialize(views, &None).map_err(|e| WeightsError::Format {
-            path: "optimizer state".into(),
-            msg: e.to_string(),
-        })
+            .map_err(|e| WeightsError::Serialize { msg: e.to_string() })?;
+        safetensors::tensor::serialize(views, &None)
+            .map_err(|e| WeightsError::Serialize { msg: e.to_string() })
     }
 
     /// Saves the momentum buffers atomically.
     pub fn save_state(&self, path: &Path) -> Result<(), WeightsError> {
-        let bytes = self.state_bytes()?;
-        write_atomic(path, &bytes).map_err(|source| WeightsError::Write {
+        let bytes = self.state_bytes().map_err(|e| WeightsError::Write {
+            path: path.into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        resnext_fs::write_atomic(path, &bytes).map_err(|source| WeightsError::Write {
             path: path.into(),
             source,
         })

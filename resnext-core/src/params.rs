@@ -14,7 +14,7 @@ use dfdx::nn::tensor_collection::{
 use dfdx::prelude::*;
 use num_traits::NumCast;
 
-use crate::error::{Error, Result};
+use std::convert::Infallible;
 
 /// What a named tensor is, for the optimiser and for counting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,30 +41,34 @@ impl ParamKind {
 
 /// Reads each named tensor and counter of a model.
 pub trait ParamVisitor {
+    /// What stops the walk ([`Infallible`] for a visitor that cannot fail).
+    type Error;
     /// Called once per tensor, in a fixed order.
     fn tensor<S: Shape>(
         &mut self,
         name: &str,
         t: &Tensor<S, f32, Cpu>,
         kind: ParamKind,
-    ) -> Result<()>;
+    ) -> Result<(), Self::Error>;
     /// Called once per integer counter (batch norm's `num_batches_tracked`).
-    fn counter(&mut self, _name: &str, _value: u64) -> Result<()> {
+    fn counter(&mut self, _name: &str, _value: u64) -> Result<(), Self::Error> {
         Ok(())
     }
 }
 
 /// Reads and writes each named tensor and counter of a model.
 pub trait ParamVisitorMut {
+    /// What stops the walk ([`Infallible`] for a visitor that cannot fail).
+    type Error;
     /// Called once per tensor, in a fixed order.
     fn tensor<S: Shape>(
         &mut self,
         name: &str,
         t: &mut Tensor<S, f32, Cpu>,
         kind: ParamKind,
-    ) -> Result<()>;
+    ) -> Result<(), Self::Error>;
     /// Called once per integer counter (batch norm's `num_batches_tracked`).
-    fn counter(&mut self, _name: &str, _value: &mut u64) -> Result<()> {
+    fn counter(&mut self, _name: &str, _value: &mut u64) -> Result<(), Self::Error> {
         Ok(())
     }
 }
@@ -73,20 +77,25 @@ pub trait ParamVisitorMut {
 pub trait Params {
     /// Visits every tensor and counter read-only; names are prefixed with `prefix.` when
     /// `prefix` is not empty.
-    fn visit_params<V: ParamVisitor>(&self, prefix: &str, v: &mut V) -> Result<()>;
+    fn visit_params<V: ParamVisitor>(&self, prefix: &str, v: &mut V) -> Result<(), V::Error>;
     /// Visits every tensor and counter mutably.
-    fn visit_params_mut<V: ParamVisitorMut>(&mut self, prefix: &str, v: &mut V) -> Result<()>;
+    fn visit_params_mut<V: ParamVisitorMut>(
+        &mut self,
+        prefix: &str,
+        v: &mut V,
+    ) -> Result<(), V::Error>;
 
     /// Number of trainable scalars (torchvision's `sum(p.numel() for p in m.parameters())`).
     fn num_params(&self) -> usize {
         struct Count(usize);
         impl ParamVisitor for Count {
+            type Error = Infallible;
             fn tensor<S: Shape>(
                 &mut self,
                 _: &str,
                 t: &Tensor<S, f32, Cpu>,
                 kind: ParamKind,
-            ) -> Result<()> {
+            ) -> Result<(), Infallible> {
                 if kind != ParamKind::Buffer {
                     self.0 += t.shape().num_elements();
                 }
@@ -94,7 +103,10 @@ pub trait Params {
             }
         }
         let mut c = Count(0);
-        self.visit_params("", &mut c).map(|_| c.0).unwrap_or(0)
+        match self.visit_params("", &mut c) {
+            Ok(()) => c.0,
+            Err(never) => match never {},
+        }
     }
 }
 
@@ -111,7 +123,7 @@ struct Bridge<'v, V>(&'v mut V);
 
 impl<V: ParamVisitor> TensorVisitor<f32, Cpu> for Bridge<'_, V> {
     type Viewer = (ViewTensorRef, ViewTensorName);
-    type Err = Error;
+    type Err = V::Error;
     type E2 = f32;
     type D2 = Cpu;
 
@@ -119,7 +131,7 @@ impl<V: ParamVisitor> TensorVisitor<f32, Cpu> for Bridge<'_, V> {
         &mut self,
         opts: TensorOptions<S, f32, Cpu>,
         (t, name): <Self::Viewer as TensorViewer>::View<'_, Tensor<S, f32, Cpu>>,
-    ) -> Result<Option<Tensor<S, f32, Cpu>>> {
+    ) -> Result<Option<Tensor<S, f32, Cpu>>, V::Error> {
         self.0
             .tensor(&name, t, ParamKind::of::<S>(opts.do_gradient_update))?;
         Ok(None)
@@ -129,7 +141,7 @@ impl<V: ParamVisitor> TensorVisitor<f32, Cpu> for Bridge<'_, V> {
         &mut self,
         _: ScalarOptions<N>,
         (v, name): <Self::Viewer as TensorViewer>::View<'_, N>,
-    ) -> Result<Option<N>> {
+    ) -> Result<Option<N>, V::Error> {
         self.0.counter(&name, v.to_u64().unwrap_or(0))?;
         Ok(None)
     }
@@ -139,7 +151,7 @@ struct BridgeMut<'v, V>(&'v mut V);
 
 impl<V: ParamVisitorMut> TensorVisitor<f32, Cpu> for BridgeMut<'_, V> {
     type Viewer = (ViewTensorMut, ViewTensorName);
-    type Err = Error;
+    type Err = V::Error;
     type E2 = f32;
     type D2 = Cpu;
 
@@ -147,7 +159,7 @@ impl<V: ParamVisitorMut> TensorVisitor<f32, Cpu> for BridgeMut<'_, V> {
         &mut self,
         opts: TensorOptions<S, f32, Cpu>,
         (t, name): <Self::Viewer as TensorViewer>::View<'_, Tensor<S, f32, Cpu>>,
-    ) -> Result<Option<Tensor<S, f32, Cpu>>> {
+    ) -> Result<Option<Tensor<S, f32, Cpu>>, V::Error> {
         self.0
             .tensor(&name, t, ParamKind::of::<S>(opts.do_gradient_update))?;
         Ok(None)
@@ -157,7 +169,7 @@ impl<V: ParamVisitorMut> TensorVisitor<f32, Cpu> for BridgeMut<'_, V> {
         &mut self,
         _: ScalarOptions<N>,
         (v, name): <Self::Viewer as TensorViewer>::View<'_, N>,
-    ) -> Result<Option<N>> {
+    ) -> Result<Option<N>, V::Error> {
         let mut value = v.to_u64().unwrap_or(0);
         self.0.counter(&name, &mut value)?;
         if let Some(n) = N::from(value) {
@@ -172,7 +184,7 @@ pub fn walk<M: TensorCollection<f32, Cpu>, V: ParamVisitor>(
     m: &M,
     prefix: &str,
     v: &mut V,
-) -> Result<()> {
+) -> Result<(), V::Error> {
     M::iter_tensors(&mut RecursiveWalker {
         m: (m, prefix.to_string()),
         f: &mut Bridge(v),
@@ -185,7 +197,7 @@ pub fn walk_mut<M: TensorCollection<f32, Cpu>, V: ParamVisitorMut>(
     m: &mut M,
     prefix: &str,
     v: &mut V,
-) -> Result<()> {
+) -> Result<(), V::Error> {
     M::iter_tensors(&mut RecursiveWalker {
         m: (m, prefix.to_string()),
         f: &mut BridgeMut(v),
@@ -194,11 +206,15 @@ pub fn walk_mut<M: TensorCollection<f32, Cpu>, V: ParamVisitorMut>(
 }
 
 impl<const F: usize, O: Dim> Params for crate::nn::Linear<F, O, f32, Cpu> {
-    fn visit_params<V: ParamVisitor>(&self, prefix: &str, v: &mut V) -> Result<()> {
+    fn visit_params<V: ParamVisitor>(&self, prefix: &str, v: &mut V) -> Result<(), V::Error> {
         v.tensor(&join(prefix, "weight"), &self.weight, ParamKind::Weight)?;
         v.tensor(&join(prefix, "bias"), &self.bias, ParamKind::Vector)
     }
-    fn visit_params_mut<V: ParamVisitorMut>(&mut self, prefix: &str, v: &mut V) -> Result<()> {
+    fn visit_params_mut<V: ParamVisitorMut>(
+        &mut self,
+        prefix: &str,
+        v: &mut V,
+    ) -> Result<(), V::Error> {
         v.tensor(&join(prefix, "weight"), &mut self.weight, ParamKind::Weight)?;
         v.tensor(&join(prefix, "bias"), &mut self.bias, ParamKind::Vector)
     }

@@ -77,6 +77,12 @@ pub enum WeightsError {
         /// What we accept.
         expected: &'static str,
     },
+    /// The weights could not be serialised (no file involved yet).
+    #[error("cannot serialise the weights: {msg}")]
+    Serialize {
+        /// What the serialiser said.
+        msg: String,
+    },
     /// The file holds tensors the model does not have.
     #[error("`{path}`: {count} unexpected tensor(s) not in the model, first: `{first}`")]
     Unexpected {
@@ -87,31 +93,6 @@ pub enum WeightsError {
         /// The first one in sorted order.
         first: String,
     },
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, flushed, then
-/// renamed over `path`. A crash leaves either the old file or the new one, never half.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Name → (dtype, shape) of every tensor in a safetensors file.
@@ -187,12 +168,13 @@ struct Check<'a> {
 }
 
 impl ParamVisitor for Check<'_> {
+    type Error = WeightsError;
     fn tensor<S: Shape>(
         &mut self,
         name: &str,
         t: &Tensor<S, f32, Cpu>,
         _: ParamKind,
-    ) -> crate::Result<()> {
+    ) -> Result<(), WeightsError> {
         let expected = shape_of(t);
         let view = self.st.tensor(name).map_err(|_| WeightsError::Missing {
             path: self.path.into(),
@@ -205,14 +187,13 @@ impl ParamVisitor for Check<'_> {
                 name: name.into(),
                 found: view.shape().to_vec(),
                 expected,
-            }
-            .into());
+            });
         }
         to_f32(self.path, name, &view)?;
         self.seen.insert(name.to_string());
         Ok(())
     }
-    fn counter(&mut self, name: &str, _: u64) -> crate::Result<()> {
+    fn counter(&mut self, name: &str, _: u64) -> Result<(), WeightsError> {
         if let Ok(view) = self.st.tensor(name) {
             to_count(self.path, name, &view)?;
             self.seen.insert(name.to_string());
@@ -227,12 +208,13 @@ struct Assign<'a> {
 }
 
 impl ParamVisitorMut for Assign<'_> {
+    type Error = WeightsError;
     fn tensor<S: Shape>(
         &mut self,
         name: &str,
         t: &mut Tensor<S, f32, Cpu>,
         _: ParamKind,
-    ) -> crate::Result<()> {
+    ) -> Result<(), WeightsError> {
         let view = self.st.tensor(name).map_err(|_| WeightsError::Missing {
             path: self.path.into(),
             name: name.into(),
@@ -241,22 +223,12 @@ impl ParamVisitorMut for Assign<'_> {
         t.copy_from(&to_f32(self.path, name, &view)?);
         Ok(())
     }
-    fn counter(&mut self, name: &str, value: &mut u64) -> crate::Result<()> {
+    fn counter(&mut self, name: &str, value: &mut u64) -> Result<(), WeightsError> {
         *value = match self.st.tensor(name) {
             Ok(view) => to_count(self.path, name, &view)?,
             Err(_) => 0,
         };
         Ok(())
-    }
-}
-
-fn unwrap_weights(e: crate::Error) -> WeightsError {
-    match e {
-        crate::Error::Weights(w) => w,
-        other => WeightsError::Format {
-            path: PathBuf::new(),
-            msg: other.to_string(),
-        },
     }
 }
 
@@ -273,7 +245,7 @@ pub fn load_from_bytes<M: Params>(
         st: &st,
         seen: BTreeSet::new(),
     };
-    model.visit_params("", &mut check).map_err(unwrap_weights)?;
+    model.visit_params("", &mut check)?;
     let unexpected: Vec<String> = st
         .names()
         .into_iter()
@@ -287,9 +259,7 @@ pub fn load_from_bytes<M: Params>(
             first: first.clone(),
         });
     }
-    model
-        .visit_params_mut("", &mut Assign { path, st: &st })
-        .map_err(unwrap_weights)
+    model.visit_params_mut("", &mut Assign { path, st: &st })
 }
 
 /// Loads a safetensors file into `model` (see [`load_from_bytes`]).
@@ -308,12 +278,13 @@ pub fn load_safetensors<M: Params>(
 struct Collect(Vec<(String, StDtype, Vec<usize>, Vec<u8>)>);
 
 impl ParamVisitor for Collect {
+    type Error = WeightsError;
     fn tensor<S: Shape>(
         &mut self,
         name: &str,
         t: &Tensor<S, f32, Cpu>,
         _: ParamKind,
-    ) -> crate::Result<()> {
+    ) -> Result<(), WeightsError> {
         let bytes = crate::ops::read(t)
             .iter()
             .flat_map(|v| v.to_le_bytes())
@@ -322,7 +293,7 @@ impl ParamVisitor for Collect {
             .push((name.to_string(), StDtype::F32, shape_of(t), bytes));
         Ok(())
     }
-    fn counter(&mut self, name: &str, value: u64) -> crate::Result<()> {
+    fn counter(&mut self, name: &str, value: u64) -> Result<(), WeightsError> {
         self.0.push((
             name.to_string(),
             StDtype::I64,
@@ -337,26 +308,24 @@ impl ParamVisitor for Collect {
 /// int64 `num_batches_tracked`), loadable by `safetensors.torch.load_file`.
 pub fn to_bytes<M: Params>(model: &M) -> Result<Vec<u8>, WeightsError> {
     let mut c = Collect(Vec::new());
-    model.visit_params("", &mut c).map_err(unwrap_weights)?;
+    model.visit_params("", &mut c)?;
     let views: Vec<(String, TensorView<'_>)> =
         c.0.iter()
             .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
             .collect::<Result<_, _>>()
-            .map_err(|e| WeightsError::Format {
-                path: PathBuf::new(),
-                msg: e.to_string(),
-            })?;
-    safetensors::tensor::serialize(views, &None).map_err(|e| WeightsError::Format {
-        path: PathBuf::new(),
-        msg: e.to_string(),
-    })
+            .map_err(|e| WeightsError::Serialize { msg: e.to_string() })?;
+    safetensors::tensor::serialize(views, &None)
+        .map_err(|e| WeightsError::Serialize { msg: e.to_string() })
 }
 
-/// Saves `model` to `path` atomically (see [`to_bytes`] and [`write_atomic`]).
+/// Saves `model` to `path` atomically (see [`to_bytes`] and [`resnext_fs::write_atomic`]).
 pub fn save_safetensors<M: Params>(model: &M, path: impl AsRef<Path>) -> Result<(), WeightsError> {
     let path = path.as_ref();
-    let bytes = to_bytes(model)?;
-    write_atomic(path, &bytes).map_err(|source| WeightsError::Write {
+    let bytes = to_bytes(model).map_err(|e| WeightsError::Write {
+        path: path.into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    resnext_fs::write_atomic(path, &bytes).map_err(|source| WeightsError::Write {
         path: path.into(),
         source,
     })

@@ -59,6 +59,7 @@ use resnext_core::params::{walk_mut, ParamKind, ParamVisitorMut};
 /// Gives batch-norm layers non-trivial statistics and affine parameters.
 struct RandomBn(u64);
 impl ParamVisitorMut for RandomBn {
+    type Error = resnext_core::Error;
     fn tensor<S: Shape>(
         &mut self,
         name: &str,

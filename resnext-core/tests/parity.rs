@@ -44,6 +44,7 @@ struct CompareGrads<'a> {
 }
 
 impl ParamVisitor for CompareGrads<'_> {
+    type Error = resnext_core::Error;
     fn tensor<S: Shape>(
         &mut self,
         name: &str,
@@ -160,6 +161,7 @@ fn gen_uniform(name: &str, n: usize, lo: f64, hi: f64) -> Vec<f32> {
 struct Generate;
 
 impl ParamVisitorMut for Generate {
+    type Error = resnext_core::Error;
     fn tensor<S: Shape>(
         &mut self,
         name: &str,

@@ -5,24 +5,75 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use datasets::cifar::{self, Cifar};
-use datasets::digits::{self, Split};
+use datasets::digits;
 use datasets::download::{self, Remote};
 use datasets::folder::ImageFolder;
 use datasets::mnist::{self, Idx};
 use datasets::transforms::{
     CenterCrop, Normalize, Pipeline, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Resize,
 };
-use datasets::{Info, Source};
+use datasets::{Info, Source, Split};
+use serde::{Deserialize, Serialize};
 
-/// The datasets `--dataset` accepts.
-pub const NAMES: &[&str] = &[
-    "digits",
-    "cifar10",
-    "cifar100",
-    "mnist",
-    "fashion-mnist",
-    "folder",
-];
+/// The datasets `--dataset` accepts (also how a run's `state.json` names its dataset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum Dataset {
+    /// The embedded UCI handwritten digits.
+    #[value(name = "digits")]
+    #[serde(rename = "digits")]
+    Digits,
+    /// CIFAR-10.
+    #[value(name = "cifar10")]
+    #[serde(rename = "cifar10")]
+    Cifar10,
+    /// CIFAR-100 (fine labels).
+    #[value(name = "cifar100")]
+    #[serde(rename = "cifar100")]
+    Cifar100,
+    /// MNIST.
+    #[value(name = "mnist")]
+    #[serde(rename = "mnist")]
+    Mnist,
+    /// Fashion-MNIST.
+    #[value(name = "fashion-mnist")]
+    #[serde(rename = "fashion-mnist")]
+    FashionMnist,
+    /// An image folder: `train/<class>/*` and `val/<class>/*`.
+    #[value(name = "folder")]
+    #[serde(rename = "folder")]
+    Folder,
+}
+
+impl Dataset {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataset::Digits => "digits",
+            Dataset::Cifar10 => "cifar10",
+            Dataset::Cifar100 => "cifar100",
+            Dataset::Mnist => "mnist",
+            Dataset::FashionMnist => "fashion-mnist",
+            Dataset::Folder => "folder",
+        }
+    }
+
+    /// Where `--download` fetches it from, if anywhere.
+    fn remote(self) -> Option<(&'static str, &'static [Remote])> {
+        match self {
+            Dataset::Cifar10 => Some(download::CIFAR10),
+            Dataset::Cifar100 => Some(download::CIFAR100),
+            Dataset::Mnist => Some(download::MNIST),
+            Dataset::FashionMnist => Some(download::FASHION_MNIST),
+            Dataset::Digits | Dataset::Folder => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Train and test data with their transforms.
 pub struct Prepared {
@@ -45,37 +96,21 @@ fn norm(info: &Info) -> Normalize {
     }
 }
 
-fn remote(name: &str) -> Option<(&'static str, &'static [Remote])> {
-    match name {
-        "cifar10" => Some(download::CIFAR10),
-        "cifar100" => Some(download::CIFAR100),
-        "mnist" => Some(download::MNIST),
-        "fashion-mnist" => Some(download::FASHION_MNIST),
-        _ => None,
-    }
-}
-
-fn data_dir(name: &str, given: Option<&Path>) -> PathBuf {
+fn data_dir(name: Dataset, given: Option<&Path>) -> PathBuf {
     given
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("data").join(name))
+        .unwrap_or_else(|| PathBuf::from("data").join(name.name()))
 }
 
 /// Loads `name` from `data_dir` (default `data/<name>`), downloading first when asked.
 /// `image_size` is the training crop of image folders.
 pub fn prepare(
-    name: &str,
+    name: Dataset,
     data_dir_arg: Option<&Path>,
     download: bool,
     image_size: usize,
 ) -> Result<Prepared> {
-    if !NAMES.contains(&name) {
-        bail!(
-            "unknown dataset `{name}`; valid names: {}",
-            NAMES.join(", ")
-        );
-    }
-    if name == "digits" {
+    if name == Dataset::Digits {
         let (train, test) = (digits::load(Split::Train), digits::load(Split::Test));
         let info = train.info().clone();
         return Ok(Prepared {
@@ -93,7 +128,7 @@ pub fn prepare(
     }
     let dir = data_dir(name, data_dir_arg);
     if download {
-        let Some((base, files)) = remote(name) else {
+        let Some((base, files)) = name.remote() else {
             bail!("--download is not available for `{name}`: point --data-dir at your image folder")
         };
         let base = std::env::var("RESNEXT_DATA_MIRROR").unwrap_or_else(|_| base.to_string());
@@ -103,14 +138,14 @@ pub fn prepare(
         }
     }
     let hint = |e: datasets::DataError| -> anyhow::Error {
-        match remote(name) {
+        match name.remote() {
             Some(_) => anyhow::Error::new(e).context(format!("cannot load `{name}` from `{}`; add --download to fetch it, or pass --data-dir", dir.display())),
             None => anyhow::Error::new(e).context(format!("cannot load the image folder `{}` (expected train/<class>/*.jpg and val/<class>/*.jpg)", dir.display())),
         }
     };
     let (train, test): (Arc<dyn Source>, Arc<dyn Source>) = match name {
-        "cifar10" | "cifar100" => {
-            let kind = if name == "cifar10" {
+        Dataset::Cifar10 | Dataset::Cifar100 => {
+            let kind = if name == Dataset::Cifar10 {
                 Cifar::Ten
             } else {
                 Cifar::Hundred
@@ -120,8 +155,8 @@ pub fn prepare(
                 Arc::new(cifar::load(kind, &dir, Split::Test).map_err(hint)?),
             )
         }
-        "mnist" | "fashion-mnist" => {
-            let kind = if name == "mnist" {
+        Dataset::Mnist | Dataset::FashionMnist => {
+            let kind = if name == Dataset::Mnist {
                 Idx::Mnist
             } else {
                 Idx::FashionMnist
@@ -131,7 +166,7 @@ pub fn prepare(
                 Arc::new(mnist::load(kind, &dir, Split::Test).map_err(hint)?),
             )
         }
-        _ => {
+        Dataset::Digits | Dataset::Folder => {
             let train = ImageFolder::open(&dir.join("train"), None, true).map_err(hint)?;
             let classes = train.info().classes.clone();
             let val = ImageFolder::open(&dir.join("val"), Some(&classes), true)
@@ -141,7 +176,7 @@ pub fn prepare(
     };
     let info = train.info().clone();
     let (train_pipeline, test_pipeline) = match name {
-        "cifar10" | "cifar100" => (
+        Dataset::Cifar10 | Dataset::Cifar100 => (
             Pipeline::new(255.0)
                 .then(RandomCrop {
                     size: 32,
@@ -151,7 +186,7 @@ pub fn prepare(
                 .then(norm(&info)),
             Pipeline::new(255.0).then(norm(&info)),
         ),
-        "mnist" | "fashion-mnist" => (
+        Dataset::Mnist | Dataset::FashionMnist => (
             Pipeline::new(255.0)
                 .then(RandomCrop {
                     size: info.height,
@@ -160,7 +195,7 @@ pub fn prepare(
                 .then(norm(&info)),
             Pipeline::new(255.0).then(norm(&info)),
         ),
-        _ => (
+        Dataset::Digits | Dataset::Folder => (
             Pipeline::new(255.0)
                 .then(RandomResizedCrop::new(image_size))
                 .then(RandomHorizontalFlip { p: 0.5 })

@@ -8,7 +8,7 @@ use datasets::loader::{Loader, LoaderConfig};
 use dfdx::prelude::*;
 use resnext_core::model::{Arch, Network};
 
-use crate::data;
+use crate::data::{self, Dataset};
 
 /// Test-set numbers.
 pub struct EvalResult {
@@ -62,8 +62,8 @@ pub struct EvalArgs {
     #[arg(long)]
     weights: PathBuf,
     /// Dataset whose test split to evaluate.
-    #[arg(long, default_value = "digits")]
-    dataset: String,
+    #[arg(long, value_enum, default_value_t = Dataset::Digits)]
+    dataset: Dataset,
     /// Folder holding the dataset's files.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -76,7 +76,7 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
     let data = data::prepare(
-        &a.dataset,
+        a.dataset,
         a.data_dir.as_deref(),
         false,
         a.image_size.unwrap_or(arch.default_size()),

@@ -10,6 +10,8 @@ use dfdx::prelude::*;
 use rand::SeedableRng;
 use resnext_core::model::Arch;
 
+use crate::data::Dataset;
+
 static IMAGENET_CLASSES: &str = include_str!("../data/imagenet_classes.txt");
 
 /// Arguments of `predict`.
@@ -42,21 +44,21 @@ pub struct PredictArgs {
 }
 
 /// The dataset a run folder was trained on (weights in `run/` or `run/checkpoint/`).
-fn run_dataset(weights: &Path) -> Option<String> {
+fn run_dataset(weights: &Path) -> Option<Dataset> {
     let dir = weights.parent()?;
     [dir.join("state.json"), dir.parent()?.join("state.json")]
         .iter()
         .find_map(|p| {
             let text = std::fs::read_to_string(p).ok()?;
             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-            v["config"]["dataset"].as_str().map(String::from)
+            serde_json::from_value(v["config"]["dataset"].clone()).ok()
         })
 }
 
-fn names_for(dataset: Option<&str>, classes: usize) -> Vec<String> {
+fn names_for(dataset: Option<Dataset>, classes: usize) -> Vec<String> {
     let list: Option<Vec<&str>> = match dataset {
-        Some("cifar10") => Some(datasets::cifar::CIFAR10_CLASSES.to_vec()),
-        Some("fashion-mnist") => Some(datasets::mnist::FASHION_CLASSES.to_vec()),
+        Some(Dataset::Cifar10) => Some(datasets::cifar::CIFAR10_CLASSES.to_vec()),
+        Some(Dataset::FashionMnist) => Some(datasets::mnist::FASHION_CLASSES.to_vec()),
         _ if classes == 1000 => Some(IMAGENET_CLASSES.lines().collect()),
         _ => None,
     };
@@ -68,26 +70,26 @@ fn names_for(dataset: Option<&str>, classes: usize) -> Vec<String> {
 
 /// Normalisation constants, input size and whether to resize like ImageNet eval.
 fn preprocessing(
-    dataset: Option<&str>,
+    dataset: Option<Dataset>,
     channels: usize,
     arch: Arch,
 ) -> (Vec<f32>, Vec<f32>, usize, bool) {
     match dataset {
-        Some("digits") => (
+        Some(Dataset::Digits) => (
             vec![datasets::digits::DIGITS_MEAN],
             vec![datasets::digits::DIGITS_STD],
             8,
             false,
         ),
-        Some("mnist") => (MNIST_MEAN.to_vec(), MNIST_STD.to_vec(), 28, false),
-        Some("fashion-mnist") => (
+        Some(Dataset::Mnist) => (MNIST_MEAN.to_vec(), MNIST_STD.to_vec(), 28, false),
+        Some(Dataset::FashionMnist) => (
             FASHION_MNIST_MEAN.to_vec(),
             FASHION_MNIST_STD.to_vec(),
             28,
             false,
         ),
-        Some("cifar10") => (CIFAR10_MEAN.to_vec(), CIFAR10_STD.to_vec(), 32, false),
-        Some("cifar100") => (CIFAR100_MEAN.to_vec(), CIFAR100_STD.to_vec(), 32, false),
+        Some(Dataset::Cifar10) => (CIFAR10_MEAN.to_vec(), CIFAR10_STD.to_vec(), 32, false),
+        Some(Dataset::Cifar100) => (CIFAR100_MEAN.to_vec(), CIFAR100_STD.to_vec(), 32, false),
         _ if channels == 1 => (
             MNIST_MEAN.to_vec(),
             MNIST_STD.to_vec(),
@@ -182,8 +184,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
                 )
             }
             (None, false) => {
-                let (mean, std, size, imagenet) =
-                    preprocessing(dataset.as_deref(), in_channels, arch);
+                let (mean, std, size, imagenet) = preprocessing(dataset, in_channels, arch);
                 let (data, shape) = load_images(
                     &a.images,
                     in_channels,
@@ -218,7 +219,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
             }
             names
         }
-        None => names_for(dataset.as_deref(), classes),
+        None => names_for(dataset, classes),
     };
     let dev = Cpu::default();
     let mut net = arch.build(&dev, in_channels, classes)?;

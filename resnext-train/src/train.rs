@@ -8,16 +8,16 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args};
+use clap::{ArgMatches, Args, ValueEnum};
 use datasets::loader::{Loader, LoaderConfig};
 use dfdx::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use resnext_core::model::{Arch, Network};
 use resnext_core::optim::{Schedule, Sgd, SgdConfig};
-use resnext_core::weights::write_atomic;
 use serde::{Deserialize, Serialize};
 
-use crate::{curves, data, eval};
+use crate::data::{self, Dataset};
+use crate::{curves, eval};
 
 /// Arguments of `train` (also the keys of a `--config` TOML file and of a run's saved config).
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
@@ -26,9 +26,9 @@ pub struct TrainArgs {
     /// Architecture (see `info --arch help` for the list).
     #[arg(long, default_value = "resnext11_8x8d")]
     pub arch: String,
-    /// Dataset: digits (embedded), cifar10, cifar100, mnist, fashion-mnist, folder.
-    #[arg(long, default_value = "digits")]
-    pub dataset: String,
+    /// Dataset (digits is embedded; folder reads train/<class>/* and val/<class>/*).
+    #[arg(long, value_enum, default_value_t = Dataset::Digits)]
+    pub dataset: Dataset,
     /// Folder holding the dataset's files.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -59,9 +59,9 @@ pub struct TrainArgs {
     /// Also apply weight decay to batch-norm parameters and biases.
     #[arg(long)]
     pub decay_bn_and_bias: bool,
-    /// Learning-rate schedule: cosine or step (x0.1 at 50% and 75% of the epochs).
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = ScheduleName::Cosine)]
+    pub schedule: ScheduleName,
     /// Epochs of linear warm-up.
     #[arg(long, default_value_t = 1.0)]
     pub warmup_epochs: f32,
@@ -89,6 +89,25 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+}
+
+/// The learning-rate schedules `--schedule` accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleName {
+    /// Cosine decay to zero over the run.
+    Cosine,
+    /// ×0.1 at 50% and at 75% of the epochs.
+    Step,
+}
+
+impl ScheduleName {
+    fn schedule(self) -> Schedule {
+        match self {
+            ScheduleName::Cosine => Schedule::Cosine,
+            ScheduleName::Step => Schedule::Step { gamma: 0.1 },
+        }
+    }
 }
 
 /// Overlays `layer` (a JSON object of flag names) onto `args`, except flags given on the
@@ -227,7 +246,7 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
-    write_atomic(path, text.as_bytes())
+    resnext_fs::write_atomic(path, text.as_bytes())
         .with_context(|| format!("cannot write `{}`", path.display()))
 }
 
@@ -253,120 +272,203 @@ fn checkpoint(dir: &Path, net: &dyn Network, opt: &Sgd, state: &mut State) -> Re
     Ok(())
 }
 
-/// Trains; prints `final test_top1: X` last.
+/// Trains with `args`; prints `final test_top1: X` last. `interrupted` is set by the
+/// Ctrl-C handler: the current step finishes and a checkpoint is written.
 pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
-    let arch: Arch = args.arch.parse()?;
-    if args.batch_size == 0 || args.epochs == 0 {
-        bail!("--batch-size and --epochs must be positive");
+    let mut trainer = Trainer::new(args, interrupted)?;
+    if trainer.args.resume.is_some() {
+        trainer.resume()?;
     }
-    let schedule = match args.schedule.as_str() {
-        "cosine" => Schedule::Cosine,
-        "step" => Schedule::Step { gamma: 0.1 },
-        s => bail!("unknown schedule `{s}`; valid: cosine, step"),
-    };
-    if args.threads > 0 {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(args.threads)
-            .build_global()
-            .context("cannot set up the thread pool")?;
+    trainer.announce();
+    while trainer.state.epoch < trainer.args.epochs {
+        match trainer.train_epoch()? {
+            Flow::Stopped => return Ok(()),
+            Flow::EpochDone { lr } => trainer.end_epoch(lr)?,
+        }
+        if trainer.interrupted.load(Ordering::SeqCst) {
+            println!(
+                "interrupted: checkpoint written after epoch {}; continue with --resume {}",
+                trainer.state.epoch,
+                trainer.dir.display()
+            );
+            return Ok(());
+        }
     }
-    let data = data::prepare(
-        &args.dataset,
-        args.data_dir.as_deref(),
-        args.download,
-        args.image_size.unwrap_or(arch.default_size()),
-    )?;
-    let classes = data.info.classes.len();
-    let dir = match &args.out_dir {
-        Some(d) => d.clone(),
-        None => {
+    let last = trainer
+        .state
+        .history
+        .last()
+        .map(|r| r.test_top1)
+        .unwrap_or(0.0);
+    println!("final test_top1: {last:.4}");
+    Ok(())
+}
+
+/// How an epoch's training steps ended.
+enum Flow {
+    /// Every step ran; the learning rate of the last one.
+    EpochDone { lr: f32 },
+    /// Interrupted or `--max-steps` reached: a checkpoint is written, the run ends.
+    Stopped,
+}
+
+/// One training run: the model, the optimiser, the data and the run folder.
+struct Trainer {
+    args: TrainArgs,
+    arch: Arch,
+    schedule: Schedule,
+    dir: PathBuf,
+    classes: usize,
+    net: Box<dyn Network>,
+    opt: Sgd,
+    state: State,
+    train: Loader,
+    test: Loader,
+    /// Training batches per epoch.
+    steps: usize,
+    /// Training and test images.
+    images: (usize, usize),
+    interrupted: Arc<AtomicBool>,
+}
+
+impl Trainer {
+    /// Checks the arguments, loads the data, creates the run folder and builds the model.
+    fn new(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<Self> {
+        let arch: Arch = args.arch.parse()?;
+        if args.batch_size == 0 || args.epochs == 0 {
+            bail!("--batch-size and --epochs must be positive");
+        }
+        if args.threads > 0 {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(args.threads)
+                .build_global()
+                .context("cannot set up the thread pool")?;
+        }
+        let data = data::prepare(
+            args.dataset,
+            args.data_dir.as_deref(),
+            args.download,
+            args.image_size.unwrap_or(arch.default_size()),
+        )?;
+        let classes = data.info.classes.len();
+        let dir = args.out_dir.clone().unwrap_or_else(|| {
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             PathBuf::from("runs").join(format!("{}-{}-{t}", arch, args.dataset))
-        }
-    };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the run folder `{}`", dir.display()))?;
+        });
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the run folder `{}`", dir.display()))?;
 
-    let dev = Cpu::seed_from_u64(args.seed);
-    let mut net = arch.build(&dev, data.info.channels, classes)?;
-    let mut opt = Sgd::new(SgdConfig {
-        lr: args.lr,
-        momentum: args.momentum,
-        nesterov: args.nesterov,
-        weight_decay: args.weight_decay,
-        decay_vectors: args.decay_bn_and_bias,
-    });
-    let mut state = State {
-        epoch: 0,
-        step_in_epoch: 0,
-        global_step: 0,
-        best_top1: -1.0,
-        partial: Partial::default(),
-        history: Vec::new(),
-        model_file: String::new(),
-        optimizer_file: String::new(),
-        config: serde_json::to_value(&args)?,
-    };
-    if args.resume.is_some() {
-        let saved = State::read(&dir)?;
-        let ck = dir.join("checkpoint");
-        net.load_safetensors(&ck.join(&saved.model_file)).context(
-            "cannot resume: the checkpoint does not fit this architecture and class count",
-        )?;
-        opt.load_state(&ck.join(&saved.optimizer_file))?;
-        state = State {
-            config: state.config,
+        let dev = Cpu::seed_from_u64(args.seed);
+        let net = arch.build(&dev, data.info.channels, classes)?;
+        let opt = Sgd::new(SgdConfig {
+            lr: args.lr,
+            momentum: args.momentum,
+            nesterov: args.nesterov,
+            weight_decay: args.weight_decay,
+            decay_vectors: args.decay_bn_and_bias,
+        });
+        let state = State {
+            epoch: 0,
+            step_in_epoch: 0,
+            global_step: 0,
+            best_top1: -1.0,
+            partial: Partial::default(),
+            history: Vec::new(),
+            model_file: String::new(),
+            optimizer_file: String::new(),
+            config: serde_json::to_value(&args)?,
+        };
+        let loader = |source, pipeline, batch_size, shuffle, prefetch| {
+            Loader::new(
+                source,
+                pipeline,
+                LoaderConfig {
+                    batch_size,
+                    shuffle,
+                    drop_last: shuffle,
+                    seed: args.seed,
+                    threads: 1,
+                    prefetch,
+                },
+            )
+        };
+        let train = loader(
+            data.train.clone(),
+            data.train_pipeline,
+            args.batch_size,
+            true,
+            4,
+        );
+        let test = loader(data.test.clone(), data.test_pipeline, 256, false, 2);
+        let steps = train.batches_per_epoch();
+        if steps == 0 {
+            bail!(
+                "the training set has {} images, fewer than one batch of {}",
+                data.train.len(),
+                args.batch_size
+            );
+        }
+        Ok(Trainer {
+            schedule: args.schedule.schedule(),
+            args,
+            arch,
+            dir,
+            classes,
+            net,
+            opt,
+            state,
+            train,
+            test,
+            steps,
+            images: (data.train.len(), data.test.len()),
+            interrupted,
+        })
+    }
+
+    /// Continues from the run folder's `state.json` and the checkpoint it names.
+    fn resume(&mut self) -> Result<()> {
+        let saved = State::read(&self.dir)?;
+        let ck = self.dir.join("checkpoint");
+        self.net
+            .load_safetensors(&ck.join(&saved.model_file))
+            .context(
+                "cannot resume: the checkpoint does not fit this architecture and class count",
+            )?;
+        self.opt.load_state(&ck.join(&saved.optimizer_file))?;
+        self.state = State {
+            config: std::mem::take(&mut self.state.config),
             ..saved
         };
         eprintln!(
             "resuming {} at epoch {} step {}",
-            dir.display(),
-            state.epoch + 1,
-            state.step_in_epoch
+            self.dir.display(),
+            self.state.epoch + 1,
+            self.state.step_in_epoch
+        );
+        Ok(())
+    }
+
+    fn announce(&self) {
+        println!(
+            "training {} on {} ({} train / {} test images, {} classes) for {} epochs; run folder {}",
+            self.arch,
+            self.args.dataset,
+            self.images.0,
+            self.images.1,
+            self.classes,
+            self.args.epochs,
+            self.dir.display()
         );
     }
 
-    let loader_threads = 1;
-    let train = Loader::new(
-        data.train.clone(),
-        data.train_pipeline,
-        LoaderConfig {
-            batch_size: args.batch_size,
-            shuffle: true,
-            drop_last: true,
-            seed: args.seed,
-            threads: loader_threads,
-            prefetch: 4,
-        },
-    );
-    let test = Loader::new(
-        data.test.clone(),
-        data.test_pipeline,
-        LoaderConfig {
-            batch_size: 256,
-            shuffle: false,
-            drop_last: false,
-            seed: args.seed,
-            threads: loader_threads,
-            prefetch: 2,
-        },
-    );
-    let steps = train.batches_per_epoch();
-    if steps == 0 {
-        bail!(
-            "the training set has {} images, fewer than one batch of {}",
-            data.train.len(),
-            args.batch_size
-        );
-    }
-    let tty = std::io::stderr().is_terminal();
-    println!("training {arch} on {} ({} train / {} test images, {classes} classes) for {} epochs; run folder {}", args.dataset, data.train.len(), data.test.len(), args.epochs, dir.display());
-
-    while state.epoch < args.epochs {
-        let epoch = state.epoch;
+    /// The remaining training steps of the current epoch, with a progress bar on a terminal
+    /// (plain lines otherwise).
+    fn train_epoch(&mut self) -> Result<Flow> {
+        let (epoch, steps) = (self.state.epoch, self.steps);
+        let tty = std::io::stderr().is_terminal();
         let bar = if tty {
             ProgressBar::new(steps as u64)
         } else {
@@ -377,58 +479,74 @@ pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
                 .expect("valid template")
                 .progress_chars("=> "),
         );
-        bar.set_prefix(format!("{}/{}", epoch + 1, args.epochs));
-        bar.set_position(state.step_in_epoch as u64);
-        let mut lr = args.lr;
-        for batch in train.epoch(epoch as u64, state.step_in_epoch) {
+        bar.set_prefix(format!("{}/{}", epoch + 1, self.args.epochs));
+        bar.set_position(self.state.step_in_epoch as u64);
+        let mut lr = self.args.lr;
+        for batch in self.train.epoch(epoch as u64, self.state.step_in_epoch) {
             let batch = batch?;
             let t0 = Instant::now();
-            let progress = epoch as f32 + state.step_in_epoch as f32 / steps as f32;
-            lr = schedule.lr(args.lr, progress, args.epochs, args.warmup_epochs);
-            opt.cfg.lr = lr;
+            let progress = epoch as f32 + self.state.step_in_epoch as f32 / steps as f32;
+            lr = self.schedule.lr(
+                self.args.lr,
+                progress,
+                self.args.epochs,
+                self.args.warmup_epochs,
+            );
+            self.opt.cfg.lr = lr;
             let n = batch.labels.len();
-            let out = net.train_step(batch.data, batch.shape, &batch.labels, args.label_smoothing, &mut opt).map_err(|e| {
-                anyhow!(
-                    "training stopped at epoch {} step {} (global step {}): {e}; the last good checkpoint in `{}` is kept",
-                    epoch + 1,
-                    state.step_in_epoch + 1,
-                    state.global_step + 1,
-                    dir.display()
+            let out = self
+                .net
+                .train_step(
+                    batch.data,
+                    batch.shape,
+                    &batch.labels,
+                    self.args.label_smoothing,
+                    &mut self.opt,
                 )
-            })?;
-            let p = &mut state.partial;
+                .map_err(|e| {
+                    anyhow!(
+                        "training stopped at epoch {} step {} (global step {}): {e}; the last good checkpoint in `{}` is kept",
+                        epoch + 1,
+                        self.state.step_in_epoch + 1,
+                        self.state.global_step + 1,
+                        self.dir.display()
+                    )
+                })?;
+            let p = &mut self.state.partial;
             p.seconds += t0.elapsed().as_secs_f64();
             p.loss_sum += out.loss as f64 * n as f64;
             p.correct += out
                 .logits
-                .chunks(classes)
+                .chunks(self.classes)
                 .zip(&batch.labels)
                 .filter(|(row, &l)| argmax(row) == l)
                 .count();
             p.seen += n;
-            state.step_in_epoch += 1;
-            state.global_step += 1;
-            bar.set_position(state.step_in_epoch as u64);
-            bar.set_message(format!(
-                "loss {:.4} | {:.0} img/s",
+            let (mean_loss, rate) = (
                 p.loss_sum / p.seen as f64,
-                p.seen as f64 / p.seconds.max(1e-9)
-            ));
+                p.seen as f64 / p.seconds.max(1e-9),
+            );
+            self.state.step_in_epoch += 1;
+            self.state.global_step += 1;
+            bar.set_position(self.state.step_in_epoch as u64);
+            bar.set_message(format!("loss {mean_loss:.4} | {rate:.0} img/s"));
             if !tty
-                && state.step_in_epoch.is_multiple_of((steps / 4).max(1))
-                && state.step_in_epoch < steps
+                && self.state.step_in_epoch.is_multiple_of((steps / 4).max(1))
+                && self.state.step_in_epoch < steps
             {
                 println!(
-                    "  epoch {} step {}/{steps} loss {:.4}",
+                    "  epoch {} step {}/{steps} loss {mean_loss:.4}",
                     epoch + 1,
-                    state.step_in_epoch,
-                    p.loss_sum / p.seen as f64
+                    self.state.step_in_epoch,
                 );
             }
-            let stop_steps = args.max_steps.is_some_and(|m| state.global_step >= m);
-            if interrupted.load(Ordering::SeqCst) || stop_steps {
+            let stop_steps = self
+                .args
+                .max_steps
+                .is_some_and(|m| self.state.global_step >= m);
+            if self.interrupted.load(Ordering::SeqCst) || stop_steps {
                 bar.abandon();
-                checkpoint(&dir, net.as_ref(), &opt, &mut state)?;
+                checkpoint(&self.dir, self.net.as_ref(), &self.opt, &mut self.state)?;
                 let why = if stop_steps {
                     "--max-steps reached"
                 } else {
@@ -437,17 +555,22 @@ pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
                 println!(
                     "{why}: checkpoint written at epoch {} step {}; continue with --resume {}",
                     epoch + 1,
-                    state.step_in_epoch,
-                    dir.display()
+                    self.state.step_in_epoch,
+                    self.dir.display()
                 );
-                return Ok(());
+                return Ok(Flow::Stopped);
             }
         }
         bar.finish_and_clear();
-        let ev = eval::evaluate(net.as_ref(), &test)?;
-        let p = std::mem::take(&mut state.partial);
+        Ok(Flow::EpochDone { lr })
+    }
+
+    /// Evaluates, records the epoch, writes the checkpoint and the run's artifacts.
+    fn end_epoch(&mut self, lr: f32) -> Result<()> {
+        let ev = eval::evaluate(self.net.as_ref(), &self.test)?;
+        let p = std::mem::take(&mut self.state.partial);
         let rec = EpochRecord {
-            epoch: epoch + 1,
+            epoch: self.state.epoch + 1,
             train_loss: p.loss_sum / p.seen.max(1) as f64,
             train_top1: p.correct as f64 / p.seen.max(1) as f64,
             test_loss: ev.loss,
@@ -459,29 +582,35 @@ pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
         };
         println!(
             "epoch {}/{}: train_loss {:.4} train_top1 {:.4} test_loss {:.4} test_top1 {:.4} lr {:.4} {:.0} img/s {:.1}s",
-            rec.epoch, args.epochs, rec.train_loss, rec.train_top1, rec.test_loss, rec.test_top1, rec.lr, rec.images_per_s, rec.seconds
+            rec.epoch, self.args.epochs, rec.train_loss, rec.train_top1, rec.test_loss, rec.test_top1, rec.lr, rec.images_per_s, rec.seconds
         );
-        state.history.push(rec.clone());
-        state.epoch += 1;
-        state.step_in_epoch = 0;
-        checkpoint(&dir, net.as_ref(), &opt, &mut state)?;
-        net.save_safetensors(&dir.join("model.safetensors"))?;
-        if rec.test_top1 > state.best_top1 {
-            state.best_top1 = rec.test_top1;
-            net.save_safetensors(&dir.join("best.safetensors"))?;
+        self.state.history.push(rec.clone());
+        self.state.epoch += 1;
+        self.state.step_in_epoch = 0;
+        checkpoint(&self.dir, self.net.as_ref(), &self.opt, &mut self.state)?;
+        self.net
+            .save_safetensors(&self.dir.join("model.safetensors"))?;
+        if rec.test_top1 > self.state.best_top1 {
+            self.state.best_top1 = rec.test_top1;
+            self.net
+                .save_safetensors(&self.dir.join("best.safetensors"))?;
             write_text(
-                &dir.join("state.json"),
-                &serde_json::to_string_pretty(&state)?,
+                &self.dir.join("state.json"),
+                &serde_json::to_string_pretty(&self.state)?,
             )?;
         }
-        let lines: String = state
-            .history
+        self.write_artifacts()
+    }
+
+    /// `metrics.jsonl` and `curves.svg` from the history.
+    fn write_artifacts(&self) -> Result<()> {
+        let history = &self.state.history;
+        let lines: String = history
             .iter()
             .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
             .collect::<Result<_, _>>()?;
-        write_text(&dir.join("metrics.jsonl"), &lines)?;
-        let pts: Vec<curves::Point> = state
-            .history
+        write_text(&self.dir.join("metrics.jsonl"), &lines)?;
+        let pts: Vec<curves::Point> = history
             .iter()
             .map(|r| curves::Point {
                 epoch: r.epoch as f64,
@@ -491,17 +620,6 @@ pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
                 test_top1: r.test_top1,
             })
             .collect();
-        write_text(&dir.join("curves.svg"), &curves::render(&pts))?;
-        if interrupted.load(Ordering::SeqCst) {
-            println!(
-                "interrupted: checkpoint written after epoch {}; continue with --resume {}",
-                epoch + 1,
-                dir.display()
-            );
-            return Ok(());
-        }
+        write_text(&self.dir.join("curves.svg"), &curves::render(&pts))
     }
-    let last = state.history.last().map(|r| r.test_top1).unwrap_or(0.0);
-    println!("final test_top1: {last:.4}");
-    Ok(())
 }

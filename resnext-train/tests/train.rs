@@ -182,7 +182,7 @@ fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["train".into(), "--dataset".into(), "imagenet21k".into()],
-            "unknown dataset `imagenet21k`; valid names: digits, cifar10",
+            "invalid value 'imagenet21k' for '--dataset <DATASET>'",
         ),
         (
             vec!["train".into(), "--arch".into(), "resnext9".into()],
@@ -190,7 +190,7 @@ fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
         ),
         (
             vec!["train".into(), "--schedule".into(), "linear".into()],
-            "unknown schedule `linear`",
+            "invalid value 'linear' for '--schedule <SCHEDULE>'",
         ),
         (
             vec!["train".into(), "--resume".into(), d.s("nothing-here")],

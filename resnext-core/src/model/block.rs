@@ -2,9 +2,12 @@
 
 use dfdx::prelude::*;
 
-use crate::error::{Error, Result};
+use super::layer::{layer_modules, Layer};
+use crate::backend::cpu::{CpuAct, CpuBackend};
+use crate::backend::{Backend, TrainBackend};
+use crate::error::Result;
 use crate::nn::{BatchNorm2d, Conv2d};
-use crate::ops::{self, Act};
+use crate::ops::Act;
 
 /// Projection shortcut: 1×1 convolution with stride `S`, then batch norm (torchvision's
 /// `downsample.0` / `downsample.1`).
@@ -178,97 +181,30 @@ impl<
     > Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>
 {
     /// The residual branch only (without shortcut and final ReLU), eval mode.
-    pub fn residual<T: Tape<f32, Cpu>>(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
-        let y = self
-            .bn1
-            .forward_eval_act(self.conv1.try_forward(x)?, true)?;
-        let y = self
-            .bn2
-            .forward_eval_act(self.conv2.try_forward(y)?, true)?;
-        self.bn3.forward_eval_act(self.conv3.try_forward(y)?, false)
+    pub fn residual<T: Tape<f32, Cpu> + Merge<T>>(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+        let dev = x.device().clone();
+        self.branch_on(&CpuBackend::new(), CpuAct::Tensor(x), None)?
+            .into_tensor(&dev, None)
     }
 
-    /// Inference on a plain `(n, IN, h, w)` buffer with `dims = [n, h, w]`: every conv with
-    /// its batch norm folded in, the residual add and last ReLU fused into conv3's pass.
-    /// Returns the `(n, OUT, h', w')` buffer and `h'`, `w'`.
-    pub fn forward_eval_raw(
+    /// The residual branch on `b`, eval mode; with the block's input `shortcut` also the
+    /// shortcut, the add and the last ReLU (fused into conv3 where the backend can).
+    fn branch_on<B: Backend>(
         &self,
-        x: &[f32],
-        dims: [usize; 3],
-    ) -> Result<(Vec<f32>, usize, usize)> {
+        b: &B,
+        x: B::Act<IN>,
+        shortcut: Option<B::Act<IN>>,
+    ) -> Result<B::Act<OUT>> {
         #[allow(clippy::let_unit_value)]
         let () = Self::VALID;
-        let n = dims[0];
-        let (y, h1, w1) = self
-            .conv1
-            .forward_bn_eval_raw(x, dims, &self.bn1, true, None)?;
-        let (y, h2, w2) = self
-            .conv2
-            .forward_bn_eval_raw(&y, [n, h1, w1], &self.bn2, true, None)?;
-        let projected = match &self.downsample {
-            Some(ds) => Some(ds.conv.forward_bn_eval_raw(x, dims, &ds.bn, false, None)?.0),
-            None => None,
+        let y = b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?;
+        let y = b.conv_bn_eval(y, &self.conv2, &self.bn2, true, None)?;
+        let s = match (shortcut, &self.downsample) {
+            (Some(sc), Some(ds)) => Some(b.conv_bn_eval(sc, &ds.conv, &ds.bn, false, None)?),
+            (Some(sc), None) => Some(b.identity(sc)?),
+            (None, _) => None,
         };
-        self.conv3.forward_bn_eval_raw(
-            &y,
-            [n, h2, w2],
-            &self.bn3,
-            true,
-            Some(projected.as_deref().unwrap_or(x)),
-        )
-    }
-
-    /// The shortcut branch only, eval mode.
-    pub fn shortcut<T: Tape<f32, Cpu>>(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
-        match &self.downsample {
-            Some(ds) => ds.bn.forward_eval_act(ds.conv.try_forward(x)?, false),
-            None => identity(x),
-        }
-    }
-}
-
-/// `Act<IN>` → `Act<OUT>` for the identity shortcut, where `IN == OUT` holds at run time.
-fn identity<const IN: usize, const OUT: usize, T: Tape<f32, Cpu>>(
-    x: Act<IN, T>,
-) -> Result<Act<OUT, T>> {
-    let &(n, _, h, w) = x.shape();
-    x.try_reshape_like(&(n, Const::<OUT>, h, w))
-        .map_err(Error::from)
-}
-
-fn fork<const C: usize, T: Tape<f32, Cpu>>(x: Act<C, T>) -> (Act<C, T>, Act<C, T>) {
-    let (x, tape) = x.split_tape();
-    let y = x.retaped::<T>();
-    (x.put_tape(tape), y)
-}
-
-impl<
-        const IN: usize,
-        const WIDTH: usize,
-        const OUT: usize,
-        const STRIDE: usize,
-        const GROUPS: usize,
-        T: Tape<f32, Cpu> + Merge<T>,
-    > Module<Act<IN, T>> for Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>
-{
-    type Output = Act<OUT, T>;
-    type Error = Error;
-    fn try_forward(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
-        #[allow(clippy::let_unit_value)]
-        let () = Self::VALID;
-        if !T::OWNS_TAPE {
-            let (x, tape) = x.split_tape();
-            let &(n, _, h, w) = x.shape();
-            let (y, oh, ow) = self.forward_eval_raw(&ops::read(&x), [n, h, w])?;
-            return Ok(x
-                .device()
-                .try_tensor_from_vec(y, (n, Const::<OUT>, oh, ow))?
-                .put_tape(tape));
-        }
-        let (x, sc) = fork(x);
-        let y = self.residual(x)?;
-        let s = self.shortcut(sc)?;
-        ops::add_relu(y, s)
+        b.conv_bn_eval(y, &self.conv3, &self.bn3, s.is_some(), s)
     }
 }
 
@@ -278,22 +214,30 @@ impl<
         const OUT: usize,
         const STRIDE: usize,
         const GROUPS: usize,
-        T: Tape<f32, Cpu> + Merge<T>,
-    > ModuleMut<Act<IN, T>> for Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>
+        B: Backend,
+    > Layer<B, B::Act<IN>> for Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>
 {
-    type Output = Act<OUT, T>;
-    type Error = Error;
-    fn try_forward_mut(&mut self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
+    type Out = B::Act<OUT>;
+
+    fn eval_on(&self, b: &B, x: B::Act<IN>) -> Result<B::Act<OUT>> {
+        let (x, sc) = b.fork(x);
+        self.branch_on(b, x, Some(sc))
+    }
+
+    fn train_on(&mut self, b: &B, x: B::Act<IN>) -> Result<B::Act<OUT>>
+    where
+        B: TrainBackend,
+    {
         #[allow(clippy::let_unit_value)]
         let () = Self::VALID;
-        let (x, sc) = fork(x);
-        let y = self.conv1.forward_bn_train(x, &mut self.bn1, true, None)?;
-        let y = self.conv2.forward_bn_train(y, &mut self.bn2, true, None)?;
+        let (x, sc) = b.fork(x);
+        let y = b.conv_bn_train(x, &self.conv1, &mut self.bn1, true, None)?;
+        let y = b.conv_bn_train(y, &self.conv2, &mut self.bn2, true, None)?;
         let s = match &mut self.downsample {
-            Some(ds) => ds.conv.forward_bn_train(sc, &mut ds.bn, false, None)?,
-            None => identity(sc)?,
+            Some(ds) => b.conv_bn_train(sc, &ds.conv, &mut ds.bn, false, None)?,
+            None => b.identity(sc)?,
         };
-        self.conv3.forward_bn_train(y, &mut self.bn3, true, Some(s))
+        b.conv_bn_train(y, &self.conv3, &mut self.bn3, true, Some(s))
     }
 }
 
@@ -379,50 +323,30 @@ impl<
         const STRIDE: usize,
         const GROUPS: usize,
         const BLOCKS: usize,
-        T: Tape<f32, Cpu> + Merge<T>,
-    > Module<Act<IN, T>> for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, f32, Cpu>
+        B: Backend,
+    > Layer<B, B::Act<IN>> for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, f32, Cpu>
 {
-    type Output = Act<OUT, T>;
-    type Error = Error;
-    fn try_forward(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
-        if !T::OWNS_TAPE {
-            // inference: blocks pass plain buffers, one copy in and one tensor out per stage
-            let (x, tape) = x.split_tape();
-            let &(n, _, h, w) = x.shape();
-            let (mut y, mut h, mut w) = self.first.forward_eval_raw(&ops::read(&x), [n, h, w])?;
-            for b in &self.rest {
-                (y, h, w) = b.forward_eval_raw(&y, [n, h, w])?;
-            }
-            return Ok(x
-                .device()
-                .try_tensor_from_vec(y, (n, Const::<OUT>, h, w))?
-                .put_tape(tape));
+    type Out = B::Act<OUT>;
+
+    fn eval_on(&self, b: &B, x: B::Act<IN>) -> Result<B::Act<OUT>> {
+        let mut y = self.first.eval_on(b, x)?;
+        for blk in &self.rest {
+            y = blk.eval_on(b, y)?;
         }
-        let mut y = self.first.try_forward(x)?;
-        for b in &self.rest {
-            y = b.try_forward(y)?;
+        Ok(y)
+    }
+
+    fn train_on(&mut self, b: &B, x: B::Act<IN>) -> Result<B::Act<OUT>>
+    where
+        B: TrainBackend,
+    {
+        let mut y = self.first.train_on(b, x)?;
+        for blk in &mut self.rest {
+            y = blk.train_on(b, y)?;
         }
         Ok(y)
     }
 }
 
-impl<
-        const IN: usize,
-        const WIDTH: usize,
-        const OUT: usize,
-        const STRIDE: usize,
-        const GROUPS: usize,
-        const BLOCKS: usize,
-        T: Tape<f32, Cpu> + Merge<T>,
-    > ModuleMut<Act<IN, T>> for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, f32, Cpu>
-{
-    type Output = Act<OUT, T>;
-    type Error = Error;
-    fn try_forward_mut(&mut self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
-        let mut y = self.first.try_forward_mut(x)?;
-        for b in &mut self.rest {
-            y = b.try_forward_mut(y)?;
-        }
-        Ok(y)
-    }
-}
+layer_modules!(Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS>);
+layer_modules!(Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS>);

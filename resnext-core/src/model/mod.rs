@@ -1,9 +1,15 @@
-//! The ResNeXt block, stages and networks.
+//! The ResNeXt block, stages and networks, wired once over a
+//! [`Backend`](crate::backend::Backend) ([`Layer`]); the networks chosen by name at run
+//! time ([`Arch`], [`Network`]); one training step ([`train_step`]).
 
 mod block;
+mod layer;
 mod network;
 mod registry;
+mod train_step;
 
 pub use block::{Bottleneck, Downsample, Stage};
+pub use layer::Layer;
 pub use network::*;
-pub use registry::{Arch, BuildRuntime, Network, TrainOutput, UnknownArch};
+pub use registry::{Arch, BuildRuntime, Network, UnknownArch};
+pub use train_step::{train_step, TrainOutput};

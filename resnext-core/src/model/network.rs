@@ -4,10 +4,13 @@
 use dfdx::prelude::*;
 
 use super::block::{Bottleneck, Stage};
+use super::layer::Layer;
+use crate::backend::cpu::{CpuAct, CpuBackend};
+use crate::backend::{Backend, TrainBackend};
 use crate::error::{Error, Result};
-use crate::nn::{BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d};
-use crate::ops::Act;
-use crate::params::{walk, walk_mut, ParamKind, ParamVisitor, ParamVisitorMut, Params};
+use crate::nn::{BatchNorm2d, Conv2d, Linear};
+use crate::ops::{Act, Mat};
+use crate::params::{walk, walk_mut, ParamVisitor, ParamVisitorMut, Params};
 
 /// Static facts about a stage, for summaries.
 pub trait StageMeta {
@@ -67,25 +70,6 @@ pub struct LayerSummary {
     pub macs: usize,
 }
 
-fn count<M: TensorCollection<f32, Cpu>>(m: &M) -> usize {
-    struct C(usize);
-    impl ParamVisitor for C {
-        fn tensor<S: Shape>(
-            &mut self,
-            _: &str,
-            t: &Tensor<S, f32, Cpu>,
-            k: ParamKind,
-        ) -> Result<()> {
-            if k != ParamKind::Buffer {
-                self.0 += t.shape().num_elements();
-            }
-            Ok(())
-        }
-    }
-    let mut c = C(0);
-    walk(m, "", &mut c).map(|_| c.0).unwrap_or(0)
-}
-
 /// The head of a network: a [`Linear`] classifier with a const or runtime class count.
 pub trait Head: Params {
     /// Number of classes.
@@ -113,26 +97,58 @@ pub struct StemSpec {
     pub maxpool: bool,
 }
 
-macro_rules! network {
+/// ResNeXt in the ImageNet layout, exactly as torchvision's `ResNet` with
+/// `groups`/`width_per_group` builds it: 7×7 stride-2 stem conv (64 channels), BN, ReLU,
+/// 3×3 stride-2 max pool, four stages, global average pool, fully connected head.
+///
+/// `C` is the number of input channels; the stages `L1..L4` and the head `H` are types
+/// (see the presets in [`crate::builders`]). Eval mode with `forward`, training mode with
+/// `forward_mut`; on any [`Backend`] with [`ResNeXt::eval_on`] / [`ResNeXt::train_on`].
+#[derive(Clone, Debug)]
+pub struct ResNeXt<const C: usize, L1, L2, L3, L4, H, E: Dtype, D: Storage<E>> {
+    /// Stem convolution: 7×7, stride 2, 64 channels.
+    pub conv1: Conv2d<C, 64, 7, 2, 3, 1, E, D>,
+    /// Stem batch norm (followed by a ReLU and the max pool).
+    pub bn1: BatchNorm2d<64, E, D>,
+    /// Stage `layer1`.
+    pub layer1: L1,
+    /// Stage `layer2`.
+    pub layer2: L2,
+    /// Stage `layer3`.
+    pub layer3: L3,
+    /// Stage `layer4`.
+    pub layer4: L4,
+    /// Classifier over the globally average-pooled features.
+    pub fc: H,
+}
+
+/// ResNeXt in the paper's CIFAR layout (ResNeXt-29): 3×3 stride-1 stem conv with `STEM`
+/// channels, BN, ReLU, no max pool, three stages, global average pool, fully connected
+/// head.
+#[derive(Clone, Debug)]
+pub struct ResNeXtCifar<const C: usize, const STEM: usize, L1, L2, L3, H, E: Dtype, D: Storage<E>> {
+    /// Stem convolution: 3×3, stride 1, `STEM` channels.
+    pub conv1: Conv2d<C, STEM, 3, 1, 1, 1, E, D>,
+    /// Stem batch norm (followed by a ReLU).
+    pub bn1: BatchNorm2d<STEM, E, D>,
+    /// Stage `layer1`.
+    pub layer1: L1,
+    /// Stage `layer2`.
+    pub layer2: L2,
+    /// Stage `layer3`.
+    pub layer3: L3,
+    /// Classifier over the globally average-pooled features.
+    pub fc: H,
+}
+
+/// The parts every network layout shares, from its name, the generics after `C`, the stem
+/// (channels, kernel, stride, padding, max pool) and its stages: the tensor names
+/// (`TensorCollection`, [`Params`]) and the summary.
+macro_rules! network_parts {
     (
-        $(#[$doc:meta])* $name:ident <$(const $cp:ident : usize),*> stem = ($stem:expr, $k:literal, $s:literal, $p:literal), maxpool = $mp:literal,
+        $name:ident <$(const $cp:ident),*> stem = ($stem:expr, $k:literal, $s:literal, $p:literal), maxpool = $mp:literal,
         layers = [$($l:ident : $L:ident),+]
     ) => {
-        $(#[$doc])*
-        #[derive(Clone, Debug)]
-        pub struct $name<const C: usize, $(const $cp: usize,)* $($L,)+ H, E: Dtype, D: Storage<E>> {
-            /// Stem convolution.
-            pub conv1: Conv2d<C, { $stem }, $k, $s, $p, 1, E, D>,
-            /// Stem batch norm (followed by a ReLU).
-            pub bn1: BatchNorm2d<{ $stem }, E, D>,
-            $(
-                #[doc = concat!("Stage `", stringify!($l), "`.")]
-                pub $l: $L,
-            )+
-            /// Classifier over the globally average-pooled features.
-            pub fc: H,
-        }
-
         impl<const C: usize, $(const $cp: usize,)* $($L: TensorCollection<f32, D>,)+ H: TensorCollection<f32, D>, D: Device<f32>> TensorCollection<f32, D>
             for $name<C, $($cp,)* $($L,)+ H, f32, D>
         {
@@ -152,13 +168,13 @@ macro_rules! network {
         }
 
         impl<const C: usize, $(const $cp: usize,)* $($L: TensorCollection<f32, Cpu>,)+ H: Params> Params for $name<C, $($cp,)* $($L,)+ H, f32, Cpu> {
-            fn visit_params<V: ParamVisitor>(&self, prefix: &str, v: &mut V) -> Result<()> {
+            fn visit_params<V: ParamVisitor>(&self, prefix: &str, v: &mut V) -> Result<(), V::Error> {
                 walk(&self.conv1, &crate::params::join(prefix, "conv1"), v)?;
                 walk(&self.bn1, &crate::params::join(prefix, "bn1"), v)?;
                 $(walk(&self.$l, &crate::params::join(prefix, stringify!($l)), v)?;)+
                 self.fc.visit_params(&crate::params::join(prefix, "fc"), v)
             }
-            fn visit_params_mut<V: ParamVisitorMut>(&mut self, prefix: &str, v: &mut V) -> Result<()> {
+            fn visit_params_mut<V: ParamVisitorMut>(&mut self, prefix: &str, v: &mut V) -> Result<(), V::Error> {
                 walk_mut(&mut self.conv1, &crate::params::join(prefix, "conv1"), v)?;
                 walk_mut(&mut self.bn1, &crate::params::join(prefix, "bn1"), v)?;
                 $(walk_mut(&mut self.$l, &crate::params::join(prefix, stringify!($l)), v)?;)+
@@ -183,13 +199,13 @@ macro_rules! network {
                 rows.push(LayerSummary {
                     name: "stem".into(),
                     out_shape: vec![$stem, h, w],
-                    params: count(&self.conv1) + count(&self.bn1),
+                    params: self.conv1.num_trainable_params() + self.bn1.num_trainable_params(),
                     macs,
                 });
                 $(
                     let (oh, ow, m) = $L::cost(h, w);
                     (h, w) = (oh, ow);
-                    rows.push(LayerSummary { name: stringify!($l).into(), out_shape: vec![$L::OUT, h, w], params: count(&self.$l), macs: m });
+                    rows.push(LayerSummary { name: stringify!($l).into(), out_shape: vec![$L::OUT, h, w], params: self.$l.num_trainable_params(), macs: m });
                 )+
                 let classes = self.fc.classes();
                 let feats = *[$($L::OUT),+].last().expect("at least one stage");
@@ -200,140 +216,134 @@ macro_rules! network {
     };
 }
 
-network! {
-    /// ResNeXt in the ImageNet layout, exactly as torchvision's `ResNet` with
-    /// `groups`/`width_per_group` builds it: 7×7 stride-2 stem conv (64 channels), BN, ReLU,
-    /// 3×3 stride-2 max pool, four stages, global average pool, fully connected head.
-    ///
-    /// `C` is the number of input channels; the stages `L1..L4` and the head `H` are types
-    /// (see the presets in [`crate::builders`]). Eval mode with `forward`, training mode with
-    /// `forward_mut`.
+network_parts! {
     ResNeXt<> stem = (64, 7, 2, 3), maxpool = true, layers = [layer1: L1, layer2: L2, layer3: L3, layer4: L4]
 }
 
-network! {
-    /// ResNeXt in the paper's CIFAR layout (ResNeXt-29): 3×3 stride-1 stem conv with
-    /// `STEM` channels, BN, ReLU, no max pool, three stages, global average pool, fully
-    /// connected head.
-    ResNeXtCifar<const STEM: usize> stem = (STEM, 3, 1, 1), maxpool = false, layers = [layer1: L1, layer2: L2, layer3: L3]
+network_parts! {
+    ResNeXtCifar<const STEM> stem = (STEM, 3, 1, 1), maxpool = false, layers = [layer1: L1, layer2: L2, layer3: L3]
 }
 
-fn stem_eval<
-    const C: usize,
-    const S: usize,
-    const K: usize,
-    const ST: usize,
-    const P: usize,
-    T: Tape<f32, Cpu>,
->(
-    conv: &Conv2d<C, S, K, ST, P, 1, f32, Cpu>,
-    bn: &BatchNorm2d<S, f32, Cpu>,
-    x: Act<C, T>,
-) -> Result<Act<S, T>> {
-    if !T::OWNS_TAPE {
-        let (x, tape) = x.split_tape();
-        return Ok(conv.forward_bn_eval(x, bn, true, None)?.put_tape(tape));
-    }
-    bn.forward_eval_act(conv.try_forward(x)?, true)
-}
+/// The output of stage `L` on backend `B` for input `In`.
+type Out<B, L, In> = <L as Layer<B, In>>::Out;
 
-fn stem_train<
-    const C: usize,
-    const S: usize,
-    const K: usize,
-    const ST: usize,
-    const P: usize,
-    T: Tape<f32, Cpu> + Merge<T>,
->(
-    conv: &Conv2d<C, S, K, ST, P, 1, f32, Cpu>,
-    bn: &mut BatchNorm2d<S, f32, Cpu>,
-    x: Act<C, T>,
-) -> Result<Act<S, T>> {
-    conv.forward_bn_train(x, bn, true, None)
-}
-
-impl<const C: usize, L1, L2, L3, L4, H, T: Tape<f32, Cpu> + Merge<T>> Module<Act<C, T>>
-    for ResNeXt<C, L1, L2, L3, L4, H, f32, Cpu>
-where
-    L1: Module<Act<64, T>, Error = Error>,
-    L2: Module<L1::Output, Error = Error>,
-    L3: Module<L2::Output, Error = Error>,
-    L4: Module<L3::Output, Error = Error>,
-    GlobalAvgPool: Module<L4::Output, Error = Error>,
-    H: Module<<GlobalAvgPool as Module<L4::Output>>::Output, Error = Error>,
+impl<const C: usize, L1, L2, L3, L4, const F: usize, O: Dim>
+    ResNeXt<C, L1, L2, L3, L4, Linear<F, O, f32, Cpu>, f32, Cpu>
 {
-    type Output = H::Output;
-    type Error = Error;
-    fn try_forward(&self, x: Act<C, T>) -> Result<H::Output> {
-        let x = stem_eval(&self.conv1, &self.bn1, x)?;
-        let x = MaxPool2d::<3, 2, 1>.try_forward(x)?;
-        let x = self.layer4.try_forward(
-            self.layer3
-                .try_forward(self.layer2.try_forward(self.layer1.try_forward(x)?)?)?,
-        )?;
-        self.fc.try_forward(GlobalAvgPool.try_forward(x)?)
+    /// Eval-mode logits of `x` on backend `b`.
+    pub fn eval_on<B: Backend>(&self, b: &B, x: B::Act<C>) -> Result<B::Logits<O>>
+    where
+        L1: Layer<B, B::Act<64>>,
+        L2: Layer<B, Out<B, L1, B::Act<64>>>,
+        L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<64>>>>,
+        L4: Layer<B, Out<B, L3, Out<B, L2, Out<B, L1, B::Act<64>>>>, Out = B::Act<F>>,
+    {
+        let x = b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?;
+        let x = b.max_pool::<64, 3, 2, 1>(x)?;
+        let x = self.layer1.eval_on(b, x)?;
+        let x = self.layer2.eval_on(b, x)?;
+        let x = self.layer3.eval_on(b, x)?;
+        let x = self.layer4.eval_on(b, x)?;
+        b.classify(x, &self.fc)
+    }
+
+    /// Training-mode logits of `x` on backend `b` (batch statistics, running statistics
+    /// updated).
+    pub fn train_on<B: TrainBackend>(&mut self, b: &B, x: B::Act<C>) -> Result<B::Logits<O>>
+    where
+        L1: Layer<B, B::Act<64>>,
+        L2: Layer<B, Out<B, L1, B::Act<64>>>,
+        L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<64>>>>,
+        L4: Layer<B, Out<B, L3, Out<B, L2, Out<B, L1, B::Act<64>>>>, Out = B::Act<F>>,
+    {
+        let x = b.conv_bn_train(x, &self.conv1, &mut self.bn1, true, None)?;
+        let x = b.max_pool::<64, 3, 2, 1>(x)?;
+        let x = self.layer1.train_on(b, x)?;
+        let x = self.layer2.train_on(b, x)?;
+        let x = self.layer3.train_on(b, x)?;
+        let x = self.layer4.train_on(b, x)?;
+        b.classify(x, &self.fc)
     }
 }
 
-impl<const C: usize, L1, L2, L3, L4, H, T: Tape<f32, Cpu> + Merge<T>> ModuleMut<Act<C, T>>
-    for ResNeXt<C, L1, L2, L3, L4, H, f32, Cpu>
-where
-    L1: ModuleMut<Act<64, T>, Error = Error>,
-    L2: ModuleMut<L1::Output, Error = Error>,
-    L3: ModuleMut<L2::Output, Error = Error>,
-    L4: ModuleMut<L3::Output, Error = Error>,
-    GlobalAvgPool: Module<L4::Output, Error = Error>,
-    H: Module<<GlobalAvgPool as Module<L4::Output>>::Output, Error = Error>,
+impl<const C: usize, const STEM: usize, L1, L2, L3, const F: usize, O: Dim>
+    ResNeXtCifar<C, STEM, L1, L2, L3, Linear<F, O, f32, Cpu>, f32, Cpu>
 {
-    type Output = H::Output;
-    type Error = Error;
-    fn try_forward_mut(&mut self, x: Act<C, T>) -> Result<H::Output> {
-        let x = stem_train(&self.conv1, &mut self.bn1, x)?;
-        let x = MaxPool2d::<3, 2, 1>.try_forward(x)?;
-        let x = self.layer1.try_forward_mut(x)?;
-        let x = self.layer2.try_forward_mut(x)?;
-        let x = self.layer3.try_forward_mut(x)?;
-        let x = self.layer4.try_forward_mut(x)?;
-        self.fc.try_forward(GlobalAvgPool.try_forward(x)?)
+    /// Eval-mode logits of `x` on backend `b`.
+    pub fn eval_on<B: Backend>(&self, b: &B, x: B::Act<C>) -> Result<B::Logits<O>>
+    where
+        L1: Layer<B, B::Act<STEM>>,
+        L2: Layer<B, Out<B, L1, B::Act<STEM>>>,
+        L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<STEM>>>, Out = B::Act<F>>,
+    {
+        let x = b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?;
+        let x = self.layer1.eval_on(b, x)?;
+        let x = self.layer2.eval_on(b, x)?;
+        let x = self.layer3.eval_on(b, x)?;
+        b.classify(x, &self.fc)
+    }
+
+    /// Training-mode logits of `x` on backend `b` (batch statistics, running statistics
+    /// updated).
+    pub fn train_on<B: TrainBackend>(&mut self, b: &B, x: B::Act<C>) -> Result<B::Logits<O>>
+    where
+        L1: Layer<B, B::Act<STEM>>,
+        L2: Layer<B, Out<B, L1, B::Act<STEM>>>,
+        L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<STEM>>>, Out = B::Act<F>>,
+    {
+        let x = b.conv_bn_train(x, &self.conv1, &mut self.bn1, true, None)?;
+        let x = self.layer1.train_on(b, x)?;
+        let x = self.layer2.train_on(b, x)?;
+        let x = self.layer3.train_on(b, x)?;
+        b.classify(x, &self.fc)
     }
 }
 
-impl<const C: usize, const STEM: usize, L1, L2, L3, H, T: Tape<f32, Cpu> + Merge<T>>
-    Module<Act<C, T>> for ResNeXtCifar<C, STEM, L1, L2, L3, H, f32, Cpu>
-where
-    L1: Module<Act<STEM, T>, Error = Error>,
-    L2: Module<L1::Output, Error = Error>,
-    L3: Module<L2::Output, Error = Error>,
-    GlobalAvgPool: Module<L3::Output, Error = Error>,
-    H: Module<<GlobalAvgPool as Module<L3::Output>>::Output, Error = Error>,
-{
-    type Output = H::Output;
-    type Error = Error;
-    fn try_forward(&self, x: Act<C, T>) -> Result<H::Output> {
-        let x = stem_eval(&self.conv1, &self.bn1, x)?;
-        let x = self
-            .layer3
-            .try_forward(self.layer2.try_forward(self.layer1.try_forward(x)?)?)?;
-        self.fc.try_forward(GlobalAvgPool.try_forward(x)?)
-    }
+/// dfdx's `Module` (eval mode) and `ModuleMut` (training mode) for a network on the CPU:
+/// its `eval_on` / `train_on` on [`CpuBackend`], plain buffers when no tape is attached.
+macro_rules! network_modules {
+    ($name:ident <$(const $cp:ident),*> [$($L:ident),+] where $($bound:tt)+) => {
+        impl<const C: usize, $(const $cp: usize,)* $($L,)+ const F: usize, O: Dim, T: Tape<f32, Cpu> + Merge<T>>
+            Module<Act<C, T>> for $name<C, $($cp,)* $($L,)+ Linear<F, O, f32, Cpu>, f32, Cpu>
+        where
+            $($bound)+
+        {
+            type Output = Mat<O, T>;
+            type Error = Error;
+            fn try_forward(&self, x: Act<C, T>) -> Result<Mat<O, T>> {
+                let dev = x.device().clone();
+                let (x, tape) = CpuAct::eval_input(x);
+                self.eval_on(&CpuBackend::new(), x)?.into_tensor(&dev, tape)
+            }
+        }
+
+        impl<const C: usize, $(const $cp: usize,)* $($L,)+ const F: usize, O: Dim, T: Tape<f32, Cpu> + Merge<T>>
+            ModuleMut<Act<C, T>> for $name<C, $($cp,)* $($L,)+ Linear<F, O, f32, Cpu>, f32, Cpu>
+        where
+            $($bound)+
+        {
+            type Output = Mat<O, T>;
+            type Error = Error;
+            fn try_forward_mut(&mut self, x: Act<C, T>) -> Result<Mat<O, T>> {
+                let dev = x.device().clone();
+                self.train_on(&CpuBackend::new(), CpuAct::Tensor(x))?.into_tensor(&dev, None)
+            }
+        }
+    };
 }
 
-impl<const C: usize, const STEM: usize, L1, L2, L3, H, T: Tape<f32, Cpu> + Merge<T>>
-    ModuleMut<Act<C, T>> for ResNeXtCifar<C, STEM, L1, L2, L3, H, f32, Cpu>
-where
-    L1: ModuleMut<Act<STEM, T>, Error = Error>,
-    L2: ModuleMut<L1::Output, Error = Error>,
-    L3: ModuleMut<L2::Output, Error = Error>,
-    GlobalAvgPool: Module<L3::Output, Error = Error>,
-    H: Module<<GlobalAvgPool as Module<L3::Output>>::Output, Error = Error>,
-{
-    type Output = H::Output;
-    type Error = Error;
-    fn try_forward_mut(&mut self, x: Act<C, T>) -> Result<H::Output> {
-        let x = stem_train(&self.conv1, &mut self.bn1, x)?;
-        let x = self.layer1.try_forward_mut(x)?;
-        let x = self.layer2.try_forward_mut(x)?;
-        let x = self.layer3.try_forward_mut(x)?;
-        self.fc.try_forward(GlobalAvgPool.try_forward(x)?)
-    }
-}
+/// The CPU backend for tape `T`.
+type Be<T> = CpuBackend<T>;
+
+network_modules!(ResNeXt<> [L1, L2, L3, L4] where
+    L1: Layer<Be<T>, CpuAct<64, T>>,
+    L2: Layer<Be<T>, Out<Be<T>, L1, CpuAct<64, T>>>,
+    L3: Layer<Be<T>, Out<Be<T>, L2, Out<Be<T>, L1, CpuAct<64, T>>>>,
+    L4: Layer<Be<T>, Out<Be<T>, L3, Out<Be<T>, L2, Out<Be<T>, L1, CpuAct<64, T>>>>, Out = CpuAct<F, T>>,
+);
+
+network_modules!(ResNeXtCifar<const STEM> [L1, L2, L3] where
+    L1: Layer<Be<T>, CpuAct<STEM, T>>,
+    L2: Layer<Be<T>, Out<Be<T>, L1, CpuAct<STEM, T>>>,
+    L3: Layer<Be<T>, Out<Be<T>, L2, Out<Be<T>, L1, CpuAct<STEM, T>>>, Out = CpuAct<F, T>>,
+);

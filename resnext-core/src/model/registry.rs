@@ -10,6 +10,7 @@ use std::path::Path;
 
 use dfdx::prelude::*;
 
+use super::train_step::{train_step, TrainOutput};
 use super::{LayerSummary, ResNeXt, ResNeXtCifar, StageMeta};
 use crate::builders as b;
 use crate::error::{shape_err, Error, Result};
@@ -48,15 +49,6 @@ pub trait Network {
         label_smoothing: f32,
         opt: &mut Sgd,
     ) -> Result<TrainOutput>;
-}
-
-/// What one training step produced.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TrainOutput {
-    /// Mean loss over the batch (before the update).
-    pub loss: f32,
-    /// Training-mode logits `(n, classes)`, row-major.
-    pub logits: Vec<f32>,
 }
 
 struct Named<M> {
@@ -116,16 +108,7 @@ macro_rules! impl_network {
                 self.folded.clear();
                 let dev = self.net.conv1.weight.device().clone();
                 let x: Act<C> = dev.try_tensor_from_vec(x, (n, Const::<C>, h, w))?;
-                let logits = self.net.try_forward_mut(x.trace(Gradients::leaky()))?;
-                let values = logits.as_vec();
-                let loss = crate::ops::cross_entropy(logits, targets, label_smoothing)?;
-                let value = loss.array();
-                if !value.is_finite() {
-                    return Err(Error::NonFinite(format!("loss is {value}")));
-                }
-                let mut grads = loss.backward();
-                opt.step(&mut self.net, &mut grads)?;
-                Ok(TrainOutput { loss: value, logits: values })
+                train_step(&mut self.net, x, targets, label_smoothing, opt)
             }
         }
     };

@@ -1,0 +1,47 @@
+//! One training step: training-mode forward, loss, backward, optimiser update.
+
+use dfdx::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::ops::{self, Act, Mat};
+use crate::optim::Sgd;
+use crate::params::Params;
+
+/// What one training step produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOutput {
+    /// Mean loss over the batch (before the update).
+    pub loss: f32,
+    /// Training-mode logits `(n, classes)`, row-major.
+    pub logits: Vec<f32>,
+}
+
+/// One training step of `net` on the batch `x`: training-mode forward (batch statistics,
+/// running statistics updated), cross-entropy against `targets` with `label_smoothing`,
+/// backward, and an update by `opt`. A non-finite loss is an error and leaves the weights
+/// as they were (the running statistics have seen the batch).
+pub fn train_step<const C: usize, O: Dim, M>(
+    net: &mut M,
+    x: Act<C>,
+    targets: &[usize],
+    label_smoothing: f32,
+    opt: &mut Sgd,
+) -> Result<TrainOutput>
+where
+    M: ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Mat<O, OwnedTape<f32, Cpu>>, Error = Error>
+        + Params,
+{
+    let logits = net.try_forward_mut(x.trace(Gradients::leaky()))?;
+    let values = logits.as_vec();
+    let loss = ops::cross_entropy(logits, targets, label_smoothing)?;
+    let value = loss.array();
+    if !value.is_finite() {
+        return Err(Error::NonFinite(format!("loss is {value}")));
+    }
+    let mut grads = loss.backward();
+    opt.step(net, &mut grads)?;
+    Ok(TrainOutput {
+        loss: value,
+        logits: values,
+    })
+}

@@ -1,0 +1,277 @@
+//! Convolution fused with batch norm (and optionally a residual add and a ReLU): the ops
+//! every ResNeXt block runs, [`conv2d_bn_eval`] for inference and [`conv2d_bn_train`] for
+//! training.
+
+use dfdx::prelude::*;
+
+use super::batch_norm::{check_batch_stats, update_running, BnConfig};
+use super::conv::{conv_geom, ConvConfig, ConvKind};
+use super::fold_cache;
+use super::{read, Act};
+use crate::error::{shape_err, Result};
+use crate::kernels::{batchnorm as bn, conv, elementwise as ew};
+use crate::profile::{self, Label};
+
+/// Eval-mode batch norm as a per-channel `(scale, shift)`.
+fn fold_bn<const C: usize>(bn: BnRef<'_, C>, eps: f64) -> (Vec<f32>, Vec<f32>) {
+    bn::eval_affine(
+        &read(bn.gamma),
+        &read(bn.beta),
+        &read(bn.mean),
+        &read(bn.var),
+        eps,
+    )
+}
+
+/// Borrowed batch-norm tensors (γ, β, running mean, running variance).
+#[derive(Clone, Copy, Debug)]
+pub struct BnRef<'a, const C: usize> {
+    /// Scale γ.
+    pub gamma: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Shift β.
+    pub beta: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Running mean.
+    pub mean: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Running variance.
+    pub var: &'a Tensor<Rank1<C>, f32, Cpu>,
+}
+
+/// Inference only: convolution with an eval-mode batch norm folded into its weights, an
+/// optional residual added, and an optional ReLU, in one pass over the output
+/// (`relu?(bn(conv(x)) + residual)`). Equal to the composition of [`conv2d`],
+/// [`batch_norm2d_eval`] and [`add_relu`] up to rounding.
+pub fn conv2d_bn_eval<const I: usize, const O: usize, WS: Shape>(
+    x: Act<I>,
+    weight: &Tensor<WS, f32, Cpu>,
+    cfg: ConvConfig,
+    bn: BnRef<'_, O>,
+    eps: f64,
+    relu: bool,
+    residual: Option<&Act<O>>,
+) -> Result<Act<O>> {
+    let &(n, _, h, w) = x.shape();
+    let res = residual.map(read);
+    let (y, oh, ow) = conv2d_bn_eval_raw::<I, O, WS>(
+        &read(&x),
+        [n, h, w],
+        weight,
+        cfg,
+        bn,
+        eps,
+        relu,
+        res.as_deref(),
+    )?;
+    Ok(x.device().try_tensor_from_vec(y, (n, Const::<O>, oh, ow))?)
+}
+
+/// [`conv2d_bn_eval`] on a plain `(n, I, h, w)` buffer: returns the output buffer and its
+/// height and width. Lets a stage run its blocks without copying activations in and out
+/// of tensors between convolutions.
+pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
+    x: &[f32],
+    [n, h, w]: [usize; 3],
+    weight: &Tensor<WS, f32, Cpu>,
+    cfg: ConvConfig,
+    bn: BnRef<'_, O>,
+    eps: f64,
+    relu: bool,
+    residual: Option<&[f32]>,
+) -> Result<(Vec<f32>, usize, usize)> {
+    let g = conv_geom::<I, O, WS>([n, h, w], weight, cfg)?;
+    let _t = profile::scope(ConvKind::of(&g).fused_eval());
+    if x.len() != g.input_len() {
+        return Err(shape_err(
+            "conv2d",
+            format!(
+                "input has {} values, shape ({n}, {I}, {h}, {w}) needs {}",
+                x.len(),
+                g.input_len()
+            ),
+        ));
+    }
+    if let Some(r) = residual {
+        if r.len() != g.output_len() {
+            return Err(shape_err(
+                "conv2d_bn_eval",
+                format!(
+                    "residual has {} values, the output ({n}, {O}, {}, {}) has {}",
+                    r.len(),
+                    g.out_h(),
+                    g.out_w(),
+                    g.output_len()
+                ),
+            ));
+        }
+    }
+    let mut y = ew::zeroed(g.output_len());
+    let key = weight as *const Tensor<WS, f32, Cpu> as usize;
+    if let Some(folded) = fold_cache::lookup(key, || {
+        let (scale, shift) = fold_bn(bn, eps);
+        let mut ws = read(weight);
+        let per = ws.len() / O;
+        for (row, s) in ws.chunks_mut(per.max(1)).zip(&scale) {
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+        fold_cache::Folded {
+            w: conv::PreparedWeights::new(&g, ws),
+            shift,
+        }
+    }) {
+        conv::conv2d_forward_fused(
+            &g,
+            x,
+            &folded.w,
+            None,
+            &folded.shift,
+            residual,
+            relu,
+            &mut y,
+        );
+    } else {
+        // No cache: scale in the epilogue rather than a pass over the weights.
+        let (scale, shift) = fold_bn(bn, eps);
+        let w = conv::PreparedWeights::new(&g, read(weight));
+        conv::conv2d_forward_fused(&g, x, &w, Some(&scale), &shift, residual, relu, &mut y);
+    }
+    Ok((y, g.out_h(), g.out_w()))
+}
+
+/// Batch-norm tensors for a training-mode call: γ and β, and the running statistics it
+/// updates.
+#[derive(Debug)]
+pub struct BnTrainRef<'a, const C: usize> {
+    /// Scale γ.
+    pub gamma: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Shift β.
+    pub beta: &'a Tensor<Rank1<C>, f32, Cpu>,
+    /// Running mean, updated in place.
+    pub mean: &'a mut Tensor<Rank1<C>, f32, Cpu>,
+    /// Running variance, updated in place.
+    pub var: &'a mut Tensor<Rank1<C>, f32, Cpu>,
+}
+
+/// Training: convolution, batch norm with batch statistics, an optional residual add and
+/// the ReLU of `cfg` (`relu?(bn(conv(x)) + residual)`), as one differentiable op. Equal to
+/// [`conv2d`], then [`batch_norm2d_train`], then [`add_relu`] (or the fused ReLU), up to
+/// rounding, and updates the running statistics the same way.
+///
+/// Faster than the composition because the convolution's output never becomes a tensor:
+/// the batch norm reads it where the convolution wrote it, and its input gradient is
+/// computed in place in the output gradient's buffer and handed straight to the
+/// convolution's backward pass (no copy, no zero-filled gradient buffer, no second pass).
+/// With a residual, `cfg.relu` applies after the add and the add costs no extra pass.
+pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu> + Merge<T>>(
+    x: Act<I, T>,
+    weight: &Tensor<WS, f32, Cpu>,
+    conv_cfg: ConvConfig,
+    bn: BnTrainRef<'_, O>,
+    cfg: BnConfig,
+    residual: Option<Act<O, T>>,
+) -> Result<Act<O, T>> {
+    let &(n, _, h, w) = x.shape();
+    let g = conv_geom::<I, O, WS>([n, h, w], weight, conv_cfg)?;
+    let out_shape = (n, Const::<O>, g.out_h(), g.out_w());
+    if let Some(r) = &residual {
+        if *r.shape() != out_shape {
+            return Err(shape_err(
+                "conv2d_bn_train",
+                format!(
+                    "residual has shape {:?}, the output has {out_shape:?}",
+                    r.shape()
+                ),
+            ));
+        }
+    }
+    let bg = bn::BnGeom {
+        batch: n,
+        channels: O,
+        spatial: g.out_h() * g.out_w(),
+    };
+    check_batch_stats(&bg, "output", &out_shape)?;
+    let kind = ConvKind::of(&g);
+    let (xs, ws, yc, planes) = {
+        let _t = profile::scope(kind.forward());
+        let xs = read(&x);
+        let ws = read(weight);
+        let mut yc = ew::zeroed(g.output_len());
+        let planes = conv::conv2d_forward_plane_stats(&g, &xs, &ws, &mut yc);
+        (xs, ws, yc, planes)
+    };
+    let _t = profile::scope(Label::BatchNormTrainFwd);
+    let (gs, bs) = (read(bn.gamma), read(bn.beta));
+    let stats = bn::stats_from_planes(&bg, &planes, cfg.eps);
+    let scale: Vec<f32> = gs.iter().zip(&stats.inv_std).map(|(a, b)| a * b).collect();
+    let mut y = ew::zeroed(g.output_len());
+    let (res, mut tape) = match residual {
+        Some(r) => {
+            let rs = read(&r);
+            if cfg.relu {
+                bn::affine_add_relu_forward(&bg, &yc, &stats.mean, &scale, &bs, &rs, &mut y);
+            } else {
+                bn::affine_forward(&bg, &yc, &stats.mean, &scale, &bs, false, &mut y);
+                ew::add_into(&mut y, &rs);
+            }
+            let (r, tr) = r.split_tape();
+            (Some(r.ghost()), tr)
+        }
+        None => {
+            bn::affine_forward(&bg, &yc, &stats.mean, &scale, &bs, cfg.relu, &mut y);
+            (None, Default::default())
+        }
+    };
+    update_running(&bg, &stats, cfg.momentum, bn.mean, bn.var);
+    // With a residual the ReLU's mask cannot be recomputed from the batch norm's input:
+    // keep one bit per output value.
+    let mask = if T::OWNS_TAPE && cfg.relu && res.is_some() {
+        ew::positive_mask(&y)
+    } else {
+        Vec::new()
+    };
+    let dev = x.device().clone();
+    let (x, tx) = x.split_tape();
+    tape = tx.merge(tape);
+    let out = dev.try_tensor_from_vec(y, out_shape)?;
+    if T::OWNS_TAPE {
+        let (xg, wg, og) = (x.ghost(), weight.ghost(), out.ghost());
+        let (gg, bgh) = (bn.gamma.ghost(), bn.beta.ghost());
+        let bn_relu = cfg.relu && res.is_none();
+        tape.add_backward_op(move |grads| {
+            let mut d: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            {
+                let _t = profile::scope(Label::BatchNormBwd);
+                if let Some(rg) = &res {
+                    if !mask.is_empty() {
+                        ew::apply_positive_mask(&mask, &mut d);
+                    }
+                    ew::add_into(grads.get_or_alloc_mut(rg)?, &d);
+                }
+                let (mut dgamma, mut dbeta) = (vec![0.0f32; O], vec![0.0f32; O]);
+                let ch = bn::BnChannels {
+                    gamma: &gs,
+                    beta: &bs,
+                    mean: &stats.mean,
+                    inv_std: &stats.inv_std,
+                    relu: bn_relu,
+                };
+                bn::bn_backward_in_place(&bg, &yc, &ch, &mut d, &mut dgamma, &mut dbeta);
+                ew::add_into(grads.get_or_alloc_mut(&gg)?, &dgamma);
+                ew::add_into(grads.get_or_alloc_mut(&bgh)?, &dbeta);
+            }
+            drop(yc);
+            let _t = profile::scope(kind.backward());
+            // the weight gradient accumulates straight into its slot, moved out meanwhile
+            let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
+            conv::conv2d_backward(
+                &g,
+                &xs,
+                &ws,
+                &d,
+                Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
+                &mut dw,
+            );
+            **grads.get_or_alloc_mut(&wg)? = dw;
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}

@@ -1,0 +1,74 @@
+//! The fully connected layer: [`linear`].
+
+use dfdx::prelude::*;
+
+use super::{read, record, Mat};
+use crate::error::{shape_err, Result};
+use crate::kernels::elementwise as ew;
+use crate::profile::Label;
+
+/// Dense layer `x · weightᵀ + bias` with weight `(O, F)`; `O` may be a runtime dim.
+pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
+    x: Mat<Const<F>, T>,
+    weight: &Tensor<(O, Const<F>), f32, Cpu>,
+    bias: &Tensor<(O,), f32, Cpu>,
+) -> Result<Mat<O, T>> {
+    let n = x.shape().0;
+    let o = weight.shape().0;
+    let xs = read(&x);
+    let y = linear_raw(&xs, n, weight, bias)?;
+    // the backward pass needs the weights; only a tape gets one
+    let (ws, bs) = if T::OWNS_TAPE {
+        (read(weight), read(bias))
+    } else {
+        Default::default()
+    };
+    let dev = x.device().clone();
+    let (x, tape) = x.split_tape();
+    let (xg, wg, bg) = (x.ghost(), weight.ghost(), bias.ghost());
+    record(&dev, y, (n, o), tape, Label::Linear, move |dy, grads| {
+        let (mut dw, mut db) = (vec![0.0f32; ws.len()], vec![0.0f32; bs.len()]);
+        ew::linear_backward(
+            n,
+            F,
+            o.size(),
+            &xs,
+            &ws,
+            &dy,
+            Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
+            &mut dw,
+            &mut db,
+        );
+        ew::add_into(grads.get_or_alloc_mut(&wg)?, &dw);
+        ew::add_into(grads.get_or_alloc_mut(&bg)?, &db);
+        Ok(())
+    })
+}
+
+/// [`linear`] on a plain `(n, F)` buffer, inference only: the `(n, O)` outputs.
+pub fn linear_raw<const F: usize, O: Dim>(
+    x: &[f32],
+    n: usize,
+    weight: &Tensor<(O, Const<F>), f32, Cpu>,
+    bias: &Tensor<(O,), f32, Cpu>,
+) -> Result<Vec<f32>> {
+    let o = weight.shape().0.size();
+    if bias.shape().0.size() != o {
+        return Err(shape_err(
+            "linear",
+            format!(
+                "bias has {} elements, weight has {o} rows",
+                bias.shape().0.size()
+            ),
+        ));
+    }
+    if x.len() != n * F {
+        return Err(shape_err(
+            "linear",
+            format!("input has {} values, ({n}, {F}) needs {}", x.len(), n * F),
+        ));
+    }
+    let mut y = vec![0.0f32; n * o];
+    ew::linear_forward(n, F, o, x, &read(weight), &read(bias), &mut y);
+    Ok(y)
+}

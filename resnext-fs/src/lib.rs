@@ -1,0 +1,107 @@
+//! File helpers shared by every crate of the workspace.
+//!
+//! Everything the programs write (weights, optimiser state, run state, `.npy` arrays,
+//! downloads) goes through [`write_atomic`] or [`write_atomic_with`]: the bytes go to a
+//! temporary file beside the destination, are flushed to disk, and the temporary file is
+//! renamed over the destination. A crash leaves either the old file or the new one, never
+//! half of one; a failed write removes its temporary file.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The temporary file [`write_atomic_with`] writes before renaming it to `path`: a hidden
+/// file in the same folder (so the rename stays on one file system), named after `path`
+/// and this process.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes `bytes` to `path` atomically (see the crate docs).
+///
+/// ```
+/// let dir = std::env::temp_dir().join(format!("resnext-fs-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let path = dir.join("state.json");
+/// resnext_fs::write_atomic(&path, b"{}")?;
+/// assert_eq!(std::fs::read(&path)?, b"{}");
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// Writes `path` atomically with `fill`, which streams the contents into the temporary
+/// file; the rename happens only when `fill` succeeds. `E` is the caller's error type, so
+/// `fill` can refuse the contents (a checksum mismatch) as well as fail to write them.
+pub fn write_atomic_with<E: From<io::Error>>(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> Result<(), E>,
+) -> Result<(), E> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        fill(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("resnext-fs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn write_atomic_replaces_the_file_and_leaves_no_temporary() {
+        let dir = scratch("replace");
+        let path = dir.join("a.bin");
+        std::fs::write(&path, b"old").unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert!(!temp_path(&path).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_refused_fill_keeps_the_old_file_and_removes_the_temporary() {
+        let dir = scratch("refuse");
+        let path = dir.join("a.bin");
+        std::fs::write(&path, b"old").unwrap();
+        let r: io::Result<()> = write_atomic_with(&path, |f| {
+            f.write_all(b"half")?;
+            Err(io::Error::other("checksum mismatch"))
+        });
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert!(!temp_path(&path).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_folder_is_an_error() {
+        let dir = scratch("missing");
+        let path = dir.join("no/such/folder/a.bin");
+        assert!(write_atomic(&path, b"x").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
