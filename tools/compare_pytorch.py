@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Side-by-side throughput of resnext-rs and PyTorch on this machine, same thread count.
 
-    /tmp/torchenv/bin/python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick] [--rounds 3]
-    /tmp/torchenv/bin/python tools/compare_pytorch.py --ops [--threads 2] [--rounds 3] [--op grouped3x3]
-    /tmp/torchenv/bin/python tools/compare_pytorch.py --torch-profile [--iters 2]
+    python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick] [--rounds 3]
+    python tools/compare_pytorch.py --ops [--threads 2] [--rounds 3] [--op grouped3x3]
+    python tools/compare_pytorch.py --torch-profile [--iters 2]
 
 Builds and runs `throughput` from resnext-bench for each configuration, measures the same
 configuration in PyTorch (torchvision's models, `torch.set_num_threads`), and prints a

@@ -4,7 +4,7 @@
 into datasets/data/digits.bin, the embedded default dataset.
 
     /tmp/torchenv/bin/pip install scikit-learn
-    /tmp/torchenv/bin/python tools/make_digits.py
+    python tools/make_digits.py
 
 Format of digits.bin (little-endian):
     8 bytes   magic b"DIGITS01"

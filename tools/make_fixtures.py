@@ -5,7 +5,7 @@ Needs torch, torchvision and safetensors from PyPI (never needed by the tests):
 
     python3 -m venv /tmp/torchenv
     /tmp/torchenv/bin/pip install torch torchvision safetensors
-    /tmp/torchenv/bin/python tools/make_fixtures.py
+    python tools/make_fixtures.py
 
 Two fixtures:
 
