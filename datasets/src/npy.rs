@@ -9,22 +9,9 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 /// Why an `.npy` file could not be read or written; names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum NpyError {
-    /// The file could not be opened or read.
-    #[error("cannot read `{path}`: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The file could not be written.
-    #[error("cannot write `{path}`: {source}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    /// The file could not be read or written.
+    #[error(transparent)]
+    File(#[from] resnext_fs::FileError),
     /// The file is not a valid `.npy` array we can read.
     #[error("`{path}`: {msg}")]
     Format {
@@ -144,11 +131,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Array, NpyError> {
 /// Reads an `.npy` file.
 pub fn read(path: impl AsRef<Path>) -> Result<Array, NpyError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| NpyError::Read {
-        path: path.into(),
-        source,
-    })?;
-    parse(&bytes, path)
+    parse(&resnext_fs::read(path)?, path)
 }
 
 /// Encodes a `float32` array as `.npy` (version 1.0) bytes.
@@ -184,10 +167,7 @@ pub fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
 pub fn write(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<(), NpyError> {
     let path = path.as_ref();
     let bytes = encode(shape, data);
-    resnext_fs::write_atomic(path, &bytes).map_err(|source| NpyError::Write {
-        path: path.into(),
-        source,
-    })
+    Ok(resnext_fs::write(path, &bytes)?)
 }
 
 #[cfg(test)]

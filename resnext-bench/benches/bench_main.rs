@@ -8,59 +8,28 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dfdx::prelude::*;
-use resnext_bench::values;
+use resnext_bench::{grouped3x3, pointwise, stage_size, stage_width, values};
 use resnext_core::kernels::batchnorm::{self, BnGeom};
-use resnext_core::kernels::conv::{self, Conv2dGeom};
+use resnext_core::kernels::conv;
 use resnext_core::model::Arch;
 use resnext_core::optim::{Sgd, SgdConfig};
 
-/// (stage, spatial size, width, input channels of the block's first 1×1 conv).
-const STAGES: [(usize, usize, usize, usize); 4] = [
-    (1, 56, 128, 256),
-    (2, 28, 256, 512),
-    (3, 14, 512, 1024),
-    (4, 7, 1024, 2048),
-];
 const BATCH: usize = 8;
 
 fn ops(c: &mut Criterion) {
     let mut g = c.benchmark_group("conv");
     g.sample_size(10);
-    for (stage, hw, width, inp) in STAGES {
+    for stage in 1..=4 {
+        // the block's first 1×1 convolution: 2 × width → width
+        let (width, inp) = (stage_width(stage), 2 * stage_width(stage));
         let shapes = [
-            (
-                "grouped3x3",
-                Conv2dGeom {
-                    batch: BATCH,
-                    in_channels: width,
-                    out_channels: width,
-                    in_h: hw,
-                    in_w: hw,
-                    kernel: 3,
-                    stride: 1,
-                    padding: 1,
-                    groups: 32,
-                },
-            ),
-            (
-                "1x1",
-                Conv2dGeom {
-                    batch: BATCH,
-                    in_channels: inp,
-                    out_channels: width,
-                    in_h: hw,
-                    in_w: hw,
-                    kernel: 1,
-                    stride: 1,
-                    padding: 0,
-                    groups: 1,
-                },
-            ),
+            ("grouped3x3", grouped3x3(stage, BATCH, 1)),
+            ("1x1", pointwise(stage, BATCH, inp, width)),
         ];
         for (name, geom) in shapes {
-            let x = values(geom.input_len(), 1);
-            let w = values(geom.weight_len(), 2);
-            let dy = values(geom.output_len(), 3);
+            let x = values(1, geom.input_len());
+            let w = values(2, geom.weight_len());
+            let dy = values(3, geom.output_len());
             let mut y = vec![0.0; geom.output_len()];
             g.throughput(Throughput::Elements(2 * geom.macs() as u64));
             g.bench_function(
@@ -79,14 +48,15 @@ fn ops(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("batchnorm_relu");
     g.sample_size(10);
-    for (stage, hw, width, _) in STAGES {
+    for stage in 1..=4 {
+        let (hw, width) = (stage_size(stage), stage_width(stage));
         let geom = BnGeom {
             batch: BATCH,
             channels: width,
             spatial: hw * hw,
         };
-        let x = values(geom.len(), 4);
-        let dy = values(geom.len(), 5);
+        let x = values(4, geom.len());
+        let dy = values(5, geom.len());
         let (gamma, beta) = (vec![1.0; width], vec![0.0; width]);
         let mut y = vec![0.0; geom.len()];
         g.throughput(Throughput::Elements(geom.len() as u64));
@@ -139,7 +109,7 @@ fn block(c: &mut Criterion) {
     let dev = Cpu::default();
     let blk = dev.build_module::<resnext_core::builders::Bottleneck<256, 128, 256, 1, 32>, f32>();
     let x: resnext_core::ops::Act<256> = dev.tensor_from_vec(
-        values(BATCH * 256 * 56 * 56, 6),
+        values(6, BATCH * 256 * 56 * 56),
         (BATCH, Const::<256>, 56, 56),
     );
     let mut g = c.benchmark_group("block");
@@ -167,7 +137,7 @@ fn networks(c: &mut Criterion) {
         (Arch::ResNeXt29_8x64d, 32, 32, 10),
     ] {
         let net = arch.build(&dev, 3, classes).expect("builds");
-        let x = values(batch * 3 * size * size, 7);
+        let x = values(7, batch * 3 * size * size);
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(format!("{arch}_eval_b{batch}_{size}_cpu"), |b| {
             b.iter(|| {
@@ -178,7 +148,7 @@ fn networks(c: &mut Criterion) {
     }
     for arch in [Arch::ResNeXt50_32x4d, Arch::ResNet50] {
         let mut net = arch.build(&dev, 3, 1000).expect("builds");
-        let x = values(BATCH * 3 * 224 * 224, 8);
+        let x = values(8, BATCH * 3 * 224 * 224);
         let labels: Vec<usize> = (0..BATCH).collect();
         let mut opt = Sgd::new(SgdConfig {
             lr: 1e-4,

@@ -13,6 +13,7 @@ pub mod nn;
 pub mod optim;
 pub mod params;
 pub mod profile;
+pub mod testing;
 pub mod weights;
 
 /// Makes glibc keep freed memory for reuse instead of unmapping every large block: each op

@@ -167,22 +167,15 @@ impl Sgd {
 
     /// Saves the momentum buffers atomically.
     pub fn save_state(&self, path: &Path) -> Result<(), WeightsError> {
-        let bytes = self.state_bytes().map_err(|e| WeightsError::Write {
-            path: path.into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        resnext_fs::write_atomic(path, &bytes).map_err(|source| WeightsError::Write {
-            path: path.into(),
-            source,
-        })
+        let bytes = self
+            .state_bytes()
+            .map_err(|e| crate::weights::unwritable(path, e))?;
+        Ok(resnext_fs::write(path, &bytes)?)
     }
 
     /// Restores momentum buffers saved by [`Sgd::save_state`].
     pub fn load_state(&mut self, path: &Path) -> Result<(), WeightsError> {
-        let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let bytes = resnext_fs::read(path)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Format {
             path: path.into(),
             msg: e.to_string(),

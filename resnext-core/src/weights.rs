@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use dfdx::prelude::*;
+use resnext_fs::FileError;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 use crate::params::{ParamKind, ParamVisitor, ParamVisitorMut, Params};
@@ -17,22 +18,9 @@ use crate::params::{ParamKind, ParamVisitor, ParamVisitorMut, Params};
 /// applies, the tensor and both shapes.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    /// The file could not be read.
-    #[error("cannot read `{path}`: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The file could not be written.
-    #[error("cannot write `{path}`: {source}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    /// The file could not be read or written.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The bytes are not a safetensors file.
     #[error("`{path}` is not a valid safetensors file: {msg}")]
     Format {
@@ -100,10 +88,7 @@ pub fn inspect(
     path: impl AsRef<Path>,
 ) -> Result<BTreeMap<String, (String, Vec<usize>)>, WeightsError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let bytes = resnext_fs::read(path)?;
     let st = parse(path, &bytes)?;
     Ok(st
         .tensors()
@@ -268,10 +253,7 @@ pub fn load_safetensors<M: Params>(
     path: impl AsRef<Path>,
 ) -> Result<(), WeightsError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let bytes = resnext_fs::read(path)?;
     load_from_bytes(model, &bytes, path)
 }
 
@@ -318,15 +300,17 @@ pub fn to_bytes<M: Params>(model: &M) -> Result<Vec<u8>, WeightsError> {
         .map_err(|e| WeightsError::Serialize { msg: e.to_string() })
 }
 
+/// A serialisation failure while saving `path`, reported as a failed write of that file.
+pub(crate) fn unwritable(path: &Path, e: WeightsError) -> WeightsError {
+    WeightsError::File(FileError::Write {
+        path: path.into(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// Saves `model` to `path` atomically (see [`to_bytes`] and [`resnext_fs::write_atomic`]).
 pub fn save_safetensors<M: Params>(model: &M, path: impl AsRef<Path>) -> Result<(), WeightsError> {
     let path = path.as_ref();
-    let bytes = to_bytes(model).map_err(|e| WeightsError::Write {
-        path: path.into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    resnext_fs::write_atomic(path, &bytes).map_err(|source| WeightsError::Write {
-        path: path.into(),
-        source,
-    })
+    let bytes = to_bytes(model).map_err(|e| unwritable(path, e))?;
+    Ok(resnext_fs::write(path, &bytes)?)
 }

@@ -32,15 +32,4 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         / scale
 }
 
-/// Deterministic values in [-1, 1) from `seed` (xorshift).
-pub fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+pub use resnext_core::testing::values;

@@ -57,7 +57,7 @@ use resnext_core::ops::Act;
 use resnext_core::params::{walk_mut, ParamKind, ParamVisitorMut};
 
 /// Gives batch-norm layers non-trivial statistics and affine parameters.
-struct RandomBn(u64);
+pub(crate) struct RandomBn(pub u64);
 impl ParamVisitorMut for RandomBn {
     type Error = resnext_core::Error;
     fn tensor<S: Shape>(

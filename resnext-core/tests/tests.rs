@@ -1,5 +1,6 @@
 //! Integration tests of resnext-core: one test binary, topic modules.
 
+mod backend;
 mod common;
 mod model;
 mod ops;

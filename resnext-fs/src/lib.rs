@@ -4,11 +4,49 @@
 //! downloads) goes through [`write_atomic`] or [`write_atomic_with`]: the bytes go to a
 //! temporary file beside the destination, are flushed to disk, and the temporary file is
 //! renamed over the destination. A crash leaves either the old file or the new one, never
-//! half of one; a failed write removes its temporary file.
+//! half of one; a failed write removes its temporary file. [`read`] and [`write`] report
+//! failures as a [`FileError`] that names the file.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+/// A file could not be read or written; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The file could not be opened or read.
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file could not be written.
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// The whole contents of `path`.
+pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
+    std::fs::read(path).map_err(|source| FileError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Writes `bytes` to `path` atomically ([`write_atomic`]).
+pub fn write(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    write_atomic(path, bytes).map_err(|source| FileError::Write {
+        path: path.into(),
+        source,
+    })
+}
 
 /// The temporary file [`write_atomic_with`] writes before renaming it to `path`: a hidden
 /// file in the same folder (so the rename stays on one file system), named after `path`
@@ -71,37 +109,50 @@ mod tests {
         dir
     }
 
-    #[test]
-    fn write_atomic_replaces_the_file_and_leaves_no_temporary() {
-        let dir = scratch("replace");
+    /// Writes `path` (holding "old") with `fill`; returns whether it succeeded and what
+    /// `path` then holds, and checks that no temporary file is left.
+    fn replace_old(name: &str, fill: impl FnOnce(&mut File) -> io::Result<()>) -> (bool, Vec<u8>) {
+        let dir = scratch(name);
         let path = dir.join("a.bin");
         std::fs::write(&path, b"old").unwrap();
-        write_atomic(&path, b"new").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"new");
-        assert!(!temp_path(&path).exists());
+        let ok = write_atomic_with(&path, fill).is_ok();
+        let now = std::fs::read(&path).unwrap();
+        assert!(!temp_path(&path).exists(), "temporary file left behind");
         std::fs::remove_dir_all(&dir).unwrap();
+        (ok, now)
+    }
+
+    #[test]
+    fn write_atomic_replaces_the_file_and_leaves_no_temporary() {
+        assert_eq!(
+            replace_old("replace", |f| f.write_all(b"new")),
+            (true, b"new".to_vec())
+        );
     }
 
     #[test]
     fn a_refused_fill_keeps_the_old_file_and_removes_the_temporary() {
-        let dir = scratch("refuse");
-        let path = dir.join("a.bin");
-        std::fs::write(&path, b"old").unwrap();
-        let r: io::Result<()> = write_atomic_with(&path, |f| {
+        let refuse = |f: &mut File| {
             f.write_all(b"half")?;
             Err(io::Error::other("checksum mismatch"))
-        });
-        assert!(r.is_err());
-        assert_eq!(std::fs::read(&path).unwrap(), b"old");
-        assert!(!temp_path(&path).exists());
-        std::fs::remove_dir_all(&dir).unwrap();
+        };
+        assert_eq!(replace_old("refuse", refuse), (false, b"old".to_vec()));
     }
 
     #[test]
-    fn a_missing_folder_is_an_error() {
+    fn errors_name_the_file() {
         let dir = scratch("missing");
         let path = dir.join("no/such/folder/a.bin");
-        assert!(write_atomic(&path, b"x").is_err());
+        let w = write(&path, b"x").unwrap_err().to_string();
+        assert!(
+            w.starts_with("cannot write `") && w.contains("no/such/folder/a.bin"),
+            "{w}"
+        );
+        let r = read(&path).unwrap_err().to_string();
+        assert!(
+            r.starts_with("cannot read `") && r.contains("no/such/folder/a.bin"),
+            "{r}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

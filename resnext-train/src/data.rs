@@ -96,6 +96,24 @@ fn norm(info: &Info) -> Normalize {
     }
 }
 
+/// Training: random crop of `size` with `padding` (and a horizontal flip when `flip`), then
+/// normalisation; test: normalisation only. Pixel values run up to `max`.
+fn crop_pipelines(
+    info: &Info,
+    max: f32,
+    size: usize,
+    padding: usize,
+    flip: bool,
+) -> (Pipeline, Pipeline) {
+    let train = Pipeline::new(max).then(RandomCrop { size, padding });
+    let train = if flip {
+        train.then(RandomHorizontalFlip { p: 0.5 })
+    } else {
+        train
+    };
+    (train.then(norm(info)), Pipeline::new(max).then(norm(info)))
+}
+
 fn data_dir(name: Dataset, given: Option<&Path>) -> PathBuf {
     given
         .map(Path::to_path_buf)
@@ -113,14 +131,10 @@ pub fn prepare(
     if name == Dataset::Digits {
         let (train, test) = (digits::load(Split::Train), digits::load(Split::Test));
         let info = train.info().clone();
+        let (train_pipeline, test_pipeline) = crop_pipelines(&info, info.max_value, 8, 1, false);
         return Ok(Prepared {
-            train_pipeline: Pipeline::new(info.max_value)
-                .then(RandomCrop {
-                    size: 8,
-                    padding: 1,
-                })
-                .then(norm(&info)),
-            test_pipeline: Pipeline::new(info.max_value).then(norm(&info)),
+            train_pipeline,
+            test_pipeline,
             info,
             train: Arc::new(train),
             test: Arc::new(test),
@@ -176,25 +190,10 @@ pub fn prepare(
     };
     let info = train.info().clone();
     let (train_pipeline, test_pipeline) = match name {
-        Dataset::Cifar10 | Dataset::Cifar100 => (
-            Pipeline::new(255.0)
-                .then(RandomCrop {
-                    size: 32,
-                    padding: 4,
-                })
-                .then(RandomHorizontalFlip { p: 0.5 })
-                .then(norm(&info)),
-            Pipeline::new(255.0).then(norm(&info)),
-        ),
-        Dataset::Mnist | Dataset::FashionMnist => (
-            Pipeline::new(255.0)
-                .then(RandomCrop {
-                    size: info.height,
-                    padding: 2,
-                })
-                .then(norm(&info)),
-            Pipeline::new(255.0).then(norm(&info)),
-        ),
+        Dataset::Cifar10 | Dataset::Cifar100 => crop_pipelines(&info, 255.0, 32, 4, true),
+        Dataset::Mnist | Dataset::FashionMnist => {
+            crop_pipelines(&info, 255.0, info.height, 2, false)
+        }
         Dataset::Digits | Dataset::Folder => (
             Pipeline::new(255.0)
                 .then(RandomResizedCrop::new(image_size))

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use resnext_bench::values;
+use resnext_bench::{grouped3x3, pointwise, stage_width, values};
 use resnext_core::kernels::conv::{self, Conv2dGeom};
 
 /// Measure one convolution, forward or backward.
@@ -48,42 +48,11 @@ fn geometry(a: &Args) -> Result<Conv2dGeom> {
     if !(1..=2).contains(&a.stride) {
         bail!("--stride {}: valid strides are 1 and 2", a.stride);
     }
-    let hw = 56 >> (a.stage - 1);
-    let width = 128 << (a.stage - 1);
+    let width = stage_width(a.stage);
     let g = match a.op.as_str() {
-        "grouped3x3" => Conv2dGeom {
-            batch: a.batch,
-            in_channels: width,
-            out_channels: width,
-            in_h: hw * a.stride,
-            in_w: hw * a.stride,
-            kernel: 3,
-            stride: a.stride,
-            padding: 1,
-            groups: 32,
-        },
-        "1x1" => Conv2dGeom {
-            batch: a.batch,
-            in_channels: 2 * width,
-            out_channels: width,
-            in_h: hw,
-            in_w: hw,
-            kernel: 1,
-            stride: 1,
-            padding: 0,
-            groups: 1,
-        },
-        "1x1-expand" => Conv2dGeom {
-            batch: a.batch,
-            in_channels: width,
-            out_channels: 2 * width,
-            in_h: hw,
-            in_w: hw,
-            kernel: 1,
-            stride: 1,
-            padding: 0,
-            groups: 1,
-        },
+        "grouped3x3" => grouped3x3(a.stage, a.batch, a.stride),
+        "1x1" => pointwise(a.stage, a.batch, 2 * width, width),
+        "1x1-expand" => pointwise(a.stage, a.batch, width, 2 * width),
         o => bail!("--op {o}: valid ops are grouped3x3, 1x1, 1x1-expand"),
     };
     g.validate().map_err(anyhow::Error::msg)?;
@@ -98,9 +67,9 @@ fn main() -> Result<()> {
             .build_global()?;
     }
     let g = geometry(&a)?;
-    let x = values(g.input_len(), 1);
-    let w = values(g.weight_len(), 2);
-    let dy = values(g.output_len(), 3);
+    let x = values(1, g.input_len());
+    let w = values(2, g.weight_len());
+    let dy = values(3, g.output_len());
     let mut y = vec![0.0; g.output_len()];
     let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
     let flops = match a.pass.as_str() {

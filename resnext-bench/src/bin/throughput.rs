@@ -49,7 +49,7 @@ fn main() -> Result<()> {
     let dev = Cpu::seed_from_u64(0);
     let mut net = arch.build(&dev, 3, a.classes)?;
     let shape = [a.batch, 3, a.size, a.size];
-    let x = resnext_bench::values(shape.iter().product(), 1);
+    let x = resnext_bench::values(1, shape.iter().product());
     let labels: Vec<usize> = (0..a.batch).map(|i| i % a.classes).collect();
     let mut opt = Sgd::new(SgdConfig {
         lr: 1e-4,

@@ -11,8 +11,8 @@ use dfdx::prelude::*;
 
 use super::{Backend, TrainBackend};
 use crate::error::{shape_err, Error, Result};
-use crate::nn::{BatchNorm2d, Conv2d, Linear};
-use crate::ops::{self, Act, Mat};
+use crate::nn::{BatchNorm2d, ConvLayer, Linear};
+use crate::ops::{self, Act, BnConfig, BnRef, ConvConfig, Mat};
 
 /// The CPU backend for tape `T` ([`OwnedTape`] to record gradients, [`NoneTape`] not to).
 pub struct CpuBackend<T>(PhantomData<fn() -> T>);
@@ -89,34 +89,26 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
         })
     }
 
-    fn conv_bn_eval<
-        const I: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const G: usize,
-    >(
+    fn conv_bn_eval<const I: usize, const O: usize, C: ConvLayer<I, O>>(
         &self,
         x: CpuAct<I, T>,
-        conv: &Conv2d<I, O, K, S, P, G, f32, Cpu>,
+        conv: &C,
         bn: &BatchNorm2d<O, f32, Cpu>,
         relu: bool,
         residual: Option<CpuAct<O, T>>,
     ) -> Result<CpuAct<O, T>> {
-        match (x, residual) {
-            (CpuAct::Buffer(x), None) => buffer_conv_bn(x, conv, bn, relu, None),
+        let (w, cfg, bn) = (conv.weight(), C::CONFIG, bn.eval_ref());
+        Ok(match (x, residual) {
+            (CpuAct::Buffer(x), None) => CpuAct::Buffer(buffer_conv_bn(x, w, cfg, bn, relu, None)?),
             (CpuAct::Buffer(x), Some(CpuAct::Buffer(r))) => {
-                buffer_conv_bn(x, conv, bn, relu, Some(&r))
+                CpuAct::Buffer(buffer_conv_bn(x, w, cfg, bn, relu, Some(&r))?)
             }
-            (CpuAct::Tensor(x), None) => {
-                Ok(CpuAct::Tensor(tensor_conv_bn(x, conv, bn, relu, None)?))
-            }
+            (CpuAct::Tensor(x), None) => CpuAct::Tensor(tensor_conv_bn(x, w, cfg, bn, relu, None)?),
             (CpuAct::Tensor(x), Some(CpuAct::Tensor(r))) => {
-                Ok(CpuAct::Tensor(tensor_conv_bn(x, conv, bn, relu, Some(r))?))
+                CpuAct::Tensor(tensor_conv_bn(x, w, cfg, bn, relu, Some(r))?)
             }
-            _ => Err(mixed("conv_bn_eval")),
-        }
+            _ => return Err(mixed("conv_bn_eval")),
+        })
     }
 
     fn max_pool<const C: usize, const K: usize, const S: usize, const P: usize>(
@@ -155,17 +147,10 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
 }
 
 impl<T: Tape<f32, Cpu> + Merge<T>> TrainBackend for CpuBackend<T> {
-    fn conv_bn_train<
-        const I: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const G: usize,
-    >(
+    fn conv_bn_train<const I: usize, const O: usize, C: ConvLayer<I, O>>(
         &self,
         x: CpuAct<I, T>,
-        conv: &Conv2d<I, O, K, S, P, G, f32, Cpu>,
+        conv: &C,
         bn: &mut BatchNorm2d<O, f32, Cpu>,
         relu: bool,
         residual: Option<CpuAct<O, T>>,
@@ -175,47 +160,50 @@ impl<T: Tape<f32, Cpu> + Merge<T>> TrainBackend for CpuBackend<T> {
             Some(CpuAct::Tensor(r)) => Some(r),
             Some(CpuAct::Buffer(_)) => return Err(mixed("conv_bn_train")),
         };
-        match x {
-            CpuAct::Tensor(x) => Ok(CpuAct::Tensor(
-                conv.forward_bn_train(x, bn, relu, residual)?,
-            )),
-            CpuAct::Buffer(_) => Err(shape_err(
+        let CpuAct::Tensor(x) = x else {
+            return Err(shape_err(
                 "conv_bn_train",
                 "training mode runs on tensors; this activation is an inference buffer",
-            )),
-        }
+            ));
+        };
+        let cfg = BnConfig {
+            relu,
+            ..Default::default()
+        };
+        let y = bn.train_with(|bn| {
+            ops::conv2d_bn_train(x, conv.weight(), C::CONFIG, bn, cfg, residual)
+        })?;
+        Ok(CpuAct::Tensor(y))
     }
 }
 
 /// Eval mode on a tensor: without a tape one fused op, with a tape the differentiable
 /// ops one after the other.
-fn tensor_conv_bn<
-    const I: usize,
-    const O: usize,
-    const K: usize,
-    const S: usize,
-    const P: usize,
-    const G: usize,
-    T: Tape<f32, Cpu> + Merge<T>,
->(
+fn tensor_conv_bn<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu> + Merge<T>>(
     x: Act<I, T>,
-    conv: &Conv2d<I, O, K, S, P, G, f32, Cpu>,
-    bn: &BatchNorm2d<O, f32, Cpu>,
+    weight: &Tensor<WS, f32, Cpu>,
+    cfg: ConvConfig,
+    bn: BnRef<'_, O>,
     relu: bool,
     residual: Option<Act<O, T>>,
 ) -> Result<Act<O, T>> {
+    let eps = BnConfig::default().eps;
     if !T::OWNS_TAPE {
         let (x, tape) = x.split_tape();
         let residual = residual.map(|r| r.split_tape().0);
-        return Ok(conv
-            .forward_bn_eval(x, bn, relu, residual.as_ref())?
-            .put_tape(tape));
+        return Ok(
+            ops::conv2d_bn_eval(x, weight, cfg, bn, eps, relu, residual.as_ref())?.put_tape(tape),
+        );
     }
-    let y = conv.try_forward(x)?;
-    let Some(r) = residual else {
-        return bn.forward_eval_act(y, relu);
+    let y = ops::conv2d::<I, O, WS, T>(x, weight, cfg)?;
+    let bn_cfg = |relu| BnConfig {
+        relu,
+        ..Default::default()
     };
-    let y = bn.forward_eval_act(y, false)?;
+    let Some(r) = residual else {
+        return ops::batch_norm2d_eval(y, bn.gamma, bn.beta, bn.mean, bn.var, bn_cfg(relu));
+    };
+    let y = ops::batch_norm2d_eval(y, bn.gamma, bn.beta, bn.mean, bn.var, bn_cfg(false))?;
     if relu {
         ops::add_relu(y, r)
     } else if y.shape() == r.shape() {
@@ -233,67 +221,78 @@ fn tensor_conv_bn<
 }
 
 /// Eval mode on plain buffers: one fused pass.
-fn buffer_conv_bn<
-    const I: usize,
-    const O: usize,
-    const K: usize,
-    const S: usize,
-    const P: usize,
-    const G: usize,
-    T,
->(
+fn buffer_conv_bn<const I: usize, const O: usize, WS: Shape>(
     x: Buf<I>,
-    conv: &Conv2d<I, O, K, S, P, G, f32, Cpu>,
-    bn: &BatchNorm2d<O, f32, Cpu>,
+    weight: &Tensor<WS, f32, Cpu>,
+    cfg: ConvConfig,
+    bn: BnRef<'_, O>,
     relu: bool,
     residual: Option<&Buf<O>>,
-) -> Result<CpuAct<O, T>> {
-    let (y, h, w) = conv.forward_bn_eval_raw(
+) -> Result<Buf<O>> {
+    let (y, h, w) = ops::conv2d_bn_eval_raw::<I, O, WS>(
         &x.data,
         x.dims,
+        weight,
+        cfg,
         bn,
+        BnConfig::default().eps,
         relu,
         residual.map(|r| r.data.as_slice()),
     )?;
-    Ok(CpuAct::Buffer(Buf::new(y, [x.dims[0], h, w])?))
+    Buf::new(y, [x.dims[0], h, w])
 }
 
 impl<const C: usize, T: Tape<f32, Cpu>> CpuAct<C, T> {
-    /// The input of an eval-mode forward pass: a plain buffer when no tape is attached
-    /// (returned with the tape, to put back on the output), else the tensor itself.
-    pub fn eval_input(x: Act<C, T>) -> (Self, Option<T>) {
+    /// The input of an eval-mode forward pass: a plain buffer when no tape is attached,
+    /// else the tensor itself; with what turns the output back into a tensor.
+    pub fn eval_input(x: Act<C, T>) -> (Self, Restore<T>) {
         if T::OWNS_TAPE {
-            return (CpuAct::Tensor(x), None);
+            return (CpuAct::Tensor(x), Restore(None));
         }
+        let dev = x.device().clone();
         let (x, tape) = x.split_tape();
-        (CpuAct::Buffer(Buf::from_tensor(&x)), Some(tape))
+        (
+            CpuAct::Buffer(Buf::from_tensor(&x)),
+            Restore(Some((dev, tape))),
+        )
     }
 
-    /// The tensor of an output; `tape` is what [`CpuAct::eval_input`] returned.
-    pub fn into_tensor(self, dev: &Cpu, tape: Option<T>) -> Result<Act<C, T>> {
-        match (self, tape) {
+    /// The input of a training-mode forward pass: the tensor itself.
+    pub fn train_input(x: Act<C, T>) -> (Self, Restore<T>) {
+        (CpuAct::Tensor(x), Restore(None))
+    }
+}
+
+/// Turns the output of a pass back into a tensor: the device and tape set aside when its
+/// input became a plain buffer ([`CpuAct::eval_input`]).
+#[derive(Debug)]
+pub struct Restore<T>(Option<(Cpu, T)>);
+
+impl<T: Tape<f32, Cpu>> Restore<T> {
+    /// The activation `y` as a tensor.
+    pub fn act<const C: usize>(self, y: CpuAct<C, T>) -> Result<Act<C, T>> {
+        match (y, self.0) {
             (CpuAct::Tensor(y), _) => Ok(y),
-            (CpuAct::Buffer(y), Some(tape)) => Ok(y.into_tensor(dev)?.put_tape(tape)),
-            (CpuAct::Buffer(_), None) => Err(shape_err(
-                "forward",
-                "an inference buffer came out of a pass that records gradients",
-            )),
+            (CpuAct::Buffer(y), Some((dev, tape))) => Ok(y.into_tensor(&dev)?.put_tape(tape)),
+            (CpuAct::Buffer(_), None) => Err(from_buffer()),
+        }
+    }
+
+    /// The logits `y` as a tensor.
+    pub fn logits<O: Dim>(self, y: CpuLogits<O, T>) -> Result<Mat<O, T>> {
+        match (y, self.0) {
+            (CpuLogits::Tensor(y), _) => Ok(y),
+            (CpuLogits::Rows(y), Some((dev, tape))) => Ok(y.into_tensor(&dev)?.put_tape(tape)),
+            (CpuLogits::Rows(_), None) => Err(from_buffer()),
         }
     }
 }
 
-impl<O: Dim, T: Tape<f32, Cpu>> CpuLogits<O, T> {
-    /// The logits as a tensor; `tape` is what [`CpuAct::eval_input`] returned.
-    pub fn into_tensor(self, dev: &Cpu, tape: Option<T>) -> Result<Mat<O, T>> {
-        match (self, tape) {
-            (CpuLogits::Tensor(y), _) => Ok(y),
-            (CpuLogits::Rows(y), Some(tape)) => Ok(y.into_tensor(dev)?.put_tape(tape)),
-            (CpuLogits::Rows(_), None) => Err(shape_err(
-                "forward",
-                "inference logits came out of a pass that records gradients",
-            )),
-        }
-    }
+fn from_buffer() -> Error {
+    shape_err(
+        "forward",
+        "an inference buffer came out of a pass whose input was a tensor",
+    )
 }
 
 /// A `(batch, C, height, width)` activation on plain memory: a shared row-major buffer

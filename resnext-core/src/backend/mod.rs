@@ -19,7 +19,7 @@
 use dfdx::prelude::*;
 
 use crate::error::Result;
-use crate::nn::{BatchNorm2d, Conv2d, Linear};
+use crate::nn::{BatchNorm2d, ConvLayer, Linear};
 
 pub mod cpu;
 
@@ -40,17 +40,10 @@ pub trait Backend {
     fn identity<const I: usize, const O: usize>(&self, x: Self::Act<I>) -> Result<Self::Act<O>>;
 
     /// Eval mode: `relu?(bn(conv(x)) + residual)` with the running statistics of `bn`.
-    fn conv_bn_eval<
-        const I: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const G: usize,
-    >(
+    fn conv_bn_eval<const I: usize, const O: usize, C: ConvLayer<I, O>>(
         &self,
         x: Self::Act<I>,
-        conv: &Conv2d<I, O, K, S, P, G, f32, Cpu>,
+        conv: &C,
         bn: &BatchNorm2d<O, f32, Cpu>,
         relu: bool,
         residual: Option<Self::Act<O>>,
@@ -75,17 +68,10 @@ pub trait TrainBackend: Backend {
     /// Training mode: `relu?(bn(conv(x)) + residual)` with the batch's statistics; updates
     /// the running statistics of `bn` (PyTorch's momentum 0.1, unbiased variance) and its
     /// batch counter.
-    fn conv_bn_train<
-        const I: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const G: usize,
-    >(
+    fn conv_bn_train<const I: usize, const O: usize, C: ConvLayer<I, O>>(
         &self,
         x: Self::Act<I>,
-        conv: &Conv2d<I, O, K, S, P, G, f32, Cpu>,
+        conv: &C,
         bn: &mut BatchNorm2d<O, f32, Cpu>,
         relu: bool,
         residual: Option<Self::Act<O>>,

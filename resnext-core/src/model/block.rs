@@ -6,7 +6,7 @@ use super::layer::{layer_modules, Layer};
 use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::{Backend, TrainBackend};
 use crate::error::Result;
-use crate::nn::{BatchNorm2d, Conv2d};
+use crate::nn::{field_module, BatchNorm2d, Conv2d, ConvLayer};
 use crate::ops::Act;
 
 /// Projection shortcut: 1×1 convolution with stride `S`, then batch norm (torchvision's
@@ -27,10 +27,7 @@ impl<const IN: usize, const OUT: usize, const S: usize, D: Device<f32>> TensorCo
         visitor: &mut V,
     ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
         visitor.visit_fields(
-            (
-                Self::module("0", |s| &s.conv, |s| &mut s.conv),
-                Self::module("1", |s| &s.bn, |s| &mut s.bn),
-            ),
+            (field_module!("0", conv), field_module!("1", bn)),
             |(conv, bn)| Downsample { conv, bn },
         )
     }
@@ -91,19 +88,6 @@ impl<
         );
         assert!(STRIDE > 0, "Bottleneck: STRIDE must be positive");
     };
-
-    /// Output size and multiply-accumulates per image for an `h × w` input.
-    pub fn cost(h: usize, w: usize) -> (usize, usize, usize) {
-        let (_, _, m1) = Conv2d::<IN, WIDTH, 1, 1, 0, 1, E, D>::cost(h, w);
-        let (oh, ow, m2) = Conv2d::<WIDTH, WIDTH, 3, STRIDE, 1, GROUPS, E, D>::cost(h, w);
-        let (_, _, m3) = Conv2d::<WIDTH, OUT, 1, 1, 0, 1, E, D>::cost(oh, ow);
-        let md = if Self::HAS_DOWNSAMPLE {
-            Conv2d::<IN, OUT, 1, STRIDE, 0, 1, E, D>::cost(h, w).2
-        } else {
-            0
-        };
-        (oh, ow, m1 + m2 + m3 + md)
-    }
 }
 
 impl<
@@ -123,12 +107,12 @@ impl<
         #[allow(clippy::let_unit_value)]
         let () = Self::VALID;
         let main = (
-            Self::module("conv1", |s| &s.conv1, |s| &mut s.conv1),
-            Self::module("bn1", |s| &s.bn1, |s| &mut s.bn1),
-            Self::module("conv2", |s| &s.conv2, |s| &mut s.conv2),
-            Self::module("bn2", |s| &s.bn2, |s| &mut s.bn2),
-            Self::module("conv3", |s| &s.conv3, |s| &mut s.conv3),
-            Self::module("bn3", |s| &s.bn3, |s| &mut s.bn3),
+            field_module!("conv1", conv1),
+            field_module!("bn1", bn1),
+            field_module!("conv2", conv2),
+            field_module!("bn2", bn2),
+            field_module!("conv3", conv3),
+            field_module!("bn3", bn3),
         );
         if Self::HAS_DOWNSAMPLE {
             visitor.visit_fields(
@@ -182,9 +166,8 @@ impl<
 {
     /// The residual branch only (without shortcut and final ReLU), eval mode.
     pub fn residual<T: Tape<f32, Cpu> + Merge<T>>(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
-        let dev = x.device().clone();
-        self.branch_on(&CpuBackend::new(), CpuAct::Tensor(x), None)?
-            .into_tensor(&dev, None)
+        let (x, back) = CpuAct::train_input(x);
+        back.act(self.branch_on(&CpuBackend::new(), x, None)?)
     }
 
     /// The residual branch on `b`, eval mode; with the block's input `shortcut` also the
@@ -268,27 +251,6 @@ impl<
         const STRIDE: usize,
         const GROUPS: usize,
         const BLOCKS: usize,
-        E: Dtype,
-        D: Storage<E>,
-    > Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, E, D>
-{
-    const VALID: () = assert!(BLOCKS >= 1, "Stage: BLOCKS must be at least 1");
-
-    /// Output size and multiply-accumulates per image for an `h × w` input.
-    pub fn cost(h: usize, w: usize) -> (usize, usize, usize) {
-        let (oh, ow, m0) = Bottleneck::<IN, WIDTH, OUT, STRIDE, GROUPS, E, D>::cost(h, w);
-        let (_, _, m) = Bottleneck::<OUT, WIDTH, OUT, 1, GROUPS, E, D>::cost(oh, ow);
-        (oh, ow, m0 + (BLOCKS - 1) * m)
-    }
-}
-
-impl<
-        const IN: usize,
-        const WIDTH: usize,
-        const OUT: usize,
-        const STRIDE: usize,
-        const GROUPS: usize,
-        const BLOCKS: usize,
         D: Device<f32>,
     > TensorCollection<f32, D> for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, f32, D>
 {
@@ -297,12 +259,11 @@ impl<
     fn iter_tensors<V: ModuleVisitor<Self, f32, D>>(
         visitor: &mut V,
     ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
-        #[allow(clippy::let_unit_value)]
-        let () = Self::VALID;
+        const { assert!(BLOCKS >= 1, "Stage: BLOCKS must be at least 1") };
         let names: Vec<String> = (1..BLOCKS).map(|i| i.to_string()).collect();
         visitor.visit_fields(
             (
-                Self::module("0", |s| &s.first, |s| &mut s.first),
+                field_module!("0", first),
                 names
                     .iter()
                     .enumerate()
@@ -345,6 +306,57 @@ impl<
             y = blk.train_on(b, y)?;
         }
         Ok(y)
+    }
+}
+
+/// Static facts about a block or stage, for summaries.
+pub trait StageMeta {
+    /// Input channels.
+    const IN: usize;
+    /// Output channels.
+    const OUT: usize;
+    /// Output size and multiply-accumulates per image for an `h × w` input.
+    fn cost(h: usize, w: usize) -> (usize, usize, usize);
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+    > StageMeta for Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>
+{
+    const IN: usize = IN;
+    const OUT: usize = OUT;
+    fn cost(h: usize, w: usize) -> (usize, usize, usize) {
+        let (_, _, m1) = Conv2d::<IN, WIDTH, 1, 1, 0, 1, f32, Cpu>::cost(h, w);
+        let (oh, ow, m2) = Conv2d::<WIDTH, WIDTH, 3, STRIDE, 1, GROUPS, f32, Cpu>::cost(h, w);
+        let (_, _, m3) = Conv2d::<WIDTH, OUT, 1, 1, 0, 1, f32, Cpu>::cost(oh, ow);
+        let md = if Self::HAS_DOWNSAMPLE {
+            Conv2d::<IN, OUT, 1, STRIDE, 0, 1, f32, Cpu>::cost(h, w).2
+        } else {
+            0
+        };
+        (oh, ow, m1 + m2 + m3 + md)
+    }
+}
+
+impl<
+        const IN: usize,
+        const WIDTH: usize,
+        const OUT: usize,
+        const STRIDE: usize,
+        const GROUPS: usize,
+        const BLOCKS: usize,
+    > StageMeta for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, f32, Cpu>
+{
+    const IN: usize = IN;
+    const OUT: usize = OUT;
+    fn cost(h: usize, w: usize) -> (usize, usize, usize) {
+        let (oh, ow, m0) = Bottleneck::<IN, WIDTH, OUT, STRIDE, GROUPS, f32, Cpu>::cost(h, w);
+        let (_, _, m) = Bottleneck::<OUT, WIDTH, OUT, 1, GROUPS, f32, Cpu>::cost(oh, ow);
+        (oh, ow, m0 + (BLOCKS - 1) * m)
     }
 }
 

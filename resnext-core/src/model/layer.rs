@@ -1,12 +1,8 @@
-//! [`Layer`]: a block, a stage or a network wired once over a [`Backend`], and the bridge
-//! from it to dfdx's `Module` / `ModuleMut` on the CPU.
+//! [`Layer`]: a block or a stage wired once over a [`Backend`], and the bridge from it to
+//! dfdx's `Module` / `ModuleMut` on the CPU.
 
-use dfdx::prelude::*;
-
-use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::{Backend, TrainBackend};
 use crate::error::Result;
-use crate::ops::Act;
 
 /// A part of a network that maps an activation `In` of backend `B` to another: the wiring,
 /// written once for every backend. The channel counts are in `In` and [`Layer::Out`], so a
@@ -24,42 +20,11 @@ pub trait Layer<B: Backend, In> {
         B: TrainBackend;
 }
 
-/// dfdx's eval-mode forward of `layer` on the CPU: without a tape on plain buffers (every
-/// convolution fused with its batch norm, one copy in and one tensor out), with a tape on
-/// tensors so gradients flow.
-pub(crate) fn forward_eval<L, const I: usize, const O: usize, T>(
-    layer: &L,
-    x: Act<I, T>,
-) -> Result<Act<O, T>>
-where
-    T: Tape<f32, Cpu> + Merge<T>,
-    L: Layer<CpuBackend<T>, CpuAct<I, T>, Out = CpuAct<O, T>>,
-{
-    let dev = x.device().clone();
-    let (x, tape) = CpuAct::eval_input(x);
-    layer
-        .eval_on(&CpuBackend::new(), x)?
-        .into_tensor(&dev, tape)
-}
-
-/// dfdx's training-mode forward of `layer` on the CPU, on tensors.
-pub(crate) fn forward_train<L, const I: usize, const O: usize, T>(
-    layer: &mut L,
-    x: Act<I, T>,
-) -> Result<Act<O, T>>
-where
-    T: Tape<f32, Cpu> + Merge<T>,
-    L: Layer<CpuBackend<T>, CpuAct<I, T>, Out = CpuAct<O, T>>,
-{
-    let dev = x.device().clone();
-    layer
-        .train_on(&CpuBackend::new(), CpuAct::Tensor(x))?
-        .into_tensor(&dev, None)
-}
-
-/// dfdx's `Module` (eval mode, [`forward_eval`]) and `ModuleMut` (training mode,
-/// [`forward_train`]) for a [`Layer`] from `IN` to `OUT` channels whose const parameters are
-/// listed.
+/// dfdx's `Module` (eval mode) and `ModuleMut` (training mode) for a [`Layer`] from `IN`
+/// to `OUT` channels whose const parameters are listed: its `eval_on` / `train_on` on
+/// [`CpuBackend`](crate::backend::cpu::CpuBackend), on plain buffers when no tape is
+/// attached (every convolution fused with its batch norm, one copy in and one tensor
+/// out), on tensors otherwise.
 macro_rules! layer_modules {
     ($name:ident <$($c:ident),+>) => {
         impl<$(const $c: usize,)+ T: Tape<f32, Cpu> + Merge<T>> Module<Act<IN, T>>
@@ -68,7 +33,8 @@ macro_rules! layer_modules {
             type Output = Act<OUT, T>;
             type Error = crate::error::Error;
             fn try_forward(&self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
-                crate::model::layer::forward_eval(self, x)
+                let (x, back) = CpuAct::eval_input(x);
+                back.act(self.eval_on(&CpuBackend::new(), x)?)
             }
         }
 
@@ -78,7 +44,8 @@ macro_rules! layer_modules {
             type Output = Act<OUT, T>;
             type Error = crate::error::Error;
             fn try_forward_mut(&mut self, x: Act<IN, T>) -> Result<Act<OUT, T>> {
-                crate::model::layer::forward_train(self, x)
+                let (x, back) = CpuAct::train_input(x);
+                back.act(self.train_on(&CpuBackend::new(), x)?)
             }
         }
     };

@@ -8,7 +8,7 @@ mod network;
 mod registry;
 mod train_step;
 
-pub use block::{Bottleneck, Downsample, Stage};
+pub use block::{Bottleneck, Downsample, Stage, StageMeta};
 pub use layer::Layer;
 pub use network::*;
 pub use registry::{Arch, BuildRuntime, Network, UnknownArch};

@@ -3,59 +3,14 @@
 
 use dfdx::prelude::*;
 
-use super::block::{Bottleneck, Stage};
+use super::block::StageMeta;
 use super::layer::Layer;
 use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::{Backend, TrainBackend};
 use crate::error::{Error, Result};
-use crate::nn::{BatchNorm2d, Conv2d, Linear};
+use crate::nn::{BatchNorm2d, Conv2d, ConvLayer, Linear};
 use crate::ops::{Act, Mat};
 use crate::params::{walk, walk_mut, ParamVisitor, ParamVisitorMut, Params};
-
-/// Static facts about a stage, for summaries.
-pub trait StageMeta {
-    /// Input channels.
-    const IN: usize;
-    /// Output channels.
-    const OUT: usize;
-    /// Output size and multiply-accumulates per image for an `h × w` input.
-    fn cost(h: usize, w: usize) -> (usize, usize, usize);
-}
-
-impl<
-        const IN: usize,
-        const WIDTH: usize,
-        const OUT: usize,
-        const STRIDE: usize,
-        const GROUPS: usize,
-        const BLOCKS: usize,
-        E: Dtype,
-        D: Storage<E>,
-    > StageMeta for Stage<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, E, D>
-{
-    const IN: usize = IN;
-    const OUT: usize = OUT;
-    fn cost(h: usize, w: usize) -> (usize, usize, usize) {
-        Stage::<IN, WIDTH, OUT, STRIDE, GROUPS, BLOCKS, E, D>::cost(h, w)
-    }
-}
-
-impl<
-        const IN: usize,
-        const WIDTH: usize,
-        const OUT: usize,
-        const STRIDE: usize,
-        const GROUPS: usize,
-        E: Dtype,
-        D: Storage<E>,
-    > StageMeta for Bottleneck<IN, WIDTH, OUT, STRIDE, GROUPS, E, D>
-{
-    const IN: usize = IN;
-    const OUT: usize = OUT;
-    fn cost(h: usize, w: usize) -> (usize, usize, usize) {
-        Bottleneck::<IN, WIDTH, OUT, STRIDE, GROUPS, E, D>::cost(h, w)
-    }
-}
 
 /// One row of a network summary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -311,9 +266,8 @@ macro_rules! network_modules {
             type Output = Mat<O, T>;
             type Error = Error;
             fn try_forward(&self, x: Act<C, T>) -> Result<Mat<O, T>> {
-                let dev = x.device().clone();
-                let (x, tape) = CpuAct::eval_input(x);
-                self.eval_on(&CpuBackend::new(), x)?.into_tensor(&dev, tape)
+                let (x, back) = CpuAct::eval_input(x);
+                back.logits(self.eval_on(&CpuBackend::new(), x)?)
             }
         }
 
@@ -325,8 +279,8 @@ macro_rules! network_modules {
             type Output = Mat<O, T>;
             type Error = Error;
             fn try_forward_mut(&mut self, x: Act<C, T>) -> Result<Mat<O, T>> {
-                let dev = x.device().clone();
-                self.train_on(&CpuBackend::new(), CpuAct::Tensor(x))?.into_tensor(&dev, None)
+                let (x, back) = CpuAct::train_input(x);
+                back.logits(self.train_on(&CpuBackend::new(), x)?)
             }
         }
     };

@@ -3,7 +3,7 @@
 use dfdx::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::ops::{self, Act, BnConfig};
+use crate::ops::{self, Act, BnConfig, BnRef, BnTrainRef};
 
 /// Batch normalisation over `C` channels with PyTorch's semantics (eps 1e-5, momentum
 /// 0.1, unbiased running variance). `forward` uses the running statistics, `forward_mut`
@@ -30,29 +30,15 @@ impl<const C: usize, D: Device<f32>> TensorCollection<f32, D> for BatchNorm2d<C,
     ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
         visitor.visit_fields(
             (
-                Self::tensor(
-                    "weight",
-                    |s| &s.weight,
-                    |s| &mut s.weight,
-                    TensorOptions::reset_to_ones(),
+                field_tensor!(weight, TensorOptions::reset_to_ones()),
+                field_tensor!(bias, TensorOptions::reset_to_zeros()),
+                field_tensor!(
+                    running_mean,
+                    TensorOptions::detached(|t| t.try_fill_with_zeros())
                 ),
-                Self::tensor(
-                    "bias",
-                    |s| &s.bias,
-                    |s| &mut s.bias,
-                    TensorOptions::reset_to_zeros(),
-                ),
-                Self::tensor(
-                    "running_mean",
-                    |s| &s.running_mean,
-                    |s| &mut s.running_mean,
-                    TensorOptions::detached(|t| t.try_fill_with_zeros()),
-                ),
-                Self::tensor(
-                    "running_var",
-                    |s| &s.running_var,
-                    |s| &mut s.running_var,
-                    TensorOptions::detached(|t| t.try_fill_with_ones()),
+                field_tensor!(
+                    running_var,
+                    TensorOptions::detached(|t| t.try_fill_with_ones())
                 ),
                 Self::scalar(
                     "num_batches_tracked",
@@ -73,24 +59,42 @@ impl<const C: usize, D: Device<f32>> TensorCollection<f32, D> for BatchNorm2d<C,
 }
 
 impl<const C: usize> BatchNorm2d<C, f32, Cpu> {
+    /// The tensors an eval-mode op reads (γ, β, running mean and variance).
+    pub fn eval_ref(&self) -> BnRef<'_, C> {
+        BnRef {
+            gamma: &self.weight,
+            beta: &self.bias,
+            mean: &self.running_mean,
+            var: &self.running_var,
+        }
+    }
+
+    /// Runs the training-mode op `f` on this layer's tensors (it reads γ and β and updates
+    /// the running statistics) and counts the batch in `num_batches_tracked` when `f`
+    /// succeeds.
+    pub fn train_with<R>(&mut self, f: impl FnOnce(BnTrainRef<'_, C>) -> Result<R>) -> Result<R> {
+        let y = f(BnTrainRef {
+            gamma: &self.weight,
+            beta: &self.bias,
+            mean: &mut self.running_mean,
+            var: &mut self.running_var,
+        })?;
+        self.num_batches_tracked += 1;
+        Ok(y)
+    }
+
     /// Eval-mode forward, with a fused ReLU when `relu`.
     pub fn forward_eval_act<T: Tape<f32, Cpu>>(
         &self,
         x: Act<C, T>,
         relu: bool,
     ) -> Result<Act<C, T>> {
+        let bn = self.eval_ref();
         let cfg = BnConfig {
             relu,
             ..Default::default()
         };
-        ops::batch_norm2d_eval(
-            x,
-            &self.weight,
-            &self.bias,
-            &self.running_mean,
-            &self.running_var,
-            cfg,
-        )
+        ops::batch_norm2d_eval(x, bn.gamma, bn.beta, bn.mean, bn.var, cfg)
     }
 
     /// Training-mode forward, with a fused ReLU when `relu`.
@@ -103,16 +107,7 @@ impl<const C: usize> BatchNorm2d<C, f32, Cpu> {
             relu,
             ..Default::default()
         };
-        let y = ops::batch_norm2d_train(
-            x,
-            &self.weight,
-            &self.bias,
-            &mut self.running_mean,
-            &mut self.running_var,
-            cfg,
-        )?;
-        self.num_batches_tracked += 1;
-        Ok(y)
+        self.train_with(|bn| ops::batch_norm2d_train(x, bn.gamma, bn.beta, bn.mean, bn.var, cfg))
     }
 }
 

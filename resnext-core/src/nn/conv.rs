@@ -4,9 +4,8 @@
 use dfdx::prelude::*;
 use rand_distr::Normal;
 
-use super::BatchNorm2d;
 use crate::error::{Error, Result};
-use crate::ops::{self, Act, BnConfig, ConvConfig};
+use crate::ops::{self, Act, ConvConfig};
 
 /// A compile-time dim of size `C / G`: the input channels per group of a grouped
 /// convolution's weight. Naming a `G` that does not divide `C` fails to compile.
@@ -59,6 +58,31 @@ pub struct Conv2d<
     pub weight: Tensor<ConvWeightShape<I, O, K, G>, E, D>,
 }
 
+/// A bias-free convolution from `I` to `O` channels as ops and backends see it: its
+/// hyper-parameters and its weight. Implemented by [`Conv2d`]; backends take any
+/// `ConvLayer<I, O>`, so the channel counts stay in the types.
+pub trait ConvLayer<const I: usize, const O: usize> {
+    /// Kernel, stride, padding and groups.
+    const CONFIG: ConvConfig;
+    /// The weight's shape, `(O, I / groups, k, k)`.
+    type WeightShape: Shape;
+    /// The weight.
+    fn weight(&self) -> &Tensor<Self::WeightShape, f32, Cpu>;
+
+    /// Output size `(h, w)` and multiply-accumulates per image for an `h × w` input.
+    fn cost(h: usize, w: usize) -> (usize, usize, usize) {
+        let ConvConfig {
+            kernel: k,
+            stride: s,
+            padding: p,
+            groups: g,
+        } = Self::CONFIG;
+        let oh = (h + 2 * p).saturating_sub(k) / s + 1;
+        let ow = (w + 2 * p).saturating_sub(k) / s + 1;
+        (oh, ow, oh * ow * O * (I / g) * k * k)
+    }
+}
+
 impl<
         const I: usize,
         const O: usize,
@@ -66,23 +90,17 @@ impl<
         const S: usize,
         const P: usize,
         const G: usize,
-        E: Dtype,
-        D: Storage<E>,
-    > Conv2d<I, O, K, S, P, G, E, D>
+    > ConvLayer<I, O> for Conv2d<I, O, K, S, P, G, f32, Cpu>
 {
-    /// The op configuration of this layer.
-    pub const CONFIG: ConvConfig = ConvConfig {
+    const CONFIG: ConvConfig = ConvConfig {
         kernel: K,
         stride: S,
         padding: P,
         groups: G,
     };
-
-    /// Output size `(h, w)` and multiply-accumulates per image for an `h × w` input.
-    pub fn cost(h: usize, w: usize) -> (usize, usize, usize) {
-        let oh = (h + 2 * P).saturating_sub(K) / S + 1;
-        let ow = (w + 2 * P).saturating_sub(K) / S + 1;
-        (oh, ow, oh * ow * O * (I / G) * K * K)
+    type WeightShape = ConvWeightShape<I, O, K, G>;
+    fn weight(&self) -> &Tensor<Self::WeightShape, f32, Cpu> {
+        &self.weight
     }
 }
 
@@ -102,14 +120,12 @@ impl<
         visitor: &mut V,
     ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
         visitor.visit_fields(
-            Self::tensor(
-                "weight",
-                |s| &s.weight,
-                |s| &mut s.weight,
+            field_tensor!(
+                weight,
                 TensorOptions::reset_with(|t| {
                     let std = (2.0 / (O * K * K) as f32).sqrt();
                     t.try_fill_with_distr(Normal::new(0.0f32, std).expect("finite std"))
-                }),
+                })
             ),
             |weight| Conv2d { weight },
         )
@@ -142,95 +158,6 @@ impl<
     type Output = Act<O, T>;
     type Error = Error;
     fn try_forward(&self, x: Act<I, T>) -> Result<Act<O, T>> {
-        ops::conv2d(x, &self.weight, Self::CONFIG)
-    }
-}
-
-impl<
-        const I: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const G: usize,
-    > Conv2d<I, O, K, S, P, G, f32, Cpu>
-{
-    /// Inference: this convolution followed by `bn` in eval mode, an optional residual add
-    /// and an optional ReLU, fused into one pass ([`ops::conv2d_bn_eval`]).
-    pub fn forward_bn_eval(
-        &self,
-        x: Act<I>,
-        bn: &BatchNorm2d<O, f32, Cpu>,
-        relu: bool,
-        residual: Option<&Act<O>>,
-    ) -> Result<Act<O>> {
-        let bnr = ops::BnRef {
-            gamma: &bn.weight,
-            beta: &bn.bias,
-            mean: &bn.running_mean,
-            var: &bn.running_var,
-        };
-        ops::conv2d_bn_eval(
-            x,
-            &self.weight,
-            Self::CONFIG,
-            bnr,
-            BnConfig::default().eps,
-            relu,
-            residual,
-        )
-    }
-
-    /// Training: this convolution followed by `bn` with batch statistics (updating its
-    /// running statistics), an optional residual add and an optional ReLU, as one fused
-    /// differentiable op ([`ops::conv2d_bn_train`]).
-    pub fn forward_bn_train<T: Tape<f32, Cpu> + Merge<T>>(
-        &self,
-        x: Act<I, T>,
-        bn: &mut BatchNorm2d<O, f32, Cpu>,
-        relu: bool,
-        residual: Option<Act<O, T>>,
-    ) -> Result<Act<O, T>> {
-        let bnr = ops::BnTrainRef {
-            gamma: &bn.weight,
-            beta: &bn.bias,
-            mean: &mut bn.running_mean,
-            var: &mut bn.running_var,
-        };
-        let cfg = BnConfig {
-            relu,
-            ..Default::default()
-        };
-        let y = ops::conv2d_bn_train(x, &self.weight, Self::CONFIG, bnr, cfg, residual)?;
-        bn.num_batches_tracked += 1;
-        Ok(y)
-    }
-
-    /// [`Conv2d::forward_bn_eval`] on a plain `(n, I, h, w)` buffer `x` with `dims = [n, h, w]`;
-    /// returns the output buffer and its height and width.
-    pub fn forward_bn_eval_raw(
-        &self,
-        x: &[f32],
-        dims: [usize; 3],
-        bn: &BatchNorm2d<O, f32, Cpu>,
-        relu: bool,
-        residual: Option<&[f32]>,
-    ) -> Result<(Vec<f32>, usize, usize)> {
-        let bnr = ops::BnRef {
-            gamma: &bn.weight,
-            beta: &bn.bias,
-            mean: &bn.running_mean,
-            var: &bn.running_var,
-        };
-        ops::conv2d_bn_eval_raw::<I, O, _>(
-            x,
-            dims,
-            &self.weight,
-            Self::CONFIG,
-            bnr,
-            BnConfig::default().eps,
-            relu,
-            residual,
-        )
+        ops::conv2d(x, &self.weight, <Self as ConvLayer<I, O>>::CONFIG)
     }
 }

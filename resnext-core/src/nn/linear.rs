@@ -18,14 +18,21 @@ pub struct Linear<const F: usize, O: Dim, E: Dtype, D: Storage<E>> {
     pub bias: Tensor<(O,), E, D>,
 }
 
+/// PyTorch's default initialisation of a layer with `F` inputs: uniform in ±1/√F.
+fn fill_uniform<const F: usize, S: Shape, D: Device<f32>>(
+    t: &mut Tensor<S, f32, D>,
+) -> Result<(), D::Err> {
+    let b = 1.0 / (F as f32).sqrt();
+    t.try_fill_with_distr(Uniform::new(-b, b))
+}
+
 impl<const F: usize> Linear<F, usize, f32, Cpu> {
     /// A classifier with `classes` outputs chosen at run time.
     pub fn new_runtime(dev: &Cpu, classes: usize) -> Result<Self> {
-        let b = 1.0 / (F as f32).sqrt();
         let mut weight = dev.try_zeros_like(&(classes, Const::<F>))?;
-        weight.try_fill_with_distr(Uniform::new(-b, b))?;
+        fill_uniform::<F, _, _>(&mut weight)?;
         let mut bias = dev.try_zeros_like(&(classes,))?;
-        bias.try_fill_with_distr(Uniform::new(-b, b))?;
+        fill_uniform::<F, _, _>(&mut bias)?;
         Ok(Self { weight, bias })
     }
 }
@@ -40,24 +47,8 @@ impl<const F: usize, const N: usize, D: Device<f32>> TensorCollection<f32, D>
     ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
         visitor.visit_fields(
             (
-                Self::tensor(
-                    "weight",
-                    |s| &s.weight,
-                    |s| &mut s.weight,
-                    TensorOptions::reset_with(|t| {
-                        let b = 1.0 / (F as f32).sqrt();
-                        t.try_fill_with_distr(Uniform::new(-b, b))
-                    }),
-                ),
-                Self::tensor(
-                    "bias",
-                    |s| &s.bias,
-                    |s| &mut s.bias,
-                    TensorOptions::reset_with(|t| {
-                        let b = 1.0 / (F as f32).sqrt();
-                        t.try_fill_with_distr(Uniform::new(-b, b))
-                    }),
-                ),
+                field_tensor!(weight, TensorOptions::reset_with(fill_uniform::<F, _, _>)),
+                field_tensor!(bias, TensorOptions::reset_with(fill_uniform::<F, _, _>)),
             ),
             |(weight, bias)| Linear { weight, bias },
         )

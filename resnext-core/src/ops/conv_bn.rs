@@ -79,29 +79,10 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
 ) -> Result<(Vec<f32>, usize, usize)> {
     let g = conv_geom::<I, O, WS>([n, h, w], weight, cfg)?;
     let _t = profile::scope(ConvKind::of(&g).fused_eval());
-    if x.len() != g.input_len() {
-        return Err(shape_err(
-            "conv2d",
-            format!(
-                "input has {} values, shape ({n}, {I}, {h}, {w}) needs {}",
-                x.len(),
-                g.input_len()
-            ),
-        ));
-    }
+    let (oh, ow) = (g.out_h(), g.out_w());
+    check_len("input", x.len(), g.input_len(), [n, I, h, w])?;
     if let Some(r) = residual {
-        if r.len() != g.output_len() {
-            return Err(shape_err(
-                "conv2d_bn_eval",
-                format!(
-                    "residual has {} values, the output ({n}, {O}, {}, {}) has {}",
-                    r.len(),
-                    g.out_h(),
-                    g.out_w(),
-                    g.output_len()
-                ),
-            ));
-        }
+        check_len("residual", r.len(), g.output_len(), [n, O, oh, ow])?;
     }
     let mut y = ew::zeroed(g.output_len());
     let key = weight as *const Tensor<WS, f32, Cpu> as usize;
@@ -133,7 +114,18 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
         let w = conv::PreparedWeights::new(&g, read(weight));
         conv::conv2d_forward_fused(&g, x, &w, Some(&scale), &shift, residual, relu, &mut y);
     }
-    Ok((y, g.out_h(), g.out_w()))
+    Ok((y, oh, ow))
+}
+
+/// An error unless a buffer of `len` values fills `shape`.
+fn check_len(what: &str, len: usize, want: usize, [n, c, h, w]: [usize; 4]) -> Result<()> {
+    if len == want {
+        return Ok(());
+    }
+    Err(shape_err(
+        "conv2d_bn_eval",
+        format!("{what} has {len} values, shape ({n}, {c}, {h}, {w}) needs {want}"),
+    ))
 }
 
 /// Batch-norm tensors for a training-mode call: γ and β, and the running statistics it
