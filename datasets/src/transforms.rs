@@ -95,28 +95,34 @@ impl Transform for RandomCrop {
         let (ph, pw) = (s.height + 2 * self.padding, s.width + 2 * self.padding);
         let top = rng.gen_range(0..=ph.saturating_sub(self.size));
         let left = rng.gen_range(0..=pw.saturating_sub(self.size));
-        let mut out = vec![0.0; s.channels * self.size * self.size];
-        for c in 0..s.channels {
-            for y in 0..self.size {
-                let sy = (top + y) as isize - self.padding as isize;
-                if sy < 0 || sy >= s.height as isize {
-                    continue;
-                }
-                for x in 0..self.size {
-                    let sx = (left + x) as isize - self.padding as isize;
-                    if sx >= 0 && sx < s.width as isize {
-                        out[(c * self.size + y) * self.size + x] =
-                            s.at(c, sy as usize, sx as usize);
-                    }
+        let pad = self.padding as isize;
+        crop(&s, self.size, top as isize - pad, left as isize - pad)
+    }
+}
+
+/// The `size × size` window of `s` whose top-left corner is at (`top`, `left`), which may
+/// lie outside the image: positions outside it are zero.
+fn crop(s: &Sample, size: usize, top: isize, left: isize) -> Sample {
+    let mut out = vec![0.0; s.channels * size * size];
+    for c in 0..s.channels {
+        for y in 0..size {
+            let sy = top + y as isize;
+            if sy < 0 || sy >= s.height as isize {
+                continue;
+            }
+            for x in 0..size {
+                let sx = left + x as isize;
+                if sx >= 0 && sx < s.width as isize {
+                    out[(c * size + y) * size + x] = s.at(c, sy as usize, sx as usize);
                 }
             }
         }
-        Sample {
-            channels: s.channels,
-            height: self.size,
-            width: self.size,
-            data: out,
-        }
+    }
+    Sample {
+        channels: s.channels,
+        height: size,
+        width: size,
+        data: out,
     }
 }
 
@@ -201,25 +207,7 @@ impl Transform for CenterCrop {
     fn apply(&self, s: Sample, _: &mut StdRng) -> Sample {
         let top = (s.height as isize - self.size as isize) / 2;
         let left = (s.width as isize - self.size as isize) / 2;
-        let mut out = vec![0.0; s.channels * self.size * self.size];
-        for c in 0..s.channels {
-            for y in 0..self.size {
-                let sy = top + y as isize;
-                for x in 0..self.size {
-                    let sx = left + x as isize;
-                    if sy >= 0 && sx >= 0 && (sy as usize) < s.height && (sx as usize) < s.width {
-                        out[(c * self.size + y) * self.size + x] =
-                            s.at(c, sy as usize, sx as usize);
-                    }
-                }
-            }
-        }
-        Sample {
-            channels: s.channels,
-            height: self.size,
-            width: self.size,
-            data: out,
-        }
+        crop(&s, self.size, top, left)
     }
 }
 

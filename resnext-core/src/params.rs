@@ -119,65 +119,58 @@ pub fn join(prefix: &str, name: &str) -> String {
     }
 }
 
-struct Bridge<'v, V>(&'v mut V);
+/// A dfdx `TensorVisitor` named `$name` that hands each tensor (viewed through `$view`)
+/// to a `$visitor`, and each counter to `$counter` (given the visitor, the viewed counter
+/// and its name).
+macro_rules! bridge {
+    ($name:ident, $visitor:ident, $view:ident, |$this:ident, $value:ident, $key:ident| $counter:block) => {
+        struct $name<'v, V>(&'v mut V);
 
-impl<V: ParamVisitor> TensorVisitor<f32, Cpu> for Bridge<'_, V> {
-    type Viewer = (ViewTensorRef, ViewTensorName);
-    type Err = V::Error;
-    type E2 = f32;
-    type D2 = Cpu;
+        impl<V: $visitor> TensorVisitor<f32, Cpu> for $name<'_, V> {
+            type Viewer = ($view, ViewTensorName);
+            type Err = V::Error;
+            type E2 = f32;
+            type D2 = Cpu;
 
-    fn visit<S: Shape>(
-        &mut self,
-        opts: TensorOptions<S, f32, Cpu>,
-        (t, name): <Self::Viewer as TensorViewer>::View<'_, Tensor<S, f32, Cpu>>,
-    ) -> Result<Option<Tensor<S, f32, Cpu>>, V::Error> {
-        self.0
-            .tensor(&name, t, ParamKind::of::<S>(opts.do_gradient_update))?;
-        Ok(None)
-    }
+            fn visit<S: Shape>(
+                &mut self,
+                opts: TensorOptions<S, f32, Cpu>,
+                (t, name): <Self::Viewer as TensorViewer>::View<'_, Tensor<S, f32, Cpu>>,
+            ) -> Result<Option<Tensor<S, f32, Cpu>>, V::Error> {
+                self.0
+                    .tensor(&name, t, ParamKind::of::<S>(opts.do_gradient_update))?;
+                Ok(None)
+            }
 
-    fn visit_scalar<N: NumCast>(
-        &mut self,
-        _: ScalarOptions<N>,
-        (v, name): <Self::Viewer as TensorViewer>::View<'_, N>,
-    ) -> Result<Option<N>, V::Error> {
-        self.0.counter(&name, v.to_u64().unwrap_or(0))?;
-        Ok(None)
-    }
-}
-
-struct BridgeMut<'v, V>(&'v mut V);
-
-impl<V: ParamVisitorMut> TensorVisitor<f32, Cpu> for BridgeMut<'_, V> {
-    type Viewer = (ViewTensorMut, ViewTensorName);
-    type Err = V::Error;
-    type E2 = f32;
-    type D2 = Cpu;
-
-    fn visit<S: Shape>(
-        &mut self,
-        opts: TensorOptions<S, f32, Cpu>,
-        (t, name): <Self::Viewer as TensorViewer>::View<'_, Tensor<S, f32, Cpu>>,
-    ) -> Result<Option<Tensor<S, f32, Cpu>>, V::Error> {
-        self.0
-            .tensor(&name, t, ParamKind::of::<S>(opts.do_gradient_update))?;
-        Ok(None)
-    }
-
-    fn visit_scalar<N: NumCast>(
-        &mut self,
-        _: ScalarOptions<N>,
-        (v, name): <Self::Viewer as TensorViewer>::View<'_, N>,
-    ) -> Result<Option<N>, V::Error> {
-        let mut value = v.to_u64().unwrap_or(0);
-        self.0.counter(&name, &mut value)?;
-        if let Some(n) = N::from(value) {
-            *v = n;
+            fn visit_scalar<N: NumCast>(
+                &mut self,
+                _: ScalarOptions<N>,
+                ($value, $key): <Self::Viewer as TensorViewer>::View<'_, N>,
+            ) -> Result<Option<N>, V::Error> {
+                let $this = &mut *self.0;
+                $counter
+                Ok(None)
+            }
         }
-        Ok(None)
-    }
+    };
 }
+
+bridge!(Bridge, ParamVisitor, ViewTensorRef, |v, value, name| {
+    v.counter(&name, value.to_u64().unwrap_or(0))?;
+});
+
+bridge!(
+    BridgeMut,
+    ParamVisitorMut,
+    ViewTensorMut,
+    |v, value, name| {
+        let mut n = value.to_u64().unwrap_or(0);
+        v.counter(&name, &mut n)?;
+        if let Some(n) = N::from(n) {
+            *value = n;
+        }
+    }
+);
 
 /// Visits the tensors of a const-shaped module (anything with a [`TensorCollection`]).
 pub fn walk<M: TensorCollection<f32, Cpu>, V: ParamVisitor>(

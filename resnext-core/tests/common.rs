@@ -33,3 +33,44 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 }
 
 pub use resnext_core::testing::values;
+
+/// A convolution test case: inputs drawn from `seed` and what the reference kernels give
+/// for them (output, input gradient, weight gradient).
+pub struct ConvCase {
+    /// Input.
+    pub x: Vec<f32>,
+    /// Weight.
+    pub w: Vec<f32>,
+    /// Output gradient.
+    pub dy: Vec<f32>,
+    /// Reference output.
+    pub y: Vec<f32>,
+    /// Reference input gradient.
+    pub dx: Vec<f32>,
+    /// Reference weight gradient.
+    pub dw: Vec<f32>,
+}
+
+impl ConvCase {
+    /// The case for `g` from `seed`.
+    pub fn new(g: &resnext_core::kernels::conv::Conv2dGeom, seed: u64) -> Self {
+        use resnext_core::kernels::conv;
+        let (x, w, dy) = (
+            values(seed, g.input_len()),
+            values(seed ^ 1, g.weight_len()),
+            values(seed ^ 2, g.output_len()),
+        );
+        let mut y = vec![0.0; g.output_len()];
+        conv::conv2d_forward_ref(g, &x, &w, &mut y);
+        let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+        conv::conv2d_backward_ref(g, &x, &w, &dy, &mut dx, &mut dw);
+        ConvCase {
+            x,
+            w,
+            dy,
+            y,
+            dx,
+            dw,
+        }
+    }
+}

@@ -8,7 +8,7 @@ use resnext_core::kernels::conv::{self, Conv2dGeom};
 use resnext_core::kernels::pool::{self, PoolGeom};
 use resnext_core::ops::{self, Act, BnConfig, ConvConfig};
 
-use crate::common::{rel_err, values};
+use crate::common::{rel_err, values, ConvCase};
 
 fn conv_geom() -> impl Strategy<Value = Conv2dGeom> {
     (
@@ -46,15 +46,10 @@ proptest! {
 
     #[test]
     fn conv_fast_kernels_match_reference(g in conv_geom(), seed in any::<u64>()) {
-        let x = values(seed, g.input_len());
-        let w = values(seed ^ 1, g.weight_len());
-        let dy = values(seed ^ 2, g.output_len());
-        let (mut y_ref, mut y) = (vec![0.0; g.output_len()], vec![0.0; g.output_len()]);
-        conv::conv2d_forward_ref(&g, &x, &w, &mut y_ref);
+        let ConvCase { x, w, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
+        let mut y = vec![0.0; g.output_len()];
         conv::conv2d_forward(&g, &x, &w, &mut y);
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5);
-        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; w.len()]);
-        conv::conv2d_backward_ref(&g, &x, &w, &dy, &mut dx_ref, &mut dw_ref);
         let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
         conv::conv2d_backward(&g, &x, &w, &dy, Some(&mut dx), &mut dw);
         prop_assert!(rel_err(&dx, &dx_ref) <= 1e-5, "dx");
@@ -77,13 +72,7 @@ proptest! {
         if !conv::lanes::available() {
             return Ok(()); // AVX-512 machines only
         }
-        let x = values(seed, g.input_len());
-        let wt = values(seed ^ 1, g.weight_len());
-        let dy = values(seed ^ 2, g.output_len());
-        let mut y_ref = vec![0.0; g.output_len()];
-        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
-        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
-        conv::conv2d_backward_ref(&g, &x, &wt, &dy, &mut dx_ref, &mut dw_ref);
+        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
         let mut y = vec![0.0; g.output_len()];
         let packed = conv::lanes::pack_forward_weights(&g, &wt, Vec::new());
         conv::lanes::conv2d_forward_packed(&g, &x, &packed, &mut y, |_, _, _| {});
@@ -161,15 +150,10 @@ proptest! {
         // Up to 8×8 pixels the batch runs as one product (channels × batch·pixels), above
         // it one product per image; both must equal the reference.
         let g = Conv2dGeom { batch, in_channels: cin, out_channels: cout, in_h: h, in_w: w, kernel: 1, stride: 1, padding: 0, groups: 1 };
-        let x = values(seed, g.input_len());
-        let wt = values(seed ^ 1, g.weight_len());
-        let dy = values(seed ^ 2, g.output_len());
-        let (mut y_ref, mut y) = (vec![0.0; g.output_len()], vec![0.0; g.output_len()]);
-        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
+        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
+        let mut y = vec![0.0; g.output_len()];
         conv::conv2d_forward(&g, &x, &wt, &mut y);
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
-        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
-        conv::conv2d_backward_ref(&g, &x, &wt, &dy, &mut dx_ref, &mut dw_ref);
         let (mut dx, mut dw) = (vec![0.5; x.len()], vec![0.5; wt.len()]);
         conv::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
         let minus = |v: Vec<f32>| v.into_iter().map(|v| v - 0.5).collect::<Vec<_>>();

@@ -82,7 +82,8 @@ fn one_hot(dev: &Cpu, labels: &[usize], classes: usize) -> Tensor<(usize, usize)
     dev.tensor_from_vec(v, (labels.len(), classes))
 }
 
-type Tiny = ResNeXtCifar<
+/// The small CIFAR-layout network of the fixtures.
+pub(crate) type Tiny = ResNeXtCifar<
     3,
     16,
     Stage<16, 32, 64, 1, 4, 1>,

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use proptest::prelude::*;
 use resnext_core::kernels::conv::{self, Conv2dGeom};
 
-use crate::common::{rel_err, values};
+use crate::common::{rel_err, values, ConvCase};
 
 /// Held by each test while it may switch the kernels.
 static SWITCH: Mutex<()> = Mutex::new(());
@@ -31,13 +31,7 @@ proptest! {
         let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel, stride, padding, groups };
         prop_assume!(g.validate().is_ok());
         prop_assert!(conv::direct::suits(&g));
-        let x = values(seed, g.input_len());
-        let wt = values(seed ^ 1, g.weight_len());
-        let dy = values(seed ^ 2, g.output_len());
-        let mut y_ref = vec![0.0; g.output_len()];
-        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
-        let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
-        conv::conv2d_backward_ref(&g, &x, &wt, &dy, &mut dx_ref, &mut dw_ref);
+        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
         let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         conv::direct::force_portable(portable);
         let mut y = vec![0.0; g.output_len()];

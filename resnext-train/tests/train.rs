@@ -7,6 +7,17 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// The keys of a `metrics.jsonl` line that depend only on the training itself (not on the
+/// machine's speed).
+const LEARNED: [&str; 6] = [
+    "epoch",
+    "train_loss",
+    "train_top1",
+    "test_loss",
+    "test_top1",
+    "lr",
+];
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -28,16 +39,7 @@ fn a_short_run_writes_metrics_curves_and_checkpoints_that_eval_reads() {
         .unwrap();
     let m = metrics(Path::new(&run));
     assert_eq!(m.len(), 2);
-    for key in [
-        "epoch",
-        "train_loss",
-        "train_top1",
-        "test_loss",
-        "test_top1",
-        "lr",
-        "images_per_s",
-        "seconds",
-    ] {
+    for key in LEARNED.into_iter().chain(["images_per_s", "seconds"]) {
         assert!(
             m[1].get(key).is_some_and(|v| v.is_number()),
             "metrics lack {key}: {}",
@@ -126,14 +128,7 @@ fn resuming_an_interrupted_run_ends_with_the_same_metrics() {
     let (ma, mb) = (metrics(Path::new(&a)), metrics(Path::new(&b)));
     assert_eq!(ma.len(), mb.len());
     for (ra, rb) in ma.iter().zip(&mb) {
-        for key in [
-            "epoch",
-            "train_loss",
-            "train_top1",
-            "test_loss",
-            "test_top1",
-            "lr",
-        ] {
+        for key in LEARNED {
             assert_eq!(ra[key], rb[key], "{key} differs: {ra} vs {rb}");
         }
     }

@@ -229,16 +229,9 @@ fn buffer_conv_bn<const I: usize, const O: usize, WS: Shape>(
     relu: bool,
     residual: Option<&Buf<O>>,
 ) -> Result<Buf<O>> {
-    let (y, h, w) = ops::conv2d_bn_eval_raw::<I, O, WS>(
-        &x.data,
-        x.dims,
-        weight,
-        cfg,
-        bn,
-        BnConfig::default().eps,
-        relu,
-        residual.map(|r| r.data.as_slice()),
-    )?;
+    let (eps, r) = (BnConfig::default().eps, residual.map(|r| r.data.as_slice()));
+    let (y, h, w) =
+        ops::conv2d_bn_eval_raw::<I, O, WS>(&x.data, x.dims, weight, cfg, bn, eps, relu, r)?;
     Buf::new(y, [x.dims[0], h, w])
 }
 
