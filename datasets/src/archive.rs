@@ -28,15 +28,31 @@ pub fn read_maybe_gz(path: &Path) -> Result<(Vec<u8>, PathBuf), DataError> {
     Ok((gunzip(&bytes, &gz)?, gz))
 }
 
-/// Decompresses gzip bytes; `path` labels errors.
+/// The most bytes a gzip file may decompress to (MNIST's largest file is 47 MB): a bound
+/// on the memory a small, hostile file can make the readers take.
+pub const MAX_DECOMPRESSED: u64 = 1 << 30;
+
+/// Decompresses gzip bytes, at most [`MAX_DECOMPRESSED`] of them; `path` labels errors.
 pub fn gunzip(bytes: &[u8], path: &Path) -> Result<Vec<u8>, DataError> {
+    gunzip_at_most(bytes, path, MAX_DECOMPRESSED)
+}
+
+/// Decompresses gzip bytes, refusing output beyond `limit` bytes.
+pub fn gunzip_at_most(bytes: &[u8], path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(bytes)
+        .take(limit + 1)
         .read_to_end(&mut out)
         .map_err(|e| DataError::Format {
             path: path.into(),
             msg: format!("corrupt gzip data: {e}"),
         })?;
+    if out.len() as u64 > limit {
+        return Err(DataError::Format {
+            path: path.into(),
+            msg: format!("decompresses to more than {limit} bytes, the limit for one file"),
+        });
+    }
     Ok(out)
 }
 
@@ -55,7 +71,18 @@ pub fn tar_gz_members(path: &Path, suffixes: &[&str]) -> Result<Vec<(String, Vec
         let name = entry.path().map_err(bad)?.to_string_lossy().into_owned();
         if suffixes.iter().any(|s| name.ends_with(s)) {
             let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes).map_err(bad)?;
+            (&mut entry)
+                .take(MAX_DECOMPRESSED + 1)
+                .read_to_end(&mut bytes)
+                .map_err(bad)?;
+            if bytes.len() as u64 > MAX_DECOMPRESSED {
+                return Err(DataError::Format {
+                    path: path.into(),
+                    msg: format!(
+                        "member `{name}` is larger than {MAX_DECOMPRESSED} bytes, the limit for one file"
+                    ),
+                });
+            }
             out.push((name, bytes));
         }
     }

@@ -77,8 +77,14 @@ impl ImageFolder {
                     .and_then(|r| r.with_guessed_format())
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.into_dimensions().map_err(|e| e.to_string()))
-                {
-                    Ok(_) => files.push((f, label as u16)),
+                    .and_then(|(w, h)| {
+                        if w.max(h) > MAX_SIDE {
+                            Err(format!("{w}x{h} pixels, more than {MAX_SIDE} on a side"))
+                        } else {
+                            Ok(())
+                        }
+                    }) {
+                    Ok(()) => files.push((f, label as u16)),
                     Err(_) if skip_unreadable => skipped += 1,
                     Err(e) => {
                         return Err(DataError::Format {
@@ -113,9 +119,15 @@ impl ImageFolder {
     }
 }
 
-/// Decodes one image file to 8-bit RGB, channels first.
+/// The longest side of an image the folder reader decodes.
+pub const MAX_SIDE: u32 = 16_384;
+/// The most memory the decoder may take for one image.
+pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+
+/// Decodes one image file to 8-bit RGB, channels first; images larger than [`MAX_SIDE`]
+/// on a side, or needing more than [`MAX_DECODE_BYTES`] to decode, are errors.
 pub fn decode_rgb(path: &Path) -> Result<Image, DataError> {
-    let img = image::ImageReader::open(path)
+    let mut reader = image::ImageReader::open(path)
         .map_err(|e| DataError::Read {
             path: path.into(),
             source: e,
@@ -124,7 +136,13 @@ pub fn decode_rgb(path: &Path) -> Result<Image, DataError> {
         .map_err(|e| DataError::Read {
             path: path.into(),
             source: e,
-        })?
+        })?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let img = reader
         .decode()
         .map_err(|e| DataError::Format {
             path: path.into(),

@@ -70,11 +70,12 @@ pub fn parse_idx<'a>(
         )));
     }
     let shape: Vec<usize> = (0..dims).map(|d| be(bytes, 4 + 4 * d) as usize).collect();
-    let n: usize = shape.iter().product();
     let data = &bytes[header..];
-    if data.len() != n {
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    if n != Some(data.len()) {
+        let need = n.map_or("more than 2^64".to_string(), |n| n.to_string());
         return Err(err(format!(
-            "dims {shape:?} need {n} data bytes after byte {header}, found {}",
+            "dims {shape:?} need {need} data bytes after byte {header}, found {}",
             data.len()
         )));
     }

@@ -106,12 +106,20 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Array, NpyError> {
                 .map_err(|_| err(format!("malformed shape entry `{s}`")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let n: usize = shape.iter().product();
+    // every dim counts, zeros aside: a shape like (0, 2^40, 2^40) describes no data here
+    // but would size buffers downstream
+    let too_large = || err(format!("shape {shape:?} is too large"));
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d > 0)
+        .try_fold(width, |acc: usize, &d| acc.checked_mul(d))
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(too_large)?;
+    let need = if shape.contains(&0) { 0 } else { nonzero };
     let data = &bytes[start + hlen..];
-    if data.len() != n * width {
+    if data.len() != need {
         return Err(err(format!(
-            "shape {shape:?} needs {} data bytes after the header at byte {}, found {}",
-            n * width,
+            "shape {shape:?} needs {need} data bytes after the header at byte {}, found {}",
             start + hlen,
             data.len()
         )));

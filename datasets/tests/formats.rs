@@ -222,6 +222,12 @@ fn mnist_idx_plain_and_gz() {
             idx(0x801, &[3], &[1, 12, 3]),
             "record 1 (byte 9): label 12",
         ),
+        (
+            // dims whose product does not fit in 64 bits
+            idx(0x803, &[u32::MAX, u32::MAX, u32::MAX], &images),
+            idx(0x801, &[3], &[1, 2, 3]),
+            "need more than 2^64 data bytes after byte 16, found 2352",
+        ),
     ];
     for (i, l, want) in cases {
         std::fs::write(d.0.join("t10k-images-idx3-ubyte"), i).unwrap();
@@ -244,6 +250,27 @@ fn mnist_idx_plain_and_gz() {
     assert!(
         msg.contains("t10k-labels-idx1-ubyte.gz") && msg.contains("corrupt gzip"),
         "{msg}"
+    );
+}
+
+#[test]
+fn gzip_output_is_capped() {
+    // 4 MB of zeros compress to a few kilobytes: the cap, not the input size, bounds memory
+    let bomb = gz(&vec![0u8; 4 << 20]);
+    assert!(bomb.len() < 64 << 10);
+    let path = Path::new("bomb.gz");
+    let msg = datasets::archive::gunzip_at_most(&bomb, path, 1 << 20)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("bomb.gz") && msg.contains("decompresses to more than 1048576 bytes"),
+        "{msg}"
+    );
+    assert_eq!(
+        datasets::archive::gunzip_at_most(&bomb, path, 4 << 20)
+            .unwrap()
+            .len(),
+        4 << 20
     );
 }
 

@@ -65,6 +65,19 @@ pub enum WeightsError {
         /// What we accept.
         expected: &'static str,
     },
+    /// A tensor holds values no trained model has: NaN or infinity anywhere, or a negative
+    /// running variance.
+    #[error("`{path}`: tensor `{name}` holds {what} at index {index}")]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// What was found, with the value.
+        what: String,
+        /// Where, in row-major order.
+        index: usize,
+    },
     /// The weights could not be serialised (no file involved yet).
     #[error("cannot serialise the weights: {msg}")]
     Serialize {
@@ -146,6 +159,26 @@ fn to_count(path: &Path, name: &str, view: &TensorView<'_>) -> Result<u64, Weigh
     }
 }
 
+/// Rejects NaN and infinite values, and negative running variances (they would turn into
+/// finite, confident and wrong outputs: a ReLU maps NaN to zero).
+fn check_values(path: &Path, name: &str, values: &[f32]) -> Result<(), WeightsError> {
+    let bad = |index: usize, what: String| WeightsError::Value {
+        path: path.into(),
+        name: name.into(),
+        what,
+        index,
+    };
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(bad(i, format!("a non-finite value ({})", values[i])));
+    }
+    if name.ends_with("running_var") {
+        if let Some(i) = values.iter().position(|&v| v < 0.0) {
+            return Err(bad(i, format!("a negative variance ({})", values[i])));
+        }
+    }
+    Ok(())
+}
+
 struct Check<'a> {
     path: &'a Path,
     st: &'a SafeTensors<'a>,
@@ -174,7 +207,7 @@ impl ParamVisitor for Check<'_> {
                 expected,
             });
         }
-        to_f32(self.path, name, &view)?;
+        check_values(self.path, name, &to_f32(self.path, name, &view)?)?;
         self.seen.insert(name.to_string());
         Ok(())
     }

@@ -20,7 +20,26 @@ pub struct EvalResult {
     pub top5: f64,
 }
 
-/// Eval-mode pass over every batch of `loader`.
+/// The label's rank among the logits of `row`: how many other classes score at least as
+/// high as the label. A tie is not a win and a NaN logit beats the label, so a model that
+/// outputs constants or NaN ranks no label first. `None` when the label's own logit is not
+/// finite.
+pub fn rank(row: &[f32], label: usize) -> Option<usize> {
+    let l = *row.get(label)?;
+    if !l.is_finite() {
+        return None;
+    }
+    let ahead = row
+        .iter()
+        .enumerate()
+        // at least as high, or not comparable (NaN)
+        .filter(|&(j, &v)| j != label && v.partial_cmp(&l) != Some(std::cmp::Ordering::Less))
+        .count();
+    Some(ahead)
+}
+
+/// Eval-mode pass over every batch of `loader`. Non-finite logits are an error naming the
+/// sample: no metric is reported for a model that produces them.
 pub fn evaluate(net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
     let classes = net.classes();
     let (mut loss, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
@@ -28,6 +47,11 @@ pub fn evaluate(net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
         let batch = batch?;
         let logits = net.forward_eval(batch.data, batch.shape)?;
         for (row, &label) in logits.chunks(classes).zip(&batch.labels) {
+            if let Some(v) = row.iter().find(|v| !v.is_finite()) {
+                bail!(
+                    "evaluation: the model gives a non-finite logit ({v}) for test sample {n}; its weights or its input are broken"
+                );
+            }
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = max
                 + row
@@ -36,9 +60,9 @@ pub fn evaluate(net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
                     .sum::<f64>()
                     .ln();
             loss += lse - row[label] as f64;
-            let better = row.iter().filter(|&&v| v > row[label]).count();
-            top1 += usize::from(better == 0);
-            top5 += usize::from(better < 5);
+            let r = rank(row, label);
+            top1 += usize::from(r == Some(0));
+            top5 += usize::from(r.is_some_and(|r| r < 5));
             n += 1;
         }
     }
@@ -100,4 +124,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
     println!("{arch} on {} test: loss {:.4}", a.dataset, r.loss);
     println!("top1: {:.4} top5: {:.4}", r.top1, r.top5);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rank;
+
+    #[test]
+    fn a_tie_with_the_label_is_not_a_win() {
+        assert_eq!(rank(&[0.0; 10], 3), Some(9));
+        assert_eq!(rank(&[1.0, 2.0, 2.0], 1), Some(1));
+        assert_eq!(rank(&[1.0, 2.0, 0.5], 1), Some(0));
+    }
+
+    #[test]
+    fn a_nan_logit_is_never_correct() {
+        assert_eq!(rank(&[0.0, f32::NAN, 1.0], 1), None);
+        assert_eq!(rank(&[f32::NAN, 0.5, 0.0], 1), Some(1));
+        assert_eq!(rank(&[f32::INFINITY, 0.5], 0), None);
+    }
 }

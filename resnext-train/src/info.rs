@@ -5,6 +5,9 @@ use clap::Args;
 use dfdx::prelude::*;
 use resnext_core::model::Arch;
 
+/// The largest input size `info` summarises (the multiply-accumulate counts stay exact).
+const MAX_SIZE: usize = 8192;
+
 /// Arguments of `info`.
 #[derive(Args, Debug)]
 pub struct InfoArgs {
@@ -52,8 +55,8 @@ pub fn run(a: InfoArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
     let classes = a.classes.unwrap_or(arch.default_classes());
     let size = a.size.unwrap_or(arch.default_size());
-    if size == 0 {
-        bail!("--size must be positive");
+    if !(1..=MAX_SIZE).contains(&size) {
+        bail!("--size {size} is out of range: 1 to {MAX_SIZE}");
     }
     let dev = Cpu::default();
     let net = arch.build(&dev, a.in_channels, classes)?;

@@ -221,12 +221,31 @@ pub fn run(a: PredictArgs) -> Result<()> {
         }
         None => names_for(dataset, classes),
     };
+    if shape[0] == 0 {
+        bail!("the input batch is empty (shape {shape:?}): nothing to predict");
+    }
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let per = data.len() / shape[0];
+        bail!(
+            "input {} holds a non-finite value ({}) at index {i}: refusing to predict from it",
+            labels[i / per.max(1)],
+            data[i]
+        );
+    }
     let dev = Cpu::default();
     let mut net = arch.build(&dev, in_channels, classes)?;
     net.load_safetensors(&a.weights)?;
     let logits = net
         .forward_eval(data, shape)
         .with_context(|| format!("running {arch}"))?;
+    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{arch} gives a non-finite logit ({}) for input {}: the weights `{}` are broken",
+            logits[i],
+            labels[i / classes],
+            a.weights.display()
+        );
+    }
     if let Some(out) = &a.logits_out {
         datasets::npy::write(out, &[shape[0], classes], &logits)?;
     }

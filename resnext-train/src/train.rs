@@ -91,6 +91,84 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
 }
 
+/// The most compute threads `--threads` accepts.
+const MAX_THREADS: usize = 1024;
+/// The largest training crop `--image-size` accepts.
+const MAX_IMAGE_SIZE: usize = 2048;
+
+impl TrainArgs {
+    /// Every hyper-parameter against its valid range; the error names the flag and the range.
+    fn validate(&self) -> Result<()> {
+        fn within<T: PartialOrd + std::fmt::Display>(
+            flag: &str,
+            v: T,
+            ok: bool,
+            range: &str,
+        ) -> Result<()> {
+            if !ok {
+                bail!("--{flag} {v} is out of range: {range}");
+            }
+            Ok(())
+        }
+        let finite = |v: f32| v.is_finite();
+        within("epochs", self.epochs, self.epochs >= 1, "at least 1")?;
+        within(
+            "batch-size",
+            self.batch_size,
+            (1..=65_536).contains(&self.batch_size),
+            "1 to 65536",
+        )?;
+        within(
+            "lr",
+            self.lr,
+            finite(self.lr) && self.lr > 0.0,
+            "a positive number",
+        )?;
+        within(
+            "momentum",
+            self.momentum,
+            (0.0..1.0).contains(&self.momentum),
+            "0 to 1, 1 excluded",
+        )?;
+        within(
+            "weight-decay",
+            self.weight_decay,
+            finite(self.weight_decay) && self.weight_decay >= 0.0,
+            "0 or more",
+        )?;
+        within(
+            "warmup-epochs",
+            self.warmup_epochs,
+            finite(self.warmup_epochs) && self.warmup_epochs >= 0.0,
+            "0 or more",
+        )?;
+        within(
+            "label-smoothing",
+            self.label_smoothing,
+            (0.0..1.0).contains(&self.label_smoothing),
+            "0 to 1, 1 excluded",
+        )?;
+        within(
+            "threads",
+            self.threads,
+            self.threads <= MAX_THREADS,
+            &format!("0 (one per core) to {MAX_THREADS}"),
+        )?;
+        if let Some(s) = self.image_size {
+            within(
+                "image-size",
+                s,
+                (8..=MAX_IMAGE_SIZE).contains(&s),
+                &format!("8 to {MAX_IMAGE_SIZE}"),
+            )?;
+        }
+        if let Some(m) = self.max_steps {
+            within("max-steps", m, m >= 1, "at least 1")?;
+        }
+        Ok(())
+    }
+}
+
 /// The learning-rate schedules `--schedule` accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -142,7 +220,9 @@ fn overlay(
 
 /// Applies `--config` and, with `--resume`, the saved run's configuration.
 pub fn resolve(mut args: TrainArgs, matches: &ArgMatches) -> Result<TrainArgs> {
-    let (resume, config) = (args.resume.clone(), args.config.clone());
+    // not part of a run's saved configuration: kept from the command line (or --config)
+    let (resume, config, mut max_steps) =
+        (args.resume.clone(), args.config.clone(), args.max_steps);
     if let Some(dir) = &resume {
         let state = State::read(dir)?;
         args = overlay(
@@ -162,16 +242,32 @@ pub fn resolve(mut args: TrainArgs, matches: &ArgMatches) -> Result<TrainArgs> {
         let table: toml::Table = text
             .parse()
             .with_context(|| format!("`{}` is not valid TOML", path.display()))?;
-        let json = serde_json::to_value(table)?;
-        args = overlay(
-            &args,
-            json.as_object().expect("a table"),
-            matches,
-            &format!("`{}`", path.display()),
-        )?;
+        let mut json = serde_json::to_value(table)?;
+        let keys = json.as_object_mut().expect("a table");
+        for key in ["resume", "config"] {
+            if keys.contains_key(key) {
+                bail!(
+                    "`{}`: `{key}` is a command-line flag only (--{key} …)",
+                    path.display()
+                );
+            }
+        }
+        let steps = keys
+            .remove("max-steps")
+            .or_else(|| keys.remove("max_steps"));
+        if let Some(v) = steps {
+            if matches.value_source("max_steps") != Some(ValueSource::CommandLine) {
+                max_steps = Some(
+                    serde_json::from_value(v)
+                        .map_err(|e| anyhow!("`{}`: max-steps: {e}", path.display()))?,
+                );
+            }
+        }
+        args = overlay(&args, keys, matches, &format!("`{}`", path.display()))?;
     }
     args.resume = resume;
     args.config = config;
+    args.max_steps = max_steps;
     Ok(args)
 }
 
@@ -237,12 +333,6 @@ impl State {
             )
         })
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    (0..row.len())
-        .max_by(|&i, &j| row[i].total_cmp(&row[j]).then(j.cmp(&i)))
-        .unwrap_or(0)
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
@@ -335,9 +425,7 @@ impl Trainer {
     /// Checks the arguments, loads the data, creates the run folder and builds the model.
     fn new(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<Self> {
         let arch: Arch = args.arch.parse()?;
-        if args.batch_size == 0 || args.epochs == 0 {
-            bail!("--batch-size and --epochs must be positive");
-        }
+        args.validate()?;
         if args.threads > 0 {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(args.threads)
@@ -519,7 +607,7 @@ impl Trainer {
                 .logits
                 .chunks(self.classes)
                 .zip(&batch.labels)
-                .filter(|(row, &l)| argmax(row) == l)
+                .filter(|(row, &l)| eval::rank(row, l) == Some(0))
                 .count();
             p.seen += n;
             let (mean_loss, rate) = (
@@ -567,7 +655,13 @@ impl Trainer {
 
     /// Evaluates, records the epoch, writes the checkpoint and the run's artifacts.
     fn end_epoch(&mut self, lr: f32) -> Result<()> {
-        let ev = eval::evaluate(self.net.as_ref(), &self.test)?;
+        let ev = eval::evaluate(self.net.as_ref(), &self.test).with_context(|| {
+            format!(
+                "epoch {} ended with a model that cannot be evaluated; the checkpoint of the previous epoch in `{}` is kept",
+                self.state.epoch + 1,
+                self.dir.display()
+            )
+        })?;
         let p = std::mem::take(&mut self.state.partial);
         let rec = EpochRecord {
             epoch: self.state.epoch + 1,

@@ -111,6 +111,12 @@ fn predict_rejects_bad_input_with_clear_errors() {
     datasets::npy::write(dir.0.join("x1.npy"), &[1, 1, 8, 8], &[0.0; 64]).unwrap();
     datasets::npy::write(dir.0.join("x3.npy"), &[1, 3, 8, 8], &[0.0; 192]).unwrap();
     std::fs::write(dir.0.join("junk.npy"), b"hello").unwrap();
+    let mut nan = vec![0.0f32; 2 * 192];
+    nan[200] = f32::NAN;
+    datasets::npy::write(dir.0.join("nan.npy"), &[2, 3, 8, 8], &nan).unwrap();
+    datasets::npy::write(dir.0.join("empty.npy"), &[0, 3, 8, 8], &[]).unwrap();
+    // no data, but dims whose product overflows: must not size anything from them
+    datasets::npy::write(dir.0.join("huge.npy"), &[0, 3, 1 << 40, 1 << 40], &[]).unwrap();
 
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
@@ -148,6 +154,33 @@ fn predict_rejects_bad_input_with_clear_errors() {
                 dir.s("missing.npy"),
             ],
             "cannot read",
+        ),
+        (
+            vec![
+                "--arch".into(),
+                "resnext29_2x64d".into(),
+                "--npy-input".into(),
+                dir.s("nan.npy"),
+            ],
+            "input 1 holds a non-finite value (NaN) at index 200",
+        ),
+        (
+            vec![
+                "--arch".into(),
+                "resnext29_2x64d".into(),
+                "--npy-input".into(),
+                dir.s("empty.npy"),
+            ],
+            "the input batch is empty",
+        ),
+        (
+            vec![
+                "--arch".into(),
+                "resnext29_2x64d".into(),
+                "--npy-input".into(),
+                dir.s("huge.npy"),
+            ],
+            "is too large",
         ),
     ];
     for (extra, want) in cases {

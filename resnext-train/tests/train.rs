@@ -192,6 +192,50 @@ fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
             "cannot resume",
         ),
         (
+            vec!["train".into(), "--lr=-0.1".into()],
+            "--lr -0.1 is out of range",
+        ),
+        (
+            vec!["train".into(), "--momentum".into(), "1".into()],
+            "--momentum 1 is out of range: 0 to 1, 1 excluded",
+        ),
+        (
+            vec!["train".into(), "--weight-decay=-1".into()],
+            "--weight-decay -1 is out of range",
+        ),
+        (
+            vec!["train".into(), "--max-steps".into(), "0".into()],
+            "--max-steps 0 is out of range: at least 1",
+        ),
+        (
+            vec!["train".into(), "--threads".into(), "100000".into()],
+            "--threads 100000 is out of range",
+        ),
+        (
+            vec!["train".into(), "--image-size".into(), "0".into()],
+            "--image-size 0 is out of range",
+        ),
+        (
+            vec![
+                "info".into(),
+                "--arch".into(),
+                "resnext50_32x4d".into(),
+                "--classes".into(),
+                "1000000000".into(),
+            ],
+            "class count 1000000000 is out of range",
+        ),
+        (
+            vec![
+                "info".into(),
+                "--arch".into(),
+                "resnext50_32x4d".into(),
+                "--size".into(),
+                "4294967296".into(),
+            ],
+            "--size 4294967296 is out of range",
+        ),
+        (
             vec![
                 "eval".into(),
                 "--weights".into(),
@@ -285,26 +329,120 @@ fn killing_the_process_at_any_moment_leaves_a_readable_checkpoint() {
 }
 
 #[test]
-fn ctrl_c_finishes_the_step_and_writes_a_checkpoint() {
-    let d = TempDir::new("sigint");
-    let run = d.s("r");
-    let child = Command::new(env!("CARGO_BIN_EXE_resnext-train"))
-        .args(["train", "--epochs", "30", "--out-dir", &run])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let o = child.wait_with_output().unwrap();
-    let out = ok(&o);
-    assert!(out.contains("interrupted: checkpoint written"), "{out}");
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(&run).join("state.json")).unwrap())
+fn sigint_and_sigterm_finish_the_step_and_write_a_checkpoint() {
+    // SIGTERM is what schedulers and container runtimes send before they kill a job
+    for signal in ["-INT", "-TERM"] {
+        let d = TempDir::new(&format!("signal{signal}"));
+        let run = d.s("r");
+        let child = Command::new(env!("CARGO_BIN_EXE_resnext-train"))
+            .args(["train", "--epochs", "30", "--out-dir", &run])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
-    assert!(s["global_step"].as_u64().unwrap() > 0);
+        std::thread::sleep(Duration::from_millis(1500));
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let o = child.wait_with_output().unwrap();
+        let out = ok(&o);
+        assert!(
+            out.contains("interrupted: checkpoint written"),
+            "{signal}: {out}"
+        );
+        let state = std::fs::read_to_string(Path::new(&run).join("state.json")).unwrap();
+        let s: serde_json::Value = serde_json::from_str(&state).unwrap();
+        assert!(s["global_step"].as_u64().unwrap() > 0, "{signal}");
+    }
+}
+
+#[test]
+fn max_steps_holds_on_resume_and_in_a_config_file() {
+    let d = TempDir::new("maxsteps");
+    let run = d.s("r");
+    let cfg = d.0.join("c.toml");
+    std::fs::write(&cfg, "max-steps = 3\nepochs = 2\n").unwrap();
+    let out = ok(&bin(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-dir",
+        &run,
+    ]));
+    assert!(out.contains("--max-steps reached"), "{out}");
+    let step = |run: &str| -> u64 {
+        let s = std::fs::read_to_string(Path::new(run).join("state.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&s).unwrap()["global_step"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(step(&run), 3);
+    let out = ok(&bin(&["train", "--resume", &run, "--max-steps", "7"]));
+    assert!(out.contains("--max-steps reached"), "{out}");
+    assert_eq!(step(&run), 7);
+}
+
+/// Rewrites the safetensors file `from` into `to` with `edit` applied to tensor `name`'s
+/// f32 values.
+fn edit_weights(from: &Path, to: &Path, name: &str, edit: impl Fn(&mut [f32])) {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let bytes = std::fs::read(from).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let t = owned
+        .iter_mut()
+        .find(|t| t.0 == name)
+        .expect("tensor in file");
+    let mut v: Vec<f32> =
+        t.3.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+    edit(&mut v);
+    t.3 = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(to, safetensors::tensor::serialize(views, &None).unwrap()).unwrap();
+}
+
+#[test]
+fn a_broken_model_never_scores_and_broken_weights_are_refused() {
+    let d = TempDir::new("broken");
+    let run = d.s("r");
+    ok(&bin(&["train", "--max-steps", "1", "--out-dir", &run]));
+    let trained = Path::new(&run).join("checkpoint/model-1.safetensors");
+    let eval = |w: &Path| bin(&["eval", "--weights", w.to_str().unwrap()]);
+    // a classifier of zeros gives every class the same logit: a tie is not a win
+    let zeros = d.0.join("zeros.safetensors");
+    edit_weights(&trained, &zeros, "fc.weight", |v| v.fill(0.0));
+    edit_weights(&zeros, &zeros, "fc.bias", |v| v.fill(0.0));
+    let out = ok(&eval(&zeros));
+    assert_eq!(
+        out.lines().last().unwrap(),
+        "top1: 0.0000 top5: 0.0000",
+        "{out}"
+    );
+    for (name, value, want) in [
+        ("fc.bias", f32::NAN, "holds a non-finite value (NaN)"),
+        (
+            "layer1.0.conv2.weight",
+            f32::INFINITY,
+            "holds a non-finite value (inf)",
+        ),
+        ("bn1.running_var", -1.0, "holds a negative variance (-1)"),
+    ] {
+        let bad = d.0.join("bad.safetensors");
+        edit_weights(&trained, &bad, name, |v| v[0] = value);
+        let o = eval(&bad);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: accepted");
+        assert!(err.contains(name) && err.contains(want), "{name}: {err}");
+    }
 }

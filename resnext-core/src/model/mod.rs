@@ -11,5 +11,5 @@ mod train_step;
 pub use block::{Bottleneck, Downsample, Stage, StageMeta};
 pub use layer::Layer;
 pub use network::*;
-pub use registry::{Arch, BuildRuntime, Network, UnknownArch};
+pub use registry::{Arch, BuildRuntime, Network, UnknownArch, MAX_CLASSES};
 pub use train_step::{train_step, TrainOutput};

@@ -185,6 +185,10 @@ where
     }
 }
 
+/// The largest class count [`Arch::build`] accepts (ImageNet-21k has 21,841): a bound on
+/// the classifier's memory whatever a file or a flag says.
+pub const MAX_CLASSES: usize = 100_000;
+
 macro_rules! archs {
     ($($variant:ident => $name:literal, $builder:ident, $cifar:literal;)+) => {
         /// The named architectures (snake_case names, as torchvision spells them).
@@ -213,8 +217,8 @@ macro_rules! archs {
 
             /// Builds the network with `in_channels` (1 or 3) and `classes` outputs.
             pub fn build(self, dev: &Cpu, in_channels: usize, classes: usize) -> Result<Box<dyn Network>> {
-                if classes == 0 {
-                    return Err(shape_err("build", "the class count must be positive"));
+                if !(1..=MAX_CLASSES).contains(&classes) {
+                    return Err(shape_err("build", format!("class count {classes} is out of range: 1 to {MAX_CLASSES}")));
                 }
                 match (self, in_channels) {
                     $(
