@@ -95,6 +95,12 @@ impl ImageFolder {
                 }
             }
         }
+        if files.is_empty() {
+            return Err(DataError::Format {
+                path: root.into(),
+                msg: format!("no readable image ({skipped} unreadable)"),
+            });
+        }
         if skipped > 0 {
             eprintln!(
                 "warning: skipped {skipped} unreadable image(s) under `{}`",

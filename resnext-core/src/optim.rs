@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::Result;
 use crate::ops::read;
-use crate::params::{ParamKind, ParamVisitorMut, Params};
+use crate::params::{ParamKind, ParamVisitor, ParamVisitorMut, Params};
 use crate::weights::WeightsError;
 
 /// SGD hyper-parameters.
@@ -207,6 +207,75 @@ impl Sgd {
         }
         self.buffers = buffers;
         Ok(())
+    }
+}
+
+impl Sgd {
+    /// [`Sgd::load_state`], then checks the buffers against `model`: with momentum, one
+    /// buffer of the right length per trainable tensor; without, none. Anything else (a
+    /// state saved for another model, a truncated buffer) is an error naming the file and
+    /// the buffer, and leaves this optimiser as it was.
+    pub fn load_state_for<M: Params>(
+        &mut self,
+        path: &Path,
+        model: &M,
+    ) -> Result<(), WeightsError> {
+        let mut loaded = Sgd::new(self.cfg.clone());
+        loaded.load_state(path)?;
+        let mut unmatched = loaded.buffers.clone();
+        if self.cfg.momentum != 0.0 {
+            model.visit_params(
+                "",
+                &mut MatchBuffers {
+                    path,
+                    unmatched: &mut unmatched,
+                },
+            )?;
+        }
+        if let Some(first) = unmatched.keys().next() {
+            return Err(WeightsError::Unexpected {
+                path: path.into(),
+                count: unmatched.len(),
+                first: format!("momentum.{first}"),
+            });
+        }
+        self.buffers = loaded.buffers;
+        Ok(())
+    }
+}
+
+/// Takes each trainable tensor's momentum buffer out of `unmatched`, checking its length.
+struct MatchBuffers<'a> {
+    path: &'a Path,
+    unmatched: &'a mut BTreeMap<String, Vec<f32>>,
+}
+
+impl ParamVisitor for MatchBuffers<'_> {
+    type Error = WeightsError;
+    fn tensor<S: Shape>(
+        &mut self,
+        name: &str,
+        t: &Tensor<S, f32, Cpu>,
+        kind: ParamKind,
+    ) -> Result<(), WeightsError> {
+        if kind == ParamKind::Buffer {
+            return Ok(());
+        }
+        let want = t.shape().num_elements();
+        match self.unmatched.remove(name) {
+            Some(b) if b.len() == want => Ok(()),
+            Some(b) => Err(WeightsError::Shape {
+                path: self.path.into(),
+                name: format!("momentum.{name}"),
+                found: vec![b.len()],
+                expected: vec![want],
+            }),
+            None => Err(WeightsError::Missing {
+                path: self.path.into(),
+                name: format!("momentum.{name}"),
+                expected: vec![want],
+            }),
+        }
     }
 }
 

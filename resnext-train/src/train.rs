@@ -2,8 +2,8 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -81,6 +81,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
+    /// Start over in an --out-dir that holds a run: its files are removed first.
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(skip)]
+    pub overwrite: bool,
     /// Stop (with a checkpoint) after this many steps in total, for smoke runs.
     #[arg(long)]
     #[serde(skip)]
@@ -318,6 +322,12 @@ struct State {
     /// Checkpoint files (inside `checkpoint/`) this state belongs to.
     model_file: String,
     optimizer_file: String,
+    /// The weights at the end of the last completed epoch (`model.safetensors` is a copy).
+    #[serde(default)]
+    epoch_model_file: String,
+    /// The weights of the best epoch so far (`best.safetensors` is a copy).
+    #[serde(default)]
+    best_file: String,
     config: serde_json::Value,
 }
 
@@ -335,31 +345,89 @@ impl State {
     }
 }
 
-fn write_text(path: &Path, text: &str) -> Result<()> {
-    resnext_fs::write_atomic(path, text.as_bytes())
-        .with_context(|| format!("cannot write `{}`", path.display()))
+/// Counts the run folder's file writes; with `RESNEXT_TEST_CRASH_AFTER_WRITES=N` in the
+/// environment the process aborts right after the N-th (as a `kill -9` would), so the
+/// tests can stop a run between any two files of a checkpoint.
+fn wrote() {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    static LIMIT: OnceLock<Option<usize>> = OnceLock::new();
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("RESNEXT_TEST_CRASH_AFTER_WRITES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(limit) = limit {
+        if COUNT.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
+            std::process::abort();
+        }
+    }
 }
 
-/// Writes model, optimizer and state; `state.json` is written last and names the files,
-/// so a kill at any moment leaves the previous complete checkpoint readable.
+fn write_text(path: &Path, text: &str) -> Result<()> {
+    resnext_fs::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("cannot write `{}`", path.display()))?;
+    wrote();
+    Ok(())
+}
+
+fn save_model(net: &dyn Network, path: &Path) -> Result<()> {
+    net.save_safetensors(path)?;
+    wrote();
+    Ok(())
+}
+
+/// The files a run folder holds besides `checkpoint/`; all but `state.json` are derived
+/// from it ([`Trainer::write_derived`]).
+const RUN_FILES: [&str; 5] = [
+    "state.json",
+    "metrics.jsonl",
+    "curves.svg",
+    "model.safetensors",
+    "best.safetensors",
+];
+
+/// Writes model and optimizer, then `state.json`, which names them: `state.json` is the
+/// commit point, so a kill at any moment leaves the previous complete checkpoint. Then
+/// removes the checkpoint files the new state does not name.
 fn checkpoint(dir: &Path, net: &dyn Network, opt: &Sgd, state: &mut State) -> Result<()> {
     let ck = dir.join("checkpoint");
     std::fs::create_dir_all(&ck).with_context(|| format!("cannot create `{}`", ck.display()))?;
-    let old = (state.model_file.clone(), state.optimizer_file.clone());
     state.model_file = format!("model-{}.safetensors", state.global_step);
     state.optimizer_file = format!("optimizer-{}.safetensors", state.global_step);
-    net.save_safetensors(&ck.join(&state.model_file))?;
+    save_model(net, &ck.join(&state.model_file))?;
     opt.save_state(&ck.join(&state.optimizer_file))?;
+    wrote();
     write_text(
         &dir.join("state.json"),
         &serde_json::to_string_pretty(state)?,
     )?;
-    for f in [old.0, old.1] {
-        if !f.is_empty() && f != state.model_file && f != state.optimizer_file {
-            let _ = std::fs::remove_file(ck.join(f));
+    remove_unnamed(dir, state);
+    Ok(())
+}
+
+/// Removes what a killed write may have left: temporary files, and checkpoint files that
+/// `state` does not name.
+fn remove_unnamed(dir: &Path, state: &State) {
+    let named = [
+        &state.model_file,
+        &state.optimizer_file,
+        &state.epoch_model_file,
+        &state.best_file,
+    ];
+    let ck = dir.join("checkpoint");
+    for (folder, is_ck) in [(dir, false), (ck.as_path(), true)] {
+        let Ok(entries) = std::fs::read_dir(folder) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let temporary = name.starts_with('.') && name.contains(".tmp-");
+            let stale = is_ck && !named.iter().any(|n| **n == name);
+            if (temporary || stale) && e.path().is_file() {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
-    Ok(())
 }
 
 /// Trains with `args`; prints `final test_top1: X` last. `interrupted` is set by the
@@ -446,6 +514,19 @@ impl Trainer {
                 .unwrap_or(0);
             PathBuf::from("runs").join(format!("{}-{}-{t}", arch, args.dataset))
         });
+        if args.resume.is_none() && dir.join("state.json").exists() {
+            if !args.overwrite {
+                bail!(
+                    "`{}` holds a run already: continue it with --resume {}, or start over with --overwrite",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            for f in RUN_FILES {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            let _ = std::fs::remove_dir_all(dir.join("checkpoint"));
+        }
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create the run folder `{}`", dir.display()))?;
 
@@ -467,6 +548,8 @@ impl Trainer {
             history: Vec::new(),
             model_file: String::new(),
             optimizer_file: String::new(),
+            epoch_model_file: String::new(),
+            best_file: String::new(),
             config: serde_json::to_value(&args)?,
         };
         let loader = |source, pipeline, batch_size, shuffle, prefetch| {
@@ -525,11 +608,17 @@ impl Trainer {
             .context(
                 "cannot resume: the checkpoint does not fit this architecture and class count",
             )?;
-        self.opt.load_state(&ck.join(&saved.optimizer_file))?;
+        self.net
+            .load_optimizer_state(&mut self.opt, &ck.join(&saved.optimizer_file))
+            .context("cannot resume: the optimizer state does not fit the model")?;
         self.state = State {
             config: std::mem::take(&mut self.state.config),
             ..saved
         };
+        // a kill during the last writes may have left derived files older or newer than
+        // the state, temporary files, or unnamed checkpoint files
+        remove_unnamed(&self.dir, &self.state);
+        self.write_derived()?;
         eprintln!(
             "resuming {} at epoch {} step {}",
             self.dir.display(),
@@ -681,23 +770,34 @@ impl Trainer {
         self.state.history.push(rec.clone());
         self.state.epoch += 1;
         self.state.step_in_epoch = 0;
-        checkpoint(&self.dir, self.net.as_ref(), &self.opt, &mut self.state)?;
-        self.net
-            .save_safetensors(&self.dir.join("model.safetensors"))?;
+        let ck = self.dir.join("checkpoint");
+        std::fs::create_dir_all(&ck)
+            .with_context(|| format!("cannot create `{}`", ck.display()))?;
         if rec.test_top1 > self.state.best_top1 {
             self.state.best_top1 = rec.test_top1;
-            self.net
-                .save_safetensors(&self.dir.join("best.safetensors"))?;
-            write_text(
-                &self.dir.join("state.json"),
-                &serde_json::to_string_pretty(&self.state)?,
-            )?;
+            self.state.best_file = format!("best-{}.safetensors", self.state.global_step);
+            save_model(self.net.as_ref(), &ck.join(&self.state.best_file))?;
         }
-        self.write_artifacts()
+        self.state.epoch_model_file = format!("model-{}.safetensors", self.state.global_step);
+        checkpoint(&self.dir, self.net.as_ref(), &self.opt, &mut self.state)?;
+        self.write_derived()
     }
 
-    /// `metrics.jsonl` and `curves.svg` from the history.
-    fn write_artifacts(&self) -> Result<()> {
+    /// The files derived from `state.json`: `model.safetensors` and `best.safetensors`
+    /// (copies of the checkpoint files it names), `metrics.jsonl` and `curves.svg` (from
+    /// its history). Rewritten after each epoch and on resume, so they always agree with it.
+    fn write_derived(&self) -> Result<()> {
+        let ck = self.dir.join("checkpoint");
+        for (file, copy) in [
+            (&self.state.epoch_model_file, "model.safetensors"),
+            (&self.state.best_file, "best.safetensors"),
+        ] {
+            if !file.is_empty() {
+                let bytes = resnext_fs::read(&ck.join(file))?;
+                resnext_fs::write(&self.dir.join(copy), &bytes)?;
+                wrote();
+            }
+        }
         let history = &self.state.history;
         let lines: String = history
             .iter()

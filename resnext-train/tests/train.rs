@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -445,4 +445,226 @@ fn a_broken_model_never_scores_and_broken_weights_are_refused() {
         assert!(!o.status.success(), "{name}: accepted");
         assert!(err.contains(name) && err.contains(want), "{name}: {err}");
     }
+}
+
+fn state_of(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap()
+}
+
+/// Every file of the run folder agrees with `state.json`: the checkpoint files it names
+/// exist and are the only ones, the model copies equal the files they copy, the metrics
+/// are its history, and no temporary file is left.
+fn assert_consistent(run: &Path) {
+    let s = state_of(run);
+    let named: Vec<&str> = [
+        "model_file",
+        "optimizer_file",
+        "epoch_model_file",
+        "best_file",
+    ]
+    .iter()
+    .map(|k| s[k].as_str().unwrap())
+    .filter(|f| !f.is_empty())
+    .collect();
+    let mut in_ck: Vec<String> = std::fs::read_dir(run.join("checkpoint"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    in_ck.sort();
+    let mut want: Vec<String> = named.iter().map(|f| f.to_string()).collect();
+    want.sort();
+    want.dedup();
+    assert_eq!(
+        in_ck, want,
+        "checkpoint/ holds exactly what state.json names"
+    );
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for (key, copy) in [
+        ("epoch_model_file", "model.safetensors"),
+        ("best_file", "best.safetensors"),
+    ] {
+        let f = s[key].as_str().unwrap();
+        assert_eq!(
+            read(run.join(copy)),
+            read(run.join("checkpoint").join(f)),
+            "{copy}"
+        );
+    }
+    let history = s["history"].as_array().unwrap();
+    assert_eq!(
+        &metrics(run),
+        history,
+        "metrics.jsonl is the state's history"
+    );
+    let best = history
+        .iter()
+        .map(|r| r["test_top1"].as_f64().unwrap())
+        .fold(-1.0, f64::max);
+    assert_eq!(s["best_top1"].as_f64().unwrap(), best);
+    for dir in [run.to_path_buf(), run.join("checkpoint")] {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!name.contains(".tmp-"), "temporary file {name} left");
+        }
+    }
+}
+
+#[test]
+fn a_crash_between_any_two_writes_resumes_to_the_uninterrupted_run() {
+    let d = TempDir::new("crash");
+    let args = |run: &str| {
+        vec![
+            "train".to_string(),
+            "--epochs".into(),
+            "2".into(),
+            "--batch-size".into(),
+            "256".into(),
+            "--out-dir".into(),
+            run.into(),
+        ]
+    };
+    let reference = d.s("reference");
+    ok(&bin(&args(&reference)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()));
+    assert_consistent(Path::new(&reference));
+    let want = metrics(Path::new(&reference));
+    // 2 epochs write 16 files: best model, checkpoint model, optimizer, state, the two
+    // copies, metrics and curves at each epoch's end
+    for n in 1..=16 {
+        let run = d.s(&format!("run{n}"));
+        let crashed = Command::new(env!("CARGO_BIN_EXE_resnext-train"))
+            .args(args(&run))
+            .env("RESNEXT_TEST_CRASH_AFTER_WRITES", n.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!crashed.success(), "write {n}: the run should have crashed");
+        let again = if Path::new(&run).join("state.json").exists() {
+            vec!["train".to_string(), "--resume".into(), run.clone()]
+        } else {
+            args(&run)
+        };
+        ok(&bin(&again.iter().map(String::as_str).collect::<Vec<_>>()));
+        assert_consistent(Path::new(&run));
+        let got = metrics(Path::new(&run));
+        assert_eq!(got.len(), want.len(), "write {n}");
+        for (a, b) in got.iter().zip(&want) {
+            for key in LEARNED {
+                assert_eq!(a[key], b[key], "write {n}: {key}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_finished_run_is_neither_overwritten_nor_resumed_with_a_foreign_optimizer() {
+    let d = TempDir::new("existing");
+    let run = d.s("r");
+    ok(&bin(&[
+        "train",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--out-dir",
+        &run,
+    ]));
+    assert!(Path::new(&run).join("metrics.jsonl").exists());
+    let o = bin(&["train", "--max-steps", "2", "--out-dir", &run]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("holds a run already"),
+        "{err}"
+    );
+    ok(&bin(&[
+        "train",
+        "--max-steps",
+        "1",
+        "--out-dir",
+        &run,
+        "--overwrite",
+    ]));
+    assert_eq!(state_of(Path::new(&run))["global_step"], 1);
+    assert_consistent_checkpoint_only(Path::new(&run));
+    // an optimizer state with a truncated buffer, then one without a buffer
+    let s = state_of(Path::new(&run));
+    let opt = Path::new(&run)
+        .join("checkpoint")
+        .join(s["optimizer_file"].as_str().unwrap());
+    let original = std::fs::read(&opt).unwrap();
+    for (edit, want) in [
+        (truncate_buffer as fn(&Path), "has shape [9] in the file"),
+        (drop_buffer, "missing tensor `momentum.fc.bias`"),
+    ] {
+        std::fs::write(&opt, &original).unwrap();
+        edit(&opt);
+        let o = bin(&["train", "--resume", &run, "--max-steps", "2"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "accepted: {err}");
+        assert!(
+            err.contains("optimizer state") && err.contains(want),
+            "{err}"
+        );
+    }
+}
+
+/// Checks that none of the files of a completed epoch are in the folder (a run stopped by
+/// `--max-steps` in its first epoch writes only the checkpoint and `state.json`).
+fn assert_consistent_checkpoint_only(run: &Path) {
+    for f in [
+        "metrics.jsonl",
+        "model.safetensors",
+        "best.safetensors",
+        "curves.svg",
+    ] {
+        assert!(!run.join(f).exists(), "{f} of the overwritten run is left");
+    }
+}
+
+/// Rewrites a momentum file with `momentum.fc.bias` cut to 9 values.
+fn truncate_buffer(path: &Path) {
+    rewrite_tensors(path, |name, v| {
+        if name == "momentum.fc.bias" {
+            v.truncate(9);
+        }
+        true
+    });
+}
+
+/// Rewrites a momentum file without `momentum.fc.bias`.
+fn drop_buffer(path: &Path) {
+    rewrite_tensors(path, |name, _| name != "momentum.fc.bias");
+}
+
+/// Rewrites a file of 1-D f32 tensors, keeping those for which `keep` (which may edit
+/// the values) returns true.
+fn rewrite_tensors(path: &Path, keep: impl Fn(&str, &mut Vec<f32>) -> bool) {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut v: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if keep(&name, &mut v) {
+            let len = v.len();
+            kept.push((name, v.iter().flat_map(|x| x.to_le_bytes()).collect(), len));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = kept
+        .iter()
+        .map(|(n, b, len)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, vec![*len], b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::tensor::serialize(views, &None).unwrap()).unwrap();
 }

@@ -38,6 +38,9 @@ pub trait Network {
     fn load_safetensors(&mut self, path: &Path) -> Result<(), WeightsError>;
     /// Saves torchvision-named safetensors weights atomically.
     fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError>;
+    /// Loads `opt`'s momentum buffers from `path`, checked against this network
+    /// ([`Sgd::load_state_for`]).
+    fn load_optimizer_state(&self, opt: &mut Sgd, path: &Path) -> Result<(), WeightsError>;
     /// One training step on an `(n, C, h, w)` batch: training-mode forward (batch
     /// statistics), cross-entropy with `label_smoothing`, backward, and an SGD update.
     /// A non-finite loss is an error and leaves the weights as they were.
@@ -99,6 +102,9 @@ macro_rules! impl_network {
             }
             fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError> {
                 weights::save_safetensors(&self.net, path)
+            }
+            fn load_optimizer_state(&self, opt: &mut Sgd, path: &Path) -> Result<(), WeightsError> {
+                opt.load_state_for(path, &self.net)
             }
             fn train_step(&mut self, x: Vec<f32>, shape: [usize; 4], targets: &[usize], label_smoothing: f32, opt: &mut Sgd) -> Result<TrainOutput> {
                 let [n, c, h, w] = shape;
