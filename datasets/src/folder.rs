@@ -14,6 +14,8 @@ pub struct ImageFolder {
     files: Vec<(PathBuf, u16)>,
     /// Files skipped because their header could not be read (with `skip_unreadable`).
     pub skipped: usize,
+    /// Whether unreadable files are skipped (at opening and when decoded in a batch).
+    skip_unreadable: bool,
 }
 
 fn is_image(p: &Path) -> bool {
@@ -121,6 +123,7 @@ impl ImageFolder {
             info,
             files,
             skipped,
+            skip_unreadable,
         })
     }
 }
@@ -133,11 +136,16 @@ pub const MAX_DECODE_BYTES: u64 = 1 << 30;
 /// Decodes one image file to 8-bit RGB, channels first; images larger than [`MAX_SIDE`]
 /// on a side, or needing more than [`MAX_DECODE_BYTES`] to decode, are errors.
 pub fn decode_rgb(path: &Path) -> Result<Image, DataError> {
-    let mut reader = image::ImageReader::open(path)
-        .map_err(|e| DataError::Read {
-            path: path.into(),
-            source: e,
-        })?
+    let bytes = std::fs::read(path).map_err(|e| DataError::Read {
+        path: path.into(),
+        source: e,
+    })?;
+    decode_rgb_bytes(&bytes, path)
+}
+
+/// [`decode_rgb`] on the bytes of an image file; `path` labels errors.
+pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image, DataError> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DataError::Read {
             path: path.into(),
@@ -184,5 +192,8 @@ impl Source for ImageFolder {
             len: self.files.len(),
         })?;
         Ok((decode_rgb(path)?, *label as usize))
+    }
+    fn skips_unreadable(&self) -> bool {
+        self.skip_unreadable
     }
 }

@@ -106,6 +106,11 @@ pub trait Source: Send + Sync {
     }
     /// Sample `index`: its image and class index.
     fn get(&self, index: usize) -> Result<(Image, usize), DataError>;
+    /// Whether a sample that cannot be read is left out of its batch (with a warning)
+    /// rather than an error: image folders opened with `skip_unreadable`.
+    fn skips_unreadable(&self) -> bool {
+        false
+    }
 }
 
 /// Decoded images of one size held in memory.

@@ -31,6 +31,9 @@ pub struct Batch {
     pub labels: Vec<usize>,
     /// Dataset index per image.
     pub indices: Vec<usize>,
+    /// Samples left out because they could not be read (sources that skip unreadable
+    /// samples only); `shape[0]` counts the others, and may be 0.
+    pub skipped: usize,
 }
 
 /// Loader settings.
@@ -86,12 +89,20 @@ fn build_batch(
 ) -> Result<Batch, DataError> {
     let mut data = Vec::new();
     let mut labels = Vec::with_capacity(indices.len());
-    let mut shape = [indices.len(), 0, 0, 0];
-    for (k, &i) in indices.iter().enumerate() {
-        let (img, label) = source.get(i)?;
+    let mut kept = Vec::with_capacity(indices.len());
+    let mut shape = [0; 4];
+    for &i in indices {
+        let (img, label) = match source.get(i) {
+            Ok(s) => s,
+            Err(e) if source.skips_unreadable() => {
+                eprintln!("warning: {e}; sample {i} left out of its batch");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let mut rng = StdRng::seed_from_u64(mix(mix(seed, epoch), i as u64));
         let s = pipeline.run(&img, &mut rng);
-        if k == 0 {
+        if kept.is_empty() {
             shape[1..].copy_from_slice(&[s.channels, s.height, s.width]);
             data.reserve(indices.len() * s.data.len());
         } else if [s.channels, s.height, s.width] != shape[1..] {
@@ -105,12 +116,15 @@ fn build_batch(
         }
         data.extend_from_slice(&s.data);
         labels.push(label);
+        kept.push(i);
     }
+    shape[0] = kept.len();
     Ok(Batch {
         data,
         shape,
         labels,
-        indices: indices.to_vec(),
+        skipped: indices.len() - kept.len(),
+        indices: kept,
     })
 }
 
@@ -391,22 +405,27 @@ mod tests {
         drop(it);
     }
 
+    /// What the hand-made test sources hold: one grey channel, one class.
+    fn one_channel_info() -> &'static Info {
+        static INFO: std::sync::OnceLock<Info> = std::sync::OnceLock::new();
+        INFO.get_or_init(|| Info {
+            name: "test".into(),
+            channels: 1,
+            height: 0,
+            width: 0,
+            classes: vec!["x".into()],
+            max_value: 255.0,
+            mean: vec![0.0],
+            std: vec![1.0],
+        })
+    }
+
     #[test]
     fn samples_of_different_sizes_are_an_error_naming_the_sample() {
         struct Mixed;
         impl Source for Mixed {
             fn info(&self) -> &Info {
-                static INFO: std::sync::OnceLock<Info> = std::sync::OnceLock::new();
-                INFO.get_or_init(|| Info {
-                    name: "mixed".into(),
-                    channels: 1,
-                    height: 0,
-                    width: 0,
-                    classes: vec!["x".into()],
-                    max_value: 255.0,
-                    mean: vec![0.0],
-                    std: vec![1.0],
-                })
+                one_channel_info()
             }
             fn len(&self) -> usize {
                 2
@@ -435,5 +454,57 @@ mod tests {
         );
         let err = l.epoch(0, 0).next().unwrap().unwrap_err().to_string();
         assert!(err.contains("sample 1 is 1x3x2"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_sample_is_left_out_only_where_the_source_skips_them() {
+        // samples 1 and 3 fail to decode
+        struct Flaky(bool);
+        impl Source for Flaky {
+            fn info(&self) -> &Info {
+                one_channel_info()
+            }
+            fn len(&self) -> usize {
+                4
+            }
+            fn get(&self, i: usize) -> Result<(Image, usize), DataError> {
+                if i % 2 == 1 {
+                    return Err(DataError::Format {
+                        path: format!("img{i}.png").into(),
+                        msg: "unreadable image".into(),
+                    });
+                }
+                let data = vec![i as u8; 4];
+                Ok((
+                    Image {
+                        channels: 1,
+                        height: 2,
+                        width: 2,
+                        data,
+                    },
+                    0,
+                ))
+            }
+            fn skips_unreadable(&self) -> bool {
+                self.0
+            }
+        }
+        let loader = |skip| {
+            let cfg = LoaderConfig {
+                batch_size: 4,
+                shuffle: false,
+                threads: 0,
+                ..Default::default()
+            };
+            Loader::new(Arc::new(Flaky(skip)), Pipeline::new(255.0), cfg)
+        };
+        let b = loader(true).epoch(0, 0).next().unwrap().unwrap();
+        assert_eq!(
+            (b.shape, b.indices.clone(), b.skipped),
+            ([2, 1, 2, 2], vec![0, 2], 1 + 1)
+        );
+        assert_eq!(b.data.len(), 2 * 4);
+        let err = loader(false).epoch(0, 0).next().unwrap().unwrap_err();
+        assert!(err.to_string().contains("img1.png"), "{err}");
     }
 }

@@ -45,6 +45,9 @@ pub fn evaluate(net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
     let (mut loss, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
     for batch in loader.epoch(0, 0) {
         let batch = batch?;
+        if batch.labels.is_empty() {
+            continue; // every image of the batch was unreadable (and left out)
+        }
         let logits = net.forward_eval(batch.data, batch.shape)?;
         for (row, &label) in logits.chunks(classes).zip(&batch.labels) {
             if let Some(v) = row.iter().find(|v| !v.is_finite()) {

@@ -661,6 +661,12 @@ impl Trainer {
         let mut lr = self.args.lr;
         for batch in self.train.epoch(epoch as u64, self.state.step_in_epoch) {
             let batch = batch?;
+            if batch.labels.is_empty() {
+                // every image of this batch was unreadable (and left out, with a warning)
+                self.state.step_in_epoch += 1;
+                self.state.global_step += 1;
+                continue;
+            }
             let t0 = Instant::now();
             let progress = epoch as f32 + self.state.step_in_epoch as f32 / steps as f32;
             lr = self.schedule.lr(

@@ -18,6 +18,19 @@ const LEARNED: [&str; 6] = [
     "lr",
 ];
 
+/// Trains one epoch in 5 big batches into `run`.
+fn one_quick_epoch(run: &str) -> String {
+    ok(&bin(&[
+        "train",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--out-dir",
+        run,
+    ]))
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -298,15 +311,7 @@ fn killing_the_process_at_any_moment_leaves_a_readable_checkpoint() {
     let run = d.s("r");
     // big batches: 5 steps per epoch, so checkpoints are written every fraction of a second
     // and the kills land before, during and after writes
-    ok(&bin(&[
-        "train",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "256",
-        "--out-dir",
-        &run,
-    ]));
+    one_quick_epoch(&run);
     for ms in [150u64, 400, 650, 900, 1200, 1500, 1900, 2400] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_resnext-train"))
             .args(["train", "--resume", &run, "--epochs", "500"])
@@ -387,25 +392,42 @@ fn max_steps_holds_on_resume_and_in_a_config_file() {
 /// Rewrites the safetensors file `from` into `to` with `edit` applied to tensor `name`'s
 /// f32 values.
 fn edit_weights(from: &Path, to: &Path, name: &str, edit: impl Fn(&mut [f32])) {
+    rewrite_tensors(from, to, |n, v| {
+        if n == name {
+            edit(v);
+        }
+        true
+    });
+}
+
+/// Rewrites the safetensors file `from` into `to`, keeping the tensors for which `keep`
+/// (which may edit an f32 tensor's values) returns true; an f32 tensor whose length
+/// changed becomes 1-D, everything else keeps its dtype and shape.
+fn rewrite_tensors(from: &Path, to: &Path, keep: impl Fn(&str, &mut Vec<f32>) -> bool) {
     use safetensors::tensor::{SafeTensors, TensorView};
+    use safetensors::Dtype;
     let bytes = std::fs::read(from).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    let t = owned
-        .iter_mut()
-        .find(|t| t.0 == name)
-        .expect("tensor in file");
-    let mut v: Vec<f32> =
-        t.3.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-    edit(&mut v);
-    t.3 = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let views: Vec<(String, TensorView<'_>)> = owned
+    let mut kept: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let (mut shape, mut data) = (view.shape().to_vec(), view.data().to_vec());
+        if view.dtype() == Dtype::F32 {
+            let mut v: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let len = v.len();
+            if !keep(&name, &mut v) {
+                continue;
+            }
+            if v.len() != len {
+                shape = vec![v.len()];
+            }
+            data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        }
+        kept.push((name, view.dtype(), shape, data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = kept
         .iter()
         .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
@@ -563,15 +585,7 @@ fn a_crash_between_any_two_writes_resumes_to_the_uninterrupted_run() {
 fn a_finished_run_is_neither_overwritten_nor_resumed_with_a_foreign_optimizer() {
     let d = TempDir::new("existing");
     let run = d.s("r");
-    ok(&bin(&[
-        "train",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "256",
-        "--out-dir",
-        &run,
-    ]));
+    one_quick_epoch(&run);
     assert!(Path::new(&run).join("metrics.jsonl").exists());
     let o = bin(&["train", "--max-steps", "2", "--out-dir", &run]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -626,7 +640,7 @@ fn assert_consistent_checkpoint_only(run: &Path) {
 
 /// Rewrites a momentum file with `momentum.fc.bias` cut to 9 values.
 fn truncate_buffer(path: &Path) {
-    rewrite_tensors(path, |name, v| {
+    rewrite_tensors(path, path, |name, v| {
         if name == "momentum.fc.bias" {
             v.truncate(9);
         }
@@ -636,35 +650,5 @@ fn truncate_buffer(path: &Path) {
 
 /// Rewrites a momentum file without `momentum.fc.bias`.
 fn drop_buffer(path: &Path) {
-    rewrite_tensors(path, |name, _| name != "momentum.fc.bias");
-}
-
-/// Rewrites a file of 1-D f32 tensors, keeping those for which `keep` (which may edit
-/// the values) returns true.
-fn rewrite_tensors(path: &Path, keep: impl Fn(&str, &mut Vec<f32>) -> bool) {
-    use safetensors::tensor::{SafeTensors, TensorView};
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut kept: Vec<(String, Vec<u8>, usize)> = Vec::new();
-    for (name, view) in st.tensors() {
-        let mut v: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if keep(&name, &mut v) {
-            let len = v.len();
-            kept.push((name, v.iter().flat_map(|x| x.to_le_bytes()).collect(), len));
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = kept
-        .iter()
-        .map(|(n, b, len)| {
-            (
-                n.clone(),
-                TensorView::new(safetensors::Dtype::F32, vec![*len], b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(path, safetensors::tensor::serialize(views, &None).unwrap()).unwrap();
+    rewrite_tensors(path, path, |name, _| name != "momentum.fc.bias");
 }
