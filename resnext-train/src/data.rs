@@ -114,6 +114,19 @@ fn crop_pipelines(
     (train.then(norm(info)), Pipeline::new(max).then(norm(info)))
 }
 
+/// The largest image size `--image-size` accepts.
+pub const MAX_IMAGE_SIZE: usize = 2048;
+
+/// Checks an `--image-size` flag: 8 to [`MAX_IMAGE_SIZE`] pixels.
+pub fn check_image_size(size: Option<usize>) -> Result<()> {
+    match size {
+        Some(s) if !(8..=MAX_IMAGE_SIZE).contains(&s) => {
+            bail!("--image-size {s} is out of range: 8 to {MAX_IMAGE_SIZE}")
+        }
+        _ => Ok(()),
+    }
+}
+
 fn data_dir(name: Dataset, given: Option<&Path>) -> PathBuf {
     given
         .map(Path::to_path_buf)

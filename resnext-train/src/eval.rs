@@ -102,6 +102,7 @@ pub struct EvalArgs {
 /// Prints top-1 and top-5; the last line is `top1: X top5: Y`.
 pub fn run(a: EvalArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
+    data::check_image_size(a.image_size)?;
     let data = data::prepare(
         a.dataset,
         a.data_dir.as_deref(),

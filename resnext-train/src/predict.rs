@@ -149,6 +149,7 @@ fn load_images(
 /// Runs the eval-mode forward and prints the top-k classes per input.
 pub fn run(a: PredictArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
+    crate::data::check_image_size(a.image_size)?;
     let tensors = resnext_core::weights::inspect(&a.weights)?;
     let (classes, in_channels) = match (tensors.get("fc.weight"), tensors.get("conv1.weight")) {
         (Some((_, fc)), Some((_, c1))) if fc.len() == 2 && c1.len() == 4 => (fc[0], c1[1]),

@@ -97,8 +97,6 @@ pub struct TrainArgs {
 
 /// The most compute threads `--threads` accepts.
 const MAX_THREADS: usize = 1024;
-/// The largest training crop `--image-size` accepts.
-const MAX_IMAGE_SIZE: usize = 2048;
 
 impl TrainArgs {
     /// Every hyper-parameter against its valid range; the error names the flag and the range.
@@ -158,14 +156,7 @@ impl TrainArgs {
             self.threads <= MAX_THREADS,
             &format!("0 (one per core) to {MAX_THREADS}"),
         )?;
-        if let Some(s) = self.image_size {
-            within(
-                "image-size",
-                s,
-                (8..=MAX_IMAGE_SIZE).contains(&s),
-                &format!("8 to {MAX_IMAGE_SIZE}"),
-            )?;
-        }
+        data::check_image_size(self.image_size)?;
         if let Some(m) = self.max_steps {
             within("max-steps", m, m >= 1, "at least 1")?;
         }

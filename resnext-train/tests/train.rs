@@ -230,6 +230,16 @@ fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
         ),
         (
             vec![
+                "eval".into(),
+                "--weights".into(),
+                d.s("w.safetensors"),
+                "--image-size".into(),
+                "100000".into(),
+            ],
+            "--image-size 100000 is out of range: 8 to 2048",
+        ),
+        (
+            vec![
                 "info".into(),
                 "--arch".into(),
                 "resnext50_32x4d".into(),
