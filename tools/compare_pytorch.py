@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side throughput of resnext-rs and PyTorch on this machine, same thread count.
+"""Side-by-side throughput of resnext-rs and PyTorch on the machine it runs on, same thread count.
 
     python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick] [--rounds 3]
     python tools/compare_pytorch.py --ops [--threads 2] [--rounds 3] [--op grouped3x3]
@@ -218,7 +218,7 @@ def main():
                    help="print PyTorch's per-op profile of a resnext50_32x4d batch-8 training step instead")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure each network configuration this many times, alternating the two sides, and "
-                        "report medians and the range of the per-round ratios (this machine's speed drifts by "
+                        "report medians and the range of the per-round ratios (a shared machine's speed can drift by "
                         "10-30%% over minutes, so one pair of runs can mislead)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

@@ -3,7 +3,7 @@
 (sklearn/datasets/data/digits.csv.gz: 1,797 rows of 64 pixel values 0..16 and a label),
 into datasets/data/digits.bin, the embedded default dataset.
 
-    /tmp/torchenv/bin/pip install scikit-learn
+    pip install scikit-learn
     python tools/make_digits.py
 
 Format of digits.bin (little-endian):

@@ -3,8 +3,7 @@
 
 Needs torch, torchvision and safetensors from PyPI (never needed by the tests):
 
-    python3 -m venv /tmp/torchenv
-    /tmp/torchenv/bin/pip install torch torchvision safetensors
+    pip install torch torchvision safetensors
     python tools/make_fixtures.py
 
 Two fixtures:
