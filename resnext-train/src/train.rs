@@ -316,7 +316,8 @@ struct State {
     /// The weights at the end of the last completed epoch (`model.safetensors` is a copy).
     #[serde(default)]
     epoch_model_file: String,
-    /// The weights of the best epoch so far (`best.safetensors` is a copy).
+    /// The weights of the best epoch so far (`best.safetensors` is a copy); a checkpoint
+    /// model file kept while it is the best.
     #[serde(default)]
     best_file: String,
     config: serde_json::Value,
@@ -377,13 +378,18 @@ const RUN_FILES: [&str; 5] = [
     "best.safetensors",
 ];
 
+/// The checkpoint file of the model after `step` steps.
+fn model_file(step: usize) -> String {
+    format!("model-{step}.safetensors")
+}
+
 /// Writes model and optimizer, then `state.json`, which names them: `state.json` is the
 /// commit point, so a kill at any moment leaves the previous complete checkpoint. Then
 /// removes the checkpoint files the new state does not name.
 fn checkpoint(dir: &Path, net: &dyn Network, opt: &Sgd, state: &mut State) -> Result<()> {
     let ck = dir.join("checkpoint");
     std::fs::create_dir_all(&ck).with_context(|| format!("cannot create `{}`", ck.display()))?;
-    state.model_file = format!("model-{}.safetensors", state.global_step);
+    state.model_file = model_file(state.global_step);
     state.optimizer_file = format!("optimizer-{}.safetensors", state.global_step);
     save_model(net, &ck.join(&state.model_file))?;
     opt.save_state(&ck.join(&state.optimizer_file))?;
@@ -767,15 +773,14 @@ impl Trainer {
         self.state.history.push(rec.clone());
         self.state.epoch += 1;
         self.state.step_in_epoch = 0;
-        let ck = self.dir.join("checkpoint");
-        std::fs::create_dir_all(&ck)
-            .with_context(|| format!("cannot create `{}`", ck.display()))?;
+        // the checkpoint's model file is also the last epoch's and, when it improved, the
+        // best one: state.json names it in each role, so it is written once
+        let model_file = model_file(self.state.global_step);
         if rec.test_top1 > self.state.best_top1 {
             self.state.best_top1 = rec.test_top1;
-            self.state.best_file = format!("best-{}.safetensors", self.state.global_step);
-            save_model(self.net.as_ref(), &ck.join(&self.state.best_file))?;
+            self.state.best_file = model_file.clone();
         }
-        self.state.epoch_model_file = format!("model-{}.safetensors", self.state.global_step);
+        self.state.epoch_model_file = model_file;
         checkpoint(&self.dir, self.net.as_ref(), &self.opt, &mut self.state)?;
         self.write_derived()
     }
