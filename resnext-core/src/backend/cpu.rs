@@ -97,11 +97,13 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
         relu: bool,
         residual: Option<CpuAct<O, T>>,
     ) -> Result<CpuAct<O, T>> {
-        let (w, cfg, bn) = (conv.weight(), C::CONFIG, bn.eval_ref());
+        let (w, cfg) = (conv.weight(), C::CONFIG);
         Ok(match (x, residual) {
-            (CpuAct::Buffer(x), None) => CpuAct::Buffer(buffer_conv_bn(x, w, cfg, bn, relu, None)?),
+            (CpuAct::Buffer(x), None) => {
+                CpuAct::Buffer(buffer_conv_bn(x, w, cfg, bn.eval_ref(), relu, None)?)
+            }
             (CpuAct::Buffer(x), Some(CpuAct::Buffer(r))) => {
-                CpuAct::Buffer(buffer_conv_bn(x, w, cfg, bn, relu, Some(&r))?)
+                CpuAct::Buffer(buffer_conv_bn(x, w, cfg, bn.eval_ref(), relu, Some(&r))?)
             }
             (CpuAct::Tensor(x), None) => CpuAct::Tensor(tensor_conv_bn(x, w, cfg, bn, relu, None)?),
             (CpuAct::Tensor(x), Some(CpuAct::Tensor(r))) => {
@@ -183,27 +185,22 @@ fn tensor_conv_bn<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu> +
     x: Act<I, T>,
     weight: &Tensor<WS, f32, Cpu>,
     cfg: ConvConfig,
-    bn: BnRef<'_, O>,
+    bn: &BatchNorm2d<O, f32, Cpu>,
     relu: bool,
     residual: Option<Act<O, T>>,
 ) -> Result<Act<O, T>> {
-    let eps = BnConfig::default().eps;
     if !T::OWNS_TAPE {
         let (x, tape) = x.split_tape();
         let residual = residual.map(|r| r.split_tape().0);
-        return Ok(
-            ops::conv2d_bn_eval(x, weight, cfg, bn, eps, relu, residual.as_ref())?.put_tape(tape),
-        );
+        let eps = BnConfig::default().eps;
+        let y = ops::conv2d_bn_eval(x, weight, cfg, bn.eval_ref(), eps, relu, residual.as_ref())?;
+        return Ok(y.put_tape(tape));
     }
     let y = ops::conv2d::<I, O, WS, T>(x, weight, cfg)?;
-    let bn_cfg = |relu| BnConfig {
-        relu,
-        ..Default::default()
-    };
     let Some(r) = residual else {
-        return ops::batch_norm2d_eval(y, bn.gamma, bn.beta, bn.mean, bn.var, bn_cfg(relu));
+        return bn.forward_eval_act(y, relu);
     };
-    let y = ops::batch_norm2d_eval(y, bn.gamma, bn.beta, bn.mean, bn.var, bn_cfg(false))?;
+    let y = bn.forward_eval_act(y, false)?;
     if relu {
         ops::add_relu(y, r)
     } else if y.shape() == r.shape() {
