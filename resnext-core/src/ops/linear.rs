@@ -15,14 +15,8 @@ pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
 ) -> Result<Mat<O, T>> {
     let n = x.shape().0;
     let o = weight.shape().0;
-    let xs = read(&x);
-    let y = linear_raw(&xs, n, weight, bias)?;
-    // the backward pass needs the weights; only a tape gets one
-    let (ws, bs) = if T::OWNS_TAPE {
-        (read(weight), read(bias))
-    } else {
-        Default::default()
-    };
+    let (xs, ws, bs) = (read(&x), read(weight), read(bias));
+    let y = linear_values::<F>(&xs, n, &ws, &bs)?;
     let dev = x.device().clone();
     let (x, tape) = x.split_tape();
     let (xg, wg, bg) = (x.ghost(), weight.ghost(), bias.ghost());
@@ -52,13 +46,18 @@ pub fn linear_raw<const F: usize, O: Dim>(
     weight: &Tensor<(O, Const<F>), f32, Cpu>,
     bias: &Tensor<(O,), f32, Cpu>,
 ) -> Result<Vec<f32>> {
-    let o = weight.shape().0.size();
-    if bias.shape().0.size() != o {
+    linear_values::<F>(x, n, &read(weight), &read(bias))
+}
+
+/// `x · wᵀ + b` for an `(n, F)` input and the `(O, F)` weight values `w`, `O` = `b.len()`.
+fn linear_values<const F: usize>(x: &[f32], n: usize, w: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    let o = b.len();
+    if w.len() != o * F {
         return Err(shape_err(
             "linear",
             format!(
-                "bias has {} elements, weight has {o} rows",
-                bias.shape().0.size()
+                "bias has {o} elements, weight has {} rows",
+                w.len() / F.max(1)
             ),
         ));
     }
@@ -69,6 +68,6 @@ pub fn linear_raw<const F: usize, O: Dim>(
         ));
     }
     let mut y = vec![0.0f32; n * o];
-    ew::linear_forward(n, F, o, x, &read(weight), &read(bias), &mut y);
+    ew::linear_forward(n, F, o, x, w, b, &mut y);
     Ok(y)
 }
