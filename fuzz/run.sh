@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}
-for t in npy idx gzip cifar image safetensors; do
+for t in npy idx gzip cifar image safetensors config; do
     scratch=$(mktemp -d)
     echo "== $t ($secs s)"
     cargo +stable fuzz run --sanitizer none -O "$t" "$scratch" "seeds/$t" -- \

@@ -17,14 +17,14 @@ fn read_err(path: &Path, source: std::io::Error) -> DataError {
 /// the file actually read.
 pub fn read_maybe_gz(path: &Path) -> Result<(Vec<u8>, PathBuf), DataError> {
     if path.exists() {
-        let bytes = std::fs::read(path).map_err(|e| read_err(path, e))?;
+        let bytes = resnext_fs::read_at_most(path, MAX_DECOMPRESSED)?;
         if path.extension().is_some_and(|e| e == "gz") {
             return Ok((gunzip(&bytes, path)?, path.into()));
         }
         return Ok((bytes, path.into()));
     }
     let gz = PathBuf::from(format!("{}.gz", path.display()));
-    let bytes = std::fs::read(&gz).map_err(|e| read_err(path, e))?;
+    let bytes = resnext_fs::read_at_most(&gz, MAX_DECOMPRESSED)?;
     Ok((gunzip(&bytes, &gz)?, gz))
 }
 

@@ -136,10 +136,7 @@ pub const MAX_DECODE_BYTES: u64 = 1 << 30;
 /// Decodes one image file to 8-bit RGB, channels first; images larger than [`MAX_SIDE`]
 /// on a side, or needing more than [`MAX_DECODE_BYTES`] to decode, are errors.
 pub fn decode_rgb(path: &Path) -> Result<Image, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::Read {
-        path: path.into(),
-        source: e,
-    })?;
+    let bytes = resnext_fs::read_at_most(path, MAX_DECODE_BYTES)?;
     decode_rgb_bytes(&bytes, path)
 }
 
@@ -192,6 +189,15 @@ impl Source for ImageFolder {
             len: self.files.len(),
         })?;
         Ok((decode_rgb(path)?, *label as usize))
+    }
+    fn label(&self, index: usize) -> Result<usize, DataError> {
+        self.files
+            .get(index)
+            .map(|f| f.1 as usize)
+            .ok_or(DataError::OutOfRange {
+                index,
+                len: self.files.len(),
+            })
     }
     fn skips_unreadable(&self) -> bool {
         self.skip_unreadable

@@ -60,6 +60,21 @@ pub enum DataError {
     },
 }
 
+impl From<resnext_fs::FileError> for DataError {
+    fn from(e: resnext_fs::FileError) -> Self {
+        use resnext_fs::FileError as F;
+        match e {
+            F::Read { path, source } | F::Write { path, source } => {
+                DataError::Read { path, source }
+            }
+            F::TooLarge { path, limit } => DataError::Format {
+                path,
+                msg: format!("larger than {limit} bytes, the most this reader accepts"),
+            },
+        }
+    }
+}
+
 /// An 8-bit image in channels-first `(C, H, W)` layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Image {
@@ -106,6 +121,11 @@ pub trait Source: Send + Sync {
     }
     /// Sample `index`: its image and class index.
     fn get(&self, index: usize) -> Result<(Image, usize), DataError>;
+    /// The class index of sample `index` (sources that know it without decoding the image
+    /// override this).
+    fn label(&self, index: usize) -> Result<usize, DataError> {
+        Ok(self.get(index)?.1)
+    }
     /// Whether a sample that cannot be read is left out of its batch (with a warning)
     /// rather than an error: image folders opened with `skip_unreadable`.
     fn skips_unreadable(&self) -> bool {
@@ -166,5 +186,98 @@ impl Source for InMemory {
             },
             self.labels[index] as usize,
         ))
+    }
+    fn label(&self, index: usize) -> Result<usize, DataError> {
+        self.labels
+            .get(index)
+            .map(|&l| l as usize)
+            .ok_or(DataError::OutOfRange {
+                index,
+                len: self.len(),
+            })
+    }
+}
+
+/// Some classes of a source, relabelled `0..classes.len()` in the order given, with at
+/// most `per_class` samples of each (the first ones in index order): a dataset for
+/// fine-tuning on a few labelled images, or for pre-training on part of the classes.
+pub struct Subset {
+    inner: std::sync::Arc<dyn Source>,
+    info: Info,
+    /// `(index in inner, new label)`.
+    samples: Vec<(usize, usize)>,
+}
+
+impl Subset {
+    /// Keeps the samples of `classes` (indices into `inner`'s classes, no repeats), at most
+    /// `per_class` of each.
+    pub fn new(
+        inner: std::sync::Arc<dyn Source>,
+        classes: &[usize],
+        per_class: Option<usize>,
+    ) -> Result<Self, String> {
+        let all = inner.info().classes.len();
+        let mut new_label = vec![None; all];
+        for (i, &c) in classes.iter().enumerate() {
+            match new_label.get_mut(c) {
+                None => {
+                    return Err(format!(
+                        "class {c} is out of range: the dataset has {all} (0 to {})",
+                        all.saturating_sub(1)
+                    ))
+                }
+                Some(Some(_)) => return Err(format!("class {c} is listed twice")),
+                Some(slot) => *slot = Some(i),
+            }
+        }
+        if classes.is_empty() {
+            return Err("no classes given".into());
+        }
+        let mut taken = vec![0usize; classes.len()];
+        let mut samples = Vec::new();
+        for index in 0..inner.len() {
+            let label = inner.label(index).map_err(|e| e.to_string())?;
+            if let Some(Some(l)) = new_label.get(label) {
+                if per_class.is_none_or(|m| taken[*l] < m) {
+                    taken[*l] += 1;
+                    samples.push((index, *l));
+                }
+            }
+        }
+        let mut info = inner.info().clone();
+        info.classes = classes.iter().map(|&c| info.classes[c].clone()).collect();
+        Ok(Subset {
+            inner,
+            info,
+            samples,
+        })
+    }
+}
+
+impl Source for Subset {
+    fn info(&self) -> &Info {
+        &self.info
+    }
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+    fn get(&self, index: usize) -> Result<(Image, usize), DataError> {
+        let &(i, label) = self.samples.get(index).ok_or(DataError::OutOfRange {
+            index,
+            len: self.samples.len(),
+        })?;
+        Ok((self.inner.get(i)?.0, label))
+    }
+    fn label(&self, index: usize) -> Result<usize, DataError> {
+        self.samples
+            .get(index)
+            .map(|s| s.1)
+            .ok_or(DataError::OutOfRange {
+                index,
+                len: self.samples.len(),
+            })
+    }
+    fn skips_unreadable(&self) -> bool {
+        self.inner.skips_unreadable()
     }
 }

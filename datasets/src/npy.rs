@@ -136,10 +136,13 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Array, NpyError> {
     Ok(Array { shape, data })
 }
 
-/// Reads an `.npy` file.
+/// The largest `.npy` file read (4 GiB).
+pub const MAX_FILE_BYTES: u64 = 4 << 30;
+
+/// Reads an `.npy` file of at most [`MAX_FILE_BYTES`].
 pub fn read(path: impl AsRef<Path>) -> Result<Array, NpyError> {
     let path = path.as_ref();
-    parse(&resnext_fs::read(path)?, path)
+    parse(&resnext_fs::read_at_most(path, MAX_FILE_BYTES)?, path)
 }
 
 /// Encodes a `float32` array as `.npy` (version 1.0) bytes.

@@ -367,6 +367,7 @@ fn download_checks_md5_and_never_leaves_half_files() {
     let remote = [download::Remote {
         file: "cifar-10-binary.tar.gz",
         md5,
+        max_bytes: archive.len() as u64 + 100,
     }];
     let routes = vec![
         (
@@ -380,12 +381,17 @@ fn download_checks_md5_and_never_leaves_half_files() {
             Some(archive.len()),
         ),
         (
+            "/long/cifar-10-binary.tar.gz".to_string(),
+            vec![0u8; archive.len() + 101],
+            None,
+        ),
+        (
             "/wrong/cifar-10-binary.tar.gz".to_string(),
             b"something else entirely".to_vec(),
             None,
         ),
     ];
-    let (base, server) = serve(routes, 5);
+    let (base, server) = serve(routes, 6);
     let no_files = |dir: &Path| std::fs::read_dir(dir).map(|r| r.count()).unwrap_or(0) == 0;
 
     let msg = download::fetch_all(&format!("{base}cut/"), &remote, &d.0.join("a"))
@@ -398,6 +404,14 @@ fn download_checks_md5_and_never_leaves_half_files() {
     assert!(
         no_files(&d.0.join("a")),
         "an interrupted download leaves nothing behind"
+    );
+    let msg = download::fetch_all(&format!("{base}long/"), &remote, &d.0.join("a"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("longer than"), "{msg}");
+    assert!(
+        no_files(&d.0.join("a")),
+        "an over-long download leaves nothing behind"
     );
     let msg = download::fetch_all(&format!("{base}wrong/"), &remote, &d.0.join("a"))
         .unwrap_err()

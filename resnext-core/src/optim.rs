@@ -26,6 +26,30 @@ pub struct SgdConfig {
     pub weight_decay: f32,
     /// Also decay batch-norm parameters and biases (off by default, as is usual for ResNets).
     pub decay_vectors: bool,
+    /// Parameter groups: the first group whose prefix starts a parameter's name scales its
+    /// learning rate; a scale of 0 freezes it (no update, no decay, no momentum buffer:
+    /// the parameter stays bit-identical). Parameters in no group take the plain rate.
+    pub groups: Vec<ParamGroup>,
+}
+
+/// A group of parameters by name prefix (`conv1.`, `layer3.`, `fc.`) and its
+/// learning-rate multiplier.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamGroup {
+    /// Name prefixes of the group's parameters.
+    pub prefixes: Vec<String>,
+    /// Multiplier of the learning rate; 0 freezes the group.
+    pub lr_scale: f32,
+}
+
+impl SgdConfig {
+    /// The learning-rate multiplier of the parameter `name`.
+    pub fn lr_scale(&self, name: &str) -> f32 {
+        self.groups
+            .iter()
+            .find(|g| g.prefixes.iter().any(|p| name.starts_with(p.as_str())))
+            .map_or(1.0, |g| g.lr_scale)
+    }
 }
 
 impl Default for SgdConfig {
@@ -36,6 +60,7 @@ impl Default for SgdConfig {
             nesterov: false,
             weight_decay: 5e-4,
             decay_vectors: false,
+            groups: Vec::new(),
         }
     }
 }
@@ -65,7 +90,8 @@ impl ParamVisitorMut for Step<'_> {
         t: &mut Tensor<S, f32, Cpu>,
         kind: ParamKind,
     ) -> Result<()> {
-        if kind == ParamKind::Buffer {
+        let scale = self.cfg.lr_scale(name);
+        if kind == ParamKind::Buffer || scale == 0.0 {
             return Ok(());
         }
         let mut p = read(t);
@@ -75,7 +101,7 @@ impl ParamVisitorMut for Step<'_> {
         } else {
             0.0
         };
-        let (mu, lr) = (self.cfg.momentum, self.cfg.lr);
+        let (mu, lr) = (self.cfg.momentum, self.cfg.lr * scale);
         let buf = if mu != 0.0 {
             let fresh = !self.buffers.contains_key(name);
             let b = self
@@ -175,7 +201,7 @@ impl Sgd {
 
     /// Restores momentum buffers saved by [`Sgd::save_state`].
     pub fn load_state(&mut self, path: &Path) -> Result<(), WeightsError> {
-        let bytes = resnext_fs::read(path)?;
+        let bytes = resnext_fs::read_at_most(path, crate::weights::MAX_FILE_BYTES)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Format {
             path: path.into(),
             msg: e.to_string(),
@@ -228,6 +254,7 @@ impl Sgd {
                 "",
                 &mut MatchBuffers {
                     path,
+                    cfg: &self.cfg,
                     unmatched: &mut unmatched,
                 },
             )?;
@@ -247,6 +274,8 @@ impl Sgd {
 /// Takes each trainable tensor's momentum buffer out of `unmatched`, checking its length.
 struct MatchBuffers<'a> {
     path: &'a Path,
+    /// Frozen parameters have no buffer.
+    cfg: &'a SgdConfig,
     unmatched: &'a mut BTreeMap<String, Vec<f32>>,
 }
 
@@ -258,7 +287,7 @@ impl ParamVisitor for MatchBuffers<'_> {
         t: &Tensor<S, f32, Cpu>,
         kind: ParamKind,
     ) -> Result<(), WeightsError> {
-        if kind == ParamKind::Buffer {
+        if kind == ParamKind::Buffer || self.cfg.lr_scale(name) == 0.0 {
             return Ok(());
         }
         let want = t.shape().num_elements();

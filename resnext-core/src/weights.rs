@@ -96,12 +96,16 @@ pub enum WeightsError {
     },
 }
 
+/// The largest weights or optimiser-state file read (8 GiB; ResNeXt-101 64x4d is 330 MB):
+/// a bound on the memory a file (or an endless device given as one) can take.
+pub const MAX_FILE_BYTES: u64 = 8 << 30;
+
 /// Name → (dtype, shape) of every tensor in a safetensors file.
 pub fn inspect(
     path: impl AsRef<Path>,
 ) -> Result<BTreeMap<String, (String, Vec<usize>)>, WeightsError> {
     let path = path.as_ref();
-    let bytes = resnext_fs::read(path)?;
+    let bytes = resnext_fs::read_at_most(path, MAX_FILE_BYTES)?;
     let st = parse(path, &bytes)?;
     Ok(st
         .tensors()
@@ -179,10 +183,90 @@ fn check_values(path: &Path, name: &str, values: &[f32]) -> Result<(), WeightsEr
     Ok(())
 }
 
+/// Which tensors of a file a load may leave out, for [`load_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Every tensor of the model from the file, nothing else in the file (the default).
+    Strict,
+    /// As [`LoadMode::Strict`], except the classifier (`fc.weight`, `fc.bias`): when the
+    /// file's has another class count (or the file has none), the model's is kept as
+    /// initialised. What fine-tuning on a new class count needs; another architecture or
+    /// input-channel count is still an error.
+    NewHead,
+    /// PyTorch's `strict=False`, and more: every tensor that is missing from the file or has
+    /// another shape there is kept as initialised, and tensors the model does not have are
+    /// ignored. Only when asked for: a load that fits nothing "succeeds".
+    Lenient,
+}
+
+/// What [`load_with`] did, tensor by tensor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Tensors (and batch-norm counters) loaded from the file.
+    pub loaded: Vec<String>,
+    /// Tensors of the model left as they were, each with why.
+    pub kept: Vec<(String, String)>,
+    /// Tensors in the file the model does not have (ignored; [`LoadMode::Lenient`] only).
+    pub ignored: Vec<String>,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "loaded {} tensors", self.loaded.len())?;
+        if !self.kept.is_empty() {
+            let kept: Vec<String> = self
+                .kept
+                .iter()
+                .map(|(n, why)| format!("`{n}` ({why})"))
+                .collect();
+            write!(f, "; kept as initialised: {}", kept.join(", "))?;
+        }
+        if !self.ignored.is_empty() {
+            write!(
+                f,
+                "; ignored {} tensors not in the model",
+                self.ignored.len()
+            )?;
+        }
+        Ok(())
+    }
+}
+
 struct Check<'a> {
     path: &'a Path,
     st: &'a SafeTensors<'a>,
     seen: BTreeSet<String>,
+    mode: LoadMode,
+    /// Tensors of the model not taken from the file, with why.
+    kept: Vec<(String, String)>,
+}
+
+impl Check<'_> {
+    /// Whether the mode lets the model keep its own `name` instead of failing with `e`.
+    fn may_keep(&mut self, name: &str, e: WeightsError) -> Result<(), WeightsError> {
+        let head = name == "fc.weight" || name == "fc.bias";
+        let keep = match self.mode {
+            LoadMode::Strict => false,
+            LoadMode::NewHead => {
+                head && !matches!(e, WeightsError::Value { .. } | WeightsError::Dtype { .. })
+            }
+            LoadMode::Lenient => !matches!(e, WeightsError::Value { .. }),
+        };
+        if !keep {
+            return Err(e);
+        }
+        let why = match &e {
+            WeightsError::Missing { .. } => "not in the file".to_string(),
+            WeightsError::Shape {
+                found, expected, ..
+            } => {
+                format!("{found:?} in the file, {expected:?} here")
+            }
+            other => other.to_string(),
+        };
+        self.kept.push((name.to_string(), why));
+        Ok(())
+    }
 }
 
 impl ParamVisitor for Check<'_> {
@@ -194,22 +278,28 @@ impl ParamVisitor for Check<'_> {
         _: ParamKind,
     ) -> Result<(), WeightsError> {
         let expected = shape_of(t);
-        let view = self.st.tensor(name).map_err(|_| WeightsError::Missing {
-            path: self.path.into(),
-            name: name.into(),
-            expected: expected.clone(),
-        })?;
+        let Ok(view) = self.st.tensor(name) else {
+            let e = WeightsError::Missing {
+                path: self.path.into(),
+                name: name.into(),
+                expected,
+            };
+            return self.may_keep(name, e);
+        };
+        self.seen.insert(name.to_string());
         if view.shape() != expected.as_slice() {
-            return Err(WeightsError::Shape {
+            let e = WeightsError::Shape {
                 path: self.path.into(),
                 name: name.into(),
                 found: view.shape().to_vec(),
                 expected,
-            });
+            };
+            return self.may_keep(name, e);
         }
-        check_values(self.path, name, &to_f32(self.path, name, &view)?)?;
-        self.seen.insert(name.to_string());
-        Ok(())
+        match to_f32(self.path, name, &view) {
+            Ok(values) => check_values(self.path, name, &values),
+            Err(e) => self.may_keep(name, e),
+        }
     }
     fn counter(&mut self, name: &str, _: u64) -> Result<(), WeightsError> {
         if let Ok(view) = self.st.tensor(name) {
@@ -223,6 +313,9 @@ impl ParamVisitor for Check<'_> {
 struct Assign<'a> {
     path: &'a Path,
     st: &'a SafeTensors<'a>,
+    /// Tensors to leave as they are.
+    skip: BTreeSet<String>,
+    loaded: Vec<String>,
 }
 
 impl ParamVisitorMut for Assign<'_> {
@@ -233,17 +326,24 @@ impl ParamVisitorMut for Assign<'_> {
         t: &mut Tensor<S, f32, Cpu>,
         _: ParamKind,
     ) -> Result<(), WeightsError> {
+        if self.skip.contains(name) {
+            return Ok(());
+        }
         let view = self.st.tensor(name).map_err(|_| WeightsError::Missing {
             path: self.path.into(),
             name: name.into(),
             expected: shape_of(t),
         })?;
         t.copy_from(&to_f32(self.path, name, &view)?);
+        self.loaded.push(name.to_string());
         Ok(())
     }
     fn counter(&mut self, name: &str, value: &mut u64) -> Result<(), WeightsError> {
         *value = match self.st.tensor(name) {
-            Ok(view) => to_count(self.path, name, &view)?,
+            Ok(view) => {
+                self.loaded.push(name.to_string());
+                to_count(self.path, name, &view)?
+            }
             Err(_) => 0,
         };
         Ok(())
@@ -257,27 +357,63 @@ pub fn load_from_bytes<M: Params>(
     bytes: &[u8],
     path: &Path,
 ) -> Result<(), WeightsError> {
+    load_with(model, bytes, path, LoadMode::Strict).map(|_| ())
+}
+
+/// Loads weights from safetensors bytes under `mode`, and says which tensors were loaded
+/// and which kept. Checks everything first: on an error the model is unchanged.
+pub fn load_with<M: Params>(
+    model: &mut M,
+    bytes: &[u8],
+    path: &Path,
+    mode: LoadMode,
+) -> Result<LoadReport, WeightsError> {
     let st = parse(path, bytes)?;
     let mut check = Check {
         path,
         st: &st,
         seen: BTreeSet::new(),
+        mode,
+        kept: Vec::new(),
     };
     model.visit_params("", &mut check)?;
-    let unexpected: Vec<String> = st
+    let mut ignored: Vec<String> = st
         .names()
         .into_iter()
         .filter(|n| !check.seen.contains(*n))
         .cloned()
         .collect();
-    if let Some(first) = unexpected.iter().min() {
+    ignored.sort();
+    if let (Some(first), false) = (ignored.first(), mode == LoadMode::Lenient) {
         return Err(WeightsError::Unexpected {
             path: path.into(),
-            count: unexpected.len(),
+            count: ignored.len(),
             first: first.clone(),
         });
     }
-    model.visit_params_mut("", &mut Assign { path, st: &st })
+    let mut assign = Assign {
+        path,
+        st: &st,
+        skip: check.kept.iter().map(|(n, _)| n.clone()).collect(),
+        loaded: Vec::new(),
+    };
+    model.visit_params_mut("", &mut assign)?;
+    Ok(LoadReport {
+        loaded: assign.loaded,
+        kept: check.kept,
+        ignored,
+    })
+}
+
+/// Loads a safetensors file into `model` under `mode` (see [`load_with`]).
+pub fn load_safetensors_with<M: Params>(
+    model: &mut M,
+    path: impl AsRef<Path>,
+    mode: LoadMode,
+) -> Result<LoadReport, WeightsError> {
+    let path = path.as_ref();
+    let bytes = resnext_fs::read_at_most(path, MAX_FILE_BYTES)?;
+    load_with(model, &bytes, path, mode)
 }
 
 /// Loads a safetensors file into `model` (see [`load_from_bytes`]).
@@ -286,7 +422,7 @@ pub fn load_safetensors<M: Params>(
     path: impl AsRef<Path>,
 ) -> Result<(), WeightsError> {
     let path = path.as_ref();
-    let bytes = resnext_fs::read(path)?;
+    let bytes = resnext_fs::read_at_most(path, MAX_FILE_BYTES)?;
     load_from_bytes(model, &bytes, path)
 }
 

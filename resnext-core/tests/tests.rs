@@ -2,6 +2,8 @@
 
 mod backend;
 mod common;
+mod features;
+mod fine_tune;
 mod model;
 mod ops;
 mod parity;

@@ -234,3 +234,72 @@ fn inference_after_loading_or_training_uses_the_new_weights() {
         .fold(0.0f32, f32::max);
     assert!(err <= 1e-5, "stale cache: outputs differ by {err}");
 }
+
+#[test]
+fn a_resnext50_file_loads_into_a_37_class_network_with_a_new_head() {
+    use resnext_core::model::Arch;
+    use resnext_core::weights::LoadMode;
+    let d = TempDir::new("newhead");
+    let dev = Cpu::seed_from_u64(3);
+    let file = d.0.join("r50.safetensors");
+    // the ImageNet network, torchvision's names (checked against torchvision elsewhere)
+    Arch::ResNeXt50_32x4d
+        .build(&dev, 3, 1000)
+        .unwrap()
+        .save_safetensors(&file)
+        .unwrap();
+    let mut net = Arch::ResNeXt50_32x4d.build(&dev, 3, 37).unwrap();
+    let x = resnext_core::testing::values(1, 3 * 32 * 32);
+    let before = net.embed(x.clone(), [1, 3, 32, 32]).unwrap();
+    // strict: the classifier does not fit, the error names it and nothing changes
+    let e = net.load_safetensors(&file).unwrap_err().to_string();
+    assert!(
+        e.contains("`fc.weight` has shape [1000, 2048] in the file, the model expects [37, 2048]"),
+        "{e}"
+    );
+    assert_eq!(net.embed(x.clone(), [1, 3, 32, 32]).unwrap(), before);
+    let report = net.load_safetensors_with(&file, LoadMode::NewHead).unwrap();
+    let kept: Vec<&str> = report.kept.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(kept, ["fc.weight", "fc.bias"]);
+    assert_eq!(
+        report.kept[0].1,
+        "[1000, 2048] in the file, [37, 2048] here"
+    );
+    // every other tensor and batch-norm counter of the file was loaded
+    let in_file = weights::inspect(&file).unwrap();
+    assert_eq!(report.loaded.len(), in_file.len() - 2);
+    assert!(report.ignored.is_empty());
+    assert!(report.to_string().starts_with(&format!(
+        "loaded {} tensors; kept as initialised: `fc.weight`",
+        in_file.len() - 2
+    )));
+    // the backbone is the file's: the embedding equals the 1000-class network's
+    let mut reference = Arch::ResNeXt50_32x4d.build(&dev, 3, 1000).unwrap();
+    reference.load_safetensors(&file).unwrap();
+    let want = reference.embed(x.clone(), [1, 3, 32, 32]).unwrap();
+    assert_eq!(net.embed(x, [1, 3, 32, 32]).unwrap(), want);
+    assert_ne!(want, before);
+
+    // another architecture or input-channel count stays an error with a new head
+    let mut other = Arch::ResNet50.build(&dev, 3, 37).unwrap();
+    let e = other
+        .load_safetensors_with(&file, LoadMode::NewHead)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer1.0.conv1.weight"), "{e}");
+    let mut grey = Arch::ResNeXt50_32x4d.build(&dev, 1, 37).unwrap();
+    let e = grey
+        .load_safetensors_with(&file, LoadMode::NewHead)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`conv1.weight` has shape [64, 3, 7, 7] in the file"),
+        "{e}"
+    );
+    // lenient loads what fits and says what did not
+    let report = grey
+        .load_safetensors_with(&file, LoadMode::Lenient)
+        .unwrap();
+    let kept: Vec<&str> = report.kept.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(kept, ["conv1.weight", "fc.weight", "fc.bias"]);
+}

@@ -30,6 +30,14 @@ pub enum FileError {
         /// The OS error.
         source: io::Error,
     },
+    /// The file is larger than the reader accepts.
+    #[error("`{path}` is larger than {limit} bytes, the most this reader accepts")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The most bytes accepted.
+        limit: u64,
+    },
 }
 
 /// The whole contents of `path`.
@@ -38,6 +46,36 @@ pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
         path: path.into(),
         source,
     })
+}
+
+/// The whole contents of `path`, refused when it holds more than `limit` bytes. The limit is
+/// enforced while reading, so a device or pipe that never ends (`/dev/zero`, a FIFO) is
+/// refused too instead of filling memory.
+pub fn read_at_most(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
+    use std::io::Read;
+    let read_err = |source| FileError::Read {
+        path: path.into(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let hint = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if hint > limit {
+        return Err(FileError::TooLarge {
+            path: path.into(),
+            limit,
+        });
+    }
+    let mut bytes = Vec::with_capacity(hint as usize);
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > limit {
+        return Err(FileError::TooLarge {
+            path: path.into(),
+            limit,
+        });
+    }
+    Ok(bytes)
 }
 
 /// Writes `bytes` to `path` atomically ([`write_atomic`]).
@@ -153,6 +191,29 @@ mod tests {
             r.starts_with("cannot read `") && r.contains("no/such/folder/a.bin"),
             "{r}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn read_at_most_refuses_files_and_endless_devices_past_the_limit() {
+        let dir = scratch("at-most");
+        let path = dir.join("a.bin");
+        std::fs::write(&path, b"12345").unwrap();
+        assert_eq!(read_at_most(&path, 5).unwrap(), b"12345");
+        let e = read_at_most(&path, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("a.bin") && e.contains("larger than 4 bytes"),
+            "{e}"
+        );
+        // a device that never ends: its length says 0, the read stops at the limit
+        let zero = Path::new("/dev/zero");
+        if zero.exists() {
+            let e = read_at_most(zero, 1000).unwrap_err().to_string();
+            assert!(
+                e.contains("/dev/zero") && e.contains("larger than 1000"),
+                "{e}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

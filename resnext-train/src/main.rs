@@ -6,12 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-mod curves;
-mod data;
-mod eval;
-mod info;
-mod predict;
-mod train;
+use resnext_train::{eval, info, predict, train};
 
 /// Train, evaluate, inspect and run ResNeXt models (Xie et al. 2017) on the CPU.
 /// Without a subcommand, trains the default model on the embedded digits dataset.

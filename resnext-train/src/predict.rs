@@ -12,6 +12,9 @@ use resnext_core::model::Arch;
 
 use crate::data::Dataset;
 
+/// The largest `--classes` file read (one class name a line).
+const MAX_CLASSES_BYTES: u64 = 16 << 20;
+
 static IMAGENET_CLASSES: &str = include_str!("../data/imagenet_classes.txt");
 
 /// Arguments of `predict`.
@@ -49,8 +52,8 @@ fn run_dataset(weights: &Path) -> Option<Dataset> {
     [dir.join("state.json"), dir.parent()?.join("state.json")]
         .iter()
         .find_map(|p| {
-            let text = std::fs::read_to_string(p).ok()?;
-            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let text = resnext_fs::read_at_most(p, crate::train::MAX_STATE_BYTES).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
             serde_json::from_value(v["config"]["dataset"].clone()).ok()
         })
 }
@@ -204,8 +207,9 @@ pub fn run(a: PredictArgs) -> Result<()> {
         };
     let names = match &a.classes {
         Some(f) => {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read `{}`", f.display()))?;
+            let text = resnext_fs::read_at_most(f, MAX_CLASSES_BYTES)?;
+            let text = String::from_utf8(text)
+                .map_err(|_| anyhow!("--classes `{}` is not UTF-8 text", f.display()))?;
             let names: Vec<String> = text
                 .lines()
                 .map(|l| l.trim().to_string())
@@ -236,14 +240,19 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let dev = Cpu::default();
     let mut net = arch.build(&dev, in_channels, classes)?;
     net.load_safetensors(&a.weights)?;
+    let per = data.len() / shape[0];
     let logits = net
-        .forward_eval(data, shape)
+        .forward_eval(data.clone(), shape)
         .with_context(|| format!("running {arch}"))?;
     if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        let n = i / classes;
+        let one = data[n * per..(n + 1) * per].to_vec();
         bail!(
-            "{arch} gives a non-finite logit ({}) for input {}: the weights `{}` are broken",
+            "{arch} gives a non-finite logit ({}) for input {}; the first non-finite values \
+             come out of {}: the weights `{}` overflow float32 on this input",
             logits[i],
-            labels[i / classes],
+            labels[n],
+            first_non_finite(net.as_ref(), one, [1, shape[1], shape[2], shape[3]])?,
             a.weights.display()
         );
     }
@@ -263,4 +272,22 @@ pub fn run(a: PredictArgs) -> Result<()> {
         println!("{label}: {}", top.join(", "));
     }
     Ok(())
+}
+
+/// The first part of `net` (stem, a stage, or the head) whose output on the single input
+/// `x` holds a non-finite value.
+fn first_non_finite(
+    net: &dyn resnext_core::model::Network,
+    x: Vec<f32>,
+    shape: [usize; 4],
+) -> Result<String> {
+    for map in net.feature_maps(x, shape)? {
+        if let Some(i) = map.data.iter().position(|v| !v.is_finite()) {
+            return Ok(format!(
+                "`{}` (its output {:?} holds {} at index {i})",
+                map.name, map.shape, map.data[i]
+            ));
+        }
+    }
+    Ok("the classifier `fc` (every feature map is finite)".into())
 }

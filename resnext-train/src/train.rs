@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, ValueEnum};
+use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use datasets::loader::{Loader, LoaderConfig};
 use dfdx::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -213,6 +213,50 @@ fn overlay(
     serde_json::from_value(base).map_err(|e| anyhow!("{what}: {e}"))
 }
 
+/// The largest `state.json` read (a run's state grows by about 300 bytes an epoch).
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// The largest `--config` file read (a configuration is a few hundred bytes).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Parses a `--config` TOML text into its keys (flag names) and its `max-steps` (which is not
+/// part of a run's saved configuration); `what` names the file in errors.
+fn config_layer(
+    text: &str,
+    what: &str,
+) -> Result<(serde_json::Map<String, serde_json::Value>, Option<usize>)> {
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{what} is not valid TOML"))?;
+    let mut json = serde_json::to_value(table)?;
+    let keys = json.as_object_mut().expect("a TOML table is an object");
+    for key in ["resume", "config"] {
+        if keys.contains_key(key) {
+            bail!("{what}: `{key}` is a command-line flag only (--{key} …)");
+        }
+    }
+    let steps = match keys
+        .remove("max-steps")
+        .or_else(|| keys.remove("max_steps"))
+    {
+        Some(v) => Some(serde_json::from_value(v).map_err(|e| anyhow!("{what}: max-steps: {e}"))?),
+        None => None,
+    };
+    Ok((std::mem::take(keys), steps))
+}
+
+/// The arguments a `--config` text gives on its own (every other flag at its default),
+/// validated: what `train --config FILE` would run with. Used by the config fuzz target.
+pub fn parse_config(text: &str) -> Result<TrainArgs> {
+    let matches = TrainArgs::augment_args(clap::Command::new("train")).get_matches_from(["train"]);
+    let defaults = TrainArgs::from_arg_matches(&matches)?;
+    let (keys, steps) = config_layer(text, "config")?;
+    let mut args = overlay(&defaults, &keys, &matches, "config")?;
+    args.max_steps = steps;
+    args.validate()?;
+    Ok(args)
+}
+
 /// Applies `--config` and, with `--resume`, the saved run's configuration.
 pub fn resolve(mut args: TrainArgs, matches: &ArgMatches) -> Result<TrainArgs> {
     // not part of a run's saved configuration: kept from the command line (or --config)
@@ -232,33 +276,14 @@ pub fn resolve(mut args: TrainArgs, matches: &ArgMatches) -> Result<TrainArgs> {
         args.out_dir = Some(dir.clone());
     }
     if let Some(path) = &config {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read `{}`", path.display()))?;
-        let table: toml::Table = text
-            .parse()
-            .with_context(|| format!("`{}` is not valid TOML", path.display()))?;
-        let mut json = serde_json::to_value(table)?;
-        let keys = json.as_object_mut().expect("a table");
-        for key in ["resume", "config"] {
-            if keys.contains_key(key) {
-                bail!(
-                    "`{}`: `{key}` is a command-line flag only (--{key} …)",
-                    path.display()
-                );
-            }
+        let what = format!("`{}`", path.display());
+        let text = resnext_fs::read_at_most(path, MAX_CONFIG_BYTES)?;
+        let text = String::from_utf8(text).map_err(|_| anyhow!("{what} is not UTF-8 text"))?;
+        let (keys, steps) = config_layer(&text, &what)?;
+        if steps.is_some() && matches.value_source("max_steps") != Some(ValueSource::CommandLine) {
+            max_steps = steps;
         }
-        let steps = keys
-            .remove("max-steps")
-            .or_else(|| keys.remove("max_steps"));
-        if let Some(v) = steps {
-            if matches.value_source("max_steps") != Some(ValueSource::CommandLine) {
-                max_steps = Some(
-                    serde_json::from_value(v)
-                        .map_err(|e| anyhow!("`{}`: max-steps: {e}", path.display()))?,
-                );
-            }
-        }
-        args = overlay(&args, keys, matches, &format!("`{}`", path.display()))?;
+        args = overlay(&args, &keys, matches, &what)?;
     }
     args.resume = resume;
     args.config = config;
@@ -326,9 +351,8 @@ struct State {
 impl State {
     fn read(dir: &Path) -> Result<State> {
         let path = dir.join("state.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot resume: cannot read `{}`", path.display()))?;
-        serde_json::from_str(&text).with_context(|| {
+        let text = resnext_fs::read_at_most(&path, MAX_STATE_BYTES).context("cannot resume")?;
+        serde_json::from_slice(&text).with_context(|| {
             format!(
                 "cannot resume: `{}` is not a valid run state",
                 path.display()
@@ -535,6 +559,7 @@ impl Trainer {
             nesterov: args.nesterov,
             weight_decay: args.weight_decay,
             decay_vectors: args.decay_bn_and_bias,
+            groups: Vec::new(),
         });
         let state = State {
             epoch: 0,

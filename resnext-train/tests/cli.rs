@@ -182,6 +182,17 @@ fn predict_rejects_bad_input_with_clear_errors() {
             ],
             "is too large",
         ),
+        (
+            vec![
+                "--arch".into(),
+                "resnext29_2x64d".into(),
+                "--npy-input".into(),
+                dir.s("x3.npy"),
+                "--classes".into(),
+                "/dev/zero".into(),
+            ],
+            "`/dev/zero` is larger than 16777216 bytes",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec![

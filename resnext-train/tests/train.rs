@@ -266,6 +266,12 @@ fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
             ],
             "cannot read",
         ),
+        // files named on the command line are read with a size bound: an endless device
+        // is refused instead of filling memory
+        (
+            vec!["train".into(), "--config".into(), "/dev/zero".into()],
+            "`/dev/zero` is larger than 1048576 bytes",
+        ),
     ];
     for (args, want) in cases {
         let o = bin(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -477,6 +483,37 @@ fn a_broken_model_never_scores_and_broken_weights_are_refused() {
         assert!(!o.status.success(), "{name}: accepted");
         assert!(err.contains(name) && err.contains(want), "{name}: {err}");
     }
+    // finite weights that overflow float32 on an input: predict names where it happens
+    let huge = d.0.join("huge.safetensors");
+    edit_weights(&trained, &huge, "layer2.0.conv1.weight", |v| v.fill(3e38));
+    let x = d.0.join("x.npy");
+    let values = resnext_core::testing::values(1, 28 * 28);
+    datasets::npy::write(&x, &[1, 1, 28, 28], &values).unwrap();
+    let o = bin(&[
+        "predict",
+        "--arch",
+        "resnext11_8x8d",
+        "--weights",
+        huge.to_str().unwrap(),
+        "--npy-input",
+        x.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "overflowing weights predicted: {err}");
+    assert!(
+        err.contains("non-finite logit") && err.contains("come out of `layer2`"),
+        "{err}"
+    );
+    let o = bin(&[
+        "predict",
+        "--arch",
+        "resnext11_8x8d",
+        "--weights",
+        trained.to_str().unwrap(),
+        "--npy-input",
+        x.to_str().unwrap(),
+    ]);
+    ok(&o);
 }
 
 fn state_of(run: &Path) -> serde_json::Value {

@@ -126,6 +126,17 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
         })
     }
 
+    fn avg_pool<const F: usize>(&self, x: CpuAct<F, T>) -> Result<CpuLogits<Const<F>, T>> {
+        Ok(match x {
+            CpuAct::Tensor(x) => CpuLogits::Tensor(ops::global_avg_pool(x)?),
+            CpuAct::Buffer(x) => CpuLogits::Rows(Rows {
+                data: ops::global_avg_pool_raw(&x.data, x.shape4())?,
+                n: x.dims[0],
+                cols: Const,
+            }),
+        })
+    }
+
     fn classify<const F: usize, O: Dim>(
         &self,
         x: CpuAct<F, T>,
@@ -176,6 +187,22 @@ impl<T: Tape<f32, Cpu> + Merge<T>> TrainBackend for CpuBackend<T> {
             ops::conv2d_bn_train(x, conv.weight(), C::CONFIG, bn, cfg, residual)
         })?;
         Ok(CpuAct::Tensor(y))
+    }
+
+    fn stop_grad<const C: usize>(&self, x: CpuAct<C, T>) -> Result<CpuAct<C, T>> {
+        Ok(match x {
+            CpuAct::Tensor(x) => CpuAct::Buffer(Buf::from_tensor(&x)),
+            buffer => buffer,
+        })
+    }
+
+    fn resume_grad<const C: usize>(&self, x: CpuAct<C, T>) -> Result<CpuAct<C, T>> {
+        Ok(match x {
+            CpuAct::Buffer(x) if T::OWNS_TAPE => {
+                CpuAct::Tensor(x.into_tensor(&Cpu::default())?.retaped::<T>())
+            }
+            other => other,
+        })
     }
 }
 
@@ -255,7 +282,7 @@ impl<const C: usize, T: Tape<f32, Cpu>> CpuAct<C, T> {
 
 /// Turns the output of a pass back into a tensor: the device and tape set aside when its
 /// input became a plain buffer ([`CpuAct::eval_input`]).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Restore<T>(Option<(Cpu, T)>);
 
 impl<T: Tape<f32, Cpu>> Restore<T> {

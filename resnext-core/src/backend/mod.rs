@@ -55,6 +55,9 @@ pub trait Backend {
         x: Self::Act<C>,
     ) -> Result<Self::Act<C>>;
 
+    /// Global average pooling: the `(batch, F)` embedding a head classifies.
+    fn avg_pool<const F: usize>(&self, x: Self::Act<F>) -> Result<Self::Logits<Const<F>>>;
+
     /// The head: global average pooling, then the fully connected layer `fc`.
     fn classify<const F: usize, O: Dim>(
         &self,
@@ -76,6 +79,18 @@ pub trait TrainBackend: Backend {
         relu: bool,
         residual: Option<Self::Act<O>>,
     ) -> Result<Self::Act<O>>;
+
+    /// `x` cut off from gradient recording: what follows runs as inference until
+    /// [`TrainBackend::resume_grad`] (a frozen first part of a network, which needs no
+    /// gradient). The default records as usual.
+    fn stop_grad<const C: usize>(&self, x: Self::Act<C>) -> Result<Self::Act<C>> {
+        Ok(x)
+    }
+
+    /// Gradient recording started again on `x`, the output of a frozen first part.
+    fn resume_grad<const C: usize>(&self, x: Self::Act<C>) -> Result<Self::Act<C>> {
+        Ok(x)
+    }
 }
 
 /// The identity of a parameter tensor, stable while the module holding it is neither

@@ -174,7 +174,7 @@ pub fn affine_forward(
 fn affine_plane(x: &[f32], m: f32, a: f32, b: f32, relu: bool, y: &mut [f32]) {
     if relu {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = ((v - m) * a + b).max(0.0);
+            *o = super::relu((v - m) * a + b);
         }
     } else {
         for (o, &v) in y.iter_mut().zip(x) {
@@ -212,7 +212,7 @@ pub fn affine_add_relu_forward(
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn affine_add_relu_plane(x: &[f32], m: f32, a: f32, b: f32, r: &[f32], y: &mut [f32]) {
     for ((o, &v), &u) in y.iter_mut().zip(x).zip(r) {
-        *o = ((v - m) * a + b + u).max(0.0);
+        *o = super::relu((v - m) * a + b + u);
     }
 }
 
@@ -527,7 +527,7 @@ pub fn bn_train_forward_ref(
                 let idx = (n * g.channels + c) * g.spatial + i;
                 let v = (x[idx] as f64 - mean[c]) / (var[c] + eps).sqrt() * gamma[c] as f64
                     + beta[c] as f64;
-                y[idx] = if relu { v.max(0.0) } else { v } as f32;
+                y[idx] = if relu && v < 0.0 { 0.0 } else { v } as f32;
             }
         }
     }

@@ -389,12 +389,12 @@ pub fn conv2d_forward_fused(
                 (Some(r), true) => plane
                     .iter_mut()
                     .zip(&r[c * ohw..(c + 1) * ohw])
-                    .for_each(|(v, &r)| *v = (*v * a + b + r).max(0.0)),
+                    .for_each(|(v, &r)| *v = super::relu(*v * a + b + r)),
                 (Some(r), false) => plane
                     .iter_mut()
                     .zip(&r[c * ohw..(c + 1) * ohw])
                     .for_each(|(v, &r)| *v = *v * a + b + r),
-                (None, true) => plane.iter_mut().for_each(|v| *v = (*v * a + b).max(0.0)),
+                (None, true) => plane.iter_mut().for_each(|v| *v = super::relu(*v * a + b)),
                 (None, false) => plane.iter_mut().for_each(|v| *v = *v * a + b),
             }
         }

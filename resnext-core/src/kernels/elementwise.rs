@@ -28,7 +28,7 @@ pub fn add_relu_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn add_relu_chunk(a: &[f32], b: &[f32], y: &mut [f32]) {
     for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
-        *o = (u + v).max(0.0);
+        *o = super::relu(u + v);
     }
 }
 

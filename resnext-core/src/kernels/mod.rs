@@ -15,3 +15,15 @@ pub mod lanes;
 pub mod pool;
 pub mod scratch;
 pub mod winograd;
+
+/// `max(v, 0)` that keeps NaN, as PyTorch's ReLU does, so a broken activation stays
+/// visible instead of turning into a confident zero. Written as `v < 0 ? 0 : v`, which
+/// compiles to a single `maxps` (where `f32::max` needs extra NaN handling).
+#[inline(always)]
+pub fn relu(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}

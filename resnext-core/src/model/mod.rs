@@ -12,4 +12,4 @@ pub use block::{Bottleneck, Downsample, Stage, StageMeta};
 pub use layer::Layer;
 pub use network::*;
 pub use registry::{Arch, BuildRuntime, Network, UnknownArch, MAX_CLASSES};
-pub use train_step::{train_step, TrainOutput};
+pub use train_step::{train_step, train_step_by, TrainOutput};

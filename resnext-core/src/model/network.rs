@@ -52,6 +52,101 @@ pub struct StemSpec {
     pub maxpool: bool,
 }
 
+/// The parts of a network held fixed while it trains: the stem, each stage, the head.
+/// A frozen part's batch norms run in eval mode (running statistics unchanged) and the
+/// optimiser leaves its parameters alone ([`Frozen::prefixes`]); frozen parts at the start
+/// of the network run as inference, without recording gradients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frozen {
+    /// `conv1` and `bn1`.
+    pub stem: bool,
+    /// `layer1` … `layer4` (the CIFAR networks have three).
+    pub stages: [bool; 4],
+    /// The classifier `fc`.
+    pub head: bool,
+}
+
+impl Frozen {
+    /// Nothing frozen.
+    pub const NONE: Frozen = Frozen {
+        stem: false,
+        stages: [false; 4],
+        head: false,
+    };
+
+    /// Everything but the head (linear probing).
+    pub const BACKBONE: Frozen = Frozen {
+        stem: true,
+        stages: [true; 4],
+        head: false,
+    };
+
+    /// The part names `--freeze` accepts.
+    pub const PARTS: [&'static str; 6] = ["stem", "layer1", "layer2", "layer3", "layer4", "head"];
+
+    /// The frozen set named by `parts` (`stem`, `layer1` … `layer4`, `head`).
+    pub fn parse<'a>(
+        parts: impl IntoIterator<Item = &'a str>,
+    ) -> std::result::Result<Self, String> {
+        let mut f = Frozen::NONE;
+        for p in parts {
+            match p.trim() {
+                "stem" => f.stem = true,
+                "head" => f.head = true,
+                "backbone" => {
+                    f.stem = true;
+                    f.stages = [true; 4];
+                }
+                s => match s
+                    .strip_prefix("layer")
+                    .and_then(|i| i.parse::<usize>().ok())
+                {
+                    Some(i @ 1..=4) => f.stages[i - 1] = true,
+                    _ => {
+                        return Err(format!(
+                            "unknown part `{s}`; valid: {}, backbone",
+                            Self::PARTS.join(", ")
+                        ))
+                    }
+                },
+            }
+        }
+        Ok(f)
+    }
+
+    /// Whether anything is frozen.
+    pub fn any(&self) -> bool {
+        *self != Frozen::NONE
+    }
+
+    /// The parameter-name prefixes of the frozen parts (`conv1.`, `bn1.`, `layer2.`,
+    /// `fc.`): what the optimiser skips.
+    pub fn prefixes(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.stem {
+            p.extend(["conv1.".to_string(), "bn1.".to_string()]);
+        }
+        for (i, &s) in self.stages.iter().enumerate() {
+            if s {
+                p.push(format!("layer{}.", i + 1));
+            }
+        }
+        if self.head {
+            p.push("fc.".into());
+        }
+        p
+    }
+
+    /// How many parts from the start (stem, then the stages) are frozen: they run without
+    /// recording gradients.
+    fn prefix(&self, stages: usize) -> usize {
+        if !self.stem {
+            return 0;
+        }
+        1 + self.stages[..stages].iter().take_while(|&&s| s).count()
+    }
+}
+
 /// ResNeXt in the ImageNet layout, exactly as torchvision's `ResNet` with
 /// `groups`/`width_per_group` builds it: 7×7 stride-2 stem conv (64 channels), BN, ReLU,
 /// 3×3 stride-2 max pool, four stages, global average pool, fully connected head.
@@ -182,11 +277,40 @@ network_parts! {
 /// The output of stage `L` on backend `B` for input `In`.
 type Out<B, L, In> = <L as Layer<B, In>>::Out;
 
-impl<const C: usize, L1, L2, L3, L4, const F: usize, O: Dim>
-    ResNeXt<C, L1, L2, L3, L4, Linear<F, O, f32, Cpu>, f32, Cpu>
-{
-    /// Eval-mode logits of `x` on backend `b`.
-    pub fn eval_on<B: Backend>(&self, b: &B, x: B::Act<C>) -> Result<B::Logits<O>>
+impl<const C: usize, L1, L2, L3, L4, H> ResNeXt<C, L1, L2, L3, L4, H, f32, Cpu> {
+    /// Eval-mode feature maps of `x` on backend `b`, as timm's `features_only` gives them:
+    /// the stem's (after its ReLU, before the max pool; stride 2) and each stage's
+    /// (strides 4, 8, 16 and 32). The head is not run. For ResNeXt-50 the maps have 64, 256,
+    /// 512, 1024 and 2048 channels, in the types.
+    pub fn features_on<
+        B: Backend,
+        const F1: usize,
+        const F2: usize,
+        const F3: usize,
+        const F4: usize,
+    >(
+        &self,
+        b: &B,
+        x: B::Act<C>,
+    ) -> Result<(B::Act<64>, B::Act<F1>, B::Act<F2>, B::Act<F3>, B::Act<F4>)>
+    where
+        L1: Layer<B, B::Act<64>, Out = B::Act<F1>>,
+        L2: Layer<B, B::Act<F1>, Out = B::Act<F2>>,
+        L3: Layer<B, B::Act<F2>, Out = B::Act<F3>>,
+        L4: Layer<B, B::Act<F3>, Out = B::Act<F4>>,
+    {
+        let stem = b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?;
+        let (stem, x) = b.fork(stem);
+        let x = b.max_pool::<64, 3, 2, 1>(x)?;
+        let (f1, x) = b.fork(self.layer1.eval_on(b, x)?);
+        let (f2, x) = b.fork(self.layer2.eval_on(b, x)?);
+        let (f3, x) = b.fork(self.layer3.eval_on(b, x)?);
+        let f4 = self.layer4.eval_on(b, x)?;
+        Ok((stem, f1, f2, f3, f4))
+    }
+
+    /// The last stage's eval-mode output.
+    fn trunk_on<B: Backend, const F: usize>(&self, b: &B, x: B::Act<C>) -> Result<B::Act<F>>
     where
         L1: Layer<B, B::Act<64>>,
         L2: Layer<B, Out<B, L1, B::Act<64>>>,
@@ -198,8 +322,65 @@ impl<const C: usize, L1, L2, L3, L4, const F: usize, O: Dim>
         let x = self.layer1.eval_on(b, x)?;
         let x = self.layer2.eval_on(b, x)?;
         let x = self.layer3.eval_on(b, x)?;
-        let x = self.layer4.eval_on(b, x)?;
-        b.classify(x, &self.fc)
+        self.layer4.eval_on(b, x)
+    }
+
+    /// The pooled embedding of `x` on backend `b` (eval mode): the globally averaged last
+    /// stage, `(batch, F)`, what the head classifies.
+    pub fn embed_on<B: Backend, const F: usize>(
+        &self,
+        b: &B,
+        x: B::Act<C>,
+    ) -> Result<B::Logits<Const<F>>>
+    where
+        L1: Layer<B, B::Act<64>>,
+        L2: Layer<B, Out<B, L1, B::Act<64>>>,
+        L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<64>>>>,
+        L4: Layer<B, Out<B, L3, Out<B, L2, Out<B, L1, B::Act<64>>>>, Out = B::Act<F>>,
+    {
+        b.avg_pool(self.trunk_on(b, x)?)
+    }
+}
+
+/// A stage in training mode, or in eval mode when frozen.
+fn stage<B: TrainBackend, L: Layer<B, In>, In>(
+    b: &B,
+    l: &mut L,
+    x: In,
+    frozen: bool,
+) -> Result<L::Out> {
+    if frozen {
+        l.eval_on(b, x)
+    } else {
+        l.train_on(b, x)
+    }
+}
+
+/// `x` with gradient recording resumed when `now` (the end of a frozen start).
+fn resume_after<B: TrainBackend, const K: usize>(
+    b: &B,
+    x: B::Act<K>,
+    now: bool,
+) -> Result<B::Act<K>> {
+    if now {
+        b.resume_grad(x)
+    } else {
+        Ok(x)
+    }
+}
+
+impl<const C: usize, L1, L2, L3, L4, const F: usize, O: Dim>
+    ResNeXt<C, L1, L2, L3, L4, Linear<F, O, f32, Cpu>, f32, Cpu>
+{
+    /// Eval-mode logits of `x` on backend `b`.
+    pub fn eval_on<B: Backend>(&self, b: &B, x: B::Act<C>) -> Result<B::Logits<O>>
+    where
+        L1: Layer<B, B::Act<64>>,
+        L2: Layer<B, Out<B, L1, B::Act<64>>>,
+        L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<64>>>>,
+        L4: Layer<B, Out<B, L3, Out<B, L2, Out<B, L1, B::Act<64>>>>, Out = B::Act<F>>,
+    {
+        b.classify(self.trunk_on(b, x)?, &self.fc)
     }
 
     /// Training-mode logits of `x` on backend `b` (batch statistics, running statistics
@@ -219,6 +400,91 @@ impl<const C: usize, L1, L2, L3, L4, const F: usize, O: Dim>
         let x = self.layer4.train_on(b, x)?;
         b.classify(x, &self.fc)
     }
+
+    /// [`ResNeXt::train_on`] with the parts in `frozen` held fixed (eval-mode batch norm;
+    /// a frozen start of the network records no gradients).
+    pub fn train_with<B: TrainBackend, const F1: usize, const F2: usize, const F3: usize>(
+        &mut self,
+        b: &B,
+        x: B::Act<C>,
+        frozen: Frozen,
+    ) -> Result<B::Logits<O>>
+    where
+        L1: Layer<B, B::Act<64>, Out = B::Act<F1>>,
+        L2: Layer<B, B::Act<F1>, Out = B::Act<F2>>,
+        L3: Layer<B, B::Act<F2>, Out = B::Act<F3>>,
+        L4: Layer<B, B::Act<F3>, Out = B::Act<F>>,
+    {
+        let prefix = frozen.prefix(4);
+        let x = if prefix > 0 { b.stop_grad(x)? } else { x };
+        let x = if frozen.stem {
+            b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?
+        } else {
+            b.conv_bn_train(x, &self.conv1, &mut self.bn1, true, None)?
+        };
+        let x = b.max_pool::<64, 3, 2, 1>(x)?;
+        let x = resume_after(b, x, prefix == 1)?;
+        let x = stage(b, &mut self.layer1, x, frozen.stages[0])?;
+        let x = resume_after(b, x, prefix == 2)?;
+        let x = stage(b, &mut self.layer2, x, frozen.stages[1])?;
+        let x = resume_after(b, x, prefix == 3)?;
+        let x = stage(b, &mut self.layer3, x, frozen.stages[2])?;
+        let x = resume_after(b, x, prefix == 4)?;
+        let x = stage(b, &mut self.layer4, x, frozen.stages[3])?;
+        let x = resume_after(b, x, prefix == 5)?;
+        b.classify(x, &self.fc)
+    }
+}
+
+impl<const C: usize, const STEM: usize, L1, L2, L3, H>
+    ResNeXtCifar<C, STEM, L1, L2, L3, H, f32, Cpu>
+{
+    /// Eval-mode feature maps of `x` on backend `b`: the stem's (after its ReLU) and each
+    /// stage's (strides 1, 1, 2 and 4). The head is not run.
+    pub fn features_on<B: Backend, const F1: usize, const F2: usize, const F3: usize>(
+        &self,
+        b: &B,
+        x: B::Act<C>,
+    ) -> Result<(B::Act<STEM>, B::Act<F1>, B::Act<F2>, B::Act<F3>)>
+    where
+        L1: Layer<B, B::Act<STEM>, Out = B::Act<F1>>,
+        L2: Layer<B, B::Act<F1>, Out = B::Act<F2>>,
+        L3: Layer<B, B::Act<F2>, Out = B::Act<F3>>,
+    {
+        let (stem, x) = b.fork(b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?);
+        let (f1, x) = b.fork(self.layer1.eval_on(b, x)?);
+        let (f2, x) = b.fork(self.layer2.eval_on(b, x)?);
+        let f3 = self.layer3.eval_on(b, x)?;
+        Ok((stem, f1, f2, f3))
+    }
+
+    /// The last stage's eval-mode output.
+    fn trunk_on<B: Backend, const F: usize>(&self, b: &B, x: B::Act<C>) -> Result<B::Act<F>>
+    where
+        L1: Layer<B, B::Act<STEM>>,
+        L2: Layer<B, Out<B, L1, B::Act<STEM>>>,
+        L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<STEM>>>, Out = B::Act<F>>,
+    {
+        let x = b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?;
+        let x = self.layer1.eval_on(b, x)?;
+        let x = self.layer2.eval_on(b, x)?;
+        self.layer3.eval_on(b, x)
+    }
+
+    /// The pooled embedding of `x` on backend `b` (eval mode): the globally averaged last
+    /// stage, `(batch, F)`, what the head classifies.
+    pub fn embed_on<B: Backend, const F: usize>(
+        &self,
+        b: &B,
+        x: B::Act<C>,
+    ) -> Result<B::Logits<Const<F>>>
+    where
+        L1: Layer<B, B::Act<STEM>>,
+        L2: Layer<B, Out<B, L1, B::Act<STEM>>>,
+        L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<STEM>>>, Out = B::Act<F>>,
+    {
+        b.avg_pool(self.trunk_on(b, x)?)
+    }
 }
 
 impl<const C: usize, const STEM: usize, L1, L2, L3, const F: usize, O: Dim>
@@ -231,11 +497,7 @@ impl<const C: usize, const STEM: usize, L1, L2, L3, const F: usize, O: Dim>
         L2: Layer<B, Out<B, L1, B::Act<STEM>>>,
         L3: Layer<B, Out<B, L2, Out<B, L1, B::Act<STEM>>>, Out = B::Act<F>>,
     {
-        let x = b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?;
-        let x = self.layer1.eval_on(b, x)?;
-        let x = self.layer2.eval_on(b, x)?;
-        let x = self.layer3.eval_on(b, x)?;
-        b.classify(x, &self.fc)
+        b.classify(self.trunk_on(b, x)?, &self.fc)
     }
 
     /// Training-mode logits of `x` on backend `b` (batch statistics, running statistics
@@ -251,6 +513,296 @@ impl<const C: usize, const STEM: usize, L1, L2, L3, const F: usize, O: Dim>
         let x = self.layer2.train_on(b, x)?;
         let x = self.layer3.train_on(b, x)?;
         b.classify(x, &self.fc)
+    }
+
+    /// [`ResNeXtCifar::train_on`] with the parts in `frozen` held fixed (eval-mode batch
+    /// norm; a frozen start of the network records no gradients). `frozen.stages[3]` is
+    /// ignored: this layout has three stages.
+    pub fn train_with<B: TrainBackend, const F1: usize, const F2: usize>(
+        &mut self,
+        b: &B,
+        x: B::Act<C>,
+        frozen: Frozen,
+    ) -> Result<B::Logits<O>>
+    where
+        L1: Layer<B, B::Act<STEM>, Out = B::Act<F1>>,
+        L2: Layer<B, B::Act<F1>, Out = B::Act<F2>>,
+        L3: Layer<B, B::Act<F2>, Out = B::Act<F>>,
+    {
+        let prefix = frozen.prefix(3);
+        let x = if prefix > 0 { b.stop_grad(x)? } else { x };
+        let x = if frozen.stem {
+            b.conv_bn_eval(x, &self.conv1, &self.bn1, true, None)?
+        } else {
+            b.conv_bn_train(x, &self.conv1, &mut self.bn1, true, None)?
+        };
+        let x = resume_after(b, x, prefix == 1)?;
+        let x = stage(b, &mut self.layer1, x, frozen.stages[0])?;
+        let x = resume_after(b, x, prefix == 2)?;
+        let x = stage(b, &mut self.layer2, x, frozen.stages[1])?;
+        let x = resume_after(b, x, prefix == 3)?;
+        let x = stage(b, &mut self.layer3, x, frozen.stages[2])?;
+        let x = resume_after(b, x, prefix == 4)?;
+        b.classify(x, &self.fc)
+    }
+}
+
+/// One feature map on the CPU, named as its part of the network: what
+/// [`Features::feature_maps`] returns for a network whatever its stage widths.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureMap {
+    /// `stem`, `layer1`, …
+    pub name: &'static str,
+    /// `[n, c, h, w]`.
+    pub shape: [usize; 4],
+    /// The values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl FeatureMap {
+    fn of<const K: usize>(name: &'static str, x: Act<K>) -> Self {
+        let &(n, _, h, w) = x.shape();
+        FeatureMap {
+            name,
+            shape: [n, K, h, w],
+            data: x.as_vec(),
+        }
+    }
+}
+
+/// Feature extraction on the CPU (eval mode, no tape) for a network whose stage widths are
+/// not spelled out: what [`Network`](super::Network) and the programs use. The typed
+/// equivalents are the networks' `features` and `embed`.
+pub trait Features<const C: usize> {
+    /// Width of the pooled embedding (the head's input).
+    fn embed_dim(&self) -> usize;
+    /// The stem's and each stage's feature map of `x`.
+    fn feature_maps(&self, x: Act<C>) -> Result<Vec<FeatureMap>>;
+    /// The pooled embeddings of `x`, `(batch, embed_dim)` row-major.
+    fn embed_rows(&self, x: Act<C>) -> Result<Vec<f32>>;
+}
+
+/// A training-mode forward pass with frozen parts on the CPU, for a network whose stage
+/// widths are not spelled out ([`ResNeXt::train_with`] / [`ResNeXtCifar::train_with`] on
+/// [`CpuBackend`] with a tape): what [`Network`](super::Network) trains with.
+pub trait TrainFrozen<const C: usize, O: Dim> {
+    /// Training-mode logits of `x`, the parts in `frozen` held fixed.
+    fn forward_frozen(&mut self, x: Act<C, Taped>, frozen: Frozen) -> Result<Mat<O, Taped>>;
+}
+
+/// The tape of a training step.
+type Taped = OwnedTape<f32, Cpu>;
+/// An activation of the CPU backend with a tape.
+type TapedAct<const K: usize> = CpuAct<K, Taped>;
+
+impl<
+        const C: usize,
+        L1,
+        L2,
+        L3,
+        L4,
+        const F: usize,
+        O: Dim,
+        const F1: usize,
+        const F2: usize,
+        const F3: usize,
+    > TrainFrozen<C, O> for ResNeXt<C, L1, L2, L3, L4, Linear<F, O, f32, Cpu>, f32, Cpu>
+where
+    L1: Layer<CpuBackend<Taped>, TapedAct<64>, Out = TapedAct<F1>>,
+    L2: Layer<CpuBackend<Taped>, TapedAct<F1>, Out = TapedAct<F2>>,
+    L3: Layer<CpuBackend<Taped>, TapedAct<F2>, Out = TapedAct<F3>>,
+    L4: Layer<CpuBackend<Taped>, TapedAct<F3>, Out = TapedAct<F>>,
+{
+    fn forward_frozen(&mut self, x: Act<C, Taped>, frozen: Frozen) -> Result<Mat<O, Taped>> {
+        let (x, back) = CpuAct::train_input(x);
+        back.logits(self.train_with(&CpuBackend::new(), x, frozen)?)
+    }
+}
+
+impl<
+        const C: usize,
+        const STEM: usize,
+        L1,
+        L2,
+        L3,
+        const F: usize,
+        O: Dim,
+        const F1: usize,
+        const F2: usize,
+    > TrainFrozen<C, O> for ResNeXtCifar<C, STEM, L1, L2, L3, Linear<F, O, f32, Cpu>, f32, Cpu>
+where
+    L1: Layer<CpuBackend<Taped>, TapedAct<STEM>, Out = TapedAct<F1>>,
+    L2: Layer<CpuBackend<Taped>, TapedAct<F1>, Out = TapedAct<F2>>,
+    L3: Layer<CpuBackend<Taped>, TapedAct<F2>, Out = TapedAct<F>>,
+{
+    fn forward_frozen(&mut self, x: Act<C, Taped>, frozen: Frozen) -> Result<Mat<O, Taped>> {
+        let (x, back) = CpuAct::train_input(x);
+        back.logits(self.train_with(&CpuBackend::new(), x, frozen)?)
+    }
+}
+
+/// The CPU backend without a tape: inference on plain buffers.
+type Infer = CpuBackend<NoneTape>;
+/// An activation of [`Infer`].
+type InferAct<const K: usize> = CpuAct<K, NoneTape>;
+
+impl<const C: usize, L1, L2, L3, L4, H> ResNeXt<C, L1, L2, L3, L4, H, f32, Cpu> {
+    /// Eval-mode feature maps of `x` on the CPU ([`ResNeXt::features_on`]): stem and four
+    /// stages, typed.
+    ///
+    /// ```
+    /// use dfdx::prelude::*;
+    /// use resnext_core::builders::ResNeXt50_32x4d;
+    /// let dev = Cpu::default();
+    /// let net = dev.build_module::<ResNeXt50_32x4d<10>, f32>();
+    /// let x: Tensor<(usize, Const<3>, usize, usize), f32, Cpu> = dev.zeros_like(&(1, Const, 64, 64));
+    /// let (stem, c2, c3, c4, c5) = net.features(x)?;
+    /// assert_eq!(stem.shape().1, Const::<64>);
+    /// assert_eq!((c2.shape().2, c5.shape().2), (16, 2));
+    /// let _: Tensor<(usize, Const<2048>, usize, usize), f32, Cpu> = c5;
+    /// let _ = (c3, c4);
+    /// # Ok::<(), resnext_core::Error>(())
+    /// ```
+    pub fn features<const F1: usize, const F2: usize, const F3: usize, const F4: usize>(
+        &self,
+        x: Act<C>,
+    ) -> Result<(Act<64>, Act<F1>, Act<F2>, Act<F3>, Act<F4>)>
+    where
+        L1: Layer<Infer, InferAct<64>, Out = InferAct<F1>>,
+        L2: Layer<Infer, InferAct<F1>, Out = InferAct<F2>>,
+        L3: Layer<Infer, InferAct<F2>, Out = InferAct<F3>>,
+        L4: Layer<Infer, InferAct<F3>, Out = InferAct<F4>>,
+    {
+        let (x, back) = CpuAct::eval_input(x);
+        let (f0, f1, f2, f3, f4) = self.features_on(&Infer::new(), x)?;
+        Ok((
+            back.clone().act(f0)?,
+            back.clone().act(f1)?,
+            back.clone().act(f2)?,
+            back.clone().act(f3)?,
+            back.act(f4)?,
+        ))
+    }
+
+    /// The pooled embedding of `x` on the CPU (eval mode), `(batch, F)`: the head's input.
+    pub fn embed<const F: usize>(&self, x: Act<C>) -> Result<Mat<Const<F>>>
+    where
+        L1: Layer<Infer, InferAct<64>>,
+        L2: Layer<Infer, Out<Infer, L1, InferAct<64>>>,
+        L3: Layer<Infer, Out<Infer, L2, Out<Infer, L1, InferAct<64>>>>,
+        L4: Layer<
+            Infer,
+            Out<Infer, L3, Out<Infer, L2, Out<Infer, L1, InferAct<64>>>>,
+            Out = InferAct<F>,
+        >,
+    {
+        let (x, back) = CpuAct::eval_input(x);
+        back.logits(self.embed_on(&Infer::new(), x)?)
+    }
+}
+
+impl<
+        const C: usize,
+        L1,
+        L2,
+        L3,
+        L4,
+        H,
+        const F1: usize,
+        const F2: usize,
+        const F3: usize,
+        const F4: usize,
+    > Features<C> for ResNeXt<C, L1, L2, L3, L4, H, f32, Cpu>
+where
+    L1: Layer<Infer, InferAct<64>, Out = InferAct<F1>>,
+    L2: Layer<Infer, InferAct<F1>, Out = InferAct<F2>>,
+    L3: Layer<Infer, InferAct<F2>, Out = InferAct<F3>>,
+    L4: Layer<Infer, InferAct<F3>, Out = InferAct<F4>>,
+{
+    fn embed_dim(&self) -> usize {
+        F4
+    }
+    fn feature_maps(&self, x: Act<C>) -> Result<Vec<FeatureMap>> {
+        let (f0, f1, f2, f3, f4) = self.features(x)?;
+        Ok(vec![
+            FeatureMap::of("stem", f0),
+            FeatureMap::of("layer1", f1),
+            FeatureMap::of("layer2", f2),
+            FeatureMap::of("layer3", f3),
+            FeatureMap::of("layer4", f4),
+        ])
+    }
+    fn embed_rows(&self, x: Act<C>) -> Result<Vec<f32>> {
+        Ok(self.embed::<F4>(x)?.as_vec())
+    }
+}
+
+impl<const C: usize, const STEM: usize, L1, L2, L3, H>
+    ResNeXtCifar<C, STEM, L1, L2, L3, H, f32, Cpu>
+{
+    /// Eval-mode feature maps of `x` on the CPU ([`ResNeXtCifar::features_on`]): stem and
+    /// three stages, typed.
+    pub fn features<const F1: usize, const F2: usize, const F3: usize>(
+        &self,
+        x: Act<C>,
+    ) -> Result<(Act<STEM>, Act<F1>, Act<F2>, Act<F3>)>
+    where
+        L1: Layer<Infer, InferAct<STEM>, Out = InferAct<F1>>,
+        L2: Layer<Infer, InferAct<F1>, Out = InferAct<F2>>,
+        L3: Layer<Infer, InferAct<F2>, Out = InferAct<F3>>,
+    {
+        let (x, back) = CpuAct::eval_input(x);
+        let (f0, f1, f2, f3) = self.features_on(&Infer::new(), x)?;
+        Ok((
+            back.clone().act(f0)?,
+            back.clone().act(f1)?,
+            back.clone().act(f2)?,
+            back.act(f3)?,
+        ))
+    }
+
+    /// The pooled embedding of `x` on the CPU (eval mode), `(batch, F)`: the head's input.
+    pub fn embed<const F: usize>(&self, x: Act<C>) -> Result<Mat<Const<F>>>
+    where
+        L1: Layer<Infer, InferAct<STEM>>,
+        L2: Layer<Infer, Out<Infer, L1, InferAct<STEM>>>,
+        L3: Layer<Infer, Out<Infer, L2, Out<Infer, L1, InferAct<STEM>>>, Out = InferAct<F>>,
+    {
+        let (x, back) = CpuAct::eval_input(x);
+        back.logits(self.embed_on(&Infer::new(), x)?)
+    }
+}
+
+impl<
+        const C: usize,
+        const STEM: usize,
+        L1,
+        L2,
+        L3,
+        H,
+        const F1: usize,
+        const F2: usize,
+        const F3: usize,
+    > Features<C> for ResNeXtCifar<C, STEM, L1, L2, L3, H, f32, Cpu>
+where
+    L1: Layer<Infer, InferAct<STEM>, Out = InferAct<F1>>,
+    L2: Layer<Infer, InferAct<F1>, Out = InferAct<F2>>,
+    L3: Layer<Infer, InferAct<F2>, Out = InferAct<F3>>,
+{
+    fn embed_dim(&self) -> usize {
+        F3
+    }
+    fn feature_maps(&self, x: Act<C>) -> Result<Vec<FeatureMap>> {
+        let (f0, f1, f2, f3) = self.features(x)?;
+        Ok(vec![
+            FeatureMap::of("stem", f0),
+            FeatureMap::of("layer1", f1),
+            FeatureMap::of("layer2", f2),
+            FeatureMap::of("layer3", f3),
+        ])
+    }
+    fn embed_rows(&self, x: Act<C>) -> Result<Vec<f32>> {
+        Ok(self.embed::<F3>(x)?.as_vec())
     }
 }
 

@@ -10,8 +10,10 @@ use std::path::Path;
 
 use dfdx::prelude::*;
 
-use super::train_step::{train_step, TrainOutput};
-use super::{LayerSummary, ResNeXt, ResNeXtCifar, StageMeta};
+use super::train_step::{train_step, train_step_by, TrainOutput};
+use super::{
+    FeatureMap, Features, Frozen, LayerSummary, ResNeXt, ResNeXtCifar, StageMeta, TrainFrozen,
+};
 use crate::builders as b;
 use crate::error::{shape_err, Error, Result};
 use crate::nn;
@@ -34,13 +36,33 @@ pub trait Network {
     fn summary(&self, h: usize, w: usize) -> Vec<LayerSummary>;
     /// Eval-mode logits `(n, classes)` (row-major) of an `(n, C, h, w)` batch.
     fn forward_eval(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<f32>>;
+    /// Width of the pooled embedding (the classifier's input).
+    fn embed_dim(&self) -> usize;
+    /// Eval-mode pooled embeddings `(n, embed_dim)` (row-major) of an `(n, C, h, w)` batch.
+    fn embed(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<f32>>;
+    /// Eval-mode feature maps (stem, then each stage) of an `(n, C, h, w)` batch.
+    fn feature_maps(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<FeatureMap>>;
     /// Loads torchvision-named safetensors weights (all or nothing).
     fn load_safetensors(&mut self, path: &Path) -> Result<(), WeightsError>;
+    /// Loads torchvision-named safetensors weights under `mode` (all or nothing), saying
+    /// which tensors were loaded and which kept ([`weights::load_with`]).
+    fn load_safetensors_with(
+        &mut self,
+        path: &Path,
+        mode: weights::LoadMode,
+    ) -> Result<weights::LoadReport, WeightsError>;
     /// Saves torchvision-named safetensors weights atomically.
     fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError>;
     /// Loads `opt`'s momentum buffers from `path`, checked against this network
     /// ([`Sgd::load_state_for`]).
     fn load_optimizer_state(&self, opt: &mut Sgd, path: &Path) -> Result<(), WeightsError>;
+    /// Holds the parts in `frozen` fixed in [`Network::train_step`]: eval-mode batch norm,
+    /// no gradients for a frozen start. (The optimiser's groups must skip their
+    /// parameters too: [`Frozen::prefixes`].)
+    fn set_frozen(&mut self, frozen: Frozen);
+    /// Sets the last batch norm's γ of every block to zero, so each block starts as the
+    /// identity (torchvision's `zero_init_residual`).
+    fn zero_init_residual(&mut self);
     /// One training step on an `(n, C, h, w)` batch: training-mode forward (batch
     /// statistics), cross-entropy with `label_smoothing`, backward, and an SGD update.
     /// A non-finite loss is an error and leaves the weights as they were.
@@ -59,6 +81,33 @@ struct Named<M> {
     net: M,
     /// Folded inference weights; cleared whenever `net` changes.
     folded: std::sync::Arc<crate::ops::FoldCache>,
+    /// Parts held fixed in training.
+    frozen: Frozen,
+}
+
+/// An `(n, C, h, w)` batch as a tensor on the device of `like`, checked against `C`.
+fn input<const C: usize>(
+    like: &Tensor<impl Shape, f32, Cpu>,
+    arch: Arch,
+    x: Vec<f32>,
+    shape: [usize; 4],
+) -> Result<Act<C>> {
+    let [n, c, h, w] = shape;
+    if c != C {
+        return Err(shape_err(
+            "forward",
+            format!("{arch} expects {C} input channels, got input of shape {shape:?}"),
+        ));
+    }
+    if x.len() != n * c * h * w {
+        return Err(shape_err(
+            "forward",
+            format!("{} values do not fill shape {shape:?}", x.len()),
+        ));
+    }
+    Ok(like
+        .device()
+        .try_tensor_from_vec(x, (n, Const::<C>, h, w))?)
 }
 
 macro_rules! impl_network {
@@ -66,7 +115,9 @@ macro_rules! impl_network {
         impl<const C: usize, $(const $cp: usize,)* const F: usize, $($L,)+> Network for Named<$ty<C, $($cp,)* $($L,)+ nn::Linear<F, usize, f32, Cpu>, f32, Cpu>>
         where
             $ty<C, $($cp,)* $($L,)+ nn::Linear<F, usize, f32, Cpu>, f32, Cpu>: Module<Act<C>, Output = Tensor<(usize, usize), f32, Cpu>, Error = Error>
-                + ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>, Error = Error>,
+                + ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>, Error = Error>
+                + Features<C>
+                + TrainFrozen<C, usize>,
             $($L: TensorCollection<f32, Cpu> + StageMeta,)+
         {
             fn arch(&self) -> Arch {
@@ -85,20 +136,27 @@ macro_rules! impl_network {
                 self.net.summary(h, w)
             }
             fn forward_eval(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<f32>> {
-                let [n, c, h, w] = shape;
-                if c != C {
-                    return Err(shape_err("forward", format!("{} expects {C} input channels, got input of shape {shape:?}", self.arch)));
-                }
-                if x.len() != n * c * h * w {
-                    return Err(shape_err("forward", format!("{} values do not fill shape {shape:?}", x.len())));
-                }
-                let dev = self.net.conv1.weight.device().clone();
-                let x: Act<C> = dev.try_tensor_from_vec(x, (n, Const::<C>, h, w))?;
+                let x = input::<C>(&self.net.conv1.weight, self.arch, x, shape)?;
                 crate::ops::with_fold_cache(&self.folded, || Ok(self.net.try_forward(x)?.as_vec()))
+            }
+            fn embed_dim(&self) -> usize {
+                self.net.embed_dim()
+            }
+            fn embed(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<f32>> {
+                let x = input::<C>(&self.net.conv1.weight, self.arch, x, shape)?;
+                crate::ops::with_fold_cache(&self.folded, || self.net.embed_rows(x))
+            }
+            fn feature_maps(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<FeatureMap>> {
+                let x = input::<C>(&self.net.conv1.weight, self.arch, x, shape)?;
+                crate::ops::with_fold_cache(&self.folded, || self.net.feature_maps(x))
             }
             fn load_safetensors(&mut self, path: &Path) -> Result<(), WeightsError> {
                 self.folded.clear();
                 weights::load_safetensors(&mut self.net, path)
+            }
+            fn load_safetensors_with(&mut self, path: &Path, mode: weights::LoadMode) -> Result<weights::LoadReport, WeightsError> {
+                self.folded.clear();
+                weights::load_safetensors_with(&mut self.net, path, mode)
             }
             fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError> {
                 weights::save_safetensors(&self.net, path)
@@ -114,7 +172,18 @@ macro_rules! impl_network {
                 self.folded.clear();
                 let dev = self.net.conv1.weight.device().clone();
                 let x: Act<C> = dev.try_tensor_from_vec(x, (n, Const::<C>, h, w))?;
-                train_step(&mut self.net, x, targets, label_smoothing, opt)
+                if !self.frozen.any() {
+                    return train_step(&mut self.net, x, targets, label_smoothing, opt);
+                }
+                let frozen = self.frozen;
+                train_step_by(&mut self.net, x, targets, label_smoothing, opt, |net, x| net.forward_frozen(x, frozen))
+            }
+            fn set_frozen(&mut self, frozen: Frozen) {
+                self.frozen = frozen;
+            }
+            fn zero_init_residual(&mut self) {
+                self.folded.clear();
+                let Ok(()) = self.net.visit_params_mut("", &mut ZeroLastGamma);
             }
         }
     };
@@ -122,6 +191,24 @@ macro_rules! impl_network {
 
 impl_network!(ResNeXt<> [L1, L2, L3, L4]);
 impl_network!(ResNeXtCifar<const STEM> [L1, L2, L3]);
+
+/// Zeroes `*.bn3.weight`: the last batch norm of each bottleneck block.
+struct ZeroLastGamma;
+
+impl crate::params::ParamVisitorMut for ZeroLastGamma {
+    type Error = std::convert::Infallible;
+    fn tensor<S: Shape>(
+        &mut self,
+        name: &str,
+        t: &mut Tensor<S, f32, Cpu>,
+        _: crate::params::ParamKind,
+    ) -> std::result::Result<(), Self::Error> {
+        if name.ends_with(".bn3.weight") {
+            t.fill_with_zeros();
+        }
+        Ok(())
+    }
+}
 
 /// Builds a preset with a runtime class count.
 pub trait BuildRuntime {
@@ -228,8 +315,8 @@ macro_rules! archs {
                 }
                 match (self, in_channels) {
                     $(
-                        (Arch::$variant, 1) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 1> as BuildRuntime>::build_runtime(dev, classes)?, folded: Default::default() })),
-                        (Arch::$variant, 3) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 3> as BuildRuntime>::build_runtime(dev, classes)?, folded: Default::default() })),
+                        (Arch::$variant, 1) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 1> as BuildRuntime>::build_runtime(dev, classes)?, folded: Default::default(), frozen: Frozen::NONE })),
+                        (Arch::$variant, 3) => Ok(Box::new(Named { arch: self, net: <b::$builder<1, 3> as BuildRuntime>::build_runtime(dev, classes)?, folded: Default::default(), frozen: Frozen::NONE })),
                     )+
                     (_, c) => Err(shape_err("build", format!("{c} input channels: the named networks take 1 or 3 (use the typed API for others)"))),
                 }

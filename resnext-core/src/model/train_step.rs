@@ -31,7 +31,22 @@ where
     M: ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Mat<O, OwnedTape<f32, Cpu>>, Error = Error>
         + Params,
 {
-    let logits = net.try_forward_mut(x.trace(Gradients::leaky()))?;
+    train_step_by(net, x, targets, label_smoothing, opt, |net, x| {
+        net.try_forward_mut(x)
+    })
+}
+
+/// [`train_step`] with the training-mode forward pass given: e.g. one with frozen parts
+/// ([`super::TrainFrozen`]).
+pub fn train_step_by<const C: usize, O: Dim, M: Params>(
+    net: &mut M,
+    x: Act<C>,
+    targets: &[usize],
+    label_smoothing: f32,
+    opt: &mut Sgd,
+    forward: impl FnOnce(&mut M, Act<C, OwnedTape<f32, Cpu>>) -> Result<Mat<O, OwnedTape<f32, Cpu>>>,
+) -> Result<TrainOutput> {
+    let logits = forward(net, x.trace(Gradients::leaky()))?;
     let values = logits.as_vec();
     let loss = ops::cross_entropy(logits, targets, label_smoothing)?;
     let value = loss.array();
