@@ -145,6 +145,28 @@ pub fn read(path: impl AsRef<Path>) -> Result<Array, NpyError> {
     parse(&resnext_fs::read_at_most(path, MAX_FILE_BYTES)?, path)
 }
 
+/// The `.npy` (version 1.0) header for `descr` and `shape`, padded so that the data starts
+/// at a multiple of 64 bytes.
+fn header(descr: &str, shape: &[usize], values: usize, elem: usize) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_txt = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + values * elem);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[1, 0]);
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out
+}
+
 /// Encodes a `float32` array as `.npy` (version 1.0) bytes.
 pub fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
     assert_eq!(
@@ -152,22 +174,16 @@ pub fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
         data.len(),
         "npy: shape does not match data length"
     );
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    // pad so that the data starts at a multiple of 64 bytes, header ends with '\n'
-    let total = 10 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - total % 64) % 64));
-    header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[1, 0]);
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
+    let mut out = header("<f4", shape, data.len(), 4);
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Encodes a one-dimensional `int64` array (labels, indices) as `.npy` (version 1.0) bytes.
+pub fn encode_i64(data: &[i64]) -> Vec<u8> {
+    let mut out = header("<i8", &[data.len()], data.len(), 8);
     for v in data {
         out.extend_from_slice(&v.to_le_bytes());
     }
@@ -179,6 +195,11 @@ pub fn write(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<()
     let path = path.as_ref();
     let bytes = encode(shape, data);
     Ok(resnext_fs::write(path, &bytes)?)
+}
+
+/// Writes a one-dimensional `int64` array atomically, as [`write`] does.
+pub fn write_i64(path: impl AsRef<Path>, data: &[i64]) -> Result<(), NpyError> {
+    Ok(resnext_fs::write(path.as_ref(), &encode_i64(data))?)
 }
 
 #[cfg(test)]

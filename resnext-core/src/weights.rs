@@ -193,6 +193,9 @@ pub enum LoadMode {
     /// initialised. What fine-tuning on a new class count needs; another architecture or
     /// input-channel count is still an error.
     NewHead,
+    /// As [`LoadMode::NewHead`], and the classifier is kept as initialised even when the
+    /// file's fits: the backbone only (new classes, as many as the old ones).
+    Backbone,
     /// PyTorch's `strict=False`, and more: every tensor that is missing from the file or has
     /// another shape there is kept as initialised, and tensors the model does not have are
     /// ignored. Only when asked for: a load that fits nothing "succeeds".
@@ -246,6 +249,9 @@ impl Check<'_> {
     fn may_keep(&mut self, name: &str, e: WeightsError) -> Result<(), WeightsError> {
         let head = name == "fc.weight" || name == "fc.bias";
         let keep = match self.mode {
+            LoadMode::Backbone => {
+                head && !matches!(e, WeightsError::Value { .. } | WeightsError::Dtype { .. })
+            }
             LoadMode::Strict => false,
             LoadMode::NewHead => {
                 head && !matches!(e, WeightsError::Value { .. } | WeightsError::Dtype { .. })
@@ -278,6 +284,15 @@ impl ParamVisitor for Check<'_> {
         _: ParamKind,
     ) -> Result<(), WeightsError> {
         let expected = shape_of(t);
+        let head = name == "fc.weight" || name == "fc.bias";
+        if head && self.mode == LoadMode::Backbone {
+            if self.st.tensor(name).is_ok() {
+                self.seen.insert(name.to_string());
+            }
+            self.kept
+                .push((name.to_string(), "the head is reset".into()));
+            return Ok(());
+        }
         let Ok(view) = self.st.tensor(name) else {
             let e = WeightsError::Missing {
                 path: self.path.into(),

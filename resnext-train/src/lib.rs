@@ -4,6 +4,7 @@
 
 pub mod curves;
 pub mod data;
+pub mod embed;
 pub mod eval;
 pub mod info;
 pub mod predict;

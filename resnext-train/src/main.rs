@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use resnext_train::{eval, info, predict, train};
+use resnext_train::{embed, eval, info, predict, train};
 
 /// Train, evaluate, inspect and run ResNeXt models (Xie et al. 2017) on the CPU.
 /// Without a subcommand, trains the default model on the embedded digits dataset.
@@ -27,6 +27,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Eval-mode forward of an `(N, C, H, W)` float32 .npy batch with saved weights.
     Predict(predict::PredictArgs),
+    /// Pooled features (the classifier's input) of a dataset split, images or a .npy batch.
+    Embed(embed::EmbedArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         Some(Command::Eval(a)) => eval::run(a),
         Some(Command::Info(a)) => info::run(a),
         Some(Command::Predict(a)) => predict::run(a),
+        Some(Command::Embed(a)) => embed::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

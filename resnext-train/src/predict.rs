@@ -149,54 +149,81 @@ fn load_images(
     Ok((data, [paths.len(), channels, size, size]))
 }
 
+/// The class count (rows of `fc.weight`) and input channels (`conv1.weight`'s second dim)
+/// of a weights file, read from its header.
+pub(crate) fn weights_shape(weights: &Path) -> Result<(usize, usize)> {
+    let tensors = resnext_core::weights::inspect(weights)?;
+    match (tensors.get("fc.weight"), tensors.get("conv1.weight")) {
+        (Some((_, fc)), Some((_, c1))) if fc.len() == 2 && c1.len() == 4 => Ok((fc[0], c1[1])),
+        _ => bail!(
+            "`{}` has no 2-D `fc.weight` and 4-D `conv1.weight`: not ResNeXt weights",
+            weights.display()
+        ),
+    }
+}
+
+/// Reads an `(N, C, H, W)` float32 `.npy` batch whose `C` is `in_channels`.
+pub(crate) fn read_batch(npy: &Path, in_channels: usize) -> Result<(Vec<f32>, [usize; 4])> {
+    let input = datasets::npy::read(npy)?;
+    let shape: [usize; 4] = input.shape.as_slice().try_into().map_err(|_| {
+        anyhow!(
+            "`{}` has shape {:?}; expected 4 dims (N, C, H, W)",
+            npy.display(),
+            input.shape
+        )
+    })?;
+    if shape[1] != in_channels {
+        bail!(
+            "`{}` has {} channels (shape {:?}) but the weights expect {in_channels}",
+            npy.display(),
+            shape[1],
+            shape
+        );
+    }
+    if shape[0] == 0 {
+        bail!(
+            "`{}`: the input batch is empty (shape {shape:?})",
+            npy.display()
+        );
+    }
+    Ok((input.data, shape))
+}
+
+/// Loads image files preprocessed as the weights' training run did (or as the
+/// architecture's evaluation does when the weights are not in a run folder).
+pub(crate) fn load_images_for(
+    images: &[PathBuf],
+    weights: &Path,
+    in_channels: usize,
+    arch: Arch,
+    image_size: Option<usize>,
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let (mean, std, size, imagenet) = preprocessing(run_dataset(weights), in_channels, arch);
+    load_images(
+        images,
+        in_channels,
+        mean,
+        std,
+        image_size.unwrap_or(size),
+        imagenet,
+    )
+}
+
 /// Runs the eval-mode forward and prints the top-k classes per input.
 pub fn run(a: PredictArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
     crate::data::check_image_size(a.image_size)?;
-    let tensors = resnext_core::weights::inspect(&a.weights)?;
-    let (classes, in_channels) = match (tensors.get("fc.weight"), tensors.get("conv1.weight")) {
-        (Some((_, fc)), Some((_, c1))) if fc.len() == 2 && c1.len() == 4 => (fc[0], c1[1]),
-        _ => bail!(
-            "`{}` has no 2-D `fc.weight` and 4-D `conv1.weight`: not ResNeXt weights",
-            a.weights.display()
-        ),
-    };
+    let (classes, in_channels) = weights_shape(&a.weights)?;
     let dataset = run_dataset(&a.weights);
     let (labels, data, shape): (Vec<String>, Vec<f32>, [usize; 4]) =
         match (&a.npy_input, a.images.is_empty()) {
             (Some(npy), _) => {
-                let input = datasets::npy::read(npy)?;
-                let shape: [usize; 4] = input.shape.as_slice().try_into().map_err(|_| {
-                    anyhow!(
-                        "`{}` has shape {:?}; expected 4 dims (N, C, H, W)",
-                        npy.display(),
-                        input.shape
-                    )
-                })?;
-                if shape[1] != in_channels {
-                    bail!(
-                        "`{}` has {} channels (shape {:?}) but the weights expect {in_channels}",
-                        npy.display(),
-                        shape[1],
-                        shape
-                    );
-                }
-                (
-                    (0..shape[0]).map(|i| i.to_string()).collect(),
-                    input.data,
-                    shape,
-                )
+                let (data, shape) = read_batch(npy, in_channels)?;
+                ((0..shape[0]).map(|i| i.to_string()).collect(), data, shape)
             }
             (None, false) => {
-                let (mean, std, size, imagenet) = preprocessing(dataset, in_channels, arch);
-                let (data, shape) = load_images(
-                    &a.images,
-                    in_channels,
-                    mean,
-                    std,
-                    a.image_size.unwrap_or(size),
-                    imagenet,
-                )?;
+                let (data, shape) =
+                    load_images_for(&a.images, &a.weights, in_channels, arch, a.image_size)?;
                 (
                     a.images.iter().map(|p| p.display().to_string()).collect(),
                     data,

@@ -12,8 +12,9 @@ use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use datasets::loader::{Loader, LoaderConfig};
 use dfdx::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
-use resnext_core::model::{Arch, Network};
-use resnext_core::optim::{Schedule, Sgd, SgdConfig};
+use resnext_core::model::{Arch, Frozen, Network};
+use resnext_core::optim::{ParamGroup, Schedule, Sgd, SgdConfig};
+use resnext_core::weights::LoadMode;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset};
@@ -74,6 +75,42 @@ pub struct TrainArgs {
     /// Compute threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Start from these weights (a torchvision file or one of our runs' `.safetensors`):
+    /// everything but a classifier of another class count is loaded, the classifier is
+    /// re-initialised; what was loaded and what not is printed.
+    #[arg(long, value_name = "FILE")]
+    pub init_weights: Option<PathBuf>,
+    /// With --init-weights: re-initialise the classifier even when the file's has the same
+    /// class count (new classes that happen to be as many as the old ones).
+    #[arg(long, requires = "init_weights")]
+    #[serde(default)]
+    pub reset_head: bool,
+    /// Parts held fixed: comma-separated from stem, layer1 … layer4, head, backbone
+    /// (their batch norms stay in eval mode and their parameters unchanged).
+    #[arg(long, value_name = "PARTS", value_delimiter = ',')]
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// Freeze everything but the classifier (linear probing; the same as --freeze backbone).
+    #[arg(long)]
+    #[serde(default)]
+    pub freeze_backbone: bool,
+    /// Learning-rate multiplier of the stem and the stages (the classifier keeps --lr).
+    #[arg(long, default_value_t = 1.0)]
+    #[serde(default = "one")]
+    pub backbone_lr_scale: f32,
+    /// Start each block's last batch norm at γ = 0, so every block starts as its shortcut.
+    #[arg(long)]
+    #[serde(default)]
+    pub zero_init_residual: bool,
+    /// Train and test on these classes only, relabelled in the order given
+    /// (comma-separated indices or ranges: `5-9`, `0,2,4`).
+    #[arg(long, value_name = "LIST")]
+    #[serde(default)]
+    pub class_subset: Option<String>,
+    /// At most this many training images per class (the first ones): few-shot fine-tuning.
+    #[arg(long, value_name = "N")]
+    #[serde(default)]
+    pub train_per_class: Option<usize>,
     /// Run folder [default: runs/<arch>-<dataset>-<unix time>].
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -93,6 +130,33 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// Parses `--class-subset`: comma-separated indices and inclusive ranges (`5-9`).
+pub fn parse_class_list(list: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        let num = |t: &str| -> Result<usize> {
+            t.trim()
+                .parse()
+                .map_err(|_| anyhow!("--class-subset `{list}`: `{t}` is not a class index"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b || b - a >= 100_000 {
+                    bail!("--class-subset `{list}`: range `{part}` is empty or too long");
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    Ok(out)
 }
 
 /// The most compute threads `--threads` accepts.
@@ -157,10 +221,55 @@ impl TrainArgs {
             &format!("0 (one per core) to {MAX_THREADS}"),
         )?;
         data::check_image_size(self.image_size)?;
+        within(
+            "backbone-lr-scale",
+            self.backbone_lr_scale,
+            finite(self.backbone_lr_scale) && (0.0..=10.0).contains(&self.backbone_lr_scale),
+            "0 to 10",
+        )?;
+        if let Some(n) = self.train_per_class {
+            within("train-per-class", n, n >= 1, "at least 1")?;
+        }
+        self.frozen()?;
+        if let Some(list) = &self.class_subset {
+            parse_class_list(list)?;
+        }
         if let Some(m) = self.max_steps {
             within("max-steps", m, m >= 1, "at least 1")?;
         }
         Ok(())
+    }
+}
+
+impl TrainArgs {
+    /// The parts `--freeze` / `--freeze-backbone` hold fixed.
+    fn frozen(&self) -> Result<Frozen> {
+        let mut f = Frozen::parse(self.freeze.iter().map(String::as_str))
+            .map_err(|e| anyhow!("--freeze: {e}"))?;
+        if self.freeze_backbone {
+            f.stem = true;
+            f.stages = [true; 4];
+        }
+        Ok(f)
+    }
+
+    /// The optimiser's parameter groups: frozen parts at 0, the backbone at
+    /// `--backbone-lr-scale`.
+    fn groups(&self) -> Result<Vec<ParamGroup>> {
+        let frozen = self.frozen()?;
+        let mut groups = vec![ParamGroup {
+            prefixes: frozen.prefixes(),
+            lr_scale: 0.0,
+        }];
+        if self.backbone_lr_scale != 1.0 {
+            groups.push(ParamGroup {
+                prefixes: ["conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."]
+                    .map(String::from)
+                    .to_vec(),
+                lr_scale: self.backbone_lr_scale,
+            });
+        }
+        Ok(groups)
     }
 }
 
@@ -521,12 +630,28 @@ impl Trainer {
                 .build_global()
                 .context("cannot set up the thread pool")?;
         }
-        let data = data::prepare(
+        let mut data = data::prepare(
             args.dataset,
             args.data_dir.as_deref(),
             args.download,
             args.image_size.unwrap_or(arch.default_size()),
         )?;
+        if args.class_subset.is_some() || args.train_per_class.is_some() {
+            let all: Vec<usize> = (0..data.info.classes.len()).collect();
+            let classes = match &args.class_subset {
+                Some(list) => parse_class_list(list)?,
+                None => all,
+            };
+            let subset = |source, per_class| -> Result<Arc<dyn datasets::Source>> {
+                Ok(Arc::new(
+                    datasets::Subset::new(source, &classes, per_class)
+                        .map_err(|e| anyhow!("--class-subset: {e}"))?,
+                ))
+            };
+            data.train = subset(data.train.clone(), args.train_per_class)?;
+            data.test = subset(data.test.clone(), None)?;
+            data.info.classes = data.train.info().classes.clone();
+        }
         let classes = data.info.classes.len();
         let dir = args.out_dir.clone().unwrap_or_else(|| {
             let t = std::time::SystemTime::now()
@@ -552,14 +677,44 @@ impl Trainer {
             .with_context(|| format!("cannot create the run folder `{}`", dir.display()))?;
 
         let dev = Cpu::seed_from_u64(args.seed);
-        let net = arch.build(&dev, data.info.channels, classes)?;
+        let mut net = arch.build(&dev, data.info.channels, classes)?;
+        if args.zero_init_residual {
+            net.zero_init_residual();
+        }
+        // a resumed run loads its checkpoint instead
+        if let (Some(file), None) = (&args.init_weights, &args.resume) {
+            let mode = if args.reset_head {
+                LoadMode::Backbone
+            } else {
+                LoadMode::NewHead
+            };
+            let report = net
+                .load_safetensors_with(file, mode)
+                .context("--init-weights")?;
+            println!("init-weights `{}`: {report}", file.display());
+        }
+        let mut frozen = args.frozen()?;
+        if arch.is_cifar() {
+            if args.freeze.iter().any(|p| p.trim() == "layer4") {
+                bail!("--freeze: {arch} has three stages, layer1 to layer3");
+            }
+            frozen.stages[3] = false;
+        }
+        if frozen.head
+            && frozen.stem
+            && frozen.stages[..3].iter().all(|&s| s)
+            && (arch.is_cifar() || frozen.stages[3])
+        {
+            bail!("--freeze: every part is frozen, nothing would train");
+        }
+        net.set_frozen(frozen);
         let opt = Sgd::new(SgdConfig {
             lr: args.lr,
             momentum: args.momentum,
             nesterov: args.nesterov,
             weight_decay: args.weight_decay,
             decay_vectors: args.decay_bn_and_bias,
-            groups: Vec::new(),
+            groups: args.groups()?,
         });
         let state = State {
             epoch: 0,
