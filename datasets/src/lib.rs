@@ -3,19 +3,23 @@
 //!
 //! - [`Source`]: random access to `(image, label)` pairs; [`InMemory`] holds decoded 8-bit
 //!   images (the embedded [`digits`], and the binary formats).
-//! - [`transforms`]: seeded, composable augmentation and normalisation.
+//! - [`transforms`]: seeded, composable augmentation and normalisation; [`augment`]:
+//!   TrivialAugmentWide and random erasing.
 //! - [`loader`]: epoch shuffling, batching, worker threads with bounded prefetch;
 //!   the same seed gives the same batches whatever the number of threads.
 //! - Formats: [`cifar`] (binary, folder or `.tar.gz`), [`mnist`] (IDX, plain or `.gz`),
 //!   [`folder`] (JPEG/PNG class folders, lazily decoded), [`download`] (checked, atomic).
+//! - [`mix`]: mixup and cutmix of whole batches.
 //! - [`npy`]: NumPy `.npy` arrays.
 
 pub mod archive;
+pub mod augment;
 pub mod cifar;
 pub mod digits;
 pub mod download;
 pub mod folder;
 pub mod loader;
+pub mod mix;
 pub mod mnist;
 pub mod npy;
 pub mod transforms;

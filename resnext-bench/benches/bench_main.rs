@@ -12,7 +12,7 @@ use resnext_bench::{grouped3x3, pointwise, stage_size, stage_width, values};
 use resnext_core::kernels::batchnorm::{self, BnGeom};
 use resnext_core::kernels::conv;
 use resnext_core::model::Arch;
-use resnext_core::optim::{Sgd, SgdConfig};
+use resnext_core::optim::{OptimConfig, Optimizer};
 
 const BATCH: usize = 8;
 
@@ -150,7 +150,7 @@ fn networks(c: &mut Criterion) {
         let mut net = arch.build(&dev, 3, 1000).expect("builds");
         let x = values(8, BATCH * 3 * 224 * 224);
         let labels: Vec<usize> = (0..BATCH).collect();
-        let mut opt = Sgd::new(SgdConfig {
+        let mut opt = Optimizer::new(OptimConfig {
             lr: 1e-4,
             ..Default::default()
         });

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use dfdx::prelude::*;
 use resnext_core::model::{Arch, Frozen, Network};
-use resnext_core::optim::{ParamGroup, Sgd, SgdConfig};
+use resnext_core::optim::{OptimConfig, Optimizer, ParamGroup};
 use safetensors::SafeTensors;
 
 /// Every tensor of `net` by name, as raw bytes.
@@ -24,7 +24,7 @@ fn tensors(net: &dyn Network) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-fn steps(net: &mut dyn Network, opt: &mut Sgd, n: usize) -> Vec<f32> {
+fn steps(net: &mut dyn Network, opt: &mut Optimizer, n: usize) -> Vec<f32> {
     let shape = [4, 3, 16, 16];
     let x = resnext_core::testing::values(9, 4 * 3 * 16 * 16);
     (0..n)
@@ -48,7 +48,7 @@ fn frozen_parts_stay_bit_identical_and_the_rest_trains() {
         let mut net = Arch::ResNeXt29_2x64d.build(&dev, 3, 5).unwrap();
         let before = tensors(net.as_ref());
         net.set_frozen(frozen);
-        let mut opt = Sgd::new(SgdConfig {
+        let mut opt = Optimizer::new(OptimConfig {
             lr: 0.01,
             groups: vec![ParamGroup {
                 prefixes: frozen.prefixes(),
@@ -83,7 +83,7 @@ fn a_learning_rate_group_scales_the_step() {
         let dev = Cpu::seed_from_u64(2);
         let mut net = Arch::ResNeXt29_2x64d.build(&dev, 3, 5).unwrap();
         let before = tensors(net.as_ref());
-        let mut opt = Sgd::new(SgdConfig {
+        let mut opt = Optimizer::new(OptimConfig {
             lr: 0.1,
             momentum: 0.0,
             weight_decay: 0.0,

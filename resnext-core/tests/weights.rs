@@ -189,7 +189,7 @@ fn inference_after_loading_or_training_uses_the_new_weights() {
     // Network::forward_eval caches BN-folded weights; loading weights and training steps
     // must invalidate that cache.
     use resnext_core::model::Arch;
-    use resnext_core::optim::{Sgd, SgdConfig};
+    use resnext_core::optim::{OptimConfig, Optimizer};
     let dir = TempDir::new("fold-cache");
     let dev = Cpu::seed_from_u64(3);
     let arch = Arch::ResNeXt11_8x8d;
@@ -215,7 +215,7 @@ fn inference_after_loading_or_training_uses_the_new_weights() {
     assert_ne!(before, from_b, "the two networks differ to begin with");
 
     // a training step changes weights and running statistics
-    let mut opt = Sgd::new(SgdConfig {
+    let mut opt = Optimizer::new(OptimConfig {
         lr: 0.1,
         ..Default::default()
     });

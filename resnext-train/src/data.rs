@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use datasets::augment::{RandomErasing, TrivialAugmentWide};
 use datasets::cifar::{self, Cifar};
 use datasets::digits;
 use datasets::download::{self, Remote};
@@ -75,6 +76,20 @@ impl std::fmt::Display for Dataset {
     }
 }
 
+/// The optional parts of the transforms: per-image augmentation of the training images and
+/// the evaluation resize of image folders.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Augment {
+    /// TrivialAugmentWide on each training image (before normalisation).
+    pub trivial_augment: bool,
+    /// Probability of random erasing on each training image (after normalisation).
+    pub random_erase: f64,
+    /// Image folders' evaluation: resize the shorter side to this [default: crop · 256 / 224].
+    pub val_resize: Option<usize>,
+    /// Image folders' evaluation: central crop of this size [default: the training size].
+    pub val_crop: Option<usize>,
+}
+
 /// Train and test data with their transforms.
 pub struct Prepared {
     /// What the data holds (classes, channels).
@@ -104,6 +119,7 @@ fn crop_pipelines(
     size: usize,
     padding: usize,
     flip: bool,
+    aug: &Augment,
 ) -> (Pipeline, Pipeline) {
     let train = Pipeline::new(max).then(RandomCrop { size, padding });
     let train = if flip {
@@ -111,7 +127,25 @@ fn crop_pipelines(
     } else {
         train
     };
-    (train.then(norm(info)), Pipeline::new(max).then(norm(info)))
+    (
+        finish(train, info, aug),
+        Pipeline::new(max).then(norm(info)),
+    )
+}
+
+/// The end of a training pipeline: TrivialAugmentWide, normalisation, random erasing.
+fn finish(train: Pipeline, info: &Info, aug: &Augment) -> Pipeline {
+    let train = if aug.trivial_augment {
+        train.then(TrivialAugmentWide::default())
+    } else {
+        train
+    };
+    let train = train.then(norm(info));
+    if aug.random_erase > 0.0 {
+        train.then(RandomErasing::new(aug.random_erase))
+    } else {
+        train
+    }
 }
 
 /// The largest image size `--image-size` accepts.
@@ -134,17 +168,19 @@ fn data_dir(name: Dataset, given: Option<&Path>) -> PathBuf {
 }
 
 /// Loads `name` from `data_dir` (default `data/<name>`), downloading first when asked.
-/// `image_size` is the training crop of image folders.
+/// `image_size` is the training crop of image folders; `aug` adds augmentation.
 pub fn prepare(
     name: Dataset,
     data_dir_arg: Option<&Path>,
     download: bool,
     image_size: usize,
+    aug: &Augment,
 ) -> Result<Prepared> {
     if name == Dataset::Digits {
         let (train, test) = (digits::load(Split::Train), digits::load(Split::Test));
         let info = train.info().clone();
-        let (train_pipeline, test_pipeline) = crop_pipelines(&info, info.max_value, 8, 1, false);
+        let (train_pipeline, test_pipeline) =
+            crop_pipelines(&info, info.max_value, 8, 1, false, aug);
         return Ok(Prepared {
             train_pipeline,
             test_pipeline,
@@ -203,22 +239,28 @@ pub fn prepare(
     };
     let info = train.info().clone();
     let (train_pipeline, test_pipeline) = match name {
-        Dataset::Cifar10 | Dataset::Cifar100 => crop_pipelines(&info, 255.0, 32, 4, true),
+        Dataset::Cifar10 | Dataset::Cifar100 => crop_pipelines(&info, 255.0, 32, 4, true, aug),
         Dataset::Mnist | Dataset::FashionMnist => {
-            crop_pipelines(&info, 255.0, info.height, 2, false)
+            crop_pipelines(&info, 255.0, info.height, 2, false, aug)
         }
-        Dataset::Digits | Dataset::Folder => (
-            Pipeline::new(255.0)
-                .then(RandomResizedCrop::new(image_size))
-                .then(RandomHorizontalFlip { p: 0.5 })
-                .then(norm(&info)),
-            Pipeline::new(255.0)
-                .then(Resize {
-                    shorter: image_size * 256 / 224,
-                })
-                .then(CenterCrop { size: image_size })
-                .then(norm(&info)),
-        ),
+        Dataset::Digits | Dataset::Folder => {
+            let crop = aug.val_crop.unwrap_or(image_size);
+            (
+                finish(
+                    Pipeline::new(255.0)
+                        .then(RandomResizedCrop::new(image_size))
+                        .then(RandomHorizontalFlip { p: 0.5 }),
+                    &info,
+                    aug,
+                ),
+                Pipeline::new(255.0)
+                    .then(Resize {
+                        shorter: aug.val_resize.unwrap_or(crop * 256 / 224),
+                    })
+                    .then(CenterCrop { size: crop })
+                    .then(norm(&info)),
+            )
+        }
     };
     Ok(Prepared {
         info,

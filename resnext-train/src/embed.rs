@@ -128,7 +128,13 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let (rows, n) = match (a.dataset, &a.npy_input, a.images.is_empty()) {
         (Some(dataset), _, _) => {
             let size = a.image_size.unwrap_or(arch.default_size());
-            let prepared = data::prepare(dataset, a.data_dir.as_deref(), false, size)?;
+            let prepared = data::prepare(
+                dataset,
+                a.data_dir.as_deref(),
+                false,
+                size,
+                &data::Augment::default(),
+            )?;
             if prepared.info.channels != in_channels {
                 bail!(
                     "`{dataset}` has {} channel(s) but the weights `{}` expect {in_channels}",

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use datasets::loader::{Loader, LoaderConfig};
 use dfdx::prelude::*;
@@ -97,17 +97,29 @@ pub struct EvalArgs {
     /// Evaluation crop size for image folders [default: the architecture's].
     #[arg(long)]
     image_size: Option<usize>,
+    /// Image folders: resize the shorter side to this before the crop [default: crop ·
+    /// 256 / 224; torchvision's V2 weights are evaluated at 232 for a 224 crop].
+    #[arg(long)]
+    val_resize: Option<usize>,
 }
 
-/// Prints top-1 and top-5; the last line is `top1: X top5: Y`.
+/// Prints top-1 and top-5; the last line is `top1: X top5: Y`. When the weights are a
+/// run's `model.safetensors` or `best.safetensors` and the run kept an average of its
+/// weights (`ema.safetensors` beside them), that one is evaluated and printed first.
 pub fn run(a: EvalArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
     data::check_image_size(a.image_size)?;
+    data::check_image_size(a.val_resize)?;
+    let size = a.image_size.unwrap_or(arch.default_size());
     let data = data::prepare(
         a.dataset,
         a.data_dir.as_deref(),
         false,
-        a.image_size.unwrap_or(arch.default_size()),
+        size,
+        &data::Augment {
+            val_resize: a.val_resize,
+            ..Default::default()
+        },
     )?;
     let dev = Cpu::default();
     let mut net = arch.build(&dev, data.info.channels, data.info.classes.len())?;
@@ -124,6 +136,26 @@ pub fn run(a: EvalArgs) -> Result<()> {
             prefetch: 2,
         },
     );
+    let ema = a
+        .weights
+        .file_name()
+        .filter(|n| *n == "model.safetensors" || *n == "best.safetensors")
+        .and_then(|_| a.weights.parent())
+        .map(|dir| dir.join("ema.safetensors"))
+        .filter(|p| p.is_file());
+    if let Some(path) = ema {
+        let mut avg = arch.build(&dev, data.info.channels, data.info.classes.len())?;
+        avg.load_safetensors(&path)
+            .with_context(|| "the run's weight average".to_string())?;
+        let r = evaluate(avg.as_ref(), &loader)?;
+        println!(
+            "ema ({}): loss {:.4} top1: {:.4} top5: {:.4}",
+            path.display(),
+            r.loss,
+            r.top1,
+            r.top5
+        );
+    }
     let r = evaluate(net.as_ref(), &loader)?;
     println!("{arch} on {} test: loss {:.4}", a.dataset, r.loss);
     println!("top1: {:.4} top5: {:.4}", r.top1, r.top5);

@@ -12,8 +12,12 @@ use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use datasets::loader::{Loader, LoaderConfig};
 use dfdx::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use resnext_core::ema::Ema;
 use resnext_core::model::{Arch, Frozen, Network};
-use resnext_core::optim::{ParamGroup, Schedule, Sgd, SgdConfig};
+use resnext_core::ops::Targets;
+use resnext_core::optim::{Algorithm, OptimConfig, Optimizer, ParamGroup, Schedule};
 use resnext_core::weights::LoadMode;
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +52,11 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 0.05)]
     pub lr: f32,
+    /// Update rule: `sgd` (momentum, Nesterov, L2 decay) or `adamw` (β = 0.9, 0.999,
+    /// decoupled decay; give it a smaller --lr, e.g. 0.001).
+    #[arg(long, value_enum, default_value_t = OptimizerName::Sgd)]
+    #[serde(default)]
+    pub optimizer: OptimizerName,
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
@@ -60,6 +69,10 @@ pub struct TrainArgs {
     /// Also apply weight decay to batch-norm parameters and biases.
     #[arg(long)]
     pub decay_bn_and_bias: bool,
+    /// Scale the gradients down together when their global L2 norm exceeds this.
+    #[arg(long, value_name = "MAX")]
+    #[serde(default)]
+    pub clip_grad_norm: Option<f32>,
     /// Learning-rate schedule.
     #[arg(long, value_enum, default_value_t = ScheduleName::Cosine)]
     pub schedule: ScheduleName,
@@ -111,6 +124,48 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     #[serde(default)]
     pub train_per_class: Option<usize>,
+    /// Mixup's α: each batch blended with itself rolled by one, λ ~ Beta(α, α) (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub mixup_alpha: f32,
+    /// Cutmix's α: a box of the rolled batch pasted in (0: off; with mixup on too, each
+    /// batch gets one of the two).
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub cutmix_alpha: f32,
+    /// Per-image automatic augmentation of the training images.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub auto_augment: Option<AutoAugment>,
+    /// Probability of random erasing per training image (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub random_erase: f64,
+    /// Keep an exponential moving average of the weights: torchvision's
+    /// --model-ema-decay (e.g. 0.99998), adjusted as torchvision does to the batch size,
+    /// --ema-steps and --epochs. Evaluated each epoch and saved as `ema.safetensors`.
+    #[arg(long, value_name = "DECAY")]
+    #[serde(default)]
+    pub ema_decay: Option<f32>,
+    /// Update the moving average every this many steps.
+    #[arg(long, default_value_t = 32)]
+    #[serde(default = "ema_steps")]
+    pub ema_steps: usize,
+    /// Image folders: resize the evaluation images' shorter side to this [default: the
+    /// crop · 256 / 224].
+    #[arg(long)]
+    #[serde(default)]
+    pub val_resize: Option<usize>,
+    /// Image folders: central crop of the evaluation images [default: --image-size].
+    #[arg(long)]
+    #[serde(default)]
+    pub val_crop: Option<usize>,
+    /// A preset of published hyper-parameters under the flags given (which still win):
+    /// `torchvision-v2` is torchvision's recipe of its V2 ImageNet weights, the learning
+    /// rate scaled from its global batch of 1024 to --batch-size.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub recipe: Option<Recipe>,
     /// Run folder [default: runs/<arch>-<dataset>-<unix time>].
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -134,6 +189,64 @@ pub struct TrainArgs {
 
 fn one() -> f32 {
     1.0
+}
+
+fn ema_steps() -> usize {
+    32
+}
+
+/// The automatic augmentations `--auto-augment` accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum AutoAugment {
+    /// TrivialAugmentWide (Müller & Hutter 2021), torchvision's `ta_wide`.
+    #[value(name = "ta_wide")]
+    #[serde(rename = "ta_wide")]
+    TaWide,
+}
+
+/// The presets `--recipe` accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recipe {
+    /// torchvision's recipe of its V2 weights (ResNet-50 / ResNeXt-50 IMAGENET1K_V2):
+    /// 600 epochs, SGD lr 0.5 at batch 1024 with 5 warm-up epochs and cosine decay, weight
+    /// decay 2e-5 (none on BN and biases), label smoothing 0.1, mixup 0.2, cutmix 1.0,
+    /// TrivialAugmentWide, random erasing 0.1, EMA 0.99998 every 32 steps, training crop
+    /// 176, evaluation resize 232 and crop 224. (Its repeated-augmentation sampler is not
+    /// reproduced.)
+    TorchvisionV2,
+}
+
+impl Recipe {
+    /// The recipe's flags for a run of `batch` images per step.
+    fn layer(self, batch: usize) -> serde_json::Map<String, serde_json::Value> {
+        match self {
+            Recipe::TorchvisionV2 => serde_json::json!({
+                "epochs": 600,
+                "optimizer": "sgd",
+                "lr": 0.5 * batch as f64 / 1024.0,
+                "momentum": 0.9,
+                "nesterov": false,
+                "schedule": "cosine",
+                "warmup-epochs": 5.0,
+                "weight-decay": 2e-5,
+                "decay-bn-and-bias": false,
+                "label-smoothing": 0.1,
+                "mixup-alpha": 0.2,
+                "cutmix-alpha": 1.0,
+                "auto-augment": "ta_wide",
+                "random-erase": 0.1,
+                "ema-decay": 0.99998,
+                "ema-steps": 32,
+                "image-size": 176,
+                "val-resize": 232,
+                "val-crop": 224,
+            })
+            .as_object()
+            .expect("an object")
+            .clone(),
+        }
+    }
 }
 
 /// Parses `--class-subset`: comma-separated indices and inclusive ranges (`5-9`).
@@ -202,6 +315,14 @@ impl TrainArgs {
             finite(self.weight_decay) && self.weight_decay >= 0.0,
             "0 or more",
         )?;
+        if let Some(c) = self.clip_grad_norm {
+            within(
+                "clip-grad-norm",
+                c,
+                finite(c) && c > 0.0,
+                "a positive number",
+            )?;
+        }
         within(
             "warmup-epochs",
             self.warmup_epochs,
@@ -230,6 +351,29 @@ impl TrainArgs {
         if let Some(n) = self.train_per_class {
             within("train-per-class", n, n >= 1, "at least 1")?;
         }
+        self.mix().validate().map_err(|e| anyhow!(e))?;
+        within(
+            "random-erase",
+            self.random_erase,
+            (0.0..=1.0).contains(&self.random_erase),
+            "0 to 1",
+        )?;
+        if let Some(d) = self.ema_decay {
+            within(
+                "ema-decay",
+                d,
+                (0.0..1.0).contains(&d),
+                "0 to 1, 1 excluded",
+            )?;
+        }
+        within(
+            "ema-steps",
+            self.ema_steps,
+            (1..=1_000_000).contains(&self.ema_steps),
+            "1 to 1000000",
+        )?;
+        data::check_image_size(self.val_resize).map_err(|e| anyhow!("--val-resize: {e}"))?;
+        data::check_image_size(self.val_crop).map_err(|e| anyhow!("--val-crop: {e}"))?;
         self.frozen()?;
         if let Some(list) = &self.class_subset {
             parse_class_list(list)?;
@@ -242,6 +386,24 @@ impl TrainArgs {
 }
 
 impl TrainArgs {
+    /// The batch mixes of `--mixup-alpha` / `--cutmix-alpha`.
+    fn mix(&self) -> datasets::mix::MixConfig {
+        datasets::mix::MixConfig {
+            mixup_alpha: self.mixup_alpha,
+            cutmix_alpha: self.cutmix_alpha,
+        }
+    }
+
+    /// The per-image augmentation and evaluation resize flags.
+    fn augment(&self) -> data::Augment {
+        data::Augment {
+            trivial_augment: self.auto_augment == Some(AutoAugment::TaWide),
+            random_erase: self.random_erase,
+            val_resize: self.val_resize,
+            val_crop: self.val_crop,
+        }
+    }
+
     /// The parts `--freeze` / `--freeze-backbone` hold fixed.
     fn frozen(&self) -> Result<Frozen> {
         let mut f = Frozen::parse(self.freeze.iter().map(String::as_str))
@@ -271,6 +433,17 @@ impl TrainArgs {
         }
         Ok(groups)
     }
+}
+
+/// The update rules `--optimizer` accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerName {
+    /// SGD with momentum (torch.optim.SGD).
+    #[default]
+    Sgd,
+    /// AdamW with PyTorch's defaults (torch.optim.AdamW).
+    Adamw,
 }
 
 /// The learning-rate schedules `--schedule` accepts.
@@ -361,6 +534,10 @@ pub fn parse_config(text: &str) -> Result<TrainArgs> {
     let defaults = TrainArgs::from_arg_matches(&matches)?;
     let (keys, steps) = config_layer(text, "config")?;
     let mut args = overlay(&defaults, &keys, &matches, "config")?;
+    if let Some(recipe) = args.recipe {
+        args = overlay(&args, &recipe.layer(args.batch_size), &matches, "--recipe")?;
+        args = overlay(&args, &keys, &matches, "config")?;
+    }
     args.max_steps = steps;
     args.validate()?;
     Ok(args)
@@ -393,6 +570,14 @@ pub fn resolve(mut args: TrainArgs, matches: &ArgMatches) -> Result<TrainArgs> {
             max_steps = steps;
         }
         args = overlay(&args, &keys, matches, &what)?;
+        // the recipe sits under the file's keys: the file is applied again over it
+        if let (Some(recipe), None) = (args.recipe, &resume) {
+            args = overlay(&args, &recipe.layer(args.batch_size), matches, "--recipe")?;
+            args = overlay(&args, &keys, matches, &what)?;
+        }
+    } else if let (Some(recipe), None) = (args.recipe, &resume) {
+        // a resumed run's saved configuration holds the recipe's values already
+        args = overlay(&args, &recipe.layer(args.batch_size), matches, "--recipe")?;
     }
     args.resume = resume;
     args.config = config;
@@ -421,6 +606,12 @@ pub struct EpochRecord {
     pub images_per_s: f64,
     /// Wall time of the epoch's training steps.
     pub seconds: f64,
+    /// Test loss of the moving average of the weights (runs with --ema-decay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_loss_ema: Option<f64>,
+    /// Test top-1 of the moving average of the weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_top1_ema: Option<f64>,
 }
 
 /// Running sums of the current epoch.
@@ -454,6 +645,16 @@ struct State {
     /// model file kept while it is the best.
     #[serde(default)]
     best_file: String,
+    /// The moving average of the weights at this state (runs with --ema-decay).
+    #[serde(default)]
+    ema_file: String,
+    /// The moving average at the end of the last completed epoch (`ema.safetensors` is a
+    /// copy).
+    #[serde(default)]
+    epoch_ema_file: String,
+    /// Updates of the average since its last reset.
+    #[serde(default)]
+    ema_n_averaged: u64,
     config: serde_json::Value,
 }
 
@@ -503,23 +704,43 @@ fn save_model(net: &dyn Network, path: &Path) -> Result<()> {
 
 /// The files a run folder holds besides `checkpoint/`; all but `state.json` are derived
 /// from it ([`Trainer::write_derived`]).
-const RUN_FILES: [&str; 5] = [
+const RUN_FILES: [&str; 6] = [
     "state.json",
     "metrics.jsonl",
     "curves.svg",
     "model.safetensors",
     "best.safetensors",
+    "ema.safetensors",
 ];
+
+/// A run's moving average of the weights: the average, a network to evaluate and save it
+/// with, and how often it is updated.
+struct EmaRun {
+    ema: Ema,
+    net: Box<dyn Network>,
+    every: usize,
+}
 
 /// The checkpoint file of the model after `step` steps.
 fn model_file(step: usize) -> String {
     format!("model-{step}.safetensors")
 }
 
-/// Writes model and optimizer, then `state.json`, which names them: `state.json` is the
-/// commit point, so a kill at any moment leaves the previous complete checkpoint. Then
-/// removes the checkpoint files the new state does not name.
-fn checkpoint(dir: &Path, net: &dyn Network, opt: &Sgd, state: &mut State) -> Result<()> {
+/// The checkpoint file of the weight average after `step` steps.
+fn ema_file(step: usize) -> String {
+    format!("ema-{step}.safetensors")
+}
+
+/// Writes model, optimizer and weight average, then `state.json`, which names them:
+/// `state.json` is the commit point, so a kill at any moment leaves the previous complete
+/// checkpoint. Then removes the checkpoint files the new state does not name.
+fn checkpoint(
+    dir: &Path,
+    net: &dyn Network,
+    opt: &Optimizer,
+    ema: Option<&mut EmaRun>,
+    state: &mut State,
+) -> Result<()> {
     let ck = dir.join("checkpoint");
     std::fs::create_dir_all(&ck).with_context(|| format!("cannot create `{}`", ck.display()))?;
     state.model_file = model_file(state.global_step);
@@ -527,6 +748,12 @@ fn checkpoint(dir: &Path, net: &dyn Network, opt: &Sgd, state: &mut State) -> Re
     save_model(net, &ck.join(&state.model_file))?;
     opt.save_state(&ck.join(&state.optimizer_file))?;
     wrote();
+    if let Some(e) = ema {
+        state.ema_file = ema_file(state.global_step);
+        state.ema_n_averaged = e.ema.n_averaged();
+        e.net.ema_write(&e.ema)?;
+        save_model(e.net.as_ref(), &ck.join(&state.ema_file))?;
+    }
     write_text(
         &dir.join("state.json"),
         &serde_json::to_string_pretty(state)?,
@@ -543,6 +770,8 @@ fn remove_unnamed(dir: &Path, state: &State) {
         &state.optimizer_file,
         &state.epoch_model_file,
         &state.best_file,
+        &state.ema_file,
+        &state.epoch_ema_file,
     ];
     let ck = dir.join("checkpoint");
     for (folder, is_ck) in [(dir, false), (ck.as_path(), true)] {
@@ -582,13 +811,14 @@ pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
             return Ok(());
         }
     }
-    let last = trainer
-        .state
-        .history
-        .last()
-        .map(|r| r.test_top1)
-        .unwrap_or(0.0);
-    println!("final test_top1: {last:.4}");
+    let last = trainer.state.history.last();
+    if let Some(ema) = last.and_then(|r| r.test_top1_ema) {
+        println!("final test_top1_ema: {ema:.4}");
+    }
+    println!(
+        "final test_top1: {:.4}",
+        last.map(|r| r.test_top1).unwrap_or(0.0)
+    );
     Ok(())
 }
 
@@ -608,7 +838,8 @@ struct Trainer {
     dir: PathBuf,
     classes: usize,
     net: Box<dyn Network>,
-    opt: Sgd,
+    opt: Optimizer,
+    ema: Option<EmaRun>,
     state: State,
     train: Loader,
     test: Loader,
@@ -630,11 +861,15 @@ impl Trainer {
                 .build_global()
                 .context("cannot set up the thread pool")?;
         }
+        if args.recipe.is_some() && arch.is_cifar() {
+            bail!("--recipe torchvision-v2 is the ImageNet networks' recipe; {arch} is a CIFAR network");
+        }
         let mut data = data::prepare(
             args.dataset,
             args.data_dir.as_deref(),
             args.download,
             args.image_size.unwrap_or(arch.default_size()),
+            &args.augment(),
         )?;
         if args.class_subset.is_some() || args.train_per_class.is_some() {
             let all: Vec<usize> = (0..data.info.classes.len()).collect();
@@ -708,8 +943,13 @@ impl Trainer {
             bail!("--freeze: every part is frozen, nothing would train");
         }
         net.set_frozen(frozen);
-        let opt = Sgd::new(SgdConfig {
+        let opt = Optimizer::new(OptimConfig {
             lr: args.lr,
+            algorithm: match args.optimizer {
+                OptimizerName::Sgd => Algorithm::Sgd,
+                OptimizerName::Adamw => Algorithm::ADAMW,
+            },
+            clip_grad_norm: args.clip_grad_norm,
             momentum: args.momentum,
             nesterov: args.nesterov,
             weight_decay: args.weight_decay,
@@ -727,7 +967,23 @@ impl Trainer {
             optimizer_file: String::new(),
             epoch_model_file: String::new(),
             best_file: String::new(),
+            ema_file: String::new(),
+            epoch_ema_file: String::new(),
+            ema_n_averaged: 0,
             config: serde_json::to_value(&args)?,
+        };
+        let ema = match args.ema_decay {
+            Some(decay) => Some(EmaRun {
+                ema: Ema::new(Ema::adjusted_decay(
+                    decay,
+                    args.batch_size,
+                    args.ema_steps,
+                    args.epochs,
+                )),
+                net: arch.build(&dev, data.info.channels, classes)?,
+                every: args.ema_steps,
+            }),
+            None => None,
         };
         let loader = |source, pipeline, batch_size, shuffle, prefetch| {
             Loader::new(
@@ -767,6 +1023,7 @@ impl Trainer {
             classes,
             net,
             opt,
+            ema,
             state,
             train,
             test,
@@ -788,6 +1045,19 @@ impl Trainer {
         self.net
             .load_optimizer_state(&mut self.opt, &ck.join(&saved.optimizer_file))
             .context("cannot resume: the optimizer state does not fit the model")?;
+        if let Some(e) = &mut self.ema {
+            if saved.ema_file.is_empty() {
+                bail!(
+                    "cannot resume: `{}` names no weight average although the run keeps one",
+                    self.dir.join("state.json").display()
+                );
+            }
+            e.net
+                .load_safetensors(&ck.join(&saved.ema_file))
+                .context("cannot resume: the weight average does not fit the model")?;
+            e.net.ema_copy(&mut e.ema);
+            e.ema.set_n_averaged(saved.ema_n_averaged);
+        }
         self.state = State {
             config: std::mem::take(&mut self.state.config),
             ..saved
@@ -854,15 +1124,24 @@ impl Trainer {
             );
             self.opt.cfg.lr = lr;
             let n = batch.labels.len();
+            let mut x = batch.data;
+            // seeded by the step, so a resumed run mixes as the uninterrupted one does
+            let mut rng = StdRng::seed_from_u64(
+                self.args.seed
+                    ^ (self.state.global_step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            let mixed = self
+                .args
+                .mix()
+                .apply(&mut x, batch.shape, &batch.labels, &mut rng);
+            let targets = Targets {
+                labels: &batch.labels,
+                mixed: mixed.as_ref().map(|m| (m.second.as_slice(), m.lam)),
+                label_smoothing: self.args.label_smoothing,
+            };
             let out = self
                 .net
-                .train_step(
-                    batch.data,
-                    batch.shape,
-                    &batch.labels,
-                    self.args.label_smoothing,
-                    &mut self.opt,
-                )
+                .train_step_on(x, batch.shape, targets, &mut self.opt)
                 .map_err(|e| {
                     anyhow!(
                         "training stopped at epoch {} step {} (global step {}): {e}; the last good checkpoint in `{}` is kept",
@@ -886,6 +1165,16 @@ impl Trainer {
                 p.loss_sum / p.seen as f64,
                 p.seen as f64 / p.seconds.max(1e-9),
             );
+            if let Some(e) = &mut self.ema {
+                // torchvision: after the steps i = 0, k, 2k, … of each epoch; reset (so the
+                // next update copies) during the warm-up
+                if self.state.step_in_epoch.is_multiple_of(e.every) {
+                    self.net.ema_update(&mut e.ema);
+                    if (epoch as f32) < self.args.warmup_epochs {
+                        e.ema.reset();
+                    }
+                }
+            }
             self.state.step_in_epoch += 1;
             self.state.global_step += 1;
             bar.set_position(self.state.step_in_epoch as u64);
@@ -906,7 +1195,13 @@ impl Trainer {
                 .is_some_and(|m| self.state.global_step >= m);
             if self.interrupted.load(Ordering::SeqCst) || stop_steps {
                 bar.abandon();
-                checkpoint(&self.dir, self.net.as_ref(), &self.opt, &mut self.state)?;
+                checkpoint(
+                    &self.dir,
+                    self.net.as_ref(),
+                    &self.opt,
+                    self.ema.as_mut(),
+                    &mut self.state,
+                )?;
                 let why = if stop_steps {
                     "--max-steps reached"
                 } else {
@@ -945,11 +1240,27 @@ impl Trainer {
             lr: lr as f64,
             images_per_s: p.seen as f64 / p.seconds.max(1e-9),
             seconds: p.seconds,
+            test_loss_ema: None,
+            test_top1_ema: None,
         };
+        let mut rec = rec;
+        if let Some(e) = &mut self.ema {
+            e.net.ema_write(&e.ema)?;
+            let ev = eval::evaluate(e.net.as_ref(), &self.test)
+                .context("the moving average of the weights cannot be evaluated")?;
+            rec.test_loss_ema = Some(ev.loss);
+            rec.test_top1_ema = Some(ev.top1);
+        }
         println!(
             "epoch {}/{}: train_loss {:.4} train_top1 {:.4} test_loss {:.4} test_top1 {:.4} lr {:.4} {:.0} img/s {:.1}s",
             rec.epoch, self.args.epochs, rec.train_loss, rec.train_top1, rec.test_loss, rec.test_top1, rec.lr, rec.images_per_s, rec.seconds
         );
+        if let (Some(loss), Some(top1)) = (rec.test_loss_ema, rec.test_top1_ema) {
+            println!(
+                "epoch {}/{}: ema test_loss {loss:.4} test_top1 {top1:.4}",
+                rec.epoch, self.args.epochs
+            );
+        }
         self.state.history.push(rec.clone());
         self.state.epoch += 1;
         self.state.step_in_epoch = 0;
@@ -961,7 +1272,16 @@ impl Trainer {
             self.state.best_file = model_file.clone();
         }
         self.state.epoch_model_file = model_file;
-        checkpoint(&self.dir, self.net.as_ref(), &self.opt, &mut self.state)?;
+        if self.ema.is_some() {
+            self.state.epoch_ema_file = ema_file(self.state.global_step);
+        }
+        checkpoint(
+            &self.dir,
+            self.net.as_ref(),
+            &self.opt,
+            self.ema.as_mut(),
+            &mut self.state,
+        )?;
         self.write_derived()
     }
 
@@ -973,6 +1293,7 @@ impl Trainer {
         for (file, copy) in [
             (&self.state.epoch_model_file, "model.safetensors"),
             (&self.state.best_file, "best.safetensors"),
+            (&self.state.epoch_ema_file, "ema.safetensors"),
         ] {
             if !file.is_empty() {
                 let bytes = resnext_fs::read(&ck.join(file))?;

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use dfdx::prelude::*;
 use resnext_core::model::Arch;
-use resnext_core::optim::{Sgd, SgdConfig};
+use resnext_core::optim::{OptimConfig, Optimizer};
 
 /// Measure eval or training throughput.
 #[derive(Parser, Debug)]
@@ -51,7 +51,7 @@ fn main() -> Result<()> {
     let shape = [a.batch, 3, a.size, a.size];
     let x = resnext_bench::values(1, shape.iter().product());
     let labels: Vec<usize> = (0..a.batch).map(|i| i % a.classes).collect();
-    let mut opt = Sgd::new(SgdConfig {
+    let mut opt = Optimizer::new(OptimConfig {
         lr: 1e-4,
         ..Default::default()
     });

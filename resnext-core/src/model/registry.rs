@@ -15,10 +15,11 @@ use super::{
     FeatureMap, Features, Frozen, LayerSummary, ResNeXt, ResNeXtCifar, StageMeta, TrainFrozen,
 };
 use crate::builders as b;
+use crate::ema::Ema;
 use crate::error::{shape_err, Error, Result};
 use crate::nn;
-use crate::ops::Act;
-use crate::optim::Sgd;
+use crate::ops::{Act, Targets};
+use crate::optim::Optimizer;
 use crate::params::Params;
 use crate::weights::{self, WeightsError};
 
@@ -54,8 +55,8 @@ pub trait Network {
     /// Saves torchvision-named safetensors weights atomically.
     fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError>;
     /// Loads `opt`'s momentum buffers from `path`, checked against this network
-    /// ([`Sgd::load_state_for`]).
-    fn load_optimizer_state(&self, opt: &mut Sgd, path: &Path) -> Result<(), WeightsError>;
+    /// ([`Optimizer::load_state_for`]).
+    fn load_optimizer_state(&self, opt: &mut Optimizer, path: &Path) -> Result<(), WeightsError>;
     /// Holds the parts in `frozen` fixed in [`Network::train_step`]: eval-mode batch norm,
     /// no gradients for a frozen start. (The optimiser's groups must skip their
     /// parameters too: [`Frozen::prefixes`].)
@@ -64,15 +65,31 @@ pub trait Network {
     /// identity (torchvision's `zero_init_residual`).
     fn zero_init_residual(&mut self);
     /// One training step on an `(n, C, h, w)` batch: training-mode forward (batch
-    /// statistics), cross-entropy with `label_smoothing`, backward, and an SGD update.
-    /// A non-finite loss is an error and leaves the weights as they were.
+    /// statistics), cross-entropy with `label_smoothing`, backward, and an optimiser
+    /// update. A non-finite loss is an error and leaves the weights as they were.
     fn train_step(
         &mut self,
         x: Vec<f32>,
         shape: [usize; 4],
         targets: &[usize],
         label_smoothing: f32,
-        opt: &mut Sgd,
+        opt: &mut Optimizer,
+    ) -> Result<TrainOutput> {
+        self.train_step_on(x, shape, Targets::hard(targets, label_smoothing), opt)
+    }
+    /// Folds this network's weights into the moving average `ema` ([`Ema::update`]).
+    fn ema_update(&self, ema: &mut Ema);
+    /// Replaces the average by this network's weights ([`Ema::copy`]).
+    fn ema_copy(&self, ema: &mut Ema);
+    /// Sets this network's weights to the average ([`Ema::write_to`]).
+    fn ema_write(&mut self, ema: &Ema) -> Result<()>;
+    /// [`Network::train_step`] against any [`Targets`]: the mixed ones of mixup and cutmix.
+    fn train_step_on(
+        &mut self,
+        x: Vec<f32>,
+        shape: [usize; 4],
+        targets: Targets<'_>,
+        opt: &mut Optimizer,
     ) -> Result<TrainOutput>;
 }
 
@@ -161,10 +178,10 @@ macro_rules! impl_network {
             fn save_safetensors(&self, path: &Path) -> Result<(), WeightsError> {
                 weights::save_safetensors(&self.net, path)
             }
-            fn load_optimizer_state(&self, opt: &mut Sgd, path: &Path) -> Result<(), WeightsError> {
+            fn load_optimizer_state(&self, opt: &mut Optimizer, path: &Path) -> Result<(), WeightsError> {
                 opt.load_state_for(path, &self.net)
             }
-            fn train_step(&mut self, x: Vec<f32>, shape: [usize; 4], targets: &[usize], label_smoothing: f32, opt: &mut Sgd) -> Result<TrainOutput> {
+            fn train_step_on(&mut self, x: Vec<f32>, shape: [usize; 4], targets: Targets<'_>, opt: &mut Optimizer) -> Result<TrainOutput> {
                 let [n, c, h, w] = shape;
                 if c != C || x.len() != n * c * h * w {
                     return Err(shape_err("train_step", format!("{} expects (N, {C}, H, W) input, got shape {shape:?} with {} values", self.arch, x.len())));
@@ -173,10 +190,20 @@ macro_rules! impl_network {
                 let dev = self.net.conv1.weight.device().clone();
                 let x: Act<C> = dev.try_tensor_from_vec(x, (n, Const::<C>, h, w))?;
                 if !self.frozen.any() {
-                    return train_step(&mut self.net, x, targets, label_smoothing, opt);
+                    return train_step(&mut self.net, x, targets, opt);
                 }
                 let frozen = self.frozen;
-                train_step_by(&mut self.net, x, targets, label_smoothing, opt, |net, x| net.forward_frozen(x, frozen))
+                train_step_by(&mut self.net, x, targets, opt, |net, x| net.forward_frozen(x, frozen))
+            }
+            fn ema_update(&self, ema: &mut Ema) {
+                ema.update(&self.net);
+            }
+            fn ema_copy(&self, ema: &mut Ema) {
+                ema.copy(&self.net);
+            }
+            fn ema_write(&mut self, ema: &Ema) -> Result<()> {
+                self.folded.clear();
+                ema.write_to(&mut self.net)
             }
             fn set_frozen(&mut self, frozen: Frozen) {
                 self.frozen = frozen;

@@ -3,8 +3,8 @@
 use dfdx::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::ops::{self, Act, Mat};
-use crate::optim::Sgd;
+use crate::ops::{self, Act, Mat, Targets};
+use crate::optim::Optimizer;
 use crate::params::Params;
 
 /// What one training step produced.
@@ -14,26 +14,26 @@ pub struct TrainOutput {
     pub loss: f32,
     /// Training-mode logits `(n, classes)`, row-major.
     pub logits: Vec<f32>,
+    /// The gradients' global L2 norm before clipping, when the optimiser clips.
+    pub grad_norm: Option<f32>,
 }
 
 /// One training step of `net` on the batch `x`: training-mode forward (batch statistics,
-/// running statistics updated), cross-entropy against `targets` with `label_smoothing`,
+/// running statistics updated), cross-entropy against `targets` (with label smoothing, and
+/// mixed as mixup and cutmix mix them),
 /// backward, and an update by `opt`. A non-finite loss is an error and leaves the weights
 /// as they were (the running statistics have seen the batch).
 pub fn train_step<const C: usize, O: Dim, M>(
     net: &mut M,
     x: Act<C>,
-    targets: &[usize],
-    label_smoothing: f32,
-    opt: &mut Sgd,
+    targets: Targets<'_>,
+    opt: &mut Optimizer,
 ) -> Result<TrainOutput>
 where
     M: ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Mat<O, OwnedTape<f32, Cpu>>, Error = Error>
         + Params,
 {
-    train_step_by(net, x, targets, label_smoothing, opt, |net, x| {
-        net.try_forward_mut(x)
-    })
+    train_step_by(net, x, targets, opt, |net, x| net.try_forward_mut(x))
 }
 
 /// [`train_step`] with the training-mode forward pass given: e.g. one with frozen parts
@@ -41,22 +41,22 @@ where
 pub fn train_step_by<const C: usize, O: Dim, M: Params>(
     net: &mut M,
     x: Act<C>,
-    targets: &[usize],
-    label_smoothing: f32,
-    opt: &mut Sgd,
+    targets: Targets<'_>,
+    opt: &mut Optimizer,
     forward: impl FnOnce(&mut M, Act<C, OwnedTape<f32, Cpu>>) -> Result<Mat<O, OwnedTape<f32, Cpu>>>,
 ) -> Result<TrainOutput> {
     let logits = forward(net, x.trace(Gradients::leaky()))?;
     let values = logits.as_vec();
-    let loss = ops::cross_entropy(logits, targets, label_smoothing)?;
+    let loss = ops::cross_entropy_mixed(logits, targets)?;
     let value = loss.array();
     if !value.is_finite() {
         return Err(Error::NonFinite(format!("loss is {value}")));
     }
     let mut grads = loss.backward();
-    opt.step(net, &mut grads)?;
+    let grad_norm = opt.step(net, &mut grads)?;
     Ok(TrainOutput {
         loss: value,
         logits: values,
+        grad_norm,
     })
 }

@@ -1,4 +1,5 @@
-//! The training loss: [`cross_entropy`] with label smoothing.
+//! The training loss: [`cross_entropy`] with label smoothing, and against the mixed
+//! targets of mixup and cutmix ([`cross_entropy_mixed`]).
 
 use dfdx::prelude::*;
 
@@ -14,19 +15,80 @@ pub fn cross_entropy<K: Dim, T: Tape<f32, Cpu>>(
     targets: &[usize],
     label_smoothing: f32,
 ) -> Result<Tensor<Rank0, f32, Cpu, T>> {
+    cross_entropy_mixed(logits, Targets::hard(targets, label_smoothing))
+}
+
+/// What a training batch is scored against: a class per row, optionally mixed with a
+/// second class per row (mixup and cutmix: the target is `lam · onehot(a) + (1 − lam) ·
+/// onehot(b)`, torchvision's convention), and label smoothing ε on top.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Targets<'a> {
+    /// The class of each row.
+    pub labels: &'a [usize],
+    /// The second class of each row and the first one's weight `lam` in [0, 1].
+    pub mixed: Option<(&'a [usize], f32)>,
+    /// Label smoothing ε in [0, 1).
+    pub label_smoothing: f32,
+}
+
+impl<'a> Targets<'a> {
+    /// Plain labels with label smoothing.
+    pub fn hard(labels: &'a [usize], label_smoothing: f32) -> Self {
+        Self {
+            labels,
+            mixed: None,
+            label_smoothing,
+        }
+    }
+
+    /// The target probability of class `j` in row `row` of `k` classes.
+    fn q(&self, row: usize, j: usize, k: usize) -> f64 {
+        let eps = self.label_smoothing as f64;
+        let hit = |c: usize| if c == j { 1.0 } else { 0.0 };
+        let one = match self.mixed {
+            None => hit(self.labels[row]),
+            Some((b, lam)) => {
+                let lam = lam as f64;
+                lam * hit(self.labels[row]) + (1.0 - lam) * hit(b[row])
+            }
+        };
+        eps / k as f64 + (1.0 - eps) * one
+    }
+}
+
+/// [`cross_entropy`] against [`Targets`]: soft targets of two classes per row (mixup,
+/// cutmix) with label smoothing. The gradient is `(softmax − target) / N`.
+pub fn cross_entropy_mixed<K: Dim, T: Tape<f32, Cpu>>(
+    logits: Mat<K, T>,
+    targets: Targets<'_>,
+) -> Result<Tensor<Rank0, f32, Cpu, T>> {
     let &(n, k) = logits.shape();
     let k = k.size();
-    if targets.len() != n {
-        return Err(shape_err(
-            "cross_entropy",
-            format!("{} targets for a batch of {n}", targets.len()),
-        ));
-    }
-    if let Some(t) = targets.iter().find(|&&t| t >= k) {
-        return Err(shape_err(
-            "cross_entropy",
-            format!("target class {t} is out of range for {k} classes"),
-        ));
+    let label_smoothing = targets.label_smoothing;
+    let rows = |t: &[usize], what: &str| -> Result<()> {
+        if t.len() != n {
+            return Err(shape_err(
+                "cross_entropy",
+                format!("{} {what} for a batch of {n}", t.len()),
+            ));
+        }
+        if let Some(c) = t.iter().find(|&&c| c >= k) {
+            return Err(shape_err(
+                "cross_entropy",
+                format!("target class {c} is out of range for {k} classes"),
+            ));
+        }
+        Ok(())
+    };
+    rows(targets.labels, "targets")?;
+    if let Some((b, lam)) = targets.mixed {
+        rows(b, "mixed targets")?;
+        if !(0.0..=1.0).contains(&lam) {
+            return Err(shape_err(
+                "cross_entropy",
+                format!("the mixing weight {lam} is not in [0, 1]"),
+            ));
+        }
     }
     if !(0.0..1.0).contains(&label_smoothing) {
         return Err(shape_err(
@@ -37,7 +99,6 @@ pub fn cross_entropy<K: Dim, T: Tape<f32, Cpu>>(
     let z = read(&logits);
     let mut probs = vec![0.0f32; z.len()];
     let mut loss = 0.0f64;
-    let off = label_smoothing as f64 / k as f64;
     for (row, (zr, pr)) in z
         .chunks(k.max(1))
         .zip(probs.chunks_mut(k.max(1)))
@@ -48,19 +109,14 @@ pub fn cross_entropy<K: Dim, T: Tape<f32, Cpu>>(
         for (j, (&v, p)) in zr.iter().zip(pr.iter_mut()).enumerate() {
             let logp = v as f64 - lse;
             *p = logp.exp() as f32;
-            let q = off
-                + if j == targets[row] {
-                    1.0 - label_smoothing as f64
-                } else {
-                    0.0
-                };
-            loss -= q * logp;
+            loss -= targets.q(row, j, k) * logp;
         }
     }
     let dev = logits.device().clone();
     let (logits, tape) = logits.split_tape();
     let loss = vec![(loss / n.max(1) as f64) as f32];
-    let targets = targets.to_vec();
+    let labels = targets.labels.to_vec();
+    let mixed = targets.mixed.map(|(b, lam)| (b.to_vec(), lam));
     let lg = logits.ghost();
     record(
         &dev,
@@ -69,6 +125,11 @@ pub fn cross_entropy<K: Dim, T: Tape<f32, Cpu>>(
         tape,
         Label::CrossEntropy,
         move |dl, grads| {
+            let targets = Targets {
+                labels: &labels,
+                mixed: mixed.as_ref().map(|(b, lam)| (b.as_slice(), *lam)),
+                label_smoothing,
+            };
             let scale = dl[0] / n.max(1) as f32;
             let g = grads.get_or_alloc_mut(&lg)?;
             for (row, (gr, pr)) in g
@@ -77,13 +138,7 @@ pub fn cross_entropy<K: Dim, T: Tape<f32, Cpu>>(
                 .enumerate()
             {
                 for (j, (gv, &p)) in gr.iter_mut().zip(pr).enumerate() {
-                    let q = off as f32
-                        + if j == targets[row] {
-                            1.0 - label_smoothing
-                        } else {
-                            0.0
-                        };
-                    *gv += scale * (p - q);
+                    *gv += scale * (p - targets.q(row, j, k) as f32);
                 }
             }
             Ok(())

@@ -35,7 +35,7 @@ pub use conv_bn::{conv2d_bn_eval, conv2d_bn_eval_raw, conv2d_bn_train, BnRef, Bn
 pub use elementwise::add_relu;
 pub use fold_cache::{with_fold_cache, FoldCache};
 pub use linear::{linear, linear_raw};
-pub use loss::cross_entropy;
+pub use loss::{cross_entropy, cross_entropy_mixed, Targets};
 pub use pool::{global_avg_pool, global_avg_pool_raw, max_pool2d, max_pool2d_raw};
 
 /// A `(batch, C, height, width)` activation on the CPU.
