@@ -212,7 +212,7 @@ mod tests {
     fn the_adjusted_decay_is_torchvisions() {
         // torchvision's V2 recipe: decay 0.99998, 32 steps, batch 1024 (8 × 128), 600 epochs
         let d = Ema::adjusted_decay(0.99998, 1024, 32, 600);
-        let want = 1.0 - (1.0 - 0.99998f64) * 1024.0 * 32.0 / 600.0;
+        let want = 1.0 - (1.0 - 0.99998f32 as f64) * 1024.0 * 32.0 / 600.0;
         assert!((d as f64 - want).abs() < 1e-6, "{d} vs {want}");
         assert_eq!(Ema::adjusted_decay(0.5, 64, 32, 1), 0.0);
     }

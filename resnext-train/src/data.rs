@@ -153,9 +153,14 @@ pub const MAX_IMAGE_SIZE: usize = 2048;
 
 /// Checks an `--image-size` flag: 8 to [`MAX_IMAGE_SIZE`] pixels.
 pub fn check_image_size(size: Option<usize>) -> Result<()> {
+    check_size("image-size", size)
+}
+
+/// Checks the size flag `--<flag>`: 8 to [`MAX_IMAGE_SIZE`] pixels.
+pub fn check_size(flag: &str, size: Option<usize>) -> Result<()> {
     match size {
         Some(s) if !(8..=MAX_IMAGE_SIZE).contains(&s) => {
-            bail!("--image-size {s} is out of range: 8 to {MAX_IMAGE_SIZE}")
+            bail!("--{flag} {s} is out of range: 8 to {MAX_IMAGE_SIZE}")
         }
         _ => Ok(()),
     }

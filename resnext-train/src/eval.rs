@@ -109,7 +109,7 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
     data::check_image_size(a.image_size)?;
-    data::check_image_size(a.val_resize)?;
+    data::check_size("val-resize", a.val_resize)?;
     let size = a.image_size.unwrap_or(arch.default_size());
     let data = data::prepare(
         a.dataset,

@@ -372,8 +372,8 @@ impl TrainArgs {
             (1..=1_000_000).contains(&self.ema_steps),
             "1 to 1000000",
         )?;
-        data::check_image_size(self.val_resize).map_err(|e| anyhow!("--val-resize: {e}"))?;
-        data::check_image_size(self.val_crop).map_err(|e| anyhow!("--val-crop: {e}"))?;
+        data::check_size("val-resize", self.val_resize)?;
+        data::check_size("val-crop", self.val_crop)?;
         self.frozen()?;
         if let Some(list) = &self.class_subset {
             parse_class_list(list)?;
