@@ -71,6 +71,8 @@ pub struct Loader {
     source: Arc<dyn Source>,
     pipeline: Arc<Pipeline>,
     cfg: LoaderConfig,
+    /// `(rank, world)`: this process's share of each step's batches ([`Loader::sharded`]).
+    shard: (usize, usize),
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -136,7 +138,24 @@ impl Loader {
             source,
             pipeline: Arc::new(pipeline),
             cfg,
+            shard: (0, 1),
         }
+    }
+
+    /// This loader as process `rank` of `world` processes of a data-parallel run (a
+    /// distributed sampler): every process draws the same epoch order, cuts it into global
+    /// batches of `world × batch_size` and takes the `rank`-th `batch_size` slice of each,
+    /// so the processes' step-`k` batches together are exactly the step-`k` batch of one
+    /// process with a `world` times larger batch size, and an epoch covers each sample
+    /// once. With `drop_last` an incomplete global batch is dropped; without, the last one
+    /// is shared as far as it goes (a process may get a smaller or an empty batch).
+    pub fn sharded(mut self, rank: usize, world: usize) -> Self {
+        assert!(
+            world > 0 && rank < world,
+            "rank {rank} of {world} processes"
+        );
+        self.shard = (rank, world);
+        self
     }
 
     /// The sample order of `epoch`.
@@ -154,10 +173,11 @@ impl Loader {
     /// Number of batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         let n = self.source.len();
+        let global = self.cfg.batch_size * self.shard.1;
         if self.cfg.drop_last {
-            n / self.cfg.batch_size
+            n / global
         } else {
-            n.div_ceil(self.cfg.batch_size)
+            n.div_ceil(global)
         }
     }
 
@@ -169,11 +189,15 @@ impl Loader {
     /// Iterates over the batches of `epoch`, skipping the first `skip` (to resume).
     pub fn epoch(&self, epoch: u64, skip: usize) -> Batches {
         let order = self.order(epoch);
+        let (rank, world) = self.shard;
+        let b = self.cfg.batch_size;
         let chunks: Vec<Vec<usize>> = order
-            .chunks(self.cfg.batch_size)
+            .chunks(b * world)
             .take(self.batches_per_epoch())
             .skip(skip)
-            .map(<[usize]>::to_vec)
+            .map(|global| {
+                global[(rank * b).min(global.len())..((rank + 1) * b).min(global.len())].to_vec()
+            })
             .collect();
         let chunks = Arc::new(chunks);
         if self.cfg.threads == 0 {
@@ -368,6 +392,33 @@ mod tests {
                     prop_assert_eq!(l, i % 2);
                 }
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        /// The shards of one step together are the step of one loader with a `world` times
+        /// larger batch, sample for sample (data included); an epoch covers each sample once.
+        #[test]
+        fn shards_together_are_the_larger_batch(n in 1usize..60, bs in 1usize..6, world in 1usize..4, seed in any::<u64>(), drop_last in any::<bool>(), skip in 0usize..3) {
+            let cfg = |batch_size| LoaderConfig { batch_size, shuffle: true, drop_last, seed, threads: 0, prefetch: 2 };
+            let whole: Vec<Batch> = Loader::new(toy(n), pipeline(), cfg(bs * world)).epoch(1, skip).map(Result::unwrap).collect();
+            let shards: Vec<Vec<Batch>> = (0..world)
+                .map(|r| Loader::new(toy(n), pipeline(), cfg(bs)).sharded(r, world).epoch(1, skip).map(Result::unwrap).collect())
+                .collect();
+            let per_epoch = Loader::new(toy(n), pipeline(), cfg(bs)).sharded(0, world).batches_per_epoch();
+            prop_assert_eq!(per_epoch, Loader::new(toy(n), pipeline(), cfg(bs * world)).batches_per_epoch());
+            for (k, w) in whole.iter().enumerate() {
+                let (mut idx, mut data): (Vec<usize>, Vec<f32>) = (Vec::new(), Vec::new());
+                for s in &shards {
+                    prop_assert!(s[k].labels.len() <= bs);
+                    idx.extend_from_slice(&s[k].indices);
+                    data.extend_from_slice(&s[k].data);
+                }
+                prop_assert_eq!(&idx, &w.indices);
+                prop_assert_eq!(&data, &w.data);
+            }
+            prop_assert!(shards.iter().all(|s| s.len() == whole.len()));
         }
     }
 

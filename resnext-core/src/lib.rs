@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod builders;
+pub mod dist;
 pub mod ema;
 pub mod error;
 pub mod kernels;

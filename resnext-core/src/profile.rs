@@ -50,6 +50,8 @@ pub enum Label {
     CrossEntropy,
     /// The optimiser's parameter update.
     SgdStep,
+    /// Averaging the gradients over a data-parallel group (one all-reduce a step).
+    AllReduce,
 }
 
 impl Label {
@@ -76,6 +78,7 @@ impl Label {
             Label::Linear => "linear",
             Label::CrossEntropy => "cross_entropy",
             Label::SgdStep => "sgd step",
+            Label::AllReduce => "all-reduce",
         }
     }
 }

@@ -69,13 +69,17 @@ pub fn evaluate(net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
             n += 1;
         }
     }
-    if n == 0 {
+    // a data-parallel run evaluates a shard per process: the group's sums
+    let mut sums = [loss, top1 as f64, top5 as f64, n as f64];
+    crate::dist::sum_f64(&mut sums);
+    let [loss, top1, top5, n] = sums;
+    if n == 0.0 {
         bail!("the evaluation set is empty");
     }
     Ok(EvalResult {
-        loss: loss / n as f64,
-        top1: top1 as f64 / n as f64,
-        top5: top5 as f64 / n as f64,
+        loss: loss / n,
+        top1: top1 / n,
+        top5: top5 / n,
     })
 }
 

@@ -4,6 +4,7 @@
 
 pub mod curves;
 pub mod data;
+pub mod dist;
 pub mod embed;
 pub mod eval;
 pub mod info;

@@ -69,6 +69,29 @@ fn main() -> ExitCode {
 
 fn train_with_ctrlc(args: train::TrainArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let args = train::resolve(args, matches)?;
+    // under mpirun: the process group (MPI is finalised when `_universe` is dropped, after
+    // the run)
+    #[cfg(feature = "mpi")]
+    let _universe = {
+        let (universe, group) = resnext_train::dist::mpi_group::init()?;
+        if let Some(g) = group {
+            resnext_core::dist::install(g, args.sync_bn);
+        }
+        universe
+    };
+    let result = train_in_group(args);
+    if let Err(e) = &result {
+        let (rank, world) = resnext_train::dist::rank_world();
+        if world > 1 {
+            // the other processes wait in a collective: end them all
+            eprintln!("error on rank {rank} of {world}: {e:#}; ending the job");
+            resnext_train::dist::abort_group(1);
+        }
+    }
+    result
+}
+
+fn train_in_group(args: train::TrainArgs) -> anyhow::Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     ctrlc::set_handler(move || {

@@ -160,6 +160,16 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub val_crop: Option<usize>,
+    /// Data-parallel runs (`mpirun -np N`, the `mpi` feature): batch norm statistics over
+    /// the whole group's batch instead of each process's (torch's SyncBatchNorm).
+    #[arg(long)]
+    #[serde(default)]
+    pub sync_bn: bool,
+    /// Data-parallel runs: multiply --lr by the number of processes (the linear scaling
+    /// rule; the global batch is processes × --batch-size).
+    #[arg(long)]
+    #[serde(default)]
+    pub lr_scale_with_world: bool,
     /// A preset of published hyper-parameters under the flags given (which still win):
     /// `torchvision-v2` is torchvision's recipe of its V2 ImageNet weights, the learning
     /// rate scaled from its global batch of 1024 to --batch-size.
@@ -193,6 +203,10 @@ fn one() -> f32 {
 
 fn ema_steps() -> usize {
     32
+}
+
+fn one_process() -> usize {
+    1
 }
 
 /// The automatic augmentations `--auto-augment` accepts.
@@ -655,6 +669,9 @@ struct State {
     /// Updates of the average since its last reset.
     #[serde(default)]
     ema_n_averaged: u64,
+    /// Processes of the run (1 without MPI).
+    #[serde(default = "one_process")]
+    world: usize,
     config: serde_json::Value,
 }
 
@@ -802,14 +819,19 @@ pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
             Flow::Stopped => return Ok(()),
             Flow::EpochDone { lr } => trainer.end_epoch(lr)?,
         }
-        if trainer.interrupted.load(Ordering::SeqCst) {
-            println!(
-                "interrupted: checkpoint written after epoch {}; continue with --resume {}",
-                trainer.state.epoch,
-                trainer.dir.display()
-            );
+        if crate::dist::any(trainer.interrupted.load(Ordering::SeqCst)) {
+            if trainer.leader {
+                println!(
+                    "interrupted: checkpoint written after epoch {}; continue with --resume {}",
+                    trainer.state.epoch,
+                    trainer.dir.display()
+                );
+            }
             return Ok(());
         }
+    }
+    if !trainer.leader {
+        return Ok(());
     }
     let last = trainer.state.history.last();
     if let Some(ema) = last.and_then(|r| r.test_top1_ema) {
@@ -840,6 +862,10 @@ struct Trainer {
     net: Box<dyn Network>,
     opt: Optimizer,
     ema: Option<EmaRun>,
+    /// The peak learning rate (--lr, times the processes with --lr-scale-with-world).
+    base_lr: f32,
+    /// Rank 0 of a data-parallel run (or the only process): writes and prints.
+    leader: bool,
     state: State,
     train: Loader,
     test: Loader,
@@ -895,6 +921,8 @@ impl Trainer {
                 .unwrap_or(0);
             PathBuf::from("runs").join(format!("{}-{}-{t}", arch, args.dataset))
         });
+        let (rank, world) = crate::dist::rank_world();
+        let leader = rank == 0;
         if args.resume.is_none() && dir.join("state.json").exists() {
             if !args.overwrite {
                 bail!(
@@ -903,13 +931,17 @@ impl Trainer {
                     dir.display()
                 );
             }
-            for f in RUN_FILES {
-                let _ = std::fs::remove_file(dir.join(f));
+            if leader {
+                for f in RUN_FILES {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+                let _ = std::fs::remove_dir_all(dir.join("checkpoint"));
             }
-            let _ = std::fs::remove_dir_all(dir.join("checkpoint"));
         }
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create the run folder `{}`", dir.display()))?;
+        if leader {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create the run folder `{}`", dir.display()))?;
+        }
 
         let dev = Cpu::seed_from_u64(args.seed);
         let mut net = arch.build(&dev, data.info.channels, classes)?;
@@ -944,7 +976,11 @@ impl Trainer {
         }
         net.set_frozen(frozen);
         let opt = Optimizer::new(OptimConfig {
-            lr: args.lr,
+            lr: if args.lr_scale_with_world {
+                args.lr * world as f32
+            } else {
+                args.lr
+            },
             algorithm: match args.optimizer {
                 OptimizerName::Sgd => Algorithm::Sgd,
                 OptimizerName::Adamw => Algorithm::ADAMW,
@@ -970,6 +1006,7 @@ impl Trainer {
             ema_file: String::new(),
             epoch_ema_file: String::new(),
             ema_n_averaged: 0,
+            world,
             config: serde_json::to_value(&args)?,
         };
         let ema = match args.ema_decay {
@@ -1005,18 +1042,27 @@ impl Trainer {
             args.batch_size,
             true,
             4,
-        );
-        let test = loader(data.test.clone(), data.test_pipeline, 256, false, 2);
+        )
+        .sharded(rank, world);
+        let test =
+            loader(data.test.clone(), data.test_pipeline, 256, false, 2).sharded(rank, world);
         let steps = train.batches_per_epoch();
         if steps == 0 {
             bail!(
-                "the training set has {} images, fewer than one batch of {}",
+                "the training set has {} images, fewer than one batch of {} ({world} process(es) × --batch-size {})",
                 data.train.len(),
+                args.batch_size * world,
                 args.batch_size
             );
         }
         Ok(Trainer {
             schedule: args.schedule.schedule(),
+            base_lr: if args.lr_scale_with_world {
+                args.lr * world as f32
+            } else {
+                args.lr
+            },
+            leader,
             args,
             arch,
             dir,
@@ -1036,6 +1082,14 @@ impl Trainer {
     /// Continues from the run folder's `state.json` and the checkpoint it names.
     fn resume(&mut self) -> Result<()> {
         let saved = State::read(&self.dir)?;
+        if saved.world != self.state.world {
+            bail!(
+                "cannot resume: `{}` was trained by {} process(es) and this run has {}; resume with the same number (its batches and shards depend on it)",
+                self.dir.display(),
+                saved.world,
+                self.state.world
+            );
+        }
         let ck = self.dir.join("checkpoint");
         self.net
             .load_safetensors(&ck.join(&saved.model_file))
@@ -1062,6 +1116,11 @@ impl Trainer {
             config: std::mem::take(&mut self.state.config),
             ..saved
         };
+        if !self.leader {
+            // the saved running sums are the group's: rank 0 carries them on
+            self.state.partial = Partial::default();
+            return Ok(());
+        }
         // a kill during the last writes may have left derived files older or newer than
         // the state, temporary files, or unnamed checkpoint files
         remove_unnamed(&self.dir, &self.state);
@@ -1076,6 +1135,22 @@ impl Trainer {
     }
 
     fn announce(&self) {
+        if !self.leader {
+            return;
+        }
+        let (_, world) = crate::dist::rank_world();
+        if world > 1 {
+            println!(
+                "{world} processes × batch {} = global batch {}; batch norm {}",
+                self.args.batch_size,
+                world * self.args.batch_size,
+                if self.args.sync_bn {
+                    "synchronised"
+                } else {
+                    "per process"
+                }
+            );
+        }
         println!(
             "training {} on {} ({} train / {} test images, {} classes) for {} epochs; run folder {}",
             self.arch,
@@ -1093,7 +1168,8 @@ impl Trainer {
     fn train_epoch(&mut self) -> Result<Flow> {
         let (epoch, steps) = (self.state.epoch, self.steps);
         let tty = std::io::stderr().is_terminal();
-        let bar = if tty {
+        let (_, world) = crate::dist::rank_world();
+        let bar = if tty && self.leader {
             ProgressBar::new(steps as u64)
         } else {
             ProgressBar::hidden()
@@ -1105,9 +1181,17 @@ impl Trainer {
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, self.args.epochs));
         bar.set_position(self.state.step_in_epoch as u64);
-        let mut lr = self.args.lr;
+        let mut lr = self.base_lr;
         for batch in self.train.epoch(epoch as u64, self.state.step_in_epoch) {
             let batch = batch?;
+            if world > 1 && (batch.labels.is_empty() || (self.args.sync_bn && batch.skipped > 0)) {
+                bail!(
+                    "epoch {} step {}: {} unreadable image(s) in this process's batch; a data-parallel run needs every batch whole (remove the unreadable files)",
+                    epoch + 1,
+                    self.state.step_in_epoch + 1,
+                    batch.skipped
+                );
+            }
             if batch.labels.is_empty() {
                 // every image of this batch was unreadable (and left out, with a warning)
                 self.state.step_in_epoch += 1;
@@ -1117,7 +1201,7 @@ impl Trainer {
             let t0 = Instant::now();
             let progress = epoch as f32 + self.state.step_in_epoch as f32 / steps as f32;
             lr = self.schedule.lr(
-                self.args.lr,
+                self.base_lr,
                 progress,
                 self.args.epochs,
                 self.args.warmup_epochs,
@@ -1180,6 +1264,7 @@ impl Trainer {
             bar.set_position(self.state.step_in_epoch as u64);
             bar.set_message(format!("loss {mean_loss:.4} | {rate:.0} img/s"));
             if !tty
+                && self.leader
                 && self.state.step_in_epoch.is_multiple_of((steps / 4).max(1))
                 && self.state.step_in_epoch < steps
             {
@@ -1193,8 +1278,19 @@ impl Trainer {
                 .args
                 .max_steps
                 .is_some_and(|m| self.state.global_step >= m);
-            if self.interrupted.load(Ordering::SeqCst) || stop_steps {
+            // every process stops at the same step: an interrupt may reach them apart
+            let interrupted = self.interrupted.load(Ordering::SeqCst);
+            let interrupted = if world > 1 {
+                crate::dist::any(interrupted)
+            } else {
+                interrupted
+            };
+            if interrupted || stop_steps {
                 bar.abandon();
+                self.reduce_partial();
+                if !self.leader {
+                    return Ok(Flow::Stopped);
+                }
                 checkpoint(
                     &self.dir,
                     self.net.as_ref(),
@@ -1220,6 +1316,21 @@ impl Trainer {
         Ok(Flow::EpochDone { lr })
     }
 
+    /// Replaces this process's running sums by the group's (rank 0's time kept): before a
+    /// checkpoint or the epoch's record. Nothing in a single process.
+    fn reduce_partial(&mut self) {
+        let (_, world) = crate::dist::rank_world();
+        if world < 2 {
+            return;
+        }
+        let p = &mut self.state.partial;
+        let mut v = [p.loss_sum, p.correct as f64, p.seen as f64];
+        crate::dist::sum_f64(&mut v);
+        p.loss_sum = v[0];
+        p.correct = v[1] as usize;
+        p.seen = v[2] as usize;
+    }
+
     /// Evaluates, records the epoch, writes the checkpoint and the run's artifacts.
     fn end_epoch(&mut self, lr: f32) -> Result<()> {
         let ev = eval::evaluate(self.net.as_ref(), &self.test).with_context(|| {
@@ -1229,6 +1340,7 @@ impl Trainer {
                 self.dir.display()
             )
         })?;
+        self.reduce_partial();
         let p = std::mem::take(&mut self.state.partial);
         let rec = EpochRecord {
             epoch: self.state.epoch + 1,
@@ -1251,15 +1363,17 @@ impl Trainer {
             rec.test_loss_ema = Some(ev.loss);
             rec.test_top1_ema = Some(ev.top1);
         }
-        println!(
+        if self.leader {
+            println!(
             "epoch {}/{}: train_loss {:.4} train_top1 {:.4} test_loss {:.4} test_top1 {:.4} lr {:.4} {:.0} img/s {:.1}s",
             rec.epoch, self.args.epochs, rec.train_loss, rec.train_top1, rec.test_loss, rec.test_top1, rec.lr, rec.images_per_s, rec.seconds
         );
-        if let (Some(loss), Some(top1)) = (rec.test_loss_ema, rec.test_top1_ema) {
-            println!(
-                "epoch {}/{}: ema test_loss {loss:.4} test_top1 {top1:.4}",
-                rec.epoch, self.args.epochs
-            );
+            if let (Some(loss), Some(top1)) = (rec.test_loss_ema, rec.test_top1_ema) {
+                println!(
+                    "epoch {}/{}: ema test_loss {loss:.4} test_top1 {top1:.4}",
+                    rec.epoch, self.args.epochs
+                );
+            }
         }
         self.state.history.push(rec.clone());
         self.state.epoch += 1;
@@ -1274,6 +1388,9 @@ impl Trainer {
         self.state.epoch_model_file = model_file;
         if self.ema.is_some() {
             self.state.epoch_ema_file = ema_file(self.state.global_step);
+        }
+        if !self.leader {
+            return Ok(());
         }
         checkpoint(
             &self.dir,

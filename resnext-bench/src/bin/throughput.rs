@@ -40,6 +40,17 @@ struct Args {
 fn main() -> Result<()> {
     let a = Args::parse();
     resnext_core::keep_freed_memory();
+    // under mpirun: each training step averages its gradients over the group
+    #[cfg(feature = "mpi")]
+    let _universe = {
+        let (universe, group) = resnext_train::dist::mpi_group::init()?;
+        if let Some(g) = group {
+            resnext_core::dist::install(g, false);
+        }
+        universe
+    };
+    let world = resnext_core::dist::group().map_or(1, |g| g.world());
+    let leader = resnext_core::dist::group().is_none_or(|g| g.rank() == 0);
     if a.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(a.threads)
@@ -73,11 +84,20 @@ fn main() -> Result<()> {
         let t = Instant::now();
         step()?;
         let s = t.elapsed().as_secs_f64();
-        println!("iter {i}: {:.3} s ({:.2} img/s)", s, a.batch as f64 / s);
+        if leader {
+            println!(
+                "iter {i}: {:.3} s ({:.2} img/s)",
+                s,
+                (a.batch * world) as f64 / s
+            );
+        }
         times.push(s);
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    if !leader {
+        return Ok(());
+    }
     println!(
         "{} {} batch {} size {} threads {}: median {:.3} s",
         arch,
@@ -102,6 +122,9 @@ fn main() -> Result<()> {
     if let Some(b) = resnext_bench::peak_rss_bytes() {
         println!("peak_rss_mb: {:.0}", b as f64 / 1e6);
     }
-    println!("img/s: {:.2}", a.batch as f64 / median);
+    if world > 1 {
+        println!("processes: {world} (global batch {})", a.batch * world);
+    }
+    println!("img/s: {:.2}", (a.batch * world) as f64 / median);
     Ok(())
 }

@@ -133,7 +133,7 @@ pub fn stats_from_planes(g: &BnGeom, planes: &[(f64, f64)], eps: f64) -> BnStats
 }
 
 /// Batch mean and biased variance per channel: [`plane_stats`] of every plane, in
-/// parallel, then [`stats_from_planes`].
+/// parallel, then [`stats_synced`].
 pub fn batch_stats(g: &BnGeom, x: &[f32], eps: f64) -> BnStats {
     assert_eq!(x.len(), g.len(), "batch norm: input length");
     let planes: Vec<(f64, f64)> = if g.spatial == 0 {
@@ -141,7 +141,31 @@ pub fn batch_stats(g: &BnGeom, x: &[f32], eps: f64) -> BnStats {
     } else {
         x.par_chunks(g.spatial).map(plane_stats).collect()
     };
-    stats_from_planes(g, &planes, eps)
+    stats_synced(g, planes, eps)
+}
+
+/// [`stats_from_planes`] over the whole group's batch when batch norm is synchronised
+/// ([`crate::dist`]): every process's planes are gathered in rank order, so the group
+/// computes exactly the statistics one process would on the concatenated batch. The
+/// local statistics otherwise.
+pub fn stats_synced(g: &BnGeom, planes: Vec<(f64, f64)>, eps: f64) -> BnStats {
+    let Some(comm) = crate::dist::bn_group() else {
+        return stats_from_planes(g, &planes, eps);
+    };
+    let flat: Vec<f64> = planes.iter().flat_map(|&(m, m2)| [m, m2]).collect();
+    let all = comm.all_gather_f64(&flat);
+    let planes: Vec<(f64, f64)> = all.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+    let global = BnGeom {
+        batch: g.batch * comm.world(),
+        ..*g
+    };
+    stats_from_planes(&global, &planes, eps)
+}
+
+/// How many processes' batches a training-mode batch norm spans: the group's size when
+/// batch norm is synchronised, else 1.
+fn sync_world() -> usize {
+    crate::dist::bn_group().map_or(1, |c| c.world())
 }
 
 /// `y = (x - center[c]) * scale[c] + shift[c]`, then `max(y, 0)` when `relu`. Overwrites
@@ -243,7 +267,7 @@ pub fn update_running(
     running_mean: &mut [f32],
     running_var: &mut [f32],
 ) {
-    let m = g.per_channel() as f64;
+    let m = (g.per_channel() * sync_world()) as f64;
     let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
     for c in 0..g.channels {
         running_mean[c] =
@@ -318,10 +342,10 @@ pub fn bn_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
-    let m = g.per_channel() as f64;
+    let m = (g.per_channel() * if train { sync_world() } else { 1 }) as f64;
     assert_eq!(x.len(), g.len(), "batch norm backward: input length");
     assert_eq!(dy.len(), g.len(), "batch norm backward: gradient length");
-    let sums = grad_sums(g, x, ch, dy, dgamma, dbeta);
+    let sums = grad_sums(g, x, ch, dy, dgamma, dbeta, train);
     let Some(dx) = dx else { return };
     if g.spatial == 0 {
         return;
@@ -349,7 +373,9 @@ pub fn bn_backward(
 }
 
 /// Per channel `(Σ d, Σ d · xhat)`, `d` the output gradient masked by the fused ReLU;
-/// adds them into `dbeta` and `dgamma`, which they are.
+/// adds them into `dbeta` and `dgamma`, which they are. With `sync` and synchronised batch
+/// norm, the returned sums are the whole group's (`dbeta`/`dgamma` keep this process's:
+/// they are averaged with the other gradients).
 fn grad_sums(
     g: &BnGeom,
     x: &[f32],
@@ -357,6 +383,7 @@ fn grad_sums(
     dy: &[f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    sync: bool,
 ) -> Vec<(f64, f64)> {
     // The ReLU mask is recomputed from x: y > 0 exactly when xhat * gamma + beta > 0.
     // Per-plane constants are hoisted and the loops run on fixed-width lanes so they
@@ -378,7 +405,14 @@ fn grad_sums(
         dbeta[c] += sg as f32;
         dgamma[c] += sgx as f32;
     }
-    sums
+    match crate::dist::bn_group().filter(|_| sync) {
+        Some(comm) => {
+            let mut flat: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
+            comm.all_reduce_f64(&mut flat);
+            flat.chunks_exact(2).map(|p| (p[0], p[1])).collect()
+        }
+        None => sums,
+    }
 }
 
 /// Training-mode [`bn_backward`] that turns the output gradient `d` into the input
@@ -395,8 +429,8 @@ pub fn bn_backward_in_place(
 ) {
     assert_eq!(x.len(), g.len(), "batch norm backward: input length");
     assert_eq!(d.len(), g.len(), "batch norm backward: gradient length");
-    let m = g.per_channel() as f64;
-    let sums = grad_sums(g, x, ch, d, dgamma, dbeta);
+    let m = (g.per_channel() * sync_world()) as f64;
+    let sums = grad_sums(g, x, ch, d, dgamma, dbeta, true);
     if g.spatial == 0 {
         return;
     }

@@ -53,6 +53,7 @@ pub fn train_step_by<const C: usize, O: Dim, M: Params>(
         return Err(Error::NonFinite(format!("loss is {value}")));
     }
     let mut grads = loss.backward();
+    crate::dist::average_gradients(net, &mut grads, &opt.cfg)?;
     let grad_norm = opt.step(net, &mut grads)?;
     Ok(TrainOutput {
         loss: value,

@@ -191,7 +191,7 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
     };
     let _t = profile::scope(Label::BatchNormTrainFwd);
     let (gs, bs) = (read(bn.gamma), read(bn.beta));
-    let stats = bn::stats_from_planes(&bg, &planes, cfg.eps);
+    let stats = bn::stats_synced(&bg, planes, cfg.eps);
     let scale: Vec<f32> = gs.iter().zip(&stats.inv_std).map(|(a, b)| a * b).collect();
     let mut y = ew::zeroed(g.output_len());
     let (res, mut tape) = match residual {
