@@ -139,7 +139,7 @@ impl ParamVisitorMut for Flatten<'_> {
             }
             return Ok(());
         }
-        if self.cfg.lr_scale(name) == 0.0 {
+        if !self.cfg.updates(name, kind) {
             return Ok(());
         }
         let g = self.grads.get_or_alloc_mut(t)?;

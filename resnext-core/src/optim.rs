@@ -84,6 +84,12 @@ impl OptimConfig {
             .map_or(1.0, |g| g.lr_scale)
     }
 
+    /// Whether the optimiser updates (and keeps state for) the tensor `name` of `kind`: a
+    /// trainable tensor outside every frozen group.
+    pub fn updates(&self, name: &str, kind: ParamKind) -> bool {
+        kind != ParamKind::Buffer && self.lr_scale(name) != 0.0
+    }
+
     /// The state slots each trainable parameter has, as name prefixes of the saved state.
     fn slots(&self) -> &'static [&'static str] {
         match self.algorithm {
@@ -142,7 +148,7 @@ impl ParamVisitor for GradNorm<'_> {
         t: &Tensor<S, f32, Cpu>,
         kind: ParamKind,
     ) -> Result<()> {
-        if kind == ParamKind::Buffer || self.cfg.lr_scale(name) == 0.0 {
+        if !self.cfg.updates(name, kind) {
             return Ok(());
         }
         let g = self.grads.get_or_alloc_mut(t)?;
@@ -470,7 +476,7 @@ impl ParamVisitor for MatchBuffers<'_> {
         t: &Tensor<S, f32, Cpu>,
         kind: ParamKind,
     ) -> Result<(), WeightsError> {
-        if kind == ParamKind::Buffer || self.cfg.lr_scale(name) == 0.0 {
+        if !self.cfg.updates(name, kind) {
             return Ok(());
         }
         let want = t.shape().num_elements();

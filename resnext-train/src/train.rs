@@ -541,17 +541,38 @@ fn config_layer(
     Ok((std::mem::take(keys), steps))
 }
 
+/// Overlays the `--config` keys, then the recipe's values under them (the keys are applied
+/// again over the recipe; flags on the command line win over both). A resumed run's saved
+/// configuration holds the recipe's values already: no recipe layer then.
+fn with_config(
+    args: TrainArgs,
+    keys: &serde_json::Map<String, serde_json::Value>,
+    what: &str,
+    matches: &ArgMatches,
+    resumed: bool,
+) -> Result<TrainArgs> {
+    // no layer, no round trip through JSON (which cannot carry a NaN flag to its range check)
+    let mut args = if keys.is_empty() {
+        args
+    } else {
+        overlay(&args, keys, matches, what)?
+    };
+    if let (Some(recipe), false) = (args.recipe, resumed) {
+        args = overlay(&args, &recipe.layer(args.batch_size), matches, "--recipe")?;
+        if !keys.is_empty() {
+            args = overlay(&args, keys, matches, what)?;
+        }
+    }
+    Ok(args)
+}
+
 /// The arguments a `--config` text gives on its own (every other flag at its default),
 /// validated: what `train --config FILE` would run with. Used by the config fuzz target.
 pub fn parse_config(text: &str) -> Result<TrainArgs> {
     let matches = TrainArgs::augment_args(clap::Command::new("train")).get_matches_from(["train"]);
     let defaults = TrainArgs::from_arg_matches(&matches)?;
     let (keys, steps) = config_layer(text, "config")?;
-    let mut args = overlay(&defaults, &keys, &matches, "config")?;
-    if let Some(recipe) = args.recipe {
-        args = overlay(&args, &recipe.layer(args.batch_size), &matches, "--recipe")?;
-        args = overlay(&args, &keys, &matches, "config")?;
-    }
+    let mut args = with_config(defaults, &keys, "config", &matches, false)?;
     args.max_steps = steps;
     args.validate()?;
     Ok(args)
@@ -575,24 +596,22 @@ pub fn resolve(mut args: TrainArgs, matches: &ArgMatches) -> Result<TrainArgs> {
         )?;
         args.out_dir = Some(dir.clone());
     }
-    if let Some(path) = &config {
-        let what = format!("`{}`", path.display());
-        let text = resnext_fs::read_at_most(path, MAX_CONFIG_BYTES)?;
-        let text = String::from_utf8(text).map_err(|_| anyhow!("{what} is not UTF-8 text"))?;
-        let (keys, steps) = config_layer(&text, &what)?;
-        if steps.is_some() && matches.value_source("max_steps") != Some(ValueSource::CommandLine) {
-            max_steps = steps;
+    let (keys, what) = match &config {
+        Some(path) => {
+            let what = format!("`{}`", path.display());
+            let text = resnext_fs::read_at_most(path, MAX_CONFIG_BYTES)?;
+            let text = String::from_utf8(text).map_err(|_| anyhow!("{what} is not UTF-8 text"))?;
+            let (keys, steps) = config_layer(&text, &what)?;
+            if steps.is_some()
+                && matches.value_source("max_steps") != Some(ValueSource::CommandLine)
+            {
+                max_steps = steps;
+            }
+            (keys, what)
         }
-        args = overlay(&args, &keys, matches, &what)?;
-        // the recipe sits under the file's keys: the file is applied again over it
-        if let (Some(recipe), None) = (args.recipe, &resume) {
-            args = overlay(&args, &recipe.layer(args.batch_size), matches, "--recipe")?;
-            args = overlay(&args, &keys, matches, &what)?;
-        }
-    } else if let (Some(recipe), None) = (args.recipe, &resume) {
-        // a resumed run's saved configuration holds the recipe's values already
-        args = overlay(&args, &recipe.layer(args.batch_size), matches, "--recipe")?;
-    }
+        None => (serde_json::Map::new(), String::new()),
+    };
+    args = with_config(args, &keys, &what, matches, resume.is_some())?;
     args.resume = resume;
     args.config = config;
     args.max_steps = max_steps;
@@ -975,12 +994,13 @@ impl Trainer {
             bail!("--freeze: every part is frozen, nothing would train");
         }
         net.set_frozen(frozen);
+        let base_lr = if args.lr_scale_with_world {
+            args.lr * world as f32
+        } else {
+            args.lr
+        };
         let opt = Optimizer::new(OptimConfig {
-            lr: if args.lr_scale_with_world {
-                args.lr * world as f32
-            } else {
-                args.lr
-            },
+            lr: base_lr,
             algorithm: match args.optimizer {
                 OptimizerName::Sgd => Algorithm::Sgd,
                 OptimizerName::Adamw => Algorithm::ADAMW,
@@ -1057,11 +1077,7 @@ impl Trainer {
         }
         Ok(Trainer {
             schedule: args.schedule.schedule(),
-            base_lr: if args.lr_scale_with_world {
-                args.lr * world as f32
-            } else {
-                args.lr
-            },
+            base_lr,
             leader,
             args,
             arch,
@@ -1279,12 +1295,7 @@ impl Trainer {
                 .max_steps
                 .is_some_and(|m| self.state.global_step >= m);
             // every process stops at the same step: an interrupt may reach them apart
-            let interrupted = self.interrupted.load(Ordering::SeqCst);
-            let interrupted = if world > 1 {
-                crate::dist::any(interrupted)
-            } else {
-                interrupted
-            };
+            let interrupted = crate::dist::any(self.interrupted.load(Ordering::SeqCst));
             if interrupted || stop_steps {
                 bar.abandon();
                 self.reduce_partial();

@@ -18,38 +18,12 @@ const LEARNED: [&str; 6] = [
     "lr",
 ];
 
-/// Trains one epoch in 5 big batches into `run`.
-fn one_quick_epoch(run: &str) -> String {
-    ok(&bin(&[
-        "train",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "256",
-        "--out-dir",
-        run,
-    ]))
-}
-
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn a_short_run_writes_metrics_curves_and_checkpoints_that_eval_reads() {
     let d = TempDir::new("short");
     let run = d.s("run");
     let out = ok(&bin(&["train", "--epochs", "2", "--out-dir", &run]));
-    let last = out.lines().last().unwrap();
-    let top1: f64 = last
-        .strip_prefix("final test_top1: ")
-        .expect("final line")
-        .parse()
-        .unwrap();
+    let top1 = final_top1(&out);
     let m = metrics(Path::new(&run));
     assert_eq!(m.len(), 2);
     for key in LEARNED.into_iter().chain(["images_per_s", "seconds"]) {
@@ -274,13 +248,7 @@ fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
         ),
     ];
     for (args, want) in cases {
-        let o = bin(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{args:?} should fail");
-        assert!(
-            err.contains(want) && !err.contains("panicked"),
-            "{args:?}: {err}"
-        );
+        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), want);
     }
 }
 
