@@ -1,7 +1,8 @@
 //! Criterion benchmarks: each op at the four stage shapes of `resnext50_32x4d` (forward
 //! and backward), one block (eval, and a training forward + backward), whole networks (eval at batch 1 and 8, one training step at
 //! batch 8) at 224×224, a CIFAR-size network, and ResNeXt-50 against ResNet-50 built from
-//! the same blocks. Names carry the device (`cpu`).
+//! the same blocks; the grouped 3×3 convolutions again at every instruction-set level the
+//! CPU has (`conv_isa/`). Names carry the device (`cpu`) or the level (`avx2`, …).
 //!
 //! `cargo bench -p resnext-bench` (all), or e.g. `cargo bench -p resnext-bench -- conv/`.
 #![allow(missing_docs)] // criterion_group! generates an undocumented function
@@ -10,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use dfdx::prelude::*;
 use resnext_bench::{grouped3x3, pointwise, stage_size, stage_width, values};
 use resnext_core::kernels::batchnorm::{self, BnGeom};
-use resnext_core::kernels::conv;
+use resnext_core::kernels::{conv, isa};
 use resnext_core::model::Arch;
 use resnext_core::optim::{OptimConfig, Optimizer};
 
@@ -105,6 +106,36 @@ fn ops(c: &mut Criterion) {
     g.finish();
 }
 
+/// The grouped 3×3 convolutions at every instruction-set level this CPU has (the level
+/// set process-wide for the duration of each measurement): `conv_isa/grouped3x3_fwd_avx2`.
+fn conv_isa(c: &mut Criterion) {
+    let mut g = c.benchmark_group("conv_isa");
+    g.sample_size(10);
+    for level in isa::available() {
+        isa::set_level(Some(level)).expect("an available level");
+        for stage in 1..=4 {
+            let geom = grouped3x3(stage, BATCH, 1);
+            let x = values(1, geom.input_len());
+            let w = values(2, geom.weight_len());
+            let dy = values(3, geom.output_len());
+            let mut y = vec![0.0; geom.output_len()];
+            g.throughput(Throughput::Elements(2 * geom.macs() as u64));
+            g.bench_function(
+                BenchmarkId::new(format!("grouped3x3_fwd_{level}"), format!("stage{stage}")),
+                |b| b.iter(|| conv::conv2d_forward(&geom, &x, &w, &mut y)),
+            );
+            let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+            g.throughput(Throughput::Elements(4 * geom.macs() as u64));
+            g.bench_function(
+                BenchmarkId::new(format!("grouped3x3_bwd_{level}"), format!("stage{stage}")),
+                |b| b.iter(|| conv::conv2d_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw)),
+            );
+        }
+    }
+    isa::set_level(None).expect("back to the detected level");
+    g.finish();
+}
+
 fn block(c: &mut Criterion) {
     let dev = Cpu::default();
     let blk = dev.build_module::<resnext_core::builders::Bottleneck<256, 128, 256, 1, 32>, f32>();
@@ -168,6 +199,6 @@ fn networks(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default();
-    targets = ops, block, networks
+    targets = ops, conv_isa, block, networks
 }
 criterion_main!(benches);

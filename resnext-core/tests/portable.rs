@@ -1,7 +1,8 @@
-//! Tests that switch the direct convolution kernels to their portable loops
-//! (`direct::force_portable`), a process-wide setting: in a test binary of their own, so
-//! that the switch never changes the kernels under another test's feet (tests that compare
-//! two runs bit for bit, for one), and one at a time within it.
+//! Tests that run the kernels at every instruction-set level this CPU has (`isa::set_level`:
+//! AVX-512, AVX2 + FMA and plain code on an AVX-512 machine; NEON and plain code on
+//! aarch64), a process-wide setting: in a test binary of their own, so that the switch
+//! never changes the kernels under another test's feet (tests that compare two runs bit
+//! for bit, for one), and one at a time within it.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::sync::Mutex;
 
 use proptest::prelude::*;
 use resnext_core::kernels::conv::{self, Conv2dGeom};
+use resnext_core::kernels::isa;
 
 use crate::common::{rel_err, values, ConvCase};
 
@@ -24,7 +26,7 @@ proptest! {
         // up to 64 output channels per group, several 8-channel register blocks
         opg in prop_oneof![1usize..19, prop::sample::select(vec![16usize, 32, 48, 64])],
         (h, w, kernel, stride, padding) in (1usize..21, 1usize..21, 2usize..6, 1usize..4, 0usize..3),
-        portable in any::<bool>(),
+        level in prop::sample::select(isa::available()),
         seed in any::<u64>(),
     ) {
         // Channel counts past the kernel's 8-channel blocks and grids past several vectors.
@@ -33,24 +35,24 @@ proptest! {
         prop_assert!(conv::direct::suits(&g));
         let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
         let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-        conv::direct::force_portable(portable);
+        isa::set_level(Some(level)).unwrap();
         let mut y = vec![0.0; g.output_len()];
         conv::direct::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
         // Accumulates into what is there, like every backward kernel.
         let (mut dx, mut dw) = (vec![1.0; x.len()], vec![1.0; wt.len()]);
         conv::direct::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
-        conv::direct::force_portable(false);
-        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        isa::set_level(None).unwrap();
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
         let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
-        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx");
-        prop_assert!(rel_err(&minus_one(dw), &dw_ref) <= 1e-5, "dw");
+        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx at {level}");
+        prop_assert!(rel_err(&minus_one(dw), &dw_ref) <= 1e-5, "dw at {level}");
     }
 
     #[test]
     fn direct_forward_of_a_stem_conv_matches_reference(
         (batch, cin, cout) in (1usize..3, 1usize..5, prop_oneof![1usize..19, Just(64usize)]),
         (h, w, kernel, stride, padding) in (5usize..30, 5usize..30, 5usize..8, 1usize..4, 0usize..4),
-        portable in any::<bool>(),
+        level in prop::sample::select(isa::available()),
         seed in any::<u64>(),
     ) {
         // A dense convolution with an RGB-like input and a large kernel (ResNeXt's 7×7
@@ -62,14 +64,14 @@ proptest! {
         let mut y_ref = vec![0.0; g.output_len()];
         conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
         let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-        conv::direct::force_portable(portable);
+        isa::set_level(Some(level)).unwrap();
         let mut y = vec![0.0; g.output_len()];
         conv::direct::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
         // and through the dispatcher, which picks it when the batch fills the threads
         let mut y_dispatched = vec![0.0; g.output_len()];
         conv::conv2d_forward(&g, &x, &wt, &mut y_dispatched);
-        conv::direct::force_portable(false);
-        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        isa::set_level(None).unwrap();
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
         prop_assert!(rel_err(&y_dispatched, &y_ref) <= 1e-5, "y (dispatched)");
     }
 }

@@ -38,6 +38,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // RESNEXT_ISA=avx2 (or avx512, neon, scalar) runs the kernels at a lower instruction
+    // set than the CPU has
+    if let Err(e) = resnext_core::kernels::isa::init_from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         None => {
             let sub = train::TrainArgs::augment_args(clap::Command::new("train"))

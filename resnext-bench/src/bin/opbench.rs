@@ -61,6 +61,9 @@ fn geometry(a: &Args) -> Result<Conv2dGeom> {
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    // RESNEXT_ISA=avx2 (or avx512, neon, scalar): the kernels at a lower instruction set
+    let isa = resnext_core::kernels::isa::init_from_env().map_err(anyhow::Error::msg)?;
+    let isa = isa.unwrap_or_else(resnext_core::kernels::isa::detected);
     if a.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(a.threads)
@@ -91,13 +94,14 @@ fn main() -> Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(
-        "{} stage {} stride {} {} batch {} threads {}: median {:.3} ms",
+        "{} stage {} stride {} {} batch {} threads {} isa {}: median {:.3} ms",
         a.op,
         a.stage,
         a.stride,
         a.pass,
         a.batch,
         rayon::current_num_threads(),
+        isa,
         median * 1e3
     );
     println!("GFLOP/s: {:.2}", flops / median / 1e9);

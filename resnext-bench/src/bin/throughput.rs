@@ -51,6 +51,9 @@ fn main() -> Result<()> {
     };
     let world = resnext_core::dist::group().map_or(1, |g| g.world());
     let leader = resnext_core::dist::group().is_none_or(|g| g.rank() == 0);
+    // RESNEXT_ISA=avx2 (or avx512, neon, scalar): the kernels at a lower instruction set
+    let isa = resnext_core::kernels::isa::init_from_env().map_err(anyhow::Error::msg)?;
+    let isa = isa.unwrap_or_else(resnext_core::kernels::isa::detected);
     if a.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(a.threads)
@@ -99,12 +102,13 @@ fn main() -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} {} batch {} size {} threads {}: median {:.3} s",
+        "{} {} batch {} size {} threads {} isa {}: median {:.3} s",
         arch,
         a.mode,
         a.batch,
         a.size,
         rayon::current_num_threads(),
+        isa,
         median
     );
     let prof = resnext_core::profile::report();

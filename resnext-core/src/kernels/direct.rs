@@ -8,8 +8,9 @@
 //! row-major grid reads input position `q + offset`. A convolution is then
 //! `out[o][q] = Σ_t W[o][t] · in[q + off[t]]`: a matrix product whose right-hand matrix is
 //! never materialised ("implicit GEMM"). The register-blocked kernel keeps up to 8 output
-//! channels × 48 positions in AVX-512 registers and streams the taps; a portable loop
-//! serves other CPUs.
+//! channels × 3 vectors of positions in registers (4 × 3 where there are 16 registers)
+//! and streams the taps; it is written once over [`super::simd`] and runs as AVX-512,
+//! AVX2 + FMA, NEON or plain code, as [`super::isa::level`] says.
 //!
 //! The input gradient is the same product on the padded output gradient (one product per
 //! stride phase of the input), and the weight gradient is
@@ -18,9 +19,12 @@
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
+use super::isa::{self, Level};
 use super::scratch;
+use super::simd::{self, dispatch, Kernel, Simd};
 
-/// Vector width in `f32` lanes of the AVX-512 kernels; grids are padded to a multiple.
+/// Grids are padded to a multiple of this many positions: the widest vector (AVX-512's
+/// 16 lanes), so that every level's vectors tile them.
 const LANES: usize = 16;
 /// Zeros after each packed buffer, so the last vector of a grid may read past its end.
 const SLACK: usize = 4 * LANES;
@@ -57,32 +61,15 @@ fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
 }
 
-static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes this module use its portable loops even where AVX-512 is present (and keeps
-/// grouped convolutions off [`super::lanes`], which has no portable path), so tests can
-/// check both paths on one machine. Results are equal up to rounding either way. The
-/// setting is process-wide.
-#[doc(hidden)]
-pub fn force_portable(on: bool) {
-    PORTABLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether the AVX-512 kernels run: the CPU has AVX-512F and [`force_portable`] is off.
+/// Whether the AVX-512-only kernels ([`super::lanes`], [`super::winograd`]) may run: the
+/// CPU has AVX-512F and [`isa::level`] is not set lower.
 pub(super) fn has_avx512() -> bool {
-    !PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) && cpu_has_avx512()
+    isa::level() == Level::Avx512
 }
 
 /// Whether the CPU has AVX-512F: what the AVX-512 kernels need to be safe to call.
 pub(super) fn cpu_has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    isa::detected() == Level::Avx512
 }
 
 /// Makes `buf` `len` zeros unless it already has that length (then it holds zero padding
@@ -97,13 +84,17 @@ pub(super) fn zeroed(buf: &mut Vec<f32>, len: usize) {
 /// `dst = src` for short rows, without a call into `memcpy`.
 fn copy(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "copy: lengths");
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F is present; both slices hold `dst.len()` values.
-        unsafe { avx512::copy(dst.as_mut_ptr(), src.as_ptr(), dst.len()) };
-        return;
+    struct K<'a>(&'a mut [f32], &'a [f32]);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            // SAFETY: both slices hold `self.0.len()` values (asserted above).
+            unsafe { simd::copy::<S>(self.0.as_mut_ptr(), self.1.as_ptr(), self.0.len()) }
+        }
     }
-    dst.copy_from_slice(src);
+    // SAFETY: the kernel reads and writes within the two slices.
+    unsafe { dispatch(K(dst, src)) }
 }
 
 /// Row `r` of `src` (rows of `w` values) to `dst[r·pitch..][..w]`.
@@ -116,30 +107,39 @@ fn copy_rows(src: &[f32], w: usize, dst: &mut [f32], pitch: usize) {
         w <= pitch && (rows - 1) * pitch + w <= dst.len(),
         "copy_rows: lengths"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F is present; reads `src[..rows·w]`, writes `dst[r·pitch..][..w]`
-        // for `r < rows`, in bounds by the assert above.
-        unsafe { avx512::copy_rows(src.as_ptr(), w, rows, dst.as_mut_ptr(), pitch) };
-        return;
+    struct K<'a>(&'a [f32], usize, usize, &'a mut [f32], usize);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let K(src, w, rows, dst, pitch) = self;
+            for r in 0..rows {
+                // SAFETY: reads `src[r·w..][..w]`, writes `dst[r·pitch..][..w]`, in
+                // bounds by the assert above.
+                unsafe {
+                    simd::copy::<S>(dst.as_mut_ptr().add(r * pitch), src.as_ptr().add(r * w), w)
+                }
+            }
+        }
     }
-    for (r, row) in src.chunks_exact(w).enumerate() {
-        dst[r * pitch..r * pitch + w].copy_from_slice(row);
-    }
+    // SAFETY: as in the kernel.
+    unsafe { dispatch(K(src, w, rows, dst, pitch)) }
 }
 
 /// `dst += src`.
 pub(super) fn add(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "add: lengths");
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F is present; both slices hold `dst.len()` values.
-        unsafe { avx512::add(dst.as_mut_ptr(), src.as_ptr(), dst.len()) };
-        return;
+    struct K<'a>(&'a mut [f32], &'a [f32]);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            // SAFETY: both slices hold `self.0.len()` values (asserted above).
+            unsafe { simd::add::<S>(self.0.as_mut_ptr(), self.1.as_ptr(), self.0.len()) }
+        }
     }
-    for (d, v) in dst.iter_mut().zip(src) {
-        *d += v;
-    }
+    // SAFETY: the kernel reads and writes within the two slices.
+    unsafe { dispatch(K(dst, src)) }
 }
 
 /// `ev[j] = src[2j]`, `od[j] = src[2j + 1]`.
@@ -148,18 +148,36 @@ fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
         ev.len() == src.len().div_ceil(2) && od.len() == src.len() / 2,
         "deinterleave2: lengths"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F is present; lengths checked above.
-        unsafe { avx512::deinterleave2(src, ev, od) };
-        return;
+    struct K<'a>(&'a [f32], &'a mut [f32], &'a mut [f32]);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let K(src, ev, od) = self;
+            let n = S::LANES;
+            let mut i = 0;
+            while i + 2 * n <= src.len() {
+                // SAFETY: reads `src[i..i + 2n]`, writes `ev`/`od` at `i/2..i/2 + n`, both
+                // in bounds (`ev` and `od` hold half of `src`, rounded).
+                unsafe {
+                    let p = src.as_ptr().add(i);
+                    let (e, o) = S::deinterleave(S::load(p), S::load(p.add(n)));
+                    S::store(ev.as_mut_ptr().add(i / 2), e);
+                    S::store(od.as_mut_ptr().add(i / 2), o);
+                }
+                i += 2 * n;
+            }
+            for (k, &v) in src.iter().enumerate().skip(i) {
+                if k % 2 == 0 {
+                    ev[k / 2] = v;
+                } else {
+                    od[k / 2] = v;
+                }
+            }
+        }
     }
-    for (e, &v) in ev.iter_mut().zip(src.iter().step_by(2)) {
-        *e = v;
-    }
-    for (o, &v) in od.iter_mut().zip(src.iter().skip(1).step_by(2)) {
-        *o = v;
-    }
+    // SAFETY: as in the kernel.
+    unsafe { dispatch(K(src, ev, od)) }
 }
 
 /// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`.
@@ -168,18 +186,33 @@ fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
         ev.len() == dst.len().div_ceil(2) && od.len() == dst.len() / 2,
         "interleave2_add: lengths"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F is present; lengths checked above.
-        unsafe { avx512::interleave2_add(dst, ev, od) };
-        return;
+    struct K<'a>(&'a mut [f32], &'a [f32], &'a [f32]);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let K(dst, ev, od) = self;
+            let n = S::LANES;
+            let mut j = 0;
+            while j + n <= od.len() {
+                // SAFETY: reads `ev`/`od[j..j + n]` (`od` is the shorter), reads and
+                // writes `dst[2j..2j + 2n]`, within `2·od.len() ≤ dst.len()`.
+                unsafe {
+                    let (lo, hi) =
+                        S::interleave(S::load(ev.as_ptr().add(j)), S::load(od.as_ptr().add(j)));
+                    let d = dst.as_mut_ptr().add(2 * j);
+                    S::store(d, S::add(S::load(d), lo));
+                    S::store(d.add(n), S::add(S::load(d.add(n)), hi));
+                }
+                j += n;
+            }
+            for k in 2 * j..dst.len() {
+                dst[k] += if k % 2 == 0 { ev[k / 2] } else { od[k / 2] };
+            }
+        }
     }
-    for (d, &v) in dst.iter_mut().step_by(2).zip(ev) {
-        *d += v;
-    }
-    for (d, &v) in dst.iter_mut().skip(1).step_by(2).zip(od) {
-        *d += v;
-    }
+    // SAFETY: as in the kernel.
+    unsafe { dispatch(K(dst, ev, od)) }
 }
 
 /// Weights of a tap product, packed per block of output channels: block `(o0, ob, at)`
@@ -233,24 +266,19 @@ fn taps_product(inp: &[f32], offs: &[usize], w: &PackedWeights, qpad: usize, out
     for &(o0, ob, at) in &w.blocks {
         let wb = &w.data[at..at + ob * w.taps];
         let ob_out = &mut out[o0 * qpad..(o0 + ob) * qpad];
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: AVX-512F is present; the asserts above bound every read of `inp`
-            // (`q + off < qpad + max_off`) and the kernels write `ob_out[o·qpad + q]` for
-            // `o < ob`, `q < qpad` only.
-            unsafe { avx512::product_block(inp, offs, wb, ob, qpad, ob_out) };
-            continue;
-        }
-        for o in 0..ob {
-            let row = &mut ob_out[o * qpad..(o + 1) * qpad];
-            row.fill(0.0);
-            for (t, &off) in offs.iter().enumerate() {
-                let wv = wb[t * ob + o];
-                for (r, &x) in row.iter_mut().zip(&inp[off..off + qpad]) {
-                    *r += wv * x;
-                }
-            }
-        }
+        // SAFETY: the asserts above bound every read of `inp` (`q + off < qpad + max_off`);
+        // the kernel reads `wb[t·ob + o]` and writes `ob_out[o·qpad + q]` for `o < ob`,
+        // `q < qpad` only.
+        unsafe {
+            dispatch(tiles::ProductBlock {
+                inp,
+                offs,
+                w: wb,
+                ob,
+                qpad,
+                out: ob_out,
+            })
+        };
     }
 }
 
@@ -272,188 +300,84 @@ fn taps_weight_grad(
         max_off + qpad <= inp.len(),
         "taps_weight_grad: input buffer"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F is present; reads stay below `max_off + qpad` in `inp` and
-        // `outs · qpad` in `dy` (asserted above); writes stay in `dw[..outs · taps]`.
-        unsafe { avx512::weight_grad(inp, offs, dy, outs, qpad, dw) };
-        return;
-    }
-    for o in 0..outs {
-        let d = &dy[o * qpad..(o + 1) * qpad];
-        for (t, &off) in offs.iter().enumerate() {
-            let s: f32 = d
-                .iter()
-                .zip(&inp[off..off + qpad])
-                .map(|(a, b)| a * b)
-                .sum();
-            dw[o * taps + t] += s;
-        }
-    }
+    // SAFETY: reads stay below `max_off + qpad` in `inp` and `outs · qpad` in `dy`
+    // (asserted above); writes stay in `dw[..outs · taps]`.
+    unsafe {
+        dispatch(tiles::WeightGrad {
+            inp,
+            offs,
+            dy,
+            outs,
+            qpad,
+            dw,
+        })
+    };
 }
 
-/// The AVX-512 kernels. Every function requires AVX-512F (checked by the callers) and
-/// in-bounds pointers (asserted by the safe wrappers above).
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_op_in_unsafe_fn)]
-mod avx512 {
-    use std::arch::x86_64::*;
+/// The register tiles of the two products, written once over [`Simd`]: the tile shapes
+/// follow the level's vector width and register count.
+mod tiles {
+    use super::super::simd::{Kernel, Simd};
 
-    use super::LANES;
-
-    /// The mask of the first `n ≤ 16` lanes.
-    #[inline]
-    fn head(n: usize) -> __mmask16 {
-        ((1u32 << n) - 1) as __mmask16
+    /// One block of `ob ∈ {1, 2, 4, 8}` output channels over the whole grid: see
+    /// [`super::taps_product`].
+    pub(super) struct ProductBlock<'a> {
+        pub inp: &'a [f32],
+        pub offs: &'a [usize],
+        pub w: &'a [f32],
+        pub ob: usize,
+        pub qpad: usize,
+        pub out: &'a mut [f32],
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn copy(dst: *mut f32, src: *const f32, len: usize) {
-        let mut i = 0;
-        while i + LANES <= len {
-            _mm512_storeu_ps(dst.add(i), _mm512_loadu_ps(src.add(i)));
-            i += LANES;
-        }
-        if i < len {
-            let m = head(len - i);
-            _mm512_mask_storeu_ps(dst.add(i), m, _mm512_maskz_loadu_ps(m, src.add(i)));
-        }
-    }
+    impl Kernel for ProductBlock<'_> {
+        type Output = ();
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn copy_rows(
-        src: *const f32,
-        w: usize,
-        rows: usize,
-        dst: *mut f32,
-        pitch: usize,
-    ) {
-        let tail = head(w % LANES);
-        for r in 0..rows {
-            let (s, d) = (src.add(r * w), dst.add(r * pitch));
-            let mut i = 0;
-            while i + LANES <= w {
-                _mm512_storeu_ps(d.add(i), _mm512_loadu_ps(s.add(i)));
-                i += LANES;
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let (i, o, wp) = (self.inp.as_ptr(), self.out.as_mut_ptr(), self.w.as_ptr());
+            let (offs, qpad) = (self.offs, self.qpad);
+            // OB × NT accumulators, NT input vectors and a broadcast in registers: 24 + 4
+            // of 32, or 12 + 4 of 16; eight channels on 16 registers as two halves.
+            // SAFETY (every arm): the caller's bounds; each half-block reads its own
+            // weights (`w[t·8 + o0 + o]`) and writes its own rows of `out`.
+            unsafe {
+                if S::REGS >= 32 {
+                    match self.ob {
+                        8 => run::<S, 8, 8, 3>(i, offs, wp, qpad, o),
+                        4 => run::<S, 4, 4, 5>(i, offs, wp, qpad, o),
+                        2 => run::<S, 2, 2, 8>(i, offs, wp, qpad, o),
+                        _ => run::<S, 1, 1, 8>(i, offs, wp, qpad, o),
+                    }
+                } else {
+                    match self.ob {
+                        8 => {
+                            run::<S, 8, 4, 3>(i, offs, wp, qpad, o);
+                            run::<S, 8, 4, 3>(i, offs, wp.add(4), qpad, o.add(4 * qpad));
+                        }
+                        4 => run::<S, 4, 4, 3>(i, offs, wp, qpad, o),
+                        2 => run::<S, 2, 2, 5>(i, offs, wp, qpad, o),
+                        _ => run::<S, 1, 1, 8>(i, offs, wp, qpad, o),
+                    }
+                }
             }
-            if i < w {
-                _mm512_mask_storeu_ps(d.add(i), tail, _mm512_maskz_loadu_ps(tail, s.add(i)));
-            }
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn add(dst: *mut f32, src: *const f32, len: usize) {
-        let mut i = 0;
-        while i + LANES <= len {
-            let v = _mm512_add_ps(_mm512_loadu_ps(dst.add(i)), _mm512_loadu_ps(src.add(i)));
-            _mm512_storeu_ps(dst.add(i), v);
-            i += LANES;
-        }
-        if i < len {
-            let m = head(len - i);
-            let v = _mm512_add_ps(
-                _mm512_maskz_loadu_ps(m, dst.add(i)),
-                _mm512_maskz_loadu_ps(m, src.add(i)),
-            );
-            _mm512_mask_storeu_ps(dst.add(i), m, v);
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
-        let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        let mut i = 0;
-        while i + 2 * LANES <= src.len() {
-            let a = _mm512_loadu_ps(src.as_ptr().add(i));
-            let b = _mm512_loadu_ps(src.as_ptr().add(i + LANES));
-            _mm512_storeu_ps(ev.as_mut_ptr().add(i / 2), _mm512_permutex2var_ps(a, ie, b));
-            _mm512_storeu_ps(od.as_mut_ptr().add(i / 2), _mm512_permutex2var_ps(a, io, b));
-            i += 2 * LANES;
-        }
-        if i < src.len() {
-            // the last up to 31 values, with masks
-            let n = src.len() - i;
-            let (m0, m1) = (head(n.min(LANES)), head(n.saturating_sub(LANES)));
-            let a = _mm512_maskz_loadu_ps(m0, src.as_ptr().add(i));
-            // (no load at all past the end: a fully masked load can still be slow)
-            let b = if n > LANES {
-                _mm512_maskz_loadu_ps(m1, src.as_ptr().add(i + LANES))
-            } else {
-                _mm512_setzero_ps()
-            };
-            let (me, mo) = (head(n.div_ceil(2)), head(n / 2));
-            _mm512_mask_storeu_ps(
-                ev.as_mut_ptr().add(i / 2),
-                me,
-                _mm512_permutex2var_ps(a, ie, b),
-            );
-            _mm512_mask_storeu_ps(
-                od.as_mut_ptr().add(i / 2),
-                mo,
-                _mm512_permutex2var_ps(a, io, b),
-            );
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
-        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        let mut j = 0;
-        while j + LANES <= od.len() {
-            let e = _mm512_loadu_ps(ev.as_ptr().add(j));
-            let o = _mm512_loadu_ps(od.as_ptr().add(j));
-            let d = dst.as_mut_ptr().add(2 * j);
-            _mm512_storeu_ps(
-                d,
-                _mm512_add_ps(_mm512_loadu_ps(d), _mm512_permutex2var_ps(e, lo, o)),
-            );
-            let d = d.add(LANES);
-            _mm512_storeu_ps(
-                d,
-                _mm512_add_ps(_mm512_loadu_ps(d), _mm512_permutex2var_ps(e, hi, o)),
-            );
-            j += LANES;
-        }
-        for k in 2 * j..dst.len() {
-            dst[k] += if k % 2 == 0 { ev[k / 2] } else { od[k / 2] };
-        }
-    }
-
-    /// One block of `ob ∈ {1, 2, 4, 8}` output channels over the whole grid.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn product_block(
-        inp: &[f32],
+    /// Tiles of `NT` vectors over the grid; the last few vectors in tiles as even as
+    /// possible (4 left over as 2 + 2, not 3 + 1: a one-vector tile is load-bound). `WS`
+    /// is the row stride of the packed weights, `OB ≤ WS` the channels of this pass.
+    #[inline(always)]
+    unsafe fn run<S: Simd, const WS: usize, const OB: usize, const NT: usize>(
+        i: *const f32,
         offs: &[usize],
-        w: &[f32],
-        ob: usize,
+        w: *const f32,
         qpad: usize,
-        out: &mut [f32],
+        o: *mut f32,
     ) {
-        match ob {
-            8 => run::<8, 3>(inp, offs, w, qpad, out),
-            4 => run::<4, 5>(inp, offs, w, qpad, out),
-            2 => run::<2, 8>(inp, offs, w, qpad, out),
-            _ => run::<1, 8>(inp, offs, w, qpad, out),
-        }
-    }
-
-    /// Tiles of `NT` vectors; the last few vectors in tiles as even as possible (4 left
-    /// over as 2 + 2, not 3 + 1: a one-vector tile is load-bound).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run<const OB: usize, const NT: usize>(
-        inp: &[f32],
-        offs: &[usize],
-        w: &[f32],
-        qpad: usize,
-        out: &mut [f32],
-    ) {
-        let (i, o, wp) = (inp.as_ptr(), out.as_mut_ptr(), w.as_ptr());
         let mut q = 0;
         while q < qpad {
-            let left = (qpad - q) / LANES;
+            let left = (qpad - q) / S::LANES;
             let nt = if left >= NT + 2 || left == NT {
                 NT
             } else if left > NT {
@@ -461,24 +385,26 @@ mod avx512 {
             } else {
                 left
             };
-            match nt.min(NT) {
-                8 => tile::<OB, 8>(i, offs, wp, q, qpad, o),
-                7 => tile::<OB, 7>(i, offs, wp, q, qpad, o),
-                6 => tile::<OB, 6>(i, offs, wp, q, qpad, o),
-                5 => tile::<OB, 5>(i, offs, wp, q, qpad, o),
-                4 => tile::<OB, 4>(i, offs, wp, q, qpad, o),
-                3 => tile::<OB, 3>(i, offs, wp, q, qpad, o),
-                2 => tile::<OB, 2>(i, offs, wp, q, qpad, o),
-                _ => tile::<OB, 1>(i, offs, wp, q, qpad, o),
+            // SAFETY: `q + nt·LANES ≤ qpad`; the rest is the caller's.
+            unsafe {
+                match nt.min(NT) {
+                    8 => tile::<S, WS, OB, 8>(i, offs, w, q, qpad, o),
+                    7 => tile::<S, WS, OB, 7>(i, offs, w, q, qpad, o),
+                    6 => tile::<S, WS, OB, 6>(i, offs, w, q, qpad, o),
+                    5 => tile::<S, WS, OB, 5>(i, offs, w, q, qpad, o),
+                    4 => tile::<S, WS, OB, 4>(i, offs, w, q, qpad, o),
+                    3 => tile::<S, WS, OB, 3>(i, offs, w, q, qpad, o),
+                    2 => tile::<S, WS, OB, 2>(i, offs, w, q, qpad, o),
+                    _ => tile::<S, WS, OB, 1>(i, offs, w, q, qpad, o),
+                }
             }
-            q += nt.min(NT) * LANES;
+            q += nt.min(NT) * S::LANES;
         }
     }
 
     /// `OB` channels × `NT` vectors of positions starting at `q`, accumulated in registers.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn tile<const OB: usize, const NT: usize>(
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const WS: usize, const OB: usize, const NT: usize>(
         inp: *const f32,
         offs: &[usize],
         w: *const f32,
@@ -486,100 +412,124 @@ mod avx512 {
         qpad: usize,
         out: *mut f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); NT]; OB];
-        for (t, &off) in offs.iter().enumerate() {
-            let p = inp.add(q + off);
-            let mut xv = [_mm512_setzero_ps(); NT];
-            for (j, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(p.add(j * LANES));
-            }
-            let wt = w.add(t * OB);
-            for (o, acc_o) in acc.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*wt.add(o));
-                for (a, &x) in acc_o.iter_mut().zip(&xv) {
-                    *a = _mm512_fmadd_ps(wv, x, *a);
+        // SAFETY: the caller's bounds (see `ProductBlock`).
+        unsafe {
+            let mut acc = [[S::zero(); NT]; OB];
+            for (t, &off) in offs.iter().enumerate() {
+                let p = inp.add(q + off);
+                let mut xv = [S::zero(); NT];
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = S::load(p.add(j * S::LANES));
+                }
+                let wt = w.add(t * WS);
+                for (o, acc_o) in acc.iter_mut().enumerate() {
+                    let wv = S::splat(*wt.add(o));
+                    for (a, &x) in acc_o.iter_mut().zip(&xv) {
+                        *a = S::fma(wv, x, *a);
+                    }
                 }
             }
-        }
-        for (o, acc_o) in acc.iter().enumerate() {
-            for (j, &a) in acc_o.iter().enumerate() {
-                _mm512_storeu_ps(out.add(o * qpad + q + j * LANES), a);
+            for (o, acc_o) in acc.iter().enumerate() {
+                for (j, &a) in acc_o.iter().enumerate() {
+                    S::store(out.add(o * qpad + q + j * S::LANES), a);
+                }
             }
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weight_grad(
-        inp: &[f32],
-        offs: &[usize],
-        dy: &[f32],
-        outs: usize,
-        qpad: usize,
-        dw: &mut [f32],
-    ) {
-        let taps = offs.len();
-        let mut o = 0;
-        while o < outs {
-            let ob = if outs - o >= 4 {
-                4
-            } else if outs - o >= 2 {
-                2
-            } else {
-                1
-            };
-            let mut t = 0;
-            while t < taps {
-                let tb = (taps - t).min(6);
-                match (ob, tb) {
-                    (4, 6) => wg_tile::<4, 6>(inp, offs, dy, o, t, qpad, taps, dw),
-                    (2, 6) => wg_tile::<2, 6>(inp, offs, dy, o, t, qpad, taps, dw),
-                    (1, 6) => wg_tile::<1, 6>(inp, offs, dy, o, t, qpad, taps, dw),
-                    (4, _) => wg_tile::<4, 1>(inp, offs, dy, o, t, qpad, taps, dw),
-                    (2, _) => wg_tile::<2, 1>(inp, offs, dy, o, t, qpad, taps, dw),
-                    _ => wg_tile::<1, 1>(inp, offs, dy, o, t, qpad, taps, dw),
+    /// `dw[o·taps + t] += Σ_q dy[o·qpad + q] · inp[q + offs[t]]`: see
+    /// [`super::taps_weight_grad`].
+    pub(super) struct WeightGrad<'a> {
+        pub inp: &'a [f32],
+        pub offs: &'a [usize],
+        pub dy: &'a [f32],
+        pub outs: usize,
+        pub qpad: usize,
+        pub dw: &'a mut [f32],
+    }
+
+    impl Kernel for WeightGrad<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let WeightGrad {
+                inp,
+                offs,
+                dy,
+                outs,
+                qpad,
+                dw,
+            } = self;
+            // OB × TB accumulators, TB input vectors and one gradient vector: 24 + 7 of
+            // 32, or 8 + 5 of 16.
+            let (ob_max, tb_max) = if S::REGS >= 32 { (4, 6) } else { (2, 4) };
+            let taps = offs.len();
+            let mut o = 0;
+            while o < outs {
+                let ob = if outs - o >= ob_max {
+                    ob_max
+                } else if outs - o >= 2 {
+                    2
+                } else {
+                    1
+                };
+                let mut t = 0;
+                while t < taps {
+                    let tb = if taps - t >= tb_max { tb_max } else { 1 };
+                    let at = (inp, offs, dy, o, t, qpad, taps);
+                    // SAFETY: `o + ob ≤ outs`, `t + tb ≤ taps`; the rest is the caller's.
+                    unsafe {
+                        match (ob, tb) {
+                            (4, 6) => wg_tile::<S, 4, 6>(at, dw),
+                            (2, 6) => wg_tile::<S, 2, 6>(at, dw),
+                            (1, 6) => wg_tile::<S, 1, 6>(at, dw),
+                            (2, 4) => wg_tile::<S, 2, 4>(at, dw),
+                            (1, 4) => wg_tile::<S, 1, 4>(at, dw),
+                            (4, _) => wg_tile::<S, 4, 1>(at, dw),
+                            (2, _) => wg_tile::<S, 2, 1>(at, dw),
+                            _ => wg_tile::<S, 1, 1>(at, dw),
+                        }
+                    }
+                    t += tb;
                 }
-                t += if tb == 6 { 6 } else { 1 };
+                o += ob;
             }
-            o += ob;
         }
     }
 
     /// `OB` channels × `TB` taps of the weight gradient, reduced over the whole grid.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn wg_tile<const OB: usize, const TB: usize>(
-        inp: &[f32],
-        offs: &[usize],
-        dy: &[f32],
-        o0: usize,
-        t0: usize,
-        qpad: usize,
-        taps: usize,
+    #[inline(always)]
+    unsafe fn wg_tile<S: Simd, const OB: usize, const TB: usize>(
+        (inp, offs, dy, o0, t0, qpad, taps): (&[f32], &[usize], &[f32], usize, usize, usize, usize),
         dw: &mut [f32],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); TB]; OB];
-        let mut ptrs = [inp.as_ptr(); TB];
-        for (j, p) in ptrs.iter_mut().enumerate() {
-            *p = inp.as_ptr().add(offs[t0 + j]);
-        }
-        let d = dy.as_ptr().add(o0 * qpad);
-        let mut q = 0;
-        while q < qpad {
-            let mut xv = [_mm512_setzero_ps(); TB];
-            for (v, p) in xv.iter_mut().zip(&ptrs) {
-                *v = _mm512_loadu_ps(p.add(q));
+        // SAFETY: the caller's bounds (see `WeightGrad`).
+        unsafe {
+            let mut acc = [[S::zero(); TB]; OB];
+            let mut ptrs = [inp.as_ptr(); TB];
+            for (j, p) in ptrs.iter_mut().enumerate() {
+                *p = inp.as_ptr().add(offs[t0 + j]);
             }
-            for (o, acc_o) in acc.iter_mut().enumerate() {
-                let dv = _mm512_loadu_ps(d.add(o * qpad + q));
-                for (a, &x) in acc_o.iter_mut().zip(&xv) {
-                    *a = _mm512_fmadd_ps(dv, x, *a);
+            let d = dy.as_ptr().add(o0 * qpad);
+            let mut q = 0;
+            while q < qpad {
+                let mut xv = [S::zero(); TB];
+                for (v, p) in xv.iter_mut().zip(&ptrs) {
+                    *v = S::load(p.add(q));
                 }
+                for (o, acc_o) in acc.iter_mut().enumerate() {
+                    let dv = S::load(d.add(o * qpad + q));
+                    for (a, &x) in acc_o.iter_mut().zip(&xv) {
+                        *a = S::fma(dv, x, *a);
+                    }
+                }
+                q += S::LANES;
             }
-            q += LANES;
-        }
-        for (o, acc_o) in acc.iter().enumerate() {
-            for (j, &a) in acc_o.iter().enumerate() {
-                dw[(o0 + o) * taps + t0 + j] += _mm512_reduce_add_ps(a);
+            for (o, acc_o) in acc.iter().enumerate() {
+                for (j, &a) in acc_o.iter().enumerate() {
+                    dw[(o0 + o) * taps + t0 + j] += S::reduce_add(a);
+                }
             }
         }
     }

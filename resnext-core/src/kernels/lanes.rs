@@ -38,7 +38,7 @@ const WG_CHUNK_VALUES: usize = 1 << 18;
 
 /// Whether the kernels here run `g`: a grouped convolution (kernel larger than 1) whose
 /// groups have a multiple of 16 channels on both sides, at most 64, on a CPU with AVX-512
-/// (and [`super::direct::force_portable`] off). A subset of [`super::direct::suits`].
+/// (and [`super::isa::level`] not set lower). A subset of [`super::direct::suits`].
 pub fn suits(g: &Conv2dGeom) -> bool {
     suits_shape(g) && has_avx512()
 }
@@ -56,7 +56,7 @@ pub fn suits_shape(g: &Conv2dGeom) -> bool {
 }
 
 /// Whether this CPU can run the kernels here at all (AVX-512F), whatever
-/// [`super::direct::force_portable`] says. Calling them without it panics.
+/// [`super::isa::level`] says. Calling them without it panics.
 pub fn available() -> bool {
     cpu_has_avx512()
 }

@@ -11,9 +11,11 @@ pub mod conv;
 pub mod direct;
 pub mod elementwise;
 pub mod gemm;
+pub mod isa;
 pub mod lanes;
 pub mod pool;
 pub mod scratch;
+pub mod simd;
 pub mod winograd;
 
 /// `max(v, 0)` that keeps NaN, as PyTorch's ReLU does, so a broken activation stays

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the workspace for 64-bit ARM and runs the kernel and op tests there under
+# qemu-user, so that a NEON kernel computing wrong numbers fails CI. Installs what it
+# needs: Debian's cross linker, C library and qemu-user, and the Rust target.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=aarch64-unknown-linux-gnu
+if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross >/dev/null
+fi
+rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+# every crate builds for ARM (binaries included)
+cargo build --workspace --target "$target" --quiet
+# the kernels at every level ARM has (NEON, plain) against their references, the lane
+# operations, and the autograd ops
+cargo test -p resnext-core --target "$target" --lib --test portable --test ops

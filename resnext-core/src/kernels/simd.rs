@@ -1,0 +1,445 @@
+//! The vector operations the kernels are written over, with one implementation per
+//! [`isa::Level`](super::isa::Level): AVX-512F, AVX2 + FMA, NEON and a plain-Rust one.
+//!
+//! A kernel is written once, as a [`Kernel`] whose `run::<S: Simd>` is generic over the
+//! level; [`dispatch`] calls it inside a `#[target_feature]` function per level (as
+//! `pulp` does), so the operations, all `#[inline(always)]`, compile to that level's
+//! instructions. Register tiles size themselves by [`Simd::LANES`] and [`Simd::REGS`].
+//!
+//! The operations are `unsafe`: they need the CPU feature of their level, which only
+//! [`dispatch`] (checking [`super::isa::level`]) makes sure of, and the pointer ones read
+//! or write [`Simd::LANES`] values.
+
+/// One instruction set's `f32` vector and its operations.
+pub trait Simd: Copy {
+    /// `f32` lanes of [`Simd::V`].
+    const LANES: usize;
+    /// Vector registers of the level (16 or 32): what a register tile may hold.
+    const REGS: usize;
+    /// A vector of [`Simd::LANES`] values.
+    type V: Copy;
+
+    /// All lanes 0.
+    unsafe fn zero() -> Self::V;
+    /// All lanes `v`.
+    unsafe fn splat(v: f32) -> Self::V;
+    /// [`Simd::LANES`] values from `p` (unaligned).
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// [`Simd::LANES`] values to `p` (unaligned).
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a · b + c` (fused where the level has it).
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a + b`.
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// The sum of the lanes.
+    unsafe fn reduce_add(v: Self::V) -> f32;
+    /// Lanes `0, 2, 4, …` and `1, 3, 5, …` of the `2 · LANES` values `a ‖ b`.
+    unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V);
+    /// The inverse of [`Simd::deinterleave`]: `e0 o0 e1 o1 …` as two vectors.
+    unsafe fn interleave(e: Self::V, o: Self::V) -> (Self::V, Self::V);
+}
+
+/// A kernel written once over [`Simd`]: its arguments are the fields of `self`.
+/// [`dispatch`] runs it at the level [`super::isa::level`] names.
+pub(crate) trait Kernel {
+    /// What the kernel returns.
+    type Output;
+    /// The kernel at level `S`. Implementations are `#[inline(always)]`, so that they are
+    /// compiled inside [`dispatch`]'s per-level function, for that level's instructions.
+    ///
+    /// # Safety
+    /// Called only by [`dispatch`] (on a CPU that has `S`'s instructions); pointer
+    /// preconditions are the kernel's own.
+    unsafe fn run<S: Simd>(self) -> Self::Output;
+}
+
+/// Runs `k` at the level [`super::isa::level`] names, in a function compiled for it.
+///
+/// # Safety
+/// `k`'s own preconditions (the bounds of what it reads and writes).
+#[inline]
+pub(crate) unsafe fn dispatch<K: Kernel>(k: K) -> K::Output {
+    // SAFETY: `level` never names a level the CPU lacks; the rest is the caller's.
+    unsafe { run_at(super::isa::level(), k) }
+}
+
+/// Runs `k` at level `l` (what the tests use to run every level without changing the
+/// process-wide one).
+///
+/// # Safety
+/// The CPU has `l` (one of [`super::isa::available`]), and `k`'s own preconditions.
+pub(crate) unsafe fn run_at<K: Kernel>(l: super::isa::Level, k: K) -> K::Output {
+    use super::isa::Level;
+    match l {
+        // SAFETY (each arm): the caller vouches for the level.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { at_avx512(k) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { at_avx2(k) },
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { at_neon(k) },
+        // SAFETY: the plain level needs no CPU feature.
+        _ => unsafe { k.run::<Scalar>() },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn at_avx512<K: Kernel>(k: K) -> K::Output {
+    // SAFETY: compiled for, and called on, a CPU with AVX-512F.
+    unsafe { k.run::<Avx512>() }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn at_avx2<K: Kernel>(k: K) -> K::Output {
+    // SAFETY: compiled for, and called on, a CPU with AVX2 and FMA.
+    unsafe { k.run::<Avx2>() }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn at_neon<K: Kernel>(k: K) -> K::Output {
+    // SAFETY: compiled for, and called on, a CPU with NEON.
+    unsafe { k.run::<Neon>() }
+}
+
+/// Plain Rust on arrays of 8: what the compiler makes of loops (SSE2 on any x86-64).
+#[derive(Clone, Copy, Debug)]
+pub struct Scalar;
+
+impl Simd for Scalar {
+    const LANES: usize = 8;
+    const REGS: usize = 16;
+    type V = [f32; 8];
+
+    #[inline(always)]
+    unsafe fn zero() -> [f32; 8] {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> [f32; 8] {
+        [v; 8]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> [f32; 8] {
+        // SAFETY: the caller guarantees 8 readable values at `p`.
+        unsafe { p.cast::<[f32; 8]>().read_unaligned() }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: [f32; 8]) {
+        // SAFETY: the caller guarantees 8 writable values at `p`.
+        unsafe { p.cast::<[f32; 8]>().write_unaligned(v) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn add(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    unsafe fn reduce_add(v: [f32; 8]) -> f32 {
+        ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+    }
+    #[inline(always)]
+    unsafe fn deinterleave(a: [f32; 8], b: [f32; 8]) -> ([f32; 8], [f32; 8]) {
+        let at = |i: usize| if i < 8 { a[i] } else { b[i - 8] };
+        (
+            std::array::from_fn(|j| at(2 * j)),
+            std::array::from_fn(|j| at(2 * j + 1)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn interleave(e: [f32; 8], o: [f32; 8]) -> ([f32; 8], [f32; 8]) {
+        let at = |k: usize| if k % 2 == 0 { e[k / 2] } else { o[k / 2] };
+        (std::array::from_fn(at), std::array::from_fn(|k| at(k + 8)))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Simd;
+
+    /// AVX-512F: `__m512`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Avx512;
+
+    // SAFETY (every method): called only in code compiled for AVX-512F on a CPU that has
+    // it (see `dispatch`); pointers as each method's contract says.
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        const REGS: usize = 32;
+        type V = __m512;
+
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn reduce_add(v: __m512) -> f32 {
+            unsafe { _mm512_reduce_add_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn deinterleave(a: __m512, b: __m512) -> (__m512, __m512) {
+            unsafe {
+                let ie =
+                    _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let io =
+                    _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+                (
+                    _mm512_permutex2var_ps(a, ie, b),
+                    _mm512_permutex2var_ps(a, io, b),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn interleave(e: __m512, o: __m512) -> (__m512, __m512) {
+            unsafe {
+                let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                let hi =
+                    _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+                (
+                    _mm512_permutex2var_ps(e, lo, o),
+                    _mm512_permutex2var_ps(e, hi, o),
+                )
+            }
+        }
+    }
+
+    /// AVX2 + FMA: `__m256`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Avx2;
+
+    // SAFETY (every method): called only in code compiled for AVX2 + FMA on a CPU that has
+    // them (see `dispatch`); pointers as each method's contract says.
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        const REGS: usize = 16;
+        type V = __m256;
+
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn reduce_add(v: __m256) -> f32 {
+            unsafe {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
+        }
+        #[inline(always)]
+        unsafe fn deinterleave(a: __m256, b: __m256) -> (__m256, __m256) {
+            unsafe {
+                // per 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6, then the middle quarters swapped
+                let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+                let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+                let fix = |v: __m256| {
+                    _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+                };
+                (fix(e), fix(o))
+            }
+        }
+        #[inline(always)]
+        unsafe fn interleave(e: __m256, o: __m256) -> (__m256, __m256) {
+            unsafe {
+                let lo = _mm256_unpacklo_ps(e, o); // e0 o0 e1 o1 | e4 o4 e5 o5
+                let hi = _mm256_unpackhi_ps(e, o); // e2 o2 e3 o3 | e6 o6 e7 o7
+                (
+                    _mm256_permute2f128_ps::<0x20>(lo, hi),
+                    _mm256_permute2f128_ps::<0x31>(lo, hi),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub use arm::Neon;
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    use super::Simd;
+
+    /// aarch64 Advanced SIMD: `float32x4_t`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Neon;
+
+    // SAFETY (every method): NEON is part of every aarch64 target this builds for (and
+    // checked by `dispatch`); pointers as each method's contract says.
+    impl Simd for Neon {
+        const LANES: usize = 4;
+        const REGS: usize = 32;
+        type V = float32x4_t;
+
+        #[inline(always)]
+        unsafe fn zero() -> float32x4_t {
+            unsafe { vdupq_n_f32(0.0) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> float32x4_t {
+            unsafe { vdupq_n_f32(v) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> float32x4_t {
+            unsafe { vld1q_f32(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: float32x4_t) {
+            unsafe { vst1q_f32(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+            unsafe { vfmaq_f32(c, a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+            unsafe { vaddq_f32(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn reduce_add(v: float32x4_t) -> f32 {
+            unsafe { vaddvq_f32(v) }
+        }
+        #[inline(always)]
+        unsafe fn deinterleave(a: float32x4_t, b: float32x4_t) -> (float32x4_t, float32x4_t) {
+            unsafe { (vuzp1q_f32(a, b), vuzp2q_f32(a, b)) }
+        }
+        #[inline(always)]
+        unsafe fn interleave(e: float32x4_t, o: float32x4_t) -> (float32x4_t, float32x4_t) {
+            unsafe { (vzip1q_f32(e, o), vzip2q_f32(e, o)) }
+        }
+    }
+}
+
+/// `dst = src`, vector by vector.
+#[inline(always)]
+pub(crate) unsafe fn copy<S: Simd>(dst: *mut f32, src: *const f32, len: usize) {
+    let mut i = 0;
+    // SAFETY: `dst` and `src` hold `len` values (the caller's contract).
+    unsafe {
+        while i + S::LANES <= len {
+            S::store(dst.add(i), S::load(src.add(i)));
+            i += S::LANES;
+        }
+        while i < len {
+            *dst.add(i) = *src.add(i);
+            i += 1;
+        }
+    }
+}
+
+/// `dst += src`, vector by vector.
+#[inline(always)]
+pub(crate) unsafe fn add<S: Simd>(dst: *mut f32, src: *const f32, len: usize) {
+    let mut i = 0;
+    // SAFETY: `dst` and `src` hold `len` values (the caller's contract).
+    unsafe {
+        while i + S::LANES <= len {
+            S::store(dst.add(i), S::add(S::load(dst.add(i)), S::load(src.add(i))));
+            i += S::LANES;
+        }
+        while i < len {
+            *dst.add(i) += *src.add(i);
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa;
+
+    /// Every operation once: `y = [even, odd, 2·lo + hi, hi]` of `x`, returns Σ x[..LANES].
+    struct Ops<'a>(&'a [f32], &'a mut [f32]);
+
+    impl Kernel for Ops<'_> {
+        type Output = (usize, f32);
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) -> (usize, f32) {
+            let (x, y) = (self.0, self.1);
+            assert!(x.len() >= 2 * S::LANES && y.len() >= 4 * S::LANES);
+            // SAFETY: lengths asserted above
+            unsafe {
+                let (a, b) = (S::load(x.as_ptr()), S::load(x.as_ptr().add(S::LANES)));
+                let (e, o) = S::deinterleave(a, b);
+                S::store(y.as_mut_ptr(), e);
+                S::store(y.as_mut_ptr().add(S::LANES), o);
+                let (lo, hi) = S::interleave(e, o);
+                let f = S::fma(lo, S::splat(2.0), S::add(hi, S::zero()));
+                S::store(y.as_mut_ptr().add(2 * S::LANES), f);
+                S::store(y.as_mut_ptr().add(3 * S::LANES), hi);
+                (S::LANES, S::reduce_add(a))
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_computes_the_same_lane_operations() {
+        for l in isa::available() {
+            let x: Vec<f32> = (0..32).map(|i| i as f32 + 1.0).collect();
+            let mut y = vec![0.0; 64];
+            // SAFETY: an available level; the kernel asserts its lengths
+            let (n, s) = unsafe { run_at(l, Ops(&x, &mut y)) };
+            let even: Vec<f32> = x[..2 * n].iter().step_by(2).copied().collect();
+            let odd: Vec<f32> = x[..2 * n].iter().skip(1).step_by(2).copied().collect();
+            assert_eq!(&y[..n], &even[..], "{l}: even lanes");
+            assert_eq!(&y[n..2 * n], &odd[..], "{l}: odd lanes");
+            let fused: Vec<f32> = (0..n).map(|i| 2.0 * x[i] + x[n + i]).collect();
+            assert_eq!(&y[2 * n..3 * n], &fused[..], "{l}: interleave, fma");
+            assert_eq!(&y[3 * n..4 * n], &x[n..2 * n], "{l}: interleave, high half");
+            assert_eq!(s, x[..n].iter().sum::<f32>(), "{l}: reduce_add");
+        }
+    }
+}
