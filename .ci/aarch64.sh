@@ -15,6 +15,7 @@ fi
 rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 # every crate builds for ARM (binaries included)
 cargo build --workspace --target "$target" --quiet
-# the kernels at every level ARM has (NEON, plain) against their references, the lane
-# operations, and the autograd ops
-cargo test -p resnext-core --target "$target" --lib --test portable --test ops
+# the unit tests (the lane operations at every level ARM has, the kernels against their
+# references), the direct convolution at NEON and plain level, and the autograd ops
+cargo test -p resnext-core --target "$target" --lib --test portable
+cargo test -p resnext-core --target "$target" --test tests -- ops::

@@ -4,20 +4,32 @@
     python tools/compare_pytorch.py [--threads 2] [--iters 5] [--quick] [--rounds 3]
     python tools/compare_pytorch.py --ops [--threads 2] [--rounds 3] [--op grouped3x3]
     python tools/compare_pytorch.py --torch-profile [--iters 2]
+    python tools/compare_pytorch.py --isa avx2 ...   (both sides capped at AVX2 + FMA)
 
 Builds and runs `throughput` from resnext-bench for each configuration, measures the same
 configuration in PyTorch (torchvision's models, `torch.set_num_threads`), and prints a
 Markdown table of images/s, the ratio and peak memory (each PyTorch configuration runs in
 its own process, so its peak is its own). With `--ops`, compares single
 convolutions at the stage shapes of resnext50_32x4d instead (`opbench`, GFLOP/s, forward and
-backward). Not used by the tests or CI.
+backward). `--isa avx2` caps both sides at AVX2 + FMA on an AVX-512 machine (RESNEXT_ISA
+for resnext-rs; ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA for PyTorch, set before torch
+loads), the stand-in for an AVX2-only CPU. Not used by the tests or CI.
 """
 import argparse
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+# before torch loads: its kernels pick their instruction set once
+if "--isa" in sys.argv[:-1]:
+    _isa = sys.argv[sys.argv.index("--isa") + 1]
+    os.environ["RESNEXT_ISA"] = _isa
+    if _isa == "avx2":
+        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+        os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +162,8 @@ def ours_gflops(op, stage, stride, pas, batch, iters, threads):
 
 def compare_ops(a):
     rounds = max(a.rounds, 1)
-    print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch}, {rounds} alternating round(s), medians\n")
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {a.threads} threads, batch {a.batch}, "
+          f"{rounds} alternating round(s), medians\n")
     extra = " ratio range |" if rounds > 1 else ""
     print("| op | stage | stride | pass | resnext-rs GFLOP/s | PyTorch GFLOP/s | ratio |" + extra)
     print("|---|---|---|---|---|---|---|" + ("---|" if rounds > 1 else ""))
@@ -216,6 +229,8 @@ def main():
     p.add_argument("--op", choices=sorted({c[0] for c in OP_CONFIGS}), help="only this op with --ops")
     p.add_argument("--torch-profile", action="store_true",
                    help="print PyTorch's per-op profile of a resnext50_32x4d batch-8 training step instead")
+    p.add_argument("--isa", choices=["avx512", "avx2"],
+                   help="cap both sides at this instruction set (avx2: the stand-in for an AVX2-only CPU)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure each network configuration this many times, alternating the two sides, and "
                         "report medians and the range of the per-round ratios (a shared machine's speed can drift by "
@@ -229,7 +244,7 @@ def main():
         torch_profile(a)
         return
     configs = CONFIGS[:3] if a.quick else CONFIGS
-    print(f"torch {torch.__version__}, {a.threads} threads\n")
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {a.threads} threads\n")
     rounds = max(a.rounds, 1)
     extra = " | ratio range" if rounds > 1 else ""
     print(f"| model | batch | size | mode | resnext-rs img/s | PyTorch img/s | ratio{extra} | resnext-rs peak MB | PyTorch peak MB |")

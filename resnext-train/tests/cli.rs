@@ -43,6 +43,37 @@ fn info_ends_with_the_parameter_count() {
 }
 
 #[test]
+fn resnext_isa_picks_a_level_and_refuses_unknown_or_missing_ones() {
+    let run = |v: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_resnext-train"))
+            .args(["info", "--arch", "resnext29_8x64d"])
+            .env("RESNEXT_ISA", v)
+            .output()
+            .expect("binary runs")
+    };
+    // the plain level runs on every CPU
+    let o = run("scalar");
+    assert!(o.status.success(), "{}", text(&o).1);
+    let (_, err) = text(&run("sse9"));
+    assert!(
+        err.contains("RESNEXT_ISA=sse9") && err.contains("avx2") && !err.contains("panicked"),
+        "{err}"
+    );
+    // a level of the other architecture
+    let other = if cfg!(target_arch = "x86_64") {
+        "neon"
+    } else {
+        "avx2"
+    };
+    let o = run(other);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("not available"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_arch_lists_the_valid_names() {
     let o = bin(&["info", "--arch", "resnext51"]);
     let (_, err) = text(&o);

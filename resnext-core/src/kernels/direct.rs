@@ -167,11 +167,18 @@ fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
                 }
                 i += 2 * n;
             }
-            for (k, &v) in src.iter().enumerate().skip(i) {
-                if k % 2 == 0 {
-                    ev[k / 2] = v;
-                } else {
-                    od[k / 2] = v;
+            let n = src.len() - i;
+            if n > 0 {
+                // the last `n < 2·LANES` values, as part vectors
+                // SAFETY: reads `src[i..]`, writes `ev[i/2..]` (⌈n/2⌉ values) and
+                // `od[i/2..]` (⌊n/2⌋), all in bounds.
+                unsafe {
+                    let p = src.as_ptr().add(i);
+                    let a = simd::load_n::<S>(p, n.min(S::LANES));
+                    let b = simd::load_n::<S>(p.add(n.min(S::LANES)), n.saturating_sub(S::LANES));
+                    let (e, o) = S::deinterleave(a, b);
+                    simd::store_n::<S>(ev.as_mut_ptr().add(i / 2), n.div_ceil(2), e);
+                    simd::store_n::<S>(od.as_mut_ptr().add(i / 2), n / 2, o);
                 }
             }
         }
@@ -206,8 +213,22 @@ fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
                 }
                 j += n;
             }
-            for k in 2 * j..dst.len() {
-                dst[k] += if k % 2 == 0 { ev[k / 2] } else { od[k / 2] };
+            let k = dst.len() - 2 * j;
+            if k > 0 {
+                // the last `k < 2·LANES` values, as part vectors
+                // SAFETY: reads `ev[j..]`, `od[j..]`, reads and writes `dst[2j..]`, each
+                // to its end only.
+                unsafe {
+                    let (lo, hi) = S::interleave(
+                        simd::load_n::<S>(ev.as_ptr().add(j), ev.len() - j),
+                        simd::load_n::<S>(od.as_ptr().add(j), od.len() - j),
+                    );
+                    let d = dst.as_mut_ptr().add(2 * j);
+                    let (k0, k1) = (k.min(S::LANES), k.saturating_sub(S::LANES));
+                    simd::store_n::<S>(d, k0, S::add(simd::load_n::<S>(d, k0), lo));
+                    let d = d.add(k0);
+                    simd::store_n::<S>(d, k1, S::add(simd::load_n::<S>(d, k1), hi));
+                }
             }
         }
     }

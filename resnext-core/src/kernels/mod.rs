@@ -15,7 +15,7 @@ pub mod isa;
 pub mod lanes;
 pub mod pool;
 pub mod scratch;
-pub mod simd;
+pub(crate) mod simd;
 pub mod winograd;
 
 /// `max(v, 0)` that keeps NaN, as PyTorch's ReLU does, so a broken activation stays

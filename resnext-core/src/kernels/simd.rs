@@ -27,6 +27,10 @@ pub trait Simd: Copy {
     unsafe fn load(p: *const f32) -> Self::V;
     /// [`Simd::LANES`] values to `p` (unaligned).
     unsafe fn store(p: *mut f32, v: Self::V);
+    /// The first `n < LANES` values from `p`, the other lanes 0 (nothing read past them).
+    unsafe fn load_part(p: *const f32, n: usize) -> Self::V;
+    /// The first `n < LANES` lanes of `v` to `p` (nothing written past them).
+    unsafe fn store_part(p: *mut f32, n: usize, v: Self::V);
     /// `a · b + c` (fused where the level has it).
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `a + b`.
@@ -132,6 +136,18 @@ impl Simd for Scalar {
         unsafe { p.cast::<[f32; 8]>().write_unaligned(v) }
     }
     #[inline(always)]
+    unsafe fn load_part(p: *const f32, n: usize) -> [f32; 8] {
+        let mut v = [0.0; 8];
+        // SAFETY: the caller guarantees `n ≤ 8` readable values at `p`.
+        unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), n.min(8)) };
+        v
+    }
+    #[inline(always)]
+    unsafe fn store_part(p: *mut f32, n: usize, v: [f32; 8]) {
+        // SAFETY: the caller guarantees `n ≤ 8` writable values at `p`.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, n.min(8)) };
+    }
+    #[inline(always)]
     unsafe fn fma(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
         std::array::from_fn(|i| a[i] * b[i] + c[i])
     }
@@ -153,7 +169,7 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     unsafe fn interleave(e: [f32; 8], o: [f32; 8]) -> ([f32; 8], [f32; 8]) {
-        let at = |k: usize| if k % 2 == 0 { e[k / 2] } else { o[k / 2] };
+        let at = |k: usize| if k.is_multiple_of(2) { e[k / 2] } else { o[k / 2] };
         (std::array::from_fn(at), std::array::from_fn(|k| at(k + 8)))
     }
 }
@@ -195,6 +211,14 @@ mod x86 {
             unsafe { _mm512_storeu_ps(p, v) }
         }
         #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> __m512 {
+            unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as __mmask16, p) }
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, n: usize, v: __m512) {
+            unsafe { _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as __mmask16, v) }
+        }
+        #[inline(always)]
         unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
             unsafe { _mm512_fmadd_ps(a, b, c) }
         }
@@ -233,6 +257,17 @@ mod x86 {
         }
     }
 
+    /// The mask of the first `n < 8` lanes (sign bits set) for AVX2's masked loads/stores.
+    #[inline(always)]
+    unsafe fn head(n: usize) -> __m256i {
+        unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        }
+    }
+
     /// AVX2 + FMA: `__m256`.
     #[derive(Clone, Copy, Debug)]
     pub struct Avx2;
@@ -259,6 +294,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: __m256) {
             unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> __m256 {
+            unsafe { _mm256_maskload_ps(p, head(n)) }
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, n: usize, v: __m256) {
+            unsafe { _mm256_maskstore_ps(p, head(n), v) }
         }
         #[inline(always)]
         unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
@@ -340,6 +383,22 @@ mod arm {
             unsafe { vst1q_f32(p, v) }
         }
         #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> float32x4_t {
+            let mut v = [0.0f32; 4];
+            unsafe {
+                std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), n.min(4));
+                vld1q_f32(v.as_ptr())
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, n: usize, v: float32x4_t) {
+            let mut a = [0.0f32; 4];
+            unsafe {
+                vst1q_f32(a.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(a.as_ptr(), p, n.min(4));
+            }
+        }
+        #[inline(always)]
         unsafe fn fma(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
             unsafe { vfmaq_f32(c, a, b) }
         }
@@ -362,6 +421,34 @@ mod arm {
     }
 }
 
+/// `n ≤ LANES` values from `p` (a whole vector, a part vector or zeros).
+#[inline(always)]
+pub(crate) unsafe fn load_n<S: Simd>(p: *const f32, n: usize) -> S::V {
+    // SAFETY: `n` readable values at `p` (the caller's contract); none read when `n = 0`.
+    unsafe {
+        if n >= S::LANES {
+            S::load(p)
+        } else if n == 0 {
+            S::zero()
+        } else {
+            S::load_part(p, n)
+        }
+    }
+}
+
+/// The first `n ≤ LANES` lanes of `v` to `p`.
+#[inline(always)]
+pub(crate) unsafe fn store_n<S: Simd>(p: *mut f32, n: usize, v: S::V) {
+    // SAFETY: `n` writable values at `p` (the caller's contract); none written when `n = 0`.
+    unsafe {
+        if n >= S::LANES {
+            S::store(p, v)
+        } else if n > 0 {
+            S::store_part(p, n, v)
+        }
+    }
+}
+
 /// `dst = src`, vector by vector.
 #[inline(always)]
 pub(crate) unsafe fn copy<S: Simd>(dst: *mut f32, src: *const f32, len: usize) {
@@ -372,9 +459,8 @@ pub(crate) unsafe fn copy<S: Simd>(dst: *mut f32, src: *const f32, len: usize) {
             S::store(dst.add(i), S::load(src.add(i)));
             i += S::LANES;
         }
-        while i < len {
-            *dst.add(i) = *src.add(i);
-            i += 1;
+        if i < len {
+            S::store_part(dst.add(i), len - i, S::load_part(src.add(i), len - i));
         }
     }
 }
@@ -389,9 +475,10 @@ pub(crate) unsafe fn add<S: Simd>(dst: *mut f32, src: *const f32, len: usize) {
             S::store(dst.add(i), S::add(S::load(dst.add(i)), S::load(src.add(i))));
             i += S::LANES;
         }
-        while i < len {
-            *dst.add(i) += *src.add(i);
-            i += 1;
+        if i < len {
+            let n = len - i;
+            let v = S::add(S::load_part(dst.add(i), n), S::load_part(src.add(i), n));
+            S::store_part(dst.add(i), n, v);
         }
     }
 }
@@ -401,7 +488,9 @@ mod tests {
     use super::*;
     use crate::kernels::isa;
 
-    /// Every operation once: `y = [even, odd, 2·lo + hi, hi]` of `x`, returns Σ x[..LANES].
+    /// Every operation once: `y = [even, odd, 2·lo + hi, hi]` of `x`, then all but the last
+    /// lane of `y`'s first vector overwritten by a part vector of `x[LANES..]`; returns
+    /// `(LANES, Σ x[..LANES])`.
     struct Ops<'a>(&'a [f32], &'a mut [f32]);
 
     impl Kernel for Ops<'_> {
@@ -420,6 +509,9 @@ mod tests {
                 let f = S::fma(lo, S::splat(2.0), S::add(hi, S::zero()));
                 S::store(y.as_mut_ptr().add(2 * S::LANES), f);
                 S::store(y.as_mut_ptr().add(3 * S::LANES), hi);
+                // the last lane of y's first vector stays as it is
+                let part = S::load_part(x.as_ptr().add(S::LANES), S::LANES - 1);
+                S::store_part(y.as_mut_ptr(), S::LANES - 1, part);
                 (S::LANES, S::reduce_add(a))
             }
         }
@@ -434,7 +526,9 @@ mod tests {
             let (n, s) = unsafe { run_at(l, Ops(&x, &mut y)) };
             let even: Vec<f32> = x[..2 * n].iter().step_by(2).copied().collect();
             let odd: Vec<f32> = x[..2 * n].iter().skip(1).step_by(2).copied().collect();
-            assert_eq!(&y[..n], &even[..], "{l}: even lanes");
+            let mut first = x[n..2 * n - 1].to_vec();
+            first.push(even[n - 1]);
+            assert_eq!(&y[..n], &first[..], "{l}: even lanes, then a part vector");
             assert_eq!(&y[n..2 * n], &odd[..], "{l}: odd lanes");
             let fused: Vec<f32> = (0..n).map(|i| 2.0 * x[i] + x[n + i]).collect();
             assert_eq!(&y[2 * n..3 * n], &fused[..], "{l}: interleave, fma");

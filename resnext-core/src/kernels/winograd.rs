@@ -21,6 +21,13 @@
 //!
 //! Forward only: the backward passes stay on [`super::lanes`].
 
+// The kernels here are AVX-512 only: elsewhere nothing calls them, and the parts that
+// only the x86-64 build uses are unused.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(unused_variables, unused_mut, dead_code)
+)]
+
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
