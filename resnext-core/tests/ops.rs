@@ -1,5 +1,8 @@
 //! Every op against a plain reference (f64 loops) and its backward against finite
-//! differences, with proptest over batch, size, channels, stride, padding and groups.
+//! differences, with proptest over batch, size, channels, stride, padding and groups. A
+//! test binary of its own, so that the aarch64 CI step (under qemu) builds only these.
+
+mod common;
 
 use dfdx::prelude::*;
 use proptest::prelude::*;

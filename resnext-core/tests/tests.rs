@@ -5,6 +5,5 @@ mod common;
 mod features;
 mod fine_tune;
 mod model;
-mod ops;
 mod parity;
 mod weights;
