@@ -17,6 +17,31 @@ use resnext_core::optim::{OptimConfig, Optimizer};
 
 const BATCH: usize = 8;
 
+/// The forward and the backward pass of one convolution, named `name` with `{}` replaced
+/// by `fwd` / `bwd`, at `stage`.
+fn bench_conv(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    stage: usize,
+    geom: &conv::Conv2dGeom,
+) {
+    let x = values(1, geom.input_len());
+    let w = values(2, geom.weight_len());
+    let dy = values(3, geom.output_len());
+    let mut y = vec![0.0; geom.output_len()];
+    g.throughput(Throughput::Elements(2 * geom.macs() as u64));
+    g.bench_function(
+        BenchmarkId::new(name.replace("{}", "fwd"), format!("stage{stage}")),
+        |b| b.iter(|| conv::conv2d_forward(geom, &x, &w, &mut y)),
+    );
+    let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+    g.throughput(Throughput::Elements(4 * geom.macs() as u64));
+    g.bench_function(
+        BenchmarkId::new(name.replace("{}", "bwd"), format!("stage{stage}")),
+        |b| b.iter(|| conv::conv2d_backward(geom, &x, &w, &dy, Some(&mut dx), &mut dw)),
+    );
+}
+
 fn ops(c: &mut Criterion) {
     let mut g = c.benchmark_group("conv");
     g.sample_size(10);
@@ -28,21 +53,7 @@ fn ops(c: &mut Criterion) {
             ("1x1", pointwise(stage, BATCH, inp, width)),
         ];
         for (name, geom) in shapes {
-            let x = values(1, geom.input_len());
-            let w = values(2, geom.weight_len());
-            let dy = values(3, geom.output_len());
-            let mut y = vec![0.0; geom.output_len()];
-            g.throughput(Throughput::Elements(2 * geom.macs() as u64));
-            g.bench_function(
-                BenchmarkId::new(format!("{name}_fwd_cpu"), format!("stage{stage}")),
-                |b| b.iter(|| conv::conv2d_forward(&geom, &x, &w, &mut y)),
-            );
-            let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
-            g.throughput(Throughput::Elements(4 * geom.macs() as u64));
-            g.bench_function(
-                BenchmarkId::new(format!("{name}_bwd_cpu"), format!("stage{stage}")),
-                |b| b.iter(|| conv::conv2d_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw)),
-            );
+            bench_conv(&mut g, &format!("{name}_{{}}_cpu"), stage, &geom);
         }
     }
     g.finish();
@@ -115,21 +126,7 @@ fn conv_isa(c: &mut Criterion) {
         isa::set_level(Some(level)).expect("an available level");
         for stage in 1..=4 {
             let geom = grouped3x3(stage, BATCH, 1);
-            let x = values(1, geom.input_len());
-            let w = values(2, geom.weight_len());
-            let dy = values(3, geom.output_len());
-            let mut y = vec![0.0; geom.output_len()];
-            g.throughput(Throughput::Elements(2 * geom.macs() as u64));
-            g.bench_function(
-                BenchmarkId::new(format!("grouped3x3_fwd_{level}"), format!("stage{stage}")),
-                |b| b.iter(|| conv::conv2d_forward(&geom, &x, &w, &mut y)),
-            );
-            let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
-            g.throughput(Throughput::Elements(4 * geom.macs() as u64));
-            g.bench_function(
-                BenchmarkId::new(format!("grouped3x3_bwd_{level}"), format!("stage{stage}")),
-                |b| b.iter(|| conv::conv2d_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw)),
-            );
+            bench_conv(&mut g, &format!("grouped3x3_{{}}_{level}"), stage, &geom);
         }
     }
     isa::set_level(None).expect("back to the detected level");

@@ -169,7 +169,13 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     unsafe fn interleave(e: [f32; 8], o: [f32; 8]) -> ([f32; 8], [f32; 8]) {
-        let at = |k: usize| if k.is_multiple_of(2) { e[k / 2] } else { o[k / 2] };
+        let at = |k: usize| {
+            if k.is_multiple_of(2) {
+                e[k / 2]
+            } else {
+                o[k / 2]
+            }
+        };
         (std::array::from_fn(at), std::array::from_fn(|k| at(k + 8)))
     }
 }
