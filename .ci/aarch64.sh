@@ -15,9 +15,10 @@ fi
 rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 # resnext-core holds the only architecture-specific code (the kernels); the unit tests
 # (the lane operations at every level ARM has), the direct convolution at NEON and plain
-# level, and the kernels and autograd ops against their references. opt-level 1 for the
-# test crates only (dependencies keep the workspace's 2): the tests are small, the build
-# is what costs CI minutes. The rest of the workspace builds for aarch64 too (a full
+# level, and the kernels and autograd ops against their references. Everything at
+# opt-level 1 (gemm-f16 needs at least 1 on aarch64): the tests are small, the build is
+# what costs CI minutes. The rest of the workspace builds for aarch64 too (a full
 # `cargo build --workspace --target aarch64-unknown-linux-gnu`), left out here for time.
-CARGO_PROFILE_TEST_OPT_LEVEL=1 \
-    cargo test -p resnext-core --target "$target" --lib --test portable --test ops
+cargo test -p resnext-core --target "$target" \
+    --config 'profile.test.opt-level=1' --config 'profile.dev.package."*".opt-level=1' \
+    --lib --test portable --test ops
