@@ -81,20 +81,10 @@ pub(super) fn zeroed(buf: &mut Vec<f32>, len: usize) {
     }
 }
 
-/// `dst = src` for short rows, without a call into `memcpy`.
+/// `dst = src` for short rows, without a call into `memcpy`: one row of [`copy_rows`].
 fn copy(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "copy: lengths");
-    struct K<'a>(&'a mut [f32], &'a [f32]);
-    impl Kernel for K<'_> {
-        type Output = ();
-        #[inline(always)]
-        unsafe fn run<S: Simd>(self) {
-            // SAFETY: both slices hold `self.0.len()` values (asserted above).
-            unsafe { simd::copy::<S>(self.0.as_mut_ptr(), self.1.as_ptr(), self.0.len()) }
-        }
-    }
-    // SAFETY: the kernel reads and writes within the two slices.
-    unsafe { dispatch(K(dst, src)) }
+    copy_rows(src, src.len(), dst, dst.len());
 }
 
 /// Row `r` of `src` (rows of `w` values) to `dst[r·pitch..][..w]`.

@@ -36,16 +36,6 @@ impl Level {
         }
     }
 
-    /// `f32` lanes of one vector register at this level.
-    pub fn lanes(self) -> usize {
-        match self {
-            Level::Scalar => 1,
-            Level::Neon => 4,
-            Level::Avx2 => 8,
-            Level::Avx512 => 16,
-        }
-    }
-
     fn code(self) -> u8 {
         self as u8 + 1
     }
