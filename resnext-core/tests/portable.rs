@@ -49,6 +49,35 @@ proptest! {
     }
 
     #[test]
+    fn lanes_grouped_conv_matches_reference(
+        (batch, groups) in (1usize..3, 2usize..4),
+        // one and two 16-channel tiles, a 32-channel block and 48 = 32 + 16
+        ipg in prop::sample::select(vec![16usize, 32, 48]),
+        opg in prop::sample::select(vec![16usize, 32, 48]),
+        // rows of one to several position tiles at every level (6 and 14 positions)
+        (h, w, kernel, stride, padding) in (1usize..20, 1usize..20, 2usize..5, 1usize..3, 0usize..3),
+        level in prop::sample::select(isa::available()),
+        seed in any::<u64>(),
+    ) {
+        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel, stride, padding, groups };
+        prop_assume!(g.validate().is_ok());
+        prop_assert!(conv::lanes::suits(&g));
+        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
+        let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        isa::set_level(Some(level)).unwrap();
+        let mut y = vec![0.0; g.output_len()];
+        let packed = conv::lanes::pack_forward_weights(&g, &wt, Vec::new());
+        conv::lanes::conv2d_forward_packed(&g, &x, &packed, &mut y, |_, _, _| {});
+        let (mut dx, mut dw) = (vec![1.0; x.len()], vec![1.0; wt.len()]);
+        conv::lanes::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
+        isa::set_level(None).unwrap();
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
+        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx at {level}");
+        prop_assert!(rel_err(&minus_one(dw), &dw_ref) <= 1e-5, "dw at {level}");
+    }
+
+    #[test]
     fn direct_forward_of_a_stem_conv_matches_reference(
         (batch, cin, cout) in (1usize..3, 1usize..5, prop_oneof![1usize..19, Just(64usize)]),
         (h, w, kernel, stride, padding) in (5usize..30, 5usize..30, 5usize..8, 1usize..4, 0usize..4),

@@ -1,71 +1,76 @@
 //! Grouped convolution with channels in the vector lanes, for groups of 16 to 64 channels
-//! (ResNeXt-50's stages 3 and 4: 16 and 32 channels per group) on AVX-512.
+//! (ResNeXt-50's stages 3 and 4: 16 and 32 channels per group), at every instruction-set
+//! level ([`super::simd`]).
 //!
 //! [`super::direct`]'s kernel puts output *positions* in the lanes: a grid of `rows × pitch`
 //! positions padded to whole vectors. At 7×7 or 14×14 that grid wastes a fifth to a third of
 //! every vector on padding columns and rounding, and every weight gradient ends in a
-//! reduction across lanes. Here the lanes hold 16 (or, as two vectors, 32) output channels
-//! of one group instead: a register tile is up to 14 positions of one output row × 32
-//! channels, each step loads one weight row (the tile's channels for one tap) and
-//! broadcasts one input value per position, so positions cost nothing beyond the real ones
-//! and the weight gradient sums positions along the loop, never across lanes.
+//! reduction across lanes. Here the lanes hold output channels of one group instead: a
+//! register tile is a few positions of one output row × 16 or 32 channels, each step loads
+//! one weight row (the tile's channels for one tap) and broadcasts one input value per
+//! position, so positions cost nothing beyond the real ones and the weight gradient sums
+//! positions along the loop, never across lanes. Tiles by level ([`tile_shape`]): 14
+//! positions × 32 channels (28 of AVX-512's 32 registers), 6 × 16 (12 of AVX2's 16; 24 of
+//! NEON's 32, as 4-lane vectors).
 //!
 //! The input buffers are [`super::direct`]'s padded, stride-phase-split planes, so that a
 //! tap of any stride reads position `j` of a row at a fixed offset plus `j`; only the
 //! outputs (and, for the weight gradient, the output gradient) are transposed between the
 //! channel-major tensors and the channel-in-lanes tiles: a product's tiles (forward and
 //! input gradient) in registers, their positions being contiguous in every output plane;
-//! the weight gradient's output gradient and sums, and the weights, by 16×16 block
-//! transposes.
-
-// The kernels here are AVX-512 only: elsewhere nothing calls them, and the parts that
-// only the x86-64 build uses are unused.
-#![cfg_attr(
-    not(target_arch = "x86_64"),
-    allow(unused_variables, unused_mut, dead_code)
-)]
+//! the weight gradient's output gradient and sums, and the weights, by square block
+//! transposes ([`Simd::transpose`]).
 
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::direct::{
-    add, cpu_has_avx512, has_avx512, images_by_group, zeroed, BwdLayout, FwdLayout,
-};
+use super::direct::{add, images_by_group, zeroed, BwdLayout, FwdLayout};
 use super::scratch;
+use super::simd::{self, load_n, store_n, Kernel, Simd};
 
-/// `f32` lanes of an AVX-512 vector.
-const LANES: usize = 16;
-/// Positions of one register tile: 14 positions × 2 vectors of channels is 28 accumulators,
-/// leaving the two weight vectors and a broadcast their registers.
-const PMAX: usize = 14;
-/// Taps of one weight-gradient tile (each a register-held row of 16 or 32 channels).
-const WG_TAPS: usize = 8;
+/// Channels per group come in multiples of this: the narrowest register tile.
+const UNIT: usize = 16;
+/// Channels of one packed weight block (the widest register tile).
+const BLOCK: usize = 32;
 /// At most this many packed input values per batch of images in the weight gradient (1 MB).
 const WG_CHUNK_VALUES: usize = 1 << 18;
 
 /// Whether the kernels here run `g`: a grouped convolution (kernel larger than 1) whose
-/// groups have a multiple of 16 channels on both sides, at most 64, on a CPU with AVX-512
-/// (and [`super::isa::level`] not set lower). A subset of [`super::direct::suits`].
+/// groups have 16 to 64 channels on both sides, in multiples of 16. A subset of
+/// [`super::direct::suits`]; any instruction-set level.
 pub fn suits(g: &Conv2dGeom) -> bool {
-    suits_shape(g) && has_avx512()
-}
-
-/// The shape half of [`suits`]: grouped, kernel larger than 1, 16 to 64 channels per group
-/// on both sides in multiples of 16.
-pub fn suits_shape(g: &Conv2dGeom) -> bool {
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     g.groups > 1
         && g.kernel > 1
-        && ipg.is_multiple_of(LANES)
-        && opg.is_multiple_of(LANES)
+        && ipg.is_multiple_of(UNIT)
+        && opg.is_multiple_of(UNIT)
         && ipg <= 64
         && opg <= 64
 }
 
-/// Whether this CPU can run the kernels here at all (AVX-512F), whatever
-/// [`super::isa::level`] says. Calling them without it panics.
-pub fn available() -> bool {
-    cpu_has_avx512()
+/// `(channels, positions)` of a product's register tile at level `S`: 32 channels (two
+/// vectors) × 14 positions with AVX-512's 32 registers (28 accumulators, two weight
+/// vectors, a broadcast); 16 channels × 6 positions elsewhere (AVX2 and the plain level:
+/// two 8-lane vectors, 12 accumulators of 16 registers; NEON: four 4-lane vectors, 24 of
+/// 32). A 16-channel block on AVX-512 is one vector × 14 positions.
+#[inline(always)]
+fn tile_shape<S: Simd>() -> (usize, usize) {
+    if S::LANES == 16 {
+        (BLOCK, 14)
+    } else {
+        (UNIT, 6)
+    }
+}
+
+/// Taps of one weight-gradient tile at level `S` (each a register-held row of the tile's
+/// channels): 8 × 2 vectors with 32 registers and 16 lanes, 6 × 2 (AVX2) or 6 × 4 (NEON).
+#[inline(always)]
+fn wg_taps<S: Simd>() -> usize {
+    if S::LANES == 16 {
+        8
+    } else {
+        6
+    }
 }
 
 /// The weights of one product `out[q][o] = Σ_t W[o][t] · in[q + off[t]]` per group, in
@@ -148,12 +153,12 @@ impl LaneWeights {
         self.data
     }
 
-    /// Blocks of 32 outputs, the last 16 where `outs` is an odd multiple of 16.
+    /// Blocks of [`BLOCK`] outputs, the last 16 where `outs` is an odd multiple of 16.
     fn blocks(outs: usize, taps: usize) -> Vec<(usize, usize, usize)> {
-        assert!(outs.is_multiple_of(LANES), "lane weights: outputs");
+        assert!(outs.is_multiple_of(UNIT), "lane weights: outputs");
         (0..outs)
-            .step_by(2 * LANES)
-            .map(|o0| (o0, (outs - o0).min(2 * LANES), o0 * taps))
+            .step_by(BLOCK)
+            .map(|o0| (o0, (outs - o0).min(BLOCK), o0 * taps))
             .collect()
     }
 }
@@ -211,32 +216,90 @@ pub(super) fn transpose(
         rows <= dstride && (cols - 1) * dstride + rows <= dst.len(),
         "transpose: destination"
     );
-    #[cfg(target_arch = "x86_64")]
-    if cpu_has_avx512() {
-        for i0 in (0..rows).step_by(LANES) {
-            for j0 in (0..cols).step_by(LANES) {
-                // SAFETY: AVX-512F is present; the block reads `src[i·sstride + j]` and
-                // writes `dst[j·dstride + i]` for `i < rows`, `j < cols` only, in bounds by
-                // the asserts above.
+    // SAFETY: the kernel reads `src[i·sstride + j]` and writes `dst[j·dstride + i]` for
+    // `i < rows`, `j < cols` only, in bounds by the asserts above.
+    unsafe {
+        simd::dispatch(Transpose {
+            src: src.as_ptr(),
+            sstride,
+            rows,
+            cols,
+            dst: dst.as_mut_ptr(),
+            dstride,
+            add,
+        })
+    }
+}
+
+/// [`transpose`] in square blocks of the level's lanes.
+struct Transpose {
+    src: *const f32,
+    sstride: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    dstride: usize,
+    add: bool,
+}
+
+impl Kernel for Transpose {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let n = S::LANES;
+        for i0 in (0..self.rows).step_by(n) {
+            for j0 in (0..self.cols).step_by(n) {
+                // SAFETY: the block is inside the caller's `rows × cols`.
                 unsafe {
-                    avx512::transpose16(
-                        src.as_ptr().add(i0 * sstride + j0),
-                        sstride,
-                        (rows - i0).min(LANES),
-                        (cols - j0).min(LANES),
-                        dst.as_mut_ptr().add(j0 * dstride + i0),
-                        dstride,
-                        add,
+                    transpose_block::<S>(
+                        self.src.add(i0 * self.sstride + j0),
+                        self.sstride,
+                        (self.rows - i0).min(n),
+                        (self.cols - j0).min(n),
+                        self.dst.add(j0 * self.dstride + i0),
+                        self.dstride,
+                        self.add,
                     )
                 };
             }
         }
-        return;
     }
-    for i in 0..rows {
-        for j in 0..cols {
-            let d = &mut dst[j * dstride + i];
-            *d = if add { *d } else { 0.0 } + src[i * sstride + j];
+}
+
+/// `dst[j·dstride + i] (+)= src[i·sstride + j]` for `i < rows ≤ LANES`, `j < cols ≤ LANES`.
+#[inline(always)]
+unsafe fn transpose_block<S: Simd>(
+    src: *const f32,
+    sstride: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    dstride: usize,
+    add: bool,
+) {
+    // Constant trip counts and indices throughout, so that the compiler unrolls every loop
+    // and keeps the array in registers.
+    // SAFETY: reads and writes inside the block (the caller's contract).
+    unsafe {
+        let mut r = [S::zero(); 16];
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..S::LANES {
+            if i < rows {
+                r[i] = load_n::<S>(src.add(i * sstride), cols);
+            }
+        }
+        S::transpose(&mut r);
+        #[allow(clippy::needless_range_loop)]
+        for j in 0..S::LANES {
+            if j < cols {
+                let p = dst.add(j * dstride);
+                let v = if add {
+                    S::add(load_n::<S>(p, rows), r[j])
+                } else {
+                    r[j]
+                };
+                store_n::<S>(p, rows, v);
+            }
         }
     }
 }
@@ -268,52 +331,99 @@ fn product_planes(
         (rows - 1) * pitch + cols + max_off <= inp.len(),
         "lanes product: input"
     );
-    assert!(cpu_has_avx512(), "lanes product: needs AVX-512");
-    // Tiles: (first row, rows, first column, columns); two whole rows where they fit.
-    let tiles: Vec<(usize, usize, usize, usize)> = if 2 * cols <= PMAX {
-        (0..rows)
-            .step_by(2)
-            .map(|r0| (r0, (rows - r0).min(2), 0, cols))
-            .collect()
-    } else {
-        // row chunks as even as possible (a 28-wide row as 14 + 14)
-        let chunk = cols.div_ceil(cols.div_ceil(PMAX));
-        (0..rows)
-            .flat_map(|r| {
+    // SAFETY: the tiles stay inside the bounds asserted above (see `Planes::run`).
+    unsafe {
+        simd::dispatch(Planes {
+            inp: inp.as_ptr(),
+            pitch,
+            rows,
+            cols,
+            offs,
+            w,
+            grp,
+            out: out.as_mut_ptr(),
+            prefetch,
+        })
+    }
+}
+
+/// [`product_planes`]'s arguments, checked.
+struct Planes<'a> {
+    inp: *const f32,
+    pitch: usize,
+    rows: usize,
+    cols: usize,
+    offs: &'a [usize],
+    w: &'a LaneWeights,
+    grp: usize,
+    out: *mut f32,
+    prefetch: Prefetch,
+}
+
+impl Kernel for Planes<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let Planes {
+            inp,
+            pitch,
+            rows,
+            cols,
+            offs,
+            w,
+            grp,
+            out,
+            prefetch,
+        } = self;
+        let plane = rows * cols;
+        let (channels, pmax) = tile_shape::<S>();
+        // Tiles: (first row, rows, first column, columns); two whole rows where they fit,
+        // else row chunks as even as possible (a 28-wide row as 14 + 14 on AVX-512).
+        let two_rows = 2 * cols <= pmax;
+        let chunk = if two_rows {
+            cols
+        } else {
+            cols.div_ceil(cols.div_ceil(pmax))
+        };
+        let tiles = move || {
+            (0..rows).step_by(if two_rows { 2 } else { 1 }).flat_map(move |r0| {
+                let r = if two_rows { (rows - r0).min(2) } else { 1 };
                 (0..cols)
                     .step_by(chunk)
-                    .map(move |j| (r, 1, j, chunk.min(cols - j)))
+                    .map(move |j0| (r0, r, j0, chunk.min(cols - j0)))
             })
-            .collect()
-    };
-    let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
-    let per_tile = lines.div_ceil(w.blocks.len() * tiles.len());
-    let mut next_line = 0;
-    for &(o0, width, at) in &w.blocks {
-        let wb = &w.group(grp)[at..at + w.taps * width];
-        for &(r0, r, j0, p) in &tiles {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512F is present (asserted); the tile reads
-            // `inp[(r0 + i)·pitch + j0 + j + off]` for `i < r`, `j0 + j < cols`, below
-            // `inp.len()` by the assert above, and `wb` in full; it writes
-            // `out[(o0 + c)·plane + r0·cols + j0 + k]` for `c < width`, `k < r·p`, inside
-            // `plane · outs` (two rows only when `p = cols`, whole rows).
-            unsafe {
-                avx512::tile_planes(
-                    inp.as_ptr().add(r0 * pitch + j0),
-                    pitch,
-                    offs,
-                    wb.as_ptr(),
-                    width,
-                    (p, r),
-                    out.as_mut_ptr().add(o0 * plane + r0 * cols + j0),
-                    plane,
-                )
-            };
-            for line in next_line..(next_line + per_tile).min(lines) {
-                prefetch_l2(prefetch_line(&prefetch, line));
+        };
+        let count = rows.div_ceil(if two_rows { 2 } else { 1 }) * cols.div_ceil(chunk);
+        let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
+        let per_tile = lines.div_ceil(w.blocks.len() * count);
+        let mut next_line = 0;
+        for &(o0, width, at) in &w.blocks {
+            let wb = &w.group(grp)[at..at + w.taps * width];
+            for (r0, r, j0, p) in tiles() {
+                for c0 in (0..width).step_by(channels) {
+                    // SAFETY: the tile reads `inp[(r0 + i)·pitch + j0 + j + off]` for
+                    // `i < r`, `j0 + j < cols`, below `inp.len()` (asserted by
+                    // `product_planes`), and `wb` rows `c0..c0 + channels`; it writes
+                    // `out[(o0 + c0 + c)·plane + r0·cols + j0 + k]` for `c < channels`,
+                    // `k < r·p`, inside `plane · outs` (two rows only when `p = cols`).
+                    unsafe {
+                        tile_planes::<S>(
+                            inp.add(r0 * pitch + j0),
+                            pitch,
+                            offs,
+                            wb.as_ptr().add(c0),
+                            width,
+                            (channels.min(width - c0), p, r),
+                            out.add((o0 + c0) * plane + r0 * cols + j0),
+                            plane,
+                        )
+                    };
+                }
+                for line in next_line..(next_line + per_tile).min(lines) {
+                    prefetch_l2(prefetch_line(&prefetch, line));
+                }
+                next_line += per_tile;
             }
-            next_line += per_tile;
         }
     }
 }
@@ -520,7 +630,7 @@ fn weight_grad(
         "lanes weight grad: gradient"
     );
     assert!(sums.len() >= taps * outs, "lanes weight grad: sums");
-    assert!(outs.is_multiple_of(LANES), "lanes weight grad: outputs");
+    assert!(outs.is_multiple_of(UNIT), "lanes weight grad: outputs");
     if b == 0 || oh == 0 || ow == 0 {
         return;
     }
@@ -529,272 +639,243 @@ fn weight_grad(
         (b - 1) * fwd.len + (oh - 1) * fwd.pitch + ow + max_off <= xbuf.len(),
         "lanes weight grad: input"
     );
-    assert!(cpu_has_avx512(), "lanes weight grad: needs AVX-512");
-    let mut o0 = 0;
-    while o0 < outs {
-        let width = (outs - o0).min(2 * LANES);
-        let mut t0 = 0;
-        while t0 < taps {
-            let tb = (taps - t0).min(WG_TAPS);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512F is present (asserted); reads of `xbuf` stay below
-            // `(b−1)·len + (oh−1)·pitch + ow + max_off` and of `dyt` below
-            // `b·oh·ow·outs` (both asserted), writes in `sums[..taps·outs]`.
-            unsafe {
-                avx512::wg_tile(
-                    xbuf.as_ptr(),
-                    &fwd.offs[t0..t0 + tb],
-                    (b, fwd.len, oh, fwd.pitch, ow),
-                    dyt.as_ptr().add(o0),
-                    outs,
-                    width,
-                    sums.as_mut_ptr().add(t0 * outs + o0),
-                )
-            };
-            t0 += tb;
-        }
-        o0 += width;
+    let dims = (b, fwd.len, oh, fwd.pitch, ow);
+    // SAFETY: reads of `xbuf` stay below `(b−1)·len + (oh−1)·pitch + ow + max_off` and of
+    // `dyt` below `b·oh·ow·outs` (both asserted), writes in `sums[..taps·outs]`.
+    unsafe {
+        simd::dispatch(WeightGrad {
+            x: xbuf.as_ptr(),
+            offs: &fwd.offs,
+            dims,
+            dy: dyt.as_ptr(),
+            outs,
+            sums: sums.as_mut_ptr(),
+        })
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_op_in_unsafe_fn)]
-mod avx512 {
-    use std::arch::x86_64::*;
+/// [`weight_grad`]'s arguments, checked.
+struct WeightGrad<'a> {
+    x: *const f32,
+    offs: &'a [usize],
+    dims: (usize, usize, usize, usize, usize),
+    dy: *const f32,
+    outs: usize,
+    sums: *mut f32,
+}
 
-    use super::{LANES, WG_TAPS};
-
-    /// The mask of the first `n ≤ 16` lanes.
-    #[inline]
-    fn head(n: usize) -> __mmask16 {
-        ((1u32 << n) - 1) as __mmask16
+impl Kernel for WeightGrad<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let WeightGrad {
+            x,
+            offs,
+            dims,
+            dy,
+            outs,
+            sums,
+        } = self;
+        let (channels, _) = tile_shape::<S>();
+        let (taps, tb_max) = (offs.len(), wg_taps::<S>());
+        for o0 in (0..outs).step_by(channels) {
+            let width = (outs - o0).min(channels);
+            for t0 in (0..taps).step_by(tb_max) {
+                let tb = (taps - t0).min(tb_max);
+                // SAFETY: `weight_grad`'s bounds; channels `o0..o0 + width` of `dy`'s rows
+                // and of `sums`' taps `t0..t0 + tb`.
+                unsafe {
+                    wg_tile::<S>(
+                        x,
+                        &offs[t0..t0 + tb],
+                        dims,
+                        dy.add(o0),
+                        outs,
+                        width,
+                        sums.add(t0 * outs + o0),
+                    )
+                };
+            }
+        }
     }
+}
 
-    /// The transpose of the 16×16 matrix whose rows are `r`: row `j` of the result holds
-    /// lane `j` of every `r[i]`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn transpose_regs(r: &[__m512; 16]) -> [__m512; 16] {
-        // pairs of rows interleaved within 128-bit lanes: a0 b0 a1 b1 | a2 b2 a3 b3
-        let mut t = [_mm512_setzero_pd(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_castps_pd(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]));
-            t[2 * i + 1] = _mm512_castps_pd(_mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
-        }
-        // quads: u[4k + m] holds, in 128-bit lane l, column 4l + m of rows 4k..4k + 4
-        let mut u = [_mm512_setzero_ps(); 16];
-        for k in 0..4 {
-            let (a, b, c, d) = (t[4 * k], t[4 * k + 1], t[4 * k + 2], t[4 * k + 3]);
-            u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-            u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-            u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-            u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-        }
-        // gather lane l of u[m], u[4 + m], u[8 + m], u[12 + m] into output row 4l + m
-        let mut out = [_mm512_setzero_ps(); 16];
-        for m in 0..4 {
-            let v1 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[m], u[4 + m]);
-            let v2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[8 + m], u[12 + m]);
-            let w1 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[m], u[4 + m]);
-            let w2 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[8 + m], u[12 + m]);
-            out[m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(v1, v2);
-            out[8 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(v1, v2);
-            out[4 + m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(w1, w2);
-            out[12 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(w1, w2);
-        }
-        out
-    }
-
-    /// `R ≤ 2` output rows of `P` positions (`R·P ≤ 14`) × `OV` vectors of channels (see
-    /// [`super::product_planes`]), transposed in registers and stored as channel planes:
-    /// `out[c·plane + r·P + j]` (two rows only when they are whole rows, so contiguous).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn run_planes<const P: usize, const R: usize, const OV: usize>(
-        x: *const f32,
-        pitch: usize,
-        offs: &[usize],
-        w: *const f32,
-        out: *mut f32,
-        plane: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); OV]; 14];
+/// `R ≤ 2` output rows of `P` positions (`R·P ≤ 14`) × `OV` vectors of channels (see
+/// [`product_planes`]), transposed in registers and stored as channel planes:
+/// `out[c·plane + r·P + j]` (two rows only when they are whole rows, so contiguous). Row
+/// `t` of the weights is at `w + t·wstride`.
+#[inline(always)]
+unsafe fn run_planes<S: Simd, const P: usize, const R: usize, const OV: usize>(
+    x: *const f32,
+    pitch: usize,
+    offs: &[usize],
+    w: *const f32,
+    wstride: usize,
+    out: *mut f32,
+    plane: usize,
+) {
+    // SAFETY: the caller's bounds (see `Planes::run`).
+    unsafe {
+        let mut acc = [[S::zero(); OV]; 14];
         for (t, &off) in offs.iter().enumerate() {
             let xp = x.add(off);
-            let wt = w.add(t * OV * LANES);
-            let mut wv = [_mm512_setzero_ps(); OV];
+            let wt = w.add(t * wstride);
+            let mut wv = [S::zero(); OV];
             for (v, wv) in wv.iter_mut().enumerate() {
-                *wv = _mm512_loadu_ps(wt.add(v * LANES));
+                *wv = S::load(wt.add(v * S::LANES));
             }
             for r in 0..R {
                 let xr = xp.add(r * pitch);
                 for j in 0..P {
-                    let xv = _mm512_set1_ps(*xr.add(j));
+                    let xv = S::splat(*xr.add(j));
                     for (a, &wv) in acc[r * P + j].iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(wv, xv, *a);
+                        *a = S::fma(wv, xv, *a);
                     }
                 }
             }
         }
-        let m = head(R * P);
+        // positions in chunks of the level's lanes, each transposed to one row per channel
+        let n = R * P;
         // (`v` picks the same vector out of every position's accumulators)
         #[allow(clippy::needless_range_loop)]
         for v in 0..OV {
-            let mut rows = [_mm512_setzero_ps(); 16];
-            for i in 0..R * P {
-                rows[i] = acc[i][v];
-            }
-            let planes = transpose_regs(&rows);
-            for (c, &pv) in planes.iter().enumerate() {
-                _mm512_mask_storeu_ps(out.add((v * LANES + c) * plane), m, pv);
-            }
-        }
-    }
-
-    /// `r ∈ {1, 2}` rows of `p` positions (`p ≤ 14`, `p ≤ 7` for two rows) × `width ∈
-    /// {16, 32}` channels; see [`super::product_planes`].
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_planes(
-        x: *const f32,
-        pitch: usize,
-        offs: &[usize],
-        w: *const f32,
-        width: usize,
-        (p, r): (usize, usize),
-        out: *mut f32,
-        plane: usize,
-    ) {
-        macro_rules! by_p {
-            (1, $ov:literal) => {
-                match p {
-                    14 => run_planes::<14, 1, $ov>(x, pitch, offs, w, out, plane),
-                    13 => run_planes::<13, 1, $ov>(x, pitch, offs, w, out, plane),
-                    12 => run_planes::<12, 1, $ov>(x, pitch, offs, w, out, plane),
-                    11 => run_planes::<11, 1, $ov>(x, pitch, offs, w, out, plane),
-                    10 => run_planes::<10, 1, $ov>(x, pitch, offs, w, out, plane),
-                    9 => run_planes::<9, 1, $ov>(x, pitch, offs, w, out, plane),
-                    8 => run_planes::<8, 1, $ov>(x, pitch, offs, w, out, plane),
-                    7 => run_planes::<7, 1, $ov>(x, pitch, offs, w, out, plane),
-                    6 => run_planes::<6, 1, $ov>(x, pitch, offs, w, out, plane),
-                    5 => run_planes::<5, 1, $ov>(x, pitch, offs, w, out, plane),
-                    4 => run_planes::<4, 1, $ov>(x, pitch, offs, w, out, plane),
-                    3 => run_planes::<3, 1, $ov>(x, pitch, offs, w, out, plane),
-                    2 => run_planes::<2, 1, $ov>(x, pitch, offs, w, out, plane),
-                    _ => run_planes::<1, 1, $ov>(x, pitch, offs, w, out, plane),
+            for q0 in (0..n).step_by(S::LANES) {
+                let mut rows = [S::zero(); 16];
+                for i in 0..S::LANES {
+                    if q0 + i < n {
+                        rows[i] = acc[q0 + i][v];
+                    }
                 }
-            };
-            ($r:literal, $ov:literal) => {
-                match p {
-                    7 => run_planes::<7, $r, $ov>(x, pitch, offs, w, out, plane),
-                    6 => run_planes::<6, $r, $ov>(x, pitch, offs, w, out, plane),
-                    5 => run_planes::<5, $r, $ov>(x, pitch, offs, w, out, plane),
-                    4 => run_planes::<4, $r, $ov>(x, pitch, offs, w, out, plane),
-                    3 => run_planes::<3, $r, $ov>(x, pitch, offs, w, out, plane),
-                    2 => run_planes::<2, $r, $ov>(x, pitch, offs, w, out, plane),
-                    _ => run_planes::<1, $r, $ov>(x, pitch, offs, w, out, plane),
-                }
-            };
-        }
-        match (r, width == 2 * LANES) {
-            (2, true) => by_p!(2, 2),
-            (2, false) => by_p!(2, 1),
-            (_, true) => by_p!(1, 2),
-            (_, false) => by_p!(1, 1),
-        }
-    }
-
-    /// `dst[j·dstride + i] (+)= src[i·sstride + j]` for `i < rows ≤ 16`, `j < cols ≤ 16`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose16(
-        src: *const f32,
-        sstride: usize,
-        rows: usize,
-        cols: usize,
-        dst: *mut f32,
-        dstride: usize,
-        add: bool,
-    ) {
-        let (cm, rm) = (head(cols), head(rows));
-        // Constant trip counts and indices throughout, so that the compiler unrolls every
-        // loop and keeps the arrays in registers.
-        let mut r = [_mm512_setzero_ps(); 16];
-        #[allow(clippy::needless_range_loop)]
-        for i in 0..16 {
-            if i < rows {
-                r[i] = if cols == 16 {
-                    _mm512_loadu_ps(src.add(i * sstride))
-                } else {
-                    _mm512_maskz_loadu_ps(cm, src.add(i * sstride))
-                };
-            }
-        }
-        let out = transpose_regs(&r);
-        #[allow(clippy::needless_range_loop)]
-        for j in 0..16 {
-            if j < cols {
-                let p = dst.add(j * dstride);
-                // plain stores for whole rows: masked ones cost more on some CPUs (Zen 4)
-                if rows == 16 {
-                    let v = if add {
-                        _mm512_add_ps(_mm512_loadu_ps(p), out[j])
-                    } else {
-                        out[j]
-                    };
-                    _mm512_storeu_ps(p, v);
-                } else {
-                    let v = if add {
-                        _mm512_add_ps(_mm512_maskz_loadu_ps(rm, p), out[j])
-                    } else {
-                        out[j]
-                    };
-                    _mm512_mask_storeu_ps(p, rm, v);
+                S::transpose(&mut rows);
+                let m = (n - q0).min(S::LANES);
+                for (c, &pv) in rows.iter().take(S::LANES).enumerate() {
+                    store_n::<S>(out.add((v * S::LANES + c) * plane + q0), m, pv);
                 }
             }
         }
     }
+}
 
-    /// Up to [`WG_TAPS`] taps × `width ∈ {16, 32}` channels of the weight gradient, summed
-    /// over every position of `b` images (`dims = (b, len, oh, pitch, ow)`); see
-    /// [`super::weight_grad`].
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn wg_tile(
-        x: *const f32,
-        offs: &[usize],
-        dims: (usize, usize, usize, usize, usize),
-        dy: *const f32,
-        dstride: usize,
-        width: usize,
-        sums: *mut f32,
-    ) {
-        match (offs.len(), width == 2 * LANES) {
-            (WG_TAPS, true) => wg_run::<WG_TAPS, 2>(x, offs, dims, dy, dstride, sums),
-            (WG_TAPS, false) => wg_run::<WG_TAPS, 1>(x, offs, dims, dy, dstride, sums),
-            (_, true) => {
+/// `r ∈ {1, 2}` rows of `p` positions × `channels` (16 or, on AVX-512, 32) channels of
+/// weights whose rows are `wstride` apart; see [`product_planes`] and [`tile_shape`].
+#[inline(always)]
+unsafe fn tile_planes<S: Simd>(
+    x: *const f32,
+    pitch: usize,
+    offs: &[usize],
+    w: *const f32,
+    wstride: usize,
+    (channels, p, r): (usize, usize, usize),
+    out: *mut f32,
+    plane: usize,
+) {
+    macro_rules! run {
+        ($p:literal, $r:literal, $ov:literal) => {
+            run_planes::<S, $p, $r, $ov>(x, pitch, offs, w, wstride, out, plane)
+        };
+    }
+    // Up to 14 positions (7 in each of two rows) with 16 lanes, 6 (3) with fewer.
+    macro_rules! wide {
+        ($ov:literal) => {
+            match (r, p) {
+                (2, 7) => run!(7, 2, $ov),
+                (2, 6) => run!(6, 2, $ov),
+                (2, 5) => run!(5, 2, $ov),
+                (2, 4) => run!(4, 2, $ov),
+                (2, 3) => run!(3, 2, $ov),
+                (2, 2) => run!(2, 2, $ov),
+                (2, _) => run!(1, 2, $ov),
+                (_, 14) => run!(14, 1, $ov),
+                (_, 13) => run!(13, 1, $ov),
+                (_, 12) => run!(12, 1, $ov),
+                (_, 11) => run!(11, 1, $ov),
+                (_, 10) => run!(10, 1, $ov),
+                (_, 9) => run!(9, 1, $ov),
+                (_, 8) => run!(8, 1, $ov),
+                (_, 7) => run!(7, 1, $ov),
+                (_, 6) => run!(6, 1, $ov),
+                (_, 5) => run!(5, 1, $ov),
+                (_, 4) => run!(4, 1, $ov),
+                (_, 3) => run!(3, 1, $ov),
+                (_, 2) => run!(2, 1, $ov),
+                _ => run!(1, 1, $ov),
+            }
+        };
+    }
+    macro_rules! narrow {
+        ($ov:literal) => {
+            match (r, p) {
+                (2, 3) => run!(3, 2, $ov),
+                (2, 2) => run!(2, 2, $ov),
+                (2, _) => run!(1, 2, $ov),
+                (_, 6) => run!(6, 1, $ov),
+                (_, 5) => run!(5, 1, $ov),
+                (_, 4) => run!(4, 1, $ov),
+                (_, 3) => run!(3, 1, $ov),
+                (_, 2) => run!(2, 1, $ov),
+                _ => run!(1, 1, $ov),
+            }
+        };
+    }
+    // SAFETY: the caller's bounds; `channels / LANES` vectors per row.
+    unsafe {
+        match (S::LANES, channels) {
+            (16, 32) => wide!(2),
+            (16, _) => wide!(1),
+            (8, _) => narrow!(2),
+            _ => narrow!(4),
+        }
+    }
+}
+
+/// Up to [`wg_taps`] taps × `width` channels (16, or 32 on AVX-512) of the weight gradient,
+/// summed over every position of `b` images (`dims = (b, len, oh, pitch, ow)`); see
+/// [`weight_grad`].
+#[inline(always)]
+unsafe fn wg_tile<S: Simd>(
+    x: *const f32,
+    offs: &[usize],
+    dims: (usize, usize, usize, usize, usize),
+    dy: *const f32,
+    dstride: usize,
+    width: usize,
+    sums: *mut f32,
+) {
+    macro_rules! run {
+        ($tb:literal, $ov:literal) => {
+            if offs.len() == $tb {
+                wg_run::<S, $tb, $ov>(x, offs, dims, dy, dstride, sums)
+            } else {
                 for (t, off) in offs.iter().enumerate() {
                     let s = sums.add(t * dstride);
-                    wg_run::<1, 2>(x, std::slice::from_ref(off), dims, dy, dstride, s);
+                    wg_run::<S, 1, $ov>(x, std::slice::from_ref(off), dims, dy, dstride, s);
                 }
             }
-            (_, false) => {
-                for (t, off) in offs.iter().enumerate() {
-                    let s = sums.add(t * dstride);
-                    wg_run::<1, 1>(x, std::slice::from_ref(off), dims, dy, dstride, s);
-                }
-            }
+        };
+    }
+    // SAFETY: the caller's bounds.
+    unsafe {
+        match (S::LANES, width) {
+            (16, 32) => run!(8, 2),
+            (16, _) => run!(8, 1),
+            (8, _) => run!(6, 2),
+            _ => run!(6, 4),
         }
     }
+}
 
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn wg_run<const TB: usize, const OV: usize>(
-        x: *const f32,
-        offs: &[usize],
-        (b, len, oh, pitch, ow): (usize, usize, usize, usize, usize),
-        dy: *const f32,
-        dstride: usize,
-        sums: *mut f32,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); OV]; TB];
+#[inline(always)]
+unsafe fn wg_run<S: Simd, const TB: usize, const OV: usize>(
+    x: *const f32,
+    offs: &[usize],
+    (b, len, oh, pitch, ow): (usize, usize, usize, usize, usize),
+    dy: *const f32,
+    dstride: usize,
+    sums: *mut f32,
+) {
+    // SAFETY: the caller's bounds.
+    unsafe {
+        let mut acc = [[S::zero(); OV]; TB];
         let mut ptrs = [x; TB];
         for (p, &off) in ptrs.iter_mut().zip(offs) {
             *p = x.add(off);
@@ -804,15 +885,15 @@ mod avx512 {
             for r in 0..oh {
                 let row = j * len + r * pitch;
                 for c in row..row + ow {
-                    let mut dv = [_mm512_setzero_ps(); OV];
+                    let mut dv = [S::zero(); OV];
                     for (v, dv) in dv.iter_mut().enumerate() {
-                        *dv = _mm512_loadu_ps(d.add(v * LANES));
+                        *dv = S::load(d.add(v * S::LANES));
                     }
                     d = d.add(dstride);
                     for (acc_t, p) in acc.iter_mut().zip(&ptrs) {
-                        let xv = _mm512_set1_ps(*p.add(c));
+                        let xv = S::splat(*p.add(c));
                         for (a, &dv) in acc_t.iter_mut().zip(&dv) {
-                            *a = _mm512_fmadd_ps(dv, xv, *a);
+                            *a = S::fma(dv, xv, *a);
                         }
                     }
                 }
@@ -820,8 +901,8 @@ mod avx512 {
         }
         for (t, acc_t) in acc.iter().enumerate() {
             for (v, &a) in acc_t.iter().enumerate() {
-                let s = sums.add(t * dstride + v * LANES);
-                _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), a));
+                let s = sums.add(t * dstride + v * S::LANES);
+                S::store(s, S::add(S::load(s), a));
             }
         }
     }

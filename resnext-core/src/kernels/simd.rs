@@ -41,6 +41,10 @@ pub trait Simd: Copy {
     unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V);
     /// The inverse of [`Simd::deinterleave`]: `e0 o0 e1 o1 …` as two vectors.
     unsafe fn interleave(e: Self::V, o: Self::V) -> (Self::V, Self::V);
+    /// The `LANES × LANES` block `r[..LANES]` transposed in place: afterwards `r[j]` holds
+    /// lane `j` of every former `r[i]` (`r[LANES..]` untouched). The array is 16 long at
+    /// every level, AVX-512's `LANES`.
+    unsafe fn transpose(r: &mut [Self::V; 16]);
 }
 
 /// A kernel written once over [`Simd`]: its arguments are the fields of `self`.
@@ -168,6 +172,15 @@ impl Simd for Scalar {
         )
     }
     #[inline(always)]
+    unsafe fn transpose(r: &mut [[f32; 8]; 16]) {
+        let a = *r;
+        for (j, row) in r.iter_mut().take(8).enumerate() {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = a[i][j];
+            }
+        }
+    }
+    #[inline(always)]
     unsafe fn interleave(e: [f32; 8], o: [f32; 8]) -> ([f32; 8], [f32; 8]) {
         let at = |k: usize| {
             if k.is_multiple_of(2) {
@@ -247,6 +260,37 @@ mod x86 {
                     _mm512_permutex2var_ps(a, ie, b),
                     _mm512_permutex2var_ps(a, io, b),
                 )
+            }
+        }
+        #[inline(always)]
+        unsafe fn transpose(r: &mut [__m512; 16]) {
+            unsafe {
+                // pairs of rows interleaved within 128-bit lanes: a0 b0 a1 b1 | a2 b2 a3 b3
+                let mut t = [_mm512_setzero_pd(); 16];
+                for i in 0..8 {
+                    t[2 * i] = _mm512_castps_pd(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]));
+                    t[2 * i + 1] = _mm512_castps_pd(_mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+                }
+                // quads: u[4k + m] holds, in 128-bit lane l, column 4l + m of rows 4k..4k + 4
+                let mut u = [_mm512_setzero_ps(); 16];
+                for k in 0..4 {
+                    let (a, b, c, d) = (t[4 * k], t[4 * k + 1], t[4 * k + 2], t[4 * k + 3]);
+                    u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+                    u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+                    u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+                    u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+                }
+                // lane l of u[m], u[4 + m], u[8 + m], u[12 + m] into row 4l + m
+                for m in 0..4 {
+                    let v1 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[m], u[4 + m]);
+                    let v2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[8 + m], u[12 + m]);
+                    let w1 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[m], u[4 + m]);
+                    let w2 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[8 + m], u[12 + m]);
+                    r[m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(v1, v2);
+                    r[8 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(v1, v2);
+                    r[4 + m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(w1, w2);
+                    r[12 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(w1, w2);
+                }
             }
         }
         #[inline(always)]
@@ -339,6 +383,30 @@ mod x86 {
             }
         }
         #[inline(always)]
+        unsafe fn transpose(r: &mut [__m256; 16]) {
+            unsafe {
+                // pairs: a0 b0 a1 b1 | a4 b4 a5 b5 and a2 b2 a3 b3 | a6 b6 a7 b7
+                let mut t = [_mm256_setzero_ps(); 8];
+                for i in 0..4 {
+                    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+                }
+                // quads: s[4h + m] holds columns m and m + 4 of rows 4h..4h + 4
+                let mut s = [_mm256_setzero_ps(); 8];
+                for h in 0..2 {
+                    let (a, b, c, d) = (t[4 * h], t[4 * h + 1], t[4 * h + 2], t[4 * h + 3]);
+                    s[4 * h] = _mm256_shuffle_ps::<0b01_00_01_00>(a, c);
+                    s[4 * h + 1] = _mm256_shuffle_ps::<0b11_10_11_10>(a, c);
+                    s[4 * h + 2] = _mm256_shuffle_ps::<0b01_00_01_00>(b, d);
+                    s[4 * h + 3] = _mm256_shuffle_ps::<0b11_10_11_10>(b, d);
+                }
+                for m in 0..4 {
+                    r[m] = _mm256_permute2f128_ps::<0x20>(s[m], s[4 + m]);
+                    r[4 + m] = _mm256_permute2f128_ps::<0x31>(s[m], s[4 + m]);
+                }
+            }
+        }
+        #[inline(always)]
         unsafe fn interleave(e: __m256, o: __m256) -> (__m256, __m256) {
             unsafe {
                 let lo = _mm256_unpacklo_ps(e, o); // e0 o0 e1 o1 | e4 o4 e5 o5
@@ -419,6 +487,21 @@ mod arm {
         #[inline(always)]
         unsafe fn deinterleave(a: float32x4_t, b: float32x4_t) -> (float32x4_t, float32x4_t) {
             unsafe { (vuzp1q_f32(a, b), vuzp2q_f32(a, b)) }
+        }
+        #[inline(always)]
+        unsafe fn transpose(r: &mut [float32x4_t; 16]) {
+            unsafe {
+                let t0 = vtrn1q_f32(r[0], r[1]); // a0 b0 a2 b2
+                let t1 = vtrn2q_f32(r[0], r[1]); // a1 b1 a3 b3
+                let t2 = vtrn1q_f32(r[2], r[3]); // c0 d0 c2 d2
+                let t3 = vtrn2q_f32(r[2], r[3]); // c1 d1 c3 d3
+                let d = |v: float32x4_t| vreinterpretq_f64_f32(v);
+                let f = |v: float64x2_t| vreinterpretq_f32_f64(v);
+                r[0] = f(vtrn1q_f64(d(t0), d(t2)));
+                r[1] = f(vtrn1q_f64(d(t1), d(t3)));
+                r[2] = f(vtrn2q_f64(d(t0), d(t2)));
+                r[3] = f(vtrn2q_f64(d(t1), d(t3)));
+            }
         }
         #[inline(always)]
         unsafe fn interleave(e: float32x4_t, o: float32x4_t) -> (float32x4_t, float32x4_t) {
@@ -519,6 +602,45 @@ mod tests {
                 let part = S::load_part(x.as_ptr().add(S::LANES), S::LANES - 1);
                 S::store_part(y.as_mut_ptr(), S::LANES - 1, part);
                 (S::LANES, S::reduce_add(a))
+            }
+        }
+    }
+
+    /// `LANES × LANES` values from `x`, transposed in registers, stored to `y`.
+    struct Transpose<'a>(&'a [f32], &'a mut [f32]);
+
+    impl Kernel for Transpose<'_> {
+        type Output = usize;
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) -> usize {
+            let (x, y, n) = (self.0, self.1, S::LANES);
+            assert!(x.len() >= n * n && y.len() >= n * n);
+            // SAFETY: lengths asserted above
+            unsafe {
+                let mut r = [S::splat(-1.0); 16];
+                for (i, r) in r.iter_mut().take(n).enumerate() {
+                    *r = S::load(x.as_ptr().add(i * n));
+                }
+                S::transpose(&mut r);
+                for (j, r) in r.iter().take(n).enumerate() {
+                    S::store(y.as_mut_ptr().add(j * n), *r);
+                }
+            }
+            n
+        }
+    }
+
+    #[test]
+    fn every_level_transposes_a_square_block() {
+        for l in isa::available() {
+            let x: Vec<f32> = (0..256).map(|i| i as f32).collect();
+            let mut y = vec![0.0; 256];
+            // SAFETY: an available level; the kernel asserts its lengths
+            let n = unsafe { run_at(l, Transpose(&x, &mut y)) };
+            for i in 0..n {
+                for j in 0..n {
+                    assert_eq!(y[j * n + i], x[i * n + j], "{l}: ({i}, {j})");
+                }
             }
         }
     }

@@ -31,7 +31,7 @@
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::direct::cpu_has_avx512;
+use super::direct::{cpu_has_avx512, has_avx512};
 use super::lanes::{self, transpose};
 use super::scratch;
 
@@ -49,9 +49,16 @@ const CHUNK_TILES: usize = 56;
 const TASK_VALUES: usize = 1 << 16;
 
 /// Whether [`conv2d_forward`] runs `g`: a 3×3 stride-1 grouped convolution that
-/// [`lanes::suits`] (16 to 64 channels per group, AVX-512 present and not turned off).
+/// [`lanes::suits`] (16 to 64 channels per group), on a CPU with AVX-512 (and
+/// [`super::isa::level`] not set lower).
 pub fn suits(g: &Conv2dGeom) -> bool {
-    suits_shape(g) && lanes::suits(g)
+    suits_shape(g) && has_avx512()
+}
+
+/// Whether this CPU can run the kernels here at all (AVX-512F), whatever
+/// [`super::isa::level`] says. Calling them without it panics.
+pub fn available() -> bool {
+    cpu_has_avx512()
 }
 
 /// Whether [`conv2d_forward`], which transforms the weights in every task, pays off over
@@ -64,7 +71,7 @@ pub fn pays_per_call(g: &Conv2dGeom) -> bool {
 
 /// The shape half of [`suits`].
 pub fn suits_shape(g: &Conv2dGeom) -> bool {
-    g.kernel == 3 && g.stride == 1 && lanes::suits_shape(g)
+    g.kernel == 3 && g.stride == 1 && lanes::suits(g)
 }
 
 /// A grouped 3×3 convolution's weights transformed for [`conv2d_forward_packed`]: per
