@@ -377,23 +377,42 @@ impl Kernel for Planes<'_> {
         } = self;
         let plane = rows * cols;
         let (channels, pmax) = tile_shape::<S>();
-        // Tiles: (first row, rows, first column, columns); two whole rows where they fit,
-        // else row chunks as even as possible (a 28-wide row as 14 + 14 on AVX-512).
-        let two_rows = 2 * cols <= pmax;
+        // Tiles: (first row, rows, first column, columns). With 16 lanes (14-position
+        // tiles) two whole rows where they fit, else row chunks as even as possible (a
+        // 28-wide row as 14 + 14). With fewer lanes (6-position tiles) runs of positions of
+        // the plane as even as possible, across row ends (a 7×7 plane as 4 × 6 + 5 × 5
+        // rather than 7 × (4 + 3), which leaves too few accumulators to cover the FMA
+        // latency): columns then counts positions from `(r0, j0)` on.
+        let flat = S::LANES != 16;
+        let two_rows = !flat && 2 * cols <= pmax;
         let chunk = if two_rows {
             cols
         } else {
             cols.div_ceil(cols.div_ceil(pmax))
         };
+        let n = rows * cols;
+        let flat_count = n.div_ceil(pmax);
         let tiles = move || {
-            (0..rows).step_by(if two_rows { 2 } else { 1 }).flat_map(move |r0| {
-                let r = if two_rows { (rows - r0).min(2) } else { 1 };
-                (0..cols)
-                    .step_by(chunk)
-                    .map(move |j0| (r0, r, j0, chunk.min(cols - j0)))
-            })
+            let by_rows = (0..if flat { 0 } else { rows })
+                .step_by(if two_rows { 2 } else { 1 })
+                .flat_map(move |r0| {
+                    let r = if two_rows { (rows - r0).min(2) } else { 1 };
+                    (0..cols)
+                        .step_by(chunk)
+                        .map(move |j0| (r0, r, j0, chunk.min(cols - j0)))
+                });
+            // tile `i` of `flat_count` starts at position `i·n / flat_count`
+            let runs = (0..if flat { flat_count } else { 0 }).map(move |i| {
+                let (q0, q1) = (i * n / flat_count, (i + 1) * n / flat_count);
+                (q0 / cols, 1, q0 % cols, q1 - q0)
+            });
+            by_rows.chain(runs)
         };
-        let count = rows.div_ceil(if two_rows { 2 } else { 1 }) * cols.div_ceil(chunk);
+        let count = if flat {
+            flat_count
+        } else {
+            rows.div_ceil(if two_rows { 2 } else { 1 }) * cols.div_ceil(chunk)
+        };
         let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
         let per_tile = lines.div_ceil(w.blocks.len() * count);
         let mut next_line = 0;
@@ -401,22 +420,24 @@ impl Kernel for Planes<'_> {
             let wb = &w.group(grp)[at..at + w.taps * width];
             for (r0, r, j0, p) in tiles() {
                 for c0 in (0..width).step_by(channels) {
+                    let wc = wb[c0..].as_ptr();
+                    let ch = channels.min(width - c0);
+                    let o = out.wrapping_add((o0 + c0) * plane + r0 * cols + j0);
                     // SAFETY: the tile reads `inp[(r0 + i)·pitch + j0 + j + off]` for
-                    // `i < r`, `j0 + j < cols`, below `inp.len()` (asserted by
+                    // `i < r`, `j0 + j < cols` (or, flat, the input of positions
+                    // `r0·cols + j0 ..+ p`), below `inp.len()` (asserted by
                     // `product_planes`), and `wb` rows `c0..c0 + channels`; it writes
                     // `out[(o0 + c0 + c)·plane + r0·cols + j0 + k]` for `c < channels`,
                     // `k < r·p`, inside `plane · outs` (two rows only when `p = cols`).
                     unsafe {
-                        tile_planes::<S>(
-                            inp.add(r0 * pitch + j0),
-                            pitch,
-                            offs,
-                            wb.as_ptr().add(c0),
-                            width,
-                            (channels.min(width - c0), p, r),
-                            out.add((o0 + c0) * plane + r0 * cols + j0),
-                            plane,
-                        )
+                        let x = inp.add(r0 * pitch + j0);
+                        if flat {
+                            let shape = (cols, p, cols - j0);
+                            flat_planes::<S>(x, pitch, offs, wc, width, shape, o, plane)
+                        } else {
+                            let shape = (ch, p, r);
+                            tile_planes::<S>(x, pitch, offs, wc, width, shape, o, plane)
+                        }
                     };
                 }
                 for line in next_line..(next_line + per_tile).min(lines) {
@@ -802,28 +823,116 @@ unsafe fn tile_planes<S: Simd>(
             }
         };
     }
-    macro_rules! narrow {
+    // SAFETY: the caller's bounds; `channels / LANES` vectors per row.
+    unsafe {
+        if channels == 32 {
+            wide!(2)
+        } else {
+            wide!(1)
+        }
+    }
+}
+
+/// `P` consecutive positions of a plane `cols` wide × `OV` vectors of channels, the first
+/// `first ≤ cols` of them in the row `x` starts, the others on the rows below (input rows
+/// `pitch` apart), transposed in registers and stored as channel planes `out[c·plane + k]`
+/// for `k < P`. Row `t` of the weights is at `w + t·wstride`.
+#[inline(always)]
+unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
+    x: *const f32,
+    pitch: usize,
+    (first, cols): (usize, usize),
+    offs: &[usize],
+    w: *const f32,
+    wstride: usize,
+    out: *mut f32,
+    plane: usize,
+) {
+    // SAFETY: the caller's bounds (see `Planes::run`).
+    unsafe {
+        // each position's input offset from `x`
+        let mut rel = [0usize; P];
+        for (k, rel) in rel.iter_mut().enumerate() {
+            *rel = if k < first {
+                k
+            } else {
+                let q = k - first;
+                (q / cols + 1) * pitch + q % cols - (cols - first)
+            };
+        }
+        let mut acc = [[S::zero(); OV]; P];
+        for (t, &off) in offs.iter().enumerate() {
+            let xp = x.add(off);
+            let wt = w.add(t * wstride);
+            let mut wv = [S::zero(); OV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = S::load(wt.add(v * S::LANES));
+            }
+            for (a, &rel) in acc.iter_mut().zip(&rel) {
+                let xv = S::splat(*xp.add(rel));
+                for (a, &wv) in a.iter_mut().zip(&wv) {
+                    *a = S::fma(wv, xv, *a);
+                }
+            }
+        }
+        // (`v` picks the same vector out of every position's accumulators)
+        #[allow(clippy::needless_range_loop)]
+        for v in 0..OV {
+            for q0 in (0..P).step_by(S::LANES) {
+                let mut rows = [S::zero(); 16];
+                for i in 0..S::LANES {
+                    if q0 + i < P {
+                        rows[i] = acc[q0 + i][v];
+                    }
+                }
+                S::transpose(&mut rows);
+                let m = (P - q0).min(S::LANES);
+                for (c, &pv) in rows.iter().take(S::LANES).enumerate() {
+                    store_n::<S>(out.add((v * S::LANES + c) * plane + q0), m, pv);
+                }
+            }
+        }
+    }
+}
+
+/// `p ≤ 6` consecutive positions of a plane `cols` wide, `first` of them in the first row,
+/// × 16 channels of weights whose rows are `wstride` apart; see [`product_planes`] and
+/// [`tile_shape`] (the levels with fewer than 16 lanes).
+#[inline(always)]
+unsafe fn flat_planes<S: Simd>(
+    x: *const f32,
+    pitch: usize,
+    offs: &[usize],
+    w: *const f32,
+    wstride: usize,
+    (cols, p, first): (usize, usize, usize),
+    out: *mut f32,
+    plane: usize,
+) {
+    let shape = (first, cols);
+    macro_rules! run {
+        ($p:literal, $ov:literal) => {
+            run_flat::<S, $p, $ov>(x, pitch, shape, offs, w, wstride, out, plane)
+        };
+    }
+    macro_rules! by_p {
         ($ov:literal) => {
-            match (r, p) {
-                (2, 3) => run!(3, 2, $ov),
-                (2, 2) => run!(2, 2, $ov),
-                (2, _) => run!(1, 2, $ov),
-                (_, 6) => run!(6, 1, $ov),
-                (_, 5) => run!(5, 1, $ov),
-                (_, 4) => run!(4, 1, $ov),
-                (_, 3) => run!(3, 1, $ov),
-                (_, 2) => run!(2, 1, $ov),
-                _ => run!(1, 1, $ov),
+            match p {
+                6 => run!(6, $ov),
+                5 => run!(5, $ov),
+                4 => run!(4, $ov),
+                3 => run!(3, $ov),
+                2 => run!(2, $ov),
+                _ => run!(1, $ov),
             }
         };
     }
-    // SAFETY: the caller's bounds; `channels / LANES` vectors per row.
+    // SAFETY: the caller's bounds; 16 channels as `16 / LANES` vectors.
     unsafe {
-        match (S::LANES, channels) {
-            (16, 32) => wide!(2),
-            (16, _) => wide!(1),
-            (8, _) => narrow!(2),
-            _ => narrow!(4),
+        if S::LANES == 8 {
+            by_p!(2)
+        } else {
+            by_p!(4)
         }
     }
 }
