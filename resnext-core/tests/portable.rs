@@ -78,6 +78,35 @@ proptest! {
     }
 
     #[test]
+    fn winograd_grouped_conv_matches_reference(
+        (batch, groups) in (1usize..3, 2usize..4),
+        ipg in prop::sample::select(vec![16usize, 32, 48]),
+        opg in prop::sample::select(vec![16usize, 32, 48]),
+        // odd and even sizes (tiles cut by the edge), several register blocks of tiles
+        (h, w, padding) in (1usize..16, 1usize..16, 0usize..3),
+        level in prop::sample::select(isa::available()),
+        seed in any::<u64>(),
+    ) {
+        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel: 3, stride: 1, padding, groups };
+        prop_assume!(g.validate().is_ok());
+        prop_assert!(conv::winograd::suits(&g));
+        let x = values(seed, g.input_len());
+        let wt = values(seed ^ 1, g.weight_len());
+        let mut y_ref = vec![0.0; g.output_len()];
+        conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
+        let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        isa::set_level(Some(level)).unwrap();
+        let mut y = vec![0.0; g.output_len()];
+        conv::winograd::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
+        let packed = conv::winograd::pack_forward_weights(&g, &wt);
+        let mut y2 = vec![0.0; g.output_len()];
+        conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |_, _, _| {});
+        isa::set_level(None).unwrap();
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
+        prop_assert!(rel_err(&y2, &y_ref) <= 1e-5, "y (packed) at {level}");
+    }
+
+    #[test]
     fn direct_forward_of_a_stem_conv_matches_reference(
         (batch, cin, cout) in (1usize..3, 1usize..5, prop_oneof![1usize..19, Just(64usize)]),
         (h, w, kernel, stride, padding) in (5usize..30, 5usize..30, 5usize..8, 1usize..4, 0usize..4),

@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::isa::{self, Level};
+
 use super::scratch;
 use super::simd::{self, dispatch, Kernel, Simd};
 
@@ -59,17 +59,6 @@ pub fn suits_forward(g: &Conv2dGeom) -> bool {
 
 fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
-}
-
-/// Whether the AVX-512-only kernels ([`super::lanes`], [`super::winograd`]) may run: the
-/// CPU has AVX-512F and [`isa::level`] is not set lower.
-pub(super) fn has_avx512() -> bool {
-    isa::level() == Level::Avx512
-}
-
-/// Whether the CPU has AVX-512F: what the AVX-512 kernels need to be safe to call.
-pub(super) fn cpu_has_avx512() -> bool {
-    isa::detected() == Level::Avx512
 }
 
 /// Makes `buf` `len` zeros unless it already has that length (then it holds zero padding

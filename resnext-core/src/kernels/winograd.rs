@@ -1,6 +1,7 @@
 //! Grouped 3×3 stride-1 convolution forward by Winograd's minimal filtering, F(2×2, 3×3)
-//! (Lavin & Gray 2016), with channels in the AVX-512 lanes: for groups of 16 to 64
-//! channels (ResNeXt-50's stages 3 and 4, ResNeXt-29's groups of 64).
+//! (Lavin & Gray 2016), with channels in the vector lanes at every instruction-set level
+//! ([`super::simd`]): for groups of 16 to 64 channels (ResNeXt-50's stages 3 and 4,
+//! ResNeXt-29's groups of 64).
 //!
 //! Each 2×2 block of outputs ("tile") comes from a 4×4 patch of input `d` as
 //! `Y = Aᵀ [Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B)] A`: 16 products per input channel instead of the
@@ -9,7 +10,8 @@
 //! The element-wise products summed over channels are, for each of the 16 transform points
 //! `ξ`, one matrix product `M[ξ] = V[ξ] · U[ξ]` (tiles × input channels times input ×
 //! output channels), run with the same register tile as [`super::lanes`]: up to 14 tiles ×
-//! 32 output channels, one row of `U` and one broadcast per tile per step.
+//! 32 output channels with AVX-512, 6 × 16 with AVX2 or NEON, one row of `U` and one
+//! broadcast per tile per step.
 //!
 //! Data flow of one task (one group, a few images):
 //! 1. the group's weights to `U[ξ][c][o]` (`G g Gᵀ`, output channels in the lanes), unless
@@ -21,26 +23,19 @@
 //!
 //! Forward only: the backward passes stay on [`super::lanes`].
 
-// The kernels here are AVX-512 only: elsewhere nothing calls them, and the parts that
-// only the x86-64 build uses are unused.
-#![cfg_attr(
-    not(target_arch = "x86_64"),
-    allow(unused_variables, unused_mut, dead_code)
-)]
-
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::direct::{cpu_has_avx512, has_avx512};
 use super::lanes::{self, transpose};
 use super::scratch;
+use super::simd::{self, Kernel, Simd};
 
-/// `f32` lanes of an AVX-512 vector.
-const LANES: usize = 16;
+/// Channels of one run in `V` (see [`chunk_product`]); groups have a multiple of it.
+const UNIT: usize = 16;
 /// Transform points of F(2×2, 3×3): a 4×4 input patch per 2×2 output tile.
 const POINTS: usize = 16;
-/// Tiles of one register block (14 tiles × 2 vectors of output channels = 28 accumulators).
-const PMAX: usize = 14;
+/// Tiles the per-call weight transform must have to pay (two AVX-512 register blocks).
+const PAYS_TILES: usize = 28;
 /// Tiles per pass of transform, products and inverse transform, so that its `V` and `M`
 /// (16 points × tiles × channels each) stay in the L2 cache.
 const CHUNK_TILES: usize = 56;
@@ -49,16 +44,9 @@ const CHUNK_TILES: usize = 56;
 const TASK_VALUES: usize = 1 << 16;
 
 /// Whether [`conv2d_forward`] runs `g`: a 3×3 stride-1 grouped convolution that
-/// [`lanes::suits`] (16 to 64 channels per group), on a CPU with AVX-512 (and
-/// [`super::isa::level`] not set lower).
+/// [`lanes::suits`] (16 to 64 channels per group); any instruction-set level.
 pub fn suits(g: &Conv2dGeom) -> bool {
-    suits_shape(g) && has_avx512()
-}
-
-/// Whether this CPU can run the kernels here at all (AVX-512F), whatever
-/// [`super::isa::level`] says. Calling them without it panics.
-pub fn available() -> bool {
-    cpu_has_avx512()
+    suits_shape(g)
 }
 
 /// Whether [`conv2d_forward`], which transforms the weights in every task, pays off over
@@ -66,7 +54,7 @@ pub fn available() -> bool {
 /// (at batch 1 a 7×7 image has 16, over which one group's weight transform does not pay).
 /// Weights transformed once ([`pack_forward_weights`]) pay wherever it suits.
 pub fn pays_per_call(g: &Conv2dGeom) -> bool {
-    suits(g) && g.batch * g.out_h().div_ceil(2) * g.out_w().div_ceil(2) >= 2 * PMAX
+    suits(g) && g.batch * g.out_h().div_ceil(2) * g.out_w().div_ceil(2) >= PAYS_TILES
 }
 
 /// The shape half of [`suits`].
@@ -117,27 +105,49 @@ fn transform_weights(wg: &[f32], ins: usize, outs: usize, u: &mut [f32]) {
         wg.len() == outs * taps && u.len() == POINTS * ins * outs,
         "winograd weights: length"
     );
-    assert!(cpu_has_avx512(), "winograd: needs AVX-512");
-    // taps × outputs, so that 16 outputs of one tap are one vector
+    // taps × outputs, so that the outputs of one tap are contiguous vectors
     let mut t = scratch::take_stale(taps * outs);
     transpose(wg, taps, outs, taps, &mut t, outs, false);
-    for c in 0..ins {
-        for o0 in (0..outs).step_by(LANES) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512F is present (asserted); reads `t[(9c + k)·outs + o0 + l]` for
-            // `k < 9`, `l < 16` (`o0 + 16 ≤ outs`, outs a multiple of 16, `c < ins`), writes
-            // `u[(ξ·ins + c)·outs + o0 + l]` for `ξ < 16`: inside both lengths above.
-            unsafe {
-                avx512::weights(
-                    t.as_ptr().add(9 * c * outs + o0),
-                    outs,
-                    u.as_mut_ptr().add(c * outs + o0),
-                    ins * outs,
-                )
-            };
+    // SAFETY: reads `t[(9c + k)·outs + o]` for `k < 9`, `o < outs`, `c < ins`, writes
+    // `u[(ξ·ins + c)·outs + o]` for `ξ < 16`: inside both lengths asserted above.
+    unsafe {
+        simd::dispatch(WeightTransform {
+            t: t.as_ptr(),
+            ins,
+            outs,
+            u: u.as_mut_ptr(),
+        })
+    };
+    scratch::give([t]);
+}
+
+/// [`transform_weights`]' arguments, checked.
+struct WeightTransform {
+    t: *const f32,
+    ins: usize,
+    outs: usize,
+    u: *mut f32,
+}
+
+impl Kernel for WeightTransform {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let WeightTransform { t, ins, outs, u } = self;
+        for c in 0..ins {
+            for o0 in (0..outs).step_by(S::LANES) {
+                // SAFETY: `LANES` outputs of input channel `c` (outs a multiple of 16).
+                unsafe {
+                    tiles::weights::<S>(
+                        t.add(9 * c * outs + o0),
+                        outs,
+                        u.add(c * outs + o0),
+                        ins * outs,
+                    )
+                };
+            }
         }
     }
-    scratch::give([t]);
 }
 
 /// Where a task's weights come from.
@@ -244,7 +254,6 @@ fn forward(
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert!(suits_shape(g), "winograd: unsuitable convolution");
-    assert!(cpu_has_avx512(), "winograd: needs AVX-512");
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
     let s = Shape::new(g);
@@ -345,9 +354,20 @@ fn run_task(
     scratch::give_keyed(key, xin);
 }
 
-/// Blocks of at most [`PMAX`] tiles splitting `tiles` as evenly as possible: `(first, count)`.
-fn blocks(tiles: usize) -> impl Iterator<Item = (usize, usize)> {
-    let nb = tiles.div_ceil(PMAX);
+/// Tiles of one register block at level `S`: 14 tiles × 2 vectors of output channels (28
+/// accumulators) with AVX-512, 6 × 16 channels elsewhere (as [`lanes`]' tiles).
+#[inline(always)]
+fn tile_shape<S: Simd>() -> (usize, usize) {
+    if S::LANES == 16 {
+        (32, 14)
+    } else {
+        (16, 6)
+    }
+}
+
+/// Blocks of at most `pmax` tiles splitting `tiles` as evenly as possible: `(first, count)`.
+fn blocks(tiles: usize, pmax: usize) -> impl Iterator<Item = (usize, usize)> {
+    let nb = tiles.div_ceil(pmax);
     (0..nb).map(move |b| (b * tiles / nb, (b + 1) * tiles / nb - b * tiles / nb))
 }
 
@@ -357,7 +377,8 @@ fn blocks(tiles: usize) -> impl Iterator<Item = (usize, usize)> {
 /// `v` holds, for point `ξ`, the chunk's tiles block by block; a block of `p` tiles
 /// starting at `tb` keeps its `ins × p` values at `(ξ·count + tb)·ins` as runs of 16
 /// channels: channel `16q + l` of the block's tile `j` at `q·16p + 16j + l`, so that the
-/// product steps through one contiguous run of broadcasts per 16 channels.
+/// product steps through one contiguous run of broadcasts per 16 channels. (Blocks are
+/// sized by the level's register tile, so `v` is laid out for the level that runs.)
 fn chunk_product(
     s: &Shape,
     xin: &[f32],
@@ -375,157 +396,203 @@ fn chunk_product(
             && t0 + count <= images * s.th * s.tw,
         "winograd: buffer sizes"
     );
-    assert!(cpu_has_avx512(), "winograd: needs AVX-512");
-    for (tb, p) in blocks(count) {
-        for j in 0..p {
-            let (k, ty, tx) = s.tile(t0 + tb + j);
-            let at = k * s.in_len() + (2 * ty * s.wp + 2 * tx) * ins;
-            for q in 0..ins / LANES {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F is present (asserted). Reads the 4×4 patch of 16
-                // channels at `at + q·16`: rows `2ty..2ty + 4 ≤ hp`, columns
-                // `2tx..2tx + 4 ≤ wp` of image `k < images`, inside `xin`. Writes 16 points
-                // at `(ξ·count + tb)·ins + q·16p + 16j`, `j < p`, `q < ins/16`: inside
-                // the block's `ins·p` values of point `ξ < 16`, inside `v` (asserted).
-                unsafe {
-                    avx512::input_tile(
-                        xin.as_ptr().add(at + q * LANES),
-                        s.wp * ins,
-                        ins,
-                        v.as_mut_ptr().add(tb * ins + q * LANES * p + LANES * j),
-                        count * ins,
-                    )
-                };
+    // SAFETY: the kernel's reads and writes are inside the lengths asserted above (see
+    // `Chunk::run`).
+    unsafe {
+        simd::dispatch(Chunk {
+            s,
+            xin: xin.as_ptr(),
+            u: u.as_ptr(),
+            t0,
+            count,
+            v: v.as_mut_ptr(),
+            m: m.as_mut_ptr(),
+            yt: yt.as_mut_ptr(),
+        })
+    }
+}
+
+/// [`chunk_product`]'s arguments, checked.
+struct Chunk<'a> {
+    s: &'a Shape,
+    xin: *const f32,
+    u: *const f32,
+    t0: usize,
+    count: usize,
+    v: *mut f32,
+    m: *mut f32,
+    yt: *mut f32,
+}
+
+impl Kernel for Chunk<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let Chunk {
+            s,
+            xin,
+            u,
+            t0,
+            count,
+            v,
+            m,
+            yt,
+        } = self;
+        let (ins, outs) = (s.ins, s.outs);
+        let (channels, pmax) = tile_shape::<S>();
+        for (tb, p) in blocks(count, pmax) {
+            for j in 0..p {
+                let (k, ty, tx) = s.tile(t0 + tb + j);
+                let at = k * s.in_len() + (2 * ty * s.wp + 2 * tx) * ins;
+                for q in 0..ins / UNIT {
+                    for l in (0..UNIT).step_by(S::LANES) {
+                        // SAFETY: reads the 4×4 patch of `LANES` channels at
+                        // `at + q·16 + l`: rows `2ty..2ty + 4 ≤ hp`, columns
+                        // `2tx..2tx + 4 ≤ wp` of image `k < images`, inside `xin`. Writes
+                        // 16 points at `(ξ·count + tb)·ins + q·16p + 16j + l`, `j < p`,
+                        // `q < ins/16`: inside the block's `ins·p` values of point `ξ < 16`.
+                        unsafe {
+                            tiles::input_tile::<S>(
+                                xin.add(at + q * UNIT + l),
+                                s.wp * ins,
+                                ins,
+                                v.add(tb * ins + q * UNIT * p + UNIT * j + l),
+                                count * ins,
+                            )
+                        };
+                    }
+                }
             }
         }
-    }
-    for xi in 0..POINTS {
-        for o0 in (0..outs).step_by(2 * LANES) {
-            let width = (outs - o0).min(2 * LANES);
-            for (tb, p) in blocks(count) {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F is present (asserted). Reads the block's `ins·p`
-                // values of point `xi` in `v` and rows `c < ins` of `U[xi]` at columns
-                // `o0..o0 + width ≤ outs`; writes `m[(xi·count + tb + j)·outs + o0..][..width]`
-                // for `j < p`: all inside the asserted lengths.
+        for xi in 0..POINTS {
+            for o0 in (0..outs).step_by(channels) {
+                let width = (outs - o0).min(channels);
+                for (tb, p) in blocks(count, pmax) {
+                    // SAFETY: reads the block's `ins·p` values of point `xi` in `v` and
+                    // rows `c < ins` of `U[xi]` at columns `o0..o0 + width ≤ outs`; writes
+                    // `m[(xi·count + tb + j)·outs + o0..][..width]` for `j < p`.
+                    unsafe {
+                        tiles::product::<S>(
+                            v.add((xi * count + tb) * ins),
+                            ins,
+                            u.add(xi * ins * outs + o0),
+                            outs,
+                            m.add((xi * count + tb) * outs + o0),
+                            (p, width / S::LANES),
+                        )
+                    };
+                }
+            }
+        }
+        for t in 0..count {
+            let (k, ty, tx) = s.tile(t0 + t);
+            let (rows, cols) = ((s.oh - 2 * ty).min(2), (s.ow - 2 * tx).min(2));
+            let at = k * s.out_len() + (2 * ty * s.ow + 2 * tx) * outs;
+            for o0 in (0..outs).step_by(S::LANES) {
+                // SAFETY: reads `m[(ξ·count + t)·outs + o0..]` (`LANES` values, ξ < 16);
+                // writes `LANES` channels of output rows `2ty + i < oh`, columns
+                // `2tx + j < ow` of image `k`, inside `yt`.
                 unsafe {
-                    avx512::product(
-                        v.as_ptr().add((xi * count + tb) * ins),
-                        ins,
-                        u.as_ptr().add(xi * ins * outs + o0),
+                    tiles::output_tile::<S>(
+                        m.add(t * outs + o0),
+                        count * outs,
+                        yt.add(at + o0),
+                        s.ow * outs,
                         outs,
-                        m.as_mut_ptr().add((xi * count + tb) * outs + o0),
-                        (p, width / LANES),
+                        (rows, cols),
                     )
                 };
             }
-        }
-    }
-    for t in 0..count {
-        let (k, ty, tx) = s.tile(t0 + t);
-        let (rows, cols) = ((s.oh - 2 * ty).min(2), (s.ow - 2 * tx).min(2));
-        let at = k * s.out_len() + (2 * ty * s.ow + 2 * tx) * outs;
-        for o0 in (0..outs).step_by(LANES) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512F is present (asserted). Reads `m[(ξ·count + t)·outs + o0..]`
-            // (16 values, ξ < 16), inside `m`; writes 16 channels of output rows
-            // `2ty + i < oh`, columns `2tx + j < ow` of image `k`, inside `yt`.
-            unsafe {
-                avx512::output_tile(
-                    m.as_ptr().add(t * outs + o0),
-                    count * outs,
-                    yt.as_mut_ptr().add(at + o0),
-                    s.ow * outs,
-                    outs,
-                    (rows, cols),
-                )
-            };
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+/// The transforms and the product, over [`Simd`] (inlined into [`Chunk`] and
+/// [`WeightTransform`]'s per-level instances).
 #[allow(unsafe_op_in_unsafe_fn)]
-mod avx512 {
-    use std::arch::x86_64::*;
+mod tiles {
+    use super::{Simd, UNIT};
 
-    use super::LANES;
-
-    /// `U = G g Gᵀ` for 16 outputs: `g` holds taps `k = 3ky + kx` at `g + k·gstride`,
+    /// `U = G g Gᵀ` for `LANES` outputs: `g` holds taps `k = 3ky + kx` at `g + k·gstride`,
     /// `U[ξ]` goes to `u + ξ·ustride`. `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weights(g: *const f32, gstride: usize, u: *mut f32, ustride: usize) {
-        let half = _mm512_set1_ps(0.5);
-        let mut w = [_mm512_setzero_ps(); 9];
+    #[inline(always)]
+    pub(super) unsafe fn weights<S: Simd>(
+        g: *const f32,
+        gstride: usize,
+        u: *mut f32,
+        ustride: usize,
+    ) {
+        let half = S::splat(0.5);
+        let mut w = [S::zero(); 9];
         for (k, w) in w.iter_mut().enumerate() {
-            *w = _mm512_loadu_ps(g.add(k * gstride));
+            *w = S::load(g.add(k * gstride));
         }
         // h = G g: 4 rows × 3 columns
-        let mut h = [[_mm512_setzero_ps(); 3]; 4];
+        let mut h = [[S::zero(); 3]; 4];
         for col in 0..3 {
             let (g0, g1, g2) = (w[col], w[3 + col], w[6 + col]);
-            let even = _mm512_add_ps(g0, g2);
+            let even = S::add(g0, g2);
             h[0][col] = g0;
-            h[1][col] = _mm512_mul_ps(_mm512_add_ps(even, g1), half);
-            h[2][col] = _mm512_mul_ps(_mm512_sub_ps(even, g1), half);
+            h[1][col] = S::mul(S::add(even, g1), half);
+            h[2][col] = S::mul(S::sub(even, g1), half);
             h[3][col] = g2;
         }
         // U = h Gᵀ
         for (i, h) in h.iter().enumerate() {
-            let even = _mm512_add_ps(h[0], h[2]);
+            let even = S::add(h[0], h[2]);
             let row = [
                 h[0],
-                _mm512_mul_ps(_mm512_add_ps(even, h[1]), half),
-                _mm512_mul_ps(_mm512_sub_ps(even, h[1]), half),
+                S::mul(S::add(even, h[1]), half),
+                S::mul(S::sub(even, h[1]), half),
                 h[2],
             ];
             for (j, &r) in row.iter().enumerate() {
-                _mm512_storeu_ps(u.add((4 * i + j) * ustride), r);
+                S::store(u.add((4 * i + j) * ustride), r);
             }
         }
     }
 
-    /// `V = Bᵀ d B` for 16 channels of one 4×4 patch (`d[i][j]` at `x + i·row + j·col`),
+    /// `V = Bᵀ d B` for `LANES` channels of one 4×4 patch (`d[i][j]` at `x + i·row + j·col`),
     /// `V[ξ]` to `v + ξ·vstride`. `Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input_tile(
+    #[inline(always)]
+    pub(super) unsafe fn input_tile<S: Simd>(
         x: *const f32,
         row: usize,
         col: usize,
         v: *mut f32,
         vstride: usize,
     ) {
-        let mut d = [[_mm512_setzero_ps(); 4]; 4];
+        let mut d = [[S::zero(); 4]; 4];
         for (i, d) in d.iter_mut().enumerate() {
             for (j, d) in d.iter_mut().enumerate() {
-                *d = _mm512_loadu_ps(x.add(i * row + j * col));
+                *d = S::load(x.add(i * row + j * col));
             }
         }
-        let mut t = [[_mm512_setzero_ps(); 4]; 4];
+        let mut t = [[S::zero(); 4]; 4];
         for j in 0..4 {
-            t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-            t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-            t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-            t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+            t[0][j] = S::sub(d[0][j], d[2][j]);
+            t[1][j] = S::add(d[1][j], d[2][j]);
+            t[2][j] = S::sub(d[2][j], d[1][j]);
+            t[3][j] = S::sub(d[1][j], d[3][j]);
         }
         for (i, t) in t.iter().enumerate() {
             let r = [
-                _mm512_sub_ps(t[0], t[2]),
-                _mm512_add_ps(t[1], t[2]),
-                _mm512_sub_ps(t[2], t[1]),
-                _mm512_sub_ps(t[1], t[3]),
+                S::sub(t[0], t[2]),
+                S::add(t[1], t[2]),
+                S::sub(t[2], t[1]),
+                S::sub(t[1], t[3]),
             ];
             for (j, &r) in r.iter().enumerate() {
-                _mm512_storeu_ps(v.add((4 * i + j) * vstride), r);
+                S::store(v.add((4 * i + j) * vstride), r);
             }
         }
     }
 
-    /// `Y = Aᵀ M A` for 16 channels of one tile (`M[ξ]` at `m + ξ·mstride`), stored for the
+    /// `Y = Aᵀ M A` for `LANES` channels of one tile (`M[ξ]` at `m + ξ·mstride`), stored for the
     /// first `rows × cols` of its 2×2 positions at `y + i·row + j·col`.
     /// `Aᵀ = [1 1 1 0; 0 1 −1 −1]`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_tile(
+    #[inline(always)]
+    pub(super) unsafe fn output_tile<S: Simd>(
         m: *const f32,
         mstride: usize,
         y: *mut f32,
@@ -533,33 +600,33 @@ mod avx512 {
         col: usize,
         (rows, cols): (usize, usize),
     ) {
-        let mut mv = [_mm512_setzero_ps(); 16];
+        let mut mv = [S::zero(); 16];
         for (xi, mv) in mv.iter_mut().enumerate() {
-            *mv = _mm512_loadu_ps(m.add(xi * mstride));
+            *mv = S::load(m.add(xi * mstride));
         }
-        let mut s = [[_mm512_setzero_ps(); 4]; 2];
+        let mut s = [[S::zero(); 4]; 2];
         for j in 0..4 {
             let (m0, m1, m2, m3) = (mv[j], mv[4 + j], mv[8 + j], mv[12 + j]);
-            s[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-            s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+            s[0][j] = S::add(S::add(m0, m1), m2);
+            s[1][j] = S::sub(S::sub(m1, m2), m3);
         }
         for (i, s) in s.iter().enumerate().take(rows) {
             let r = [
-                _mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]),
-                _mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]),
+                S::add(S::add(s[0], s[1]), s[2]),
+                S::sub(S::sub(s[1], s[2]), s[3]),
             ];
             for (j, &r) in r.iter().enumerate().take(cols) {
-                _mm512_storeu_ps(y.add(i * row + j * col), r);
+                S::store(y.add(i * row + j * col), r);
             }
         }
     }
 
-    /// `m[j·ustride + o] = Σ_c v[c, j] · u[c·ustride + o]` for `j < p ≤ 14` tiles and
-    /// `o < 16·ov` (`ov ∈ {1, 2}`; `U`'s rows and `M`'s have the same length, the output
+    /// `m[j·ustride + o] = Σ_c v[c, j] · u[c·ustride + o]` for `j < p` tiles (14 with 16
+    /// lanes, 6 with fewer) and `o < LANES·ov` (`ov ∈ {1, 2}`, or 2 / 4 with 8 / 4 lanes; `U`'s rows and `M`'s have the same length, the output
     /// channels), `v` in runs of 16 channels (see [`super::chunk_product`]), `ins` a multiple
     /// of 16.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn product(
+    #[inline(always)]
+    pub(super) unsafe fn product<S: Simd>(
         v: *const f32,
         ins: usize,
         u: *const f32,
@@ -570,59 +637,72 @@ mod avx512 {
         macro_rules! by_p {
             ($ov:literal) => {
                 match p {
-                    14 => run::<14, $ov>(v, ins, u, ustride, m),
-                    13 => run::<13, $ov>(v, ins, u, ustride, m),
-                    12 => run::<12, $ov>(v, ins, u, ustride, m),
-                    11 => run::<11, $ov>(v, ins, u, ustride, m),
-                    10 => run::<10, $ov>(v, ins, u, ustride, m),
-                    9 => run::<9, $ov>(v, ins, u, ustride, m),
-                    8 => run::<8, $ov>(v, ins, u, ustride, m),
-                    7 => run::<7, $ov>(v, ins, u, ustride, m),
-                    6 => run::<6, $ov>(v, ins, u, ustride, m),
-                    5 => run::<5, $ov>(v, ins, u, ustride, m),
-                    4 => run::<4, $ov>(v, ins, u, ustride, m),
-                    3 => run::<3, $ov>(v, ins, u, ustride, m),
-                    2 => run::<2, $ov>(v, ins, u, ustride, m),
-                    _ => run::<1, $ov>(v, ins, u, ustride, m),
+                    14 => run::<S, 14, $ov>(v, ins, u, ustride, m),
+                    13 => run::<S, 13, $ov>(v, ins, u, ustride, m),
+                    12 => run::<S, 12, $ov>(v, ins, u, ustride, m),
+                    11 => run::<S, 11, $ov>(v, ins, u, ustride, m),
+                    10 => run::<S, 10, $ov>(v, ins, u, ustride, m),
+                    9 => run::<S, 9, $ov>(v, ins, u, ustride, m),
+                    8 => run::<S, 8, $ov>(v, ins, u, ustride, m),
+                    7 => run::<S, 7, $ov>(v, ins, u, ustride, m),
+                    6 => run::<S, 6, $ov>(v, ins, u, ustride, m),
+                    5 => run::<S, 5, $ov>(v, ins, u, ustride, m),
+                    4 => run::<S, 4, $ov>(v, ins, u, ustride, m),
+                    3 => run::<S, 3, $ov>(v, ins, u, ustride, m),
+                    2 => run::<S, 2, $ov>(v, ins, u, ustride, m),
+                    _ => run::<S, 1, $ov>(v, ins, u, ustride, m),
                 }
             };
         }
-        if ov == 2 {
-            by_p!(2)
-        } else {
-            by_p!(1)
+        macro_rules! narrow {
+            ($ov:literal) => {
+                match p {
+                    6 => run::<S, 6, $ov>(v, ins, u, ustride, m),
+                    5 => run::<S, 5, $ov>(v, ins, u, ustride, m),
+                    4 => run::<S, 4, $ov>(v, ins, u, ustride, m),
+                    3 => run::<S, 3, $ov>(v, ins, u, ustride, m),
+                    2 => run::<S, 2, $ov>(v, ins, u, ustride, m),
+                    _ => run::<S, 1, $ov>(v, ins, u, ustride, m),
+                }
+            };
+        }
+        // 14 tiles × 1 or 2 vectors with 16 lanes, 6 tiles × 16 channels with 8 or 4
+        match (S::LANES, ov) {
+            (16, 2) => by_p!(2),
+            (16, _) => by_p!(1),
+            (8, _) => narrow!(2),
+            _ => narrow!(4),
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn run<const P: usize, const OV: usize>(
+    #[inline(always)]
+    unsafe fn run<S: Simd, const P: usize, const OV: usize>(
         v: *const f32,
         ins: usize,
         u: *const f32,
         ustride: usize,
         m: *mut f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); OV]; P];
-        for q in 0..ins / LANES {
-            let vq = v.add(q * LANES * P);
-            let uq = u.add(q * LANES * ustride);
-            for c in 0..LANES {
-                let mut wv = [_mm512_setzero_ps(); OV];
+        let mut acc = [[S::zero(); OV]; P];
+        for q in 0..ins / UNIT {
+            let vq = v.add(q * UNIT * P);
+            let uq = u.add(q * UNIT * ustride);
+            for c in 0..UNIT {
+                let mut wv = [S::zero(); OV];
                 for (k, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm512_loadu_ps(uq.add(c * ustride + k * LANES));
+                    *wv = S::load(uq.add(c * ustride + k * S::LANES));
                 }
                 for (j, acc) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(*vq.add(j * LANES + c));
+                    let xv = S::splat(*vq.add(j * UNIT + c));
                     for (a, &wv) in acc.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(wv, xv, *a);
+                        *a = S::fma(wv, xv, *a);
                     }
                 }
             }
         }
         for (j, acc) in acc.iter().enumerate() {
             for (k, &a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(m.add(j * ustride + k * LANES), a);
+                S::store(m.add(j * ustride + k * S::LANES), a);
             }
         }
     }
