@@ -8,15 +8,12 @@
 
 pub mod batchnorm;
 pub mod conv;
-pub mod direct;
 pub mod elementwise;
 pub mod gemm;
 pub mod isa;
-pub mod lanes;
 pub mod pool;
 pub mod scratch;
 pub(crate) mod simd;
-pub mod winograd;
 
 /// `max(v, 0)` that keeps NaN, as PyTorch's ReLU does, so a broken activation stays
 /// visible instead of turning into a confident zero. Written as `v < 0 ? 0 : v`, which

@@ -9,7 +9,7 @@
 //! register tile is a few positions of one output row × 16 or 32 channels, each step loads
 //! one weight row (the tile's channels for one tap) and broadcasts one input value per
 //! position, so positions cost nothing beyond the real ones and the weight gradient sums
-//! positions along the loop, never across lanes. Tiles by level ([`tile_shape`]): 14
+//! positions along the loop, never across lanes. Tiles by level (`layout::lane_tile`): 14
 //! positions × 32 channels (28 of AVX-512's 32 registers), 6 × 16 (12 of AVX2's 16; 24 of
 //! NEON's 32, as 4-lane vectors).
 //!
@@ -23,43 +23,23 @@
 
 use rayon::prelude::*;
 
-use super::conv::Conv2dGeom;
-use super::direct::{add, images_by_group, zeroed, BwdLayout, FwdLayout};
-use super::scratch;
-use super::simd::{self, load_n, store_n, Kernel, Simd};
+use super::layout::{
+    add, images_by_group, lane_tile, transpose, zeroed, BwdLayout, FwdLayout, WG_CHUNK_VALUES,
+};
+use super::Conv2dGeom;
+use crate::kernels::scratch;
+use crate::kernels::simd::{self, store_n, Kernel, Simd};
 
 /// Channels per group come in multiples of this: the narrowest register tile.
-const UNIT: usize = 16;
+const UNIT: usize = super::LANE_CHANNELS;
 /// Channels of one packed weight block (the widest register tile).
-const BLOCK: usize = 32;
-/// At most this many packed input values per batch of images in the weight gradient (1 MB).
-const WG_CHUNK_VALUES: usize = 1 << 18;
+const BLOCK: usize = 2 * UNIT;
 
 /// Whether the kernels here run `g`: a grouped convolution (kernel larger than 1) whose
 /// groups have 16 to 64 channels on both sides, in multiples of 16. A subset of
 /// [`super::direct::suits`]; any instruction-set level.
 pub fn suits(g: &Conv2dGeom) -> bool {
-    let (ipg, opg) = (g.in_per_group(), g.out_per_group());
-    g.groups > 1
-        && g.kernel > 1
-        && ipg.is_multiple_of(UNIT)
-        && opg.is_multiple_of(UNIT)
-        && ipg <= 64
-        && opg <= 64
-}
-
-/// `(channels, positions)` of a product's register tile at level `S`: 32 channels (two
-/// vectors) × 14 positions with AVX-512's 32 registers (28 accumulators, two weight
-/// vectors, a broadcast); 16 channels × 6 positions elsewhere (AVX2 and the plain level:
-/// two 8-lane vectors, 12 accumulators of 16 registers; NEON: four 4-lane vectors, 24 of
-/// 32). A 16-channel block on AVX-512 is one vector × 14 positions.
-#[inline(always)]
-fn tile_shape<S: Simd>() -> (usize, usize) {
-    if S::LANES == 16 {
-        (BLOCK, 14)
-    } else {
-        (UNIT, 6)
-    }
+    g.groups > 1 && g.kernel > 1 && g.lane_channels()
 }
 
 /// Taps of one weight-gradient tile at level `S` (each a register-held row of the tile's
@@ -195,115 +175,6 @@ type Prefetch = [(*const f32, usize); 2];
 /// No prefetching.
 const NO_PREFETCH: Prefetch = [(std::ptr::null(), 0); 2];
 
-/// `dst[j·dstride + i] = src[i·sstride + j]` (or `+=` with `add`) for `i < rows`, `j < cols`.
-pub(super) fn transpose(
-    src: &[f32],
-    sstride: usize,
-    rows: usize,
-    cols: usize,
-    dst: &mut [f32],
-    dstride: usize,
-    add: bool,
-) {
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    assert!(
-        cols <= sstride && (rows - 1) * sstride + cols <= src.len(),
-        "transpose: source"
-    );
-    assert!(
-        rows <= dstride && (cols - 1) * dstride + rows <= dst.len(),
-        "transpose: destination"
-    );
-    // SAFETY: the kernel reads `src[i·sstride + j]` and writes `dst[j·dstride + i]` for
-    // `i < rows`, `j < cols` only, in bounds by the asserts above.
-    unsafe {
-        simd::dispatch(Transpose {
-            src: src.as_ptr(),
-            sstride,
-            rows,
-            cols,
-            dst: dst.as_mut_ptr(),
-            dstride,
-            add,
-        })
-    }
-}
-
-/// [`transpose`] in square blocks of the level's lanes.
-struct Transpose {
-    src: *const f32,
-    sstride: usize,
-    rows: usize,
-    cols: usize,
-    dst: *mut f32,
-    dstride: usize,
-    add: bool,
-}
-
-impl Kernel for Transpose {
-    type Output = ();
-    #[inline(always)]
-    unsafe fn run<S: Simd>(self) {
-        let n = S::LANES;
-        for i0 in (0..self.rows).step_by(n) {
-            for j0 in (0..self.cols).step_by(n) {
-                // SAFETY: the block is inside the caller's `rows × cols`.
-                unsafe {
-                    transpose_block::<S>(
-                        self.src.add(i0 * self.sstride + j0),
-                        self.sstride,
-                        (self.rows - i0).min(n),
-                        (self.cols - j0).min(n),
-                        self.dst.add(j0 * self.dstride + i0),
-                        self.dstride,
-                        self.add,
-                    )
-                };
-            }
-        }
-    }
-}
-
-/// `dst[j·dstride + i] (+)= src[i·sstride + j]` for `i < rows ≤ LANES`, `j < cols ≤ LANES`.
-#[inline(always)]
-unsafe fn transpose_block<S: Simd>(
-    src: *const f32,
-    sstride: usize,
-    rows: usize,
-    cols: usize,
-    dst: *mut f32,
-    dstride: usize,
-    add: bool,
-) {
-    // Constant trip counts and indices throughout, so that the compiler unrolls every loop
-    // and keeps the array in registers.
-    // SAFETY: reads and writes inside the block (the caller's contract).
-    unsafe {
-        let mut r = [S::zero(); 16];
-        #[allow(clippy::needless_range_loop)]
-        for i in 0..S::LANES {
-            if i < rows {
-                r[i] = load_n::<S>(src.add(i * sstride), cols);
-            }
-        }
-        S::transpose(&mut r);
-        #[allow(clippy::needless_range_loop)]
-        for j in 0..S::LANES {
-            if j < cols {
-                let p = dst.add(j * dstride);
-                let v = if add {
-                    S::add(load_n::<S>(p, rows), r[j])
-                } else {
-                    r[j]
-                };
-                store_n::<S>(p, rows, v);
-            }
-        }
-    }
-}
-
 /// `out[o·rows·cols + r·cols + j] = Σ_t W[o][t] · inp[r·pitch + j + offs[t]]` for `r < rows`,
 /// `j < cols` and every output `o` of `w`'s group `grp`: a product with the outputs in the
 /// lanes, written as channel planes straight from the registers. A tile is up to 14
@@ -376,7 +247,7 @@ impl Kernel for Planes<'_> {
             prefetch,
         } = self;
         let plane = rows * cols;
-        let (channels, pmax) = tile_shape::<S>();
+        let (channels, pmax) = lane_tile::<S>();
         // Tiles: (first row, rows, first column, columns). With 16 lanes (14-position
         // tiles) two whole rows where they fit, else row chunks as even as possible (a
         // 28-wide row as 14 + 14). With fewer lanes (6-position tiles) runs of positions of
@@ -697,7 +568,7 @@ impl Kernel for WeightGrad<'_> {
             outs,
             sums,
         } = self;
-        let (channels, _) = tile_shape::<S>();
+        let (channels, _) = lane_tile::<S>();
         let (taps, tb_max) = (offs.len(), wg_taps::<S>());
         for o0 in (0..outs).step_by(channels) {
             let width = (outs - o0).min(channels);
@@ -778,7 +649,7 @@ unsafe fn run_planes<S: Simd, const P: usize, const R: usize, const OV: usize>(
 }
 
 /// `r ∈ {1, 2}` rows of `p` positions × `channels` (16 or, on AVX-512, 32) channels of
-/// weights whose rows are `wstride` apart; see [`product_planes`] and [`tile_shape`].
+/// weights whose rows are `wstride` apart; see [`product_planes`] and `layout::lane_tile`.
 #[inline(always)]
 unsafe fn tile_planes<S: Simd>(
     x: *const f32,
@@ -897,7 +768,7 @@ unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
 
 /// `p ≤ 6` consecutive positions of a plane `cols` wide, `first` of them in the first row,
 /// × 16 channels of weights whose rows are `wstride` apart; see [`product_planes`] and
-/// [`tile_shape`] (the levels with fewer than 16 lanes).
+/// `layout::lane_tile` (the levels with fewer than 16 lanes).
 #[inline(always)]
 unsafe fn flat_planes<S: Simd>(
     x: *const f32,

@@ -18,23 +18,18 @@
 
 use rayon::prelude::*;
 
-use super::conv::Conv2dGeom;
+use super::layout::{
+    copy, images_by_group, round_up, zeroed, BwdLayout, FwdLayout, LANES, SLACK, WG_CHUNK_VALUES,
+};
+use super::Conv2dGeom;
+use crate::kernels::scratch;
+use crate::kernels::simd::dispatch;
 
-use super::scratch;
-use super::simd::{self, dispatch, Kernel, Simd};
-
-/// Grids are padded to a multiple of this many positions: the widest vector (AVX-512's
-/// 16 lanes), so that every level's vectors tile them.
-const LANES: usize = 16;
-/// Zeros after each packed buffer, so the last vector of a grid may read past its end.
-const SLACK: usize = 4 * LANES;
 /// Grid positions below which the weight gradient batches images into one product: with
 /// grids this short (7×7 images) the per-weight reduction across lanes costs more than the
 /// products. Batching pays for it with the padding rows between images, so longer grids
 /// (14×14 and up) stay one image per product.
 const WG_BATCH_BELOW: usize = 128;
-/// At most this many input values per batched weight-gradient product (1 MB).
-const WG_CHUNK_VALUES: usize = 1 << 18;
 
 /// Whether [`conv2d_forward`]/[`conv2d_backward`] here are the better choice for `g`:
 /// grouped convolutions with at most 64 channels per group, kernel larger than 1.
@@ -55,164 +50,6 @@ pub fn suits_forward(g: &Conv2dGeom) -> bool {
             && g.in_channels <= 4
             && g.out_channels <= 64
             && g.batch >= rayon::current_num_threads())
-}
-
-fn round_up(n: usize, m: usize) -> usize {
-    n.div_ceil(m) * m
-}
-
-/// Makes `buf` `len` zeros unless it already has that length (then it holds zero padding
-/// from an earlier pack of the same layout, and the pack overwrites the rest).
-pub(super) fn zeroed(buf: &mut Vec<f32>, len: usize) {
-    if buf.len() != len {
-        buf.clear();
-        buf.resize(len, 0.0);
-    }
-}
-
-/// `dst = src` for short rows, without a call into `memcpy`: one row of [`copy_rows`].
-fn copy(dst: &mut [f32], src: &[f32]) {
-    assert_eq!(dst.len(), src.len(), "copy: lengths");
-    copy_rows(src, src.len(), dst, dst.len());
-}
-
-/// Row `r` of `src` (rows of `w` values) to `dst[r·pitch..][..w]`.
-fn copy_rows(src: &[f32], w: usize, dst: &mut [f32], pitch: usize) {
-    let rows = src.len() / w.max(1);
-    if rows == 0 {
-        return;
-    }
-    assert!(
-        w <= pitch && (rows - 1) * pitch + w <= dst.len(),
-        "copy_rows: lengths"
-    );
-    struct K<'a>(&'a [f32], usize, usize, &'a mut [f32], usize);
-    impl Kernel for K<'_> {
-        type Output = ();
-        #[inline(always)]
-        unsafe fn run<S: Simd>(self) {
-            let K(src, w, rows, dst, pitch) = self;
-            for r in 0..rows {
-                // SAFETY: reads `src[r·w..][..w]`, writes `dst[r·pitch..][..w]`, in
-                // bounds by the assert above.
-                unsafe {
-                    simd::copy::<S>(dst.as_mut_ptr().add(r * pitch), src.as_ptr().add(r * w), w)
-                }
-            }
-        }
-    }
-    // SAFETY: as in the kernel.
-    unsafe { dispatch(K(src, w, rows, dst, pitch)) }
-}
-
-/// `dst += src`.
-pub(super) fn add(dst: &mut [f32], src: &[f32]) {
-    assert_eq!(dst.len(), src.len(), "add: lengths");
-    struct K<'a>(&'a mut [f32], &'a [f32]);
-    impl Kernel for K<'_> {
-        type Output = ();
-        #[inline(always)]
-        unsafe fn run<S: Simd>(self) {
-            // SAFETY: both slices hold `self.0.len()` values (asserted above).
-            unsafe { simd::add::<S>(self.0.as_mut_ptr(), self.1.as_ptr(), self.0.len()) }
-        }
-    }
-    // SAFETY: the kernel reads and writes within the two slices.
-    unsafe { dispatch(K(dst, src)) }
-}
-
-/// `ev[j] = src[2j]`, `od[j] = src[2j + 1]`.
-fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
-    assert!(
-        ev.len() == src.len().div_ceil(2) && od.len() == src.len() / 2,
-        "deinterleave2: lengths"
-    );
-    struct K<'a>(&'a [f32], &'a mut [f32], &'a mut [f32]);
-    impl Kernel for K<'_> {
-        type Output = ();
-        #[inline(always)]
-        unsafe fn run<S: Simd>(self) {
-            let K(src, ev, od) = self;
-            let n = S::LANES;
-            let mut i = 0;
-            while i + 2 * n <= src.len() {
-                // SAFETY: reads `src[i..i + 2n]`, writes `ev`/`od` at `i/2..i/2 + n`, both
-                // in bounds (`ev` and `od` hold half of `src`, rounded).
-                unsafe {
-                    let p = src.as_ptr().add(i);
-                    let (e, o) = S::deinterleave(S::load(p), S::load(p.add(n)));
-                    S::store(ev.as_mut_ptr().add(i / 2), e);
-                    S::store(od.as_mut_ptr().add(i / 2), o);
-                }
-                i += 2 * n;
-            }
-            let n = src.len() - i;
-            if n > 0 {
-                // the last `n < 2·LANES` values, as part vectors
-                // SAFETY: reads `src[i..]`, writes `ev[i/2..]` (⌈n/2⌉ values) and
-                // `od[i/2..]` (⌊n/2⌋), all in bounds.
-                unsafe {
-                    let p = src.as_ptr().add(i);
-                    let a = simd::load_n::<S>(p, n.min(S::LANES));
-                    let b = simd::load_n::<S>(p.add(n.min(S::LANES)), n.saturating_sub(S::LANES));
-                    let (e, o) = S::deinterleave(a, b);
-                    simd::store_n::<S>(ev.as_mut_ptr().add(i / 2), n.div_ceil(2), e);
-                    simd::store_n::<S>(od.as_mut_ptr().add(i / 2), n / 2, o);
-                }
-            }
-        }
-    }
-    // SAFETY: as in the kernel.
-    unsafe { dispatch(K(src, ev, od)) }
-}
-
-/// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`.
-fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
-    assert!(
-        ev.len() == dst.len().div_ceil(2) && od.len() == dst.len() / 2,
-        "interleave2_add: lengths"
-    );
-    struct K<'a>(&'a mut [f32], &'a [f32], &'a [f32]);
-    impl Kernel for K<'_> {
-        type Output = ();
-        #[inline(always)]
-        unsafe fn run<S: Simd>(self) {
-            let K(dst, ev, od) = self;
-            let n = S::LANES;
-            let mut j = 0;
-            while j + n <= od.len() {
-                // SAFETY: reads `ev`/`od[j..j + n]` (`od` is the shorter), reads and
-                // writes `dst[2j..2j + 2n]`, within `2·od.len() ≤ dst.len()`.
-                unsafe {
-                    let (lo, hi) =
-                        S::interleave(S::load(ev.as_ptr().add(j)), S::load(od.as_ptr().add(j)));
-                    let d = dst.as_mut_ptr().add(2 * j);
-                    S::store(d, S::add(S::load(d), lo));
-                    S::store(d.add(n), S::add(S::load(d.add(n)), hi));
-                }
-                j += n;
-            }
-            let k = dst.len() - 2 * j;
-            if k > 0 {
-                // the last `k < 2·LANES` values, as part vectors
-                // SAFETY: reads `ev[j..]`, `od[j..]`, reads and writes `dst[2j..]`, each
-                // to its end only.
-                unsafe {
-                    let (lo, hi) = S::interleave(
-                        simd::load_n::<S>(ev.as_ptr().add(j), ev.len() - j),
-                        simd::load_n::<S>(od.as_ptr().add(j), od.len() - j),
-                    );
-                    let d = dst.as_mut_ptr().add(2 * j);
-                    let (k0, k1) = (k.min(S::LANES), k.saturating_sub(S::LANES));
-                    simd::store_n::<S>(d, k0, S::add(simd::load_n::<S>(d, k0), lo));
-                    let d = d.add(k0);
-                    simd::store_n::<S>(d, k1, S::add(simd::load_n::<S>(d, k1), hi));
-                }
-            }
-        }
-    }
-    // SAFETY: as in the kernel.
-    unsafe { dispatch(K(dst, ev, od)) }
 }
 
 /// Weights of a tap product, packed per block of output channels: block `(o0, ob, at)`
@@ -317,7 +154,7 @@ fn taps_weight_grad(
 /// The register tiles of the two products, written once over [`Simd`]: the tile shapes
 /// follow the level's vector width and register count.
 mod tiles {
-    use super::super::simd::{Kernel, Simd};
+    use crate::kernels::simd::{Kernel, Simd};
 
     /// One block of `ob ∈ {1, 2, 4, 8}` output channels over the whole grid: see
     /// [`super::taps_product`].
@@ -535,174 +372,24 @@ mod tiles {
     }
 }
 
-/// How one group's input is laid out for the forward product: zero-padded, split into
-/// `stride × stride` phase planes of `rows × pitch`, one set per channel.
-#[derive(Clone, Debug)]
-pub(super) struct FwdLayout {
-    pub(super) pitch: usize,
-    pub(super) rows: usize,
-    /// Values of the packed input, slack included.
-    pub(super) len: usize,
-    /// Offset of each tap `(c, ky, kx)`, in PyTorch's weight order.
-    pub(super) offs: Vec<usize>,
-    /// Output grid: `oh` rows of `pitch` positions, padded to [`LANES`].
-    qpad: usize,
-}
-
-impl FwdLayout {
-    pub(super) fn new(g: &Conv2dGeom) -> Self {
-        let (s, k, p) = (g.stride, g.kernel, g.padding);
-        let (oh, ow) = (g.out_h(), g.out_w());
-        let pitch = (g.in_w + 2 * p).div_ceil(s).max(ow + (k - 1) / s);
-        let rows = (g.in_h + 2 * p).div_ceil(s).max(oh + (k - 1) / s) + 1;
-        let plane = rows * pitch;
-        let ipg = g.in_per_group();
-        let mut offs = Vec::with_capacity(ipg * k * k);
-        for c in 0..ipg {
-            for ky in 0..k {
-                for kx in 0..k {
-                    offs.push(((c * s + ky % s) * s + kx % s) * plane + (ky / s) * pitch + kx / s);
-                }
-            }
-        }
-        Self {
-            pitch,
-            rows,
-            len: ipg * s * s * plane + SLACK,
-            offs,
-            qpad: round_up(oh * pitch, LANES),
-        }
-    }
-
-    /// What identifies this layout's packed buffers of kind `tag` (a [`scratch::tag`]) for
-    /// [`scratch::take_keyed`], with `images` packed side by side.
-    pub(super) fn key(&self, tag: usize, g: &Conv2dGeom, images: usize) -> scratch::Key {
-        let (s, p) = (g.stride, g.padding);
-        [
-            tag,
-            self.pitch,
-            self.rows,
-            self.len,
-            s,
-            p,
-            g.in_h,
-            g.in_w,
-            g.in_per_group(),
-            images,
-        ]
-    }
-
-    /// Copies one group of one image (`ipg × h × w`) into `buf`. Writes the same positions
-    /// every time, so a buffer reused for one layout keeps its zero padding.
-    pub(super) fn pack(&self, g: &Conv2dGeom, x: &[f32], buf: &mut Vec<f32>) {
-        zeroed(buf, self.len);
-        self.pack_strided(g, x, buf, 0, self.rows * self.pitch);
-    }
-
-    /// [`FwdLayout::pack`] into `buf` from `start`, with consecutive (channel, phase)
-    /// planes `plane` apart (one layout plane, or with `plane = B · rows · pitch` and
-    /// `start = b · rows · pitch`, images `0..B` interleaved plane by plane).
-    pub(super) fn pack_strided(
-        &self,
-        g: &Conv2dGeom,
-        x: &[f32],
-        buf: &mut [f32],
-        start: usize,
-        plane: usize,
-    ) {
-        let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
-        if s == 1 {
-            // every row of every channel shifted by the padding: one call per channel
-            for (c, xc) in x.chunks_exact(h * w).enumerate() {
-                let at = start + c * plane + p * self.pitch + p;
-                copy_rows(xc, w, &mut buf[at..], self.pitch);
-            }
-            return;
-        }
-        for (c, xc) in x.chunks_exact(h * w).enumerate() {
-            for (iy, src) in xc.chunks_exact(w).enumerate() {
-                let py = iy + p;
-                let base = start + (c * s + py % s) * s * plane + (py / s) * self.pitch;
-                if s == 1 {
-                    copy(&mut buf[base + p..base + p + w], src);
-                    continue;
-                }
-                if s == 2 {
-                    // Even input columns go to phase p % 2 from column p / 2, odd ones to
-                    // the other phase from column (p + 1) / 2.
-                    let (e0, o0) = (
-                        base + (p % 2) * plane + p / 2,
-                        base + ((p + 1) % 2) * plane + p.div_ceil(2),
-                    );
-                    let (ev, od) = if e0 < o0 {
-                        let (lo, hi) = buf.split_at_mut(o0);
-                        (&mut lo[e0..e0 + w.div_ceil(2)], &mut hi[..w / 2])
-                    } else {
-                        let (lo, hi) = buf.split_at_mut(e0);
-                        (&mut hi[..w.div_ceil(2)], &mut lo[o0..o0 + w / 2])
-                    };
-                    deinterleave2(src, ev, od);
-                    continue;
-                }
-                // Column phase r holds padded columns r, r + s, …: input columns from the
-                // first ix with (ix + p) % s == r, every s-th.
-                for r in 0..s {
-                    let ix0 = (r + s - p % s) % s;
-                    if ix0 >= w {
-                        continue;
-                    }
-                    let dst = &mut buf[base + r * plane + (ix0 + p) / s..];
-                    for (d, &v) in dst.iter_mut().zip(src[ix0..].iter().step_by(s)) {
-                        *d = v;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The weights of a convolution packed for [`conv2d_forward_packed`]: transformed for the
-/// Winograd kernel ([`super::winograd`]) where it [suits](super::winograd::suits), else for
-/// the channel-in-lanes kernel ([`super::lanes`]) where that [suits](super::lanes::suits),
-/// else one [`PackedWeights`] per group. Depends on the weights, the channel counts, kernel
-/// and stride only, so an inference session can pack once and reuse it for any batch and
-/// image size.
-#[derive(Clone, Debug)]
-pub enum ForwardWeights {
-    /// Output positions in the lanes (this module).
-    Taps(Vec<PackedWeights>),
-    /// Output channels in the lanes ([`super::lanes`]).
-    Lanes(super::lanes::LaneWeights),
-    /// Winograd-transformed, output channels in the lanes ([`super::winograd`]).
-    Winograd(super::winograd::WinogradWeights),
-}
-
-/// Packs `w` for [`conv2d_forward_packed`] with `g`'s channel counts, kernel and groups.
-pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> ForwardWeights {
+/// Packs `w` for [`conv2d_forward_packed`]: one [`PackedWeights`] per group. Depends on
+/// the weights, the channel counts, kernel and groups only.
+pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> Vec<PackedWeights> {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    if super::winograd::suits(g) {
-        return ForwardWeights::Winograd(super::winograd::pack_forward_weights(g, w));
-    }
-    if super::lanes::suits(g) {
-        return ForwardWeights::Lanes(super::lanes::pack_forward_weights(g, w, Vec::new()));
-    }
     let opg = g.out_per_group();
     let taps = g.in_per_group() * g.kernel * g.kernel;
-    ForwardWeights::Taps(
-        (0..g.groups)
-            .into_par_iter()
-            .map(|grp| {
-                let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
-                PackedWeights::new(opg, taps, |o, t| wg[o * taps + t])
-            })
-            .collect(),
-    )
+    (0..g.groups)
+        .into_par_iter()
+        .map(|grp| {
+            let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
+            PackedWeights::new(opg, taps, |o, t| wg[o * taps + t])
+        })
+        .collect()
 }
 
-/// Forward of a grouped convolution, each (image, group)'s output passed to
-/// `epilogue(image, first channel, values)` while still in cache. Overwrites `y`. Runs on
-/// [`super::winograd`] where that [pays](super::winograd::pays_per_call), else on
-/// [`super::lanes`] where that suits, else here (one task per (image, group)).
+/// Forward of a convolution that [`suits_forward`], each (image, group)'s output passed
+/// to `epilogue(image, first channel, values)` while still in cache. Overwrites `y`. One
+/// task per (image, group).
 pub fn conv2d_forward(
     g: &Conv2dGeom,
     x: &[f32],
@@ -710,18 +397,6 @@ pub fn conv2d_forward(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    if super::winograd::pays_per_call(g) {
-        // (each task transforms its own group's weights)
-        return super::winograd::conv2d_forward(g, x, w, y, epilogue);
-    }
-    if super::lanes::suits(g) {
-        // packed for this call only: in a buffer from this thread's pool, returned after
-        let buf = scratch::take_stale(w.len());
-        let packed = super::lanes::pack_forward_weights(g, w, buf);
-        super::lanes::conv2d_forward_packed(g, x, &packed, y, epilogue);
-        scratch::give([packed.into_buffer()]);
-        return;
-    }
     let packed = pack_forward_weights(g, w);
     conv2d_forward_packed(g, x, &packed, y, epilogue);
 }
@@ -730,19 +405,10 @@ pub fn conv2d_forward(
 pub fn conv2d_forward_packed(
     g: &Conv2dGeom,
     x: &[f32],
-    packed: &ForwardWeights,
+    packed: &[PackedWeights],
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    let packed = match packed {
-        ForwardWeights::Lanes(p) => {
-            return super::lanes::conv2d_forward_packed(g, x, p, y, epilogue)
-        }
-        ForwardWeights::Winograd(p) => {
-            return super::winograd::conv2d_forward_packed(g, x, p, y, epilogue)
-        }
-        ForwardWeights::Taps(p) => p,
-    };
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
     let (oh, ow) = (g.out_h(), g.out_w());
@@ -780,196 +446,6 @@ pub fn conv2d_forward_packed(
     });
 }
 
-/// One stride phase `(a, b)` of the input gradient (input rows `s·i + a`, columns
-/// `s·j + b`), stored at index `a · min(s, w) + b`.
-#[derive(Clone, Debug)]
-pub(super) struct Phase {
-    /// Rows of the phase grid.
-    pub(super) hi: usize,
-    /// Columns of the phase grid.
-    pub(super) wj: usize,
-    /// The forward taps `(o, ky, kx)` that reach this phase, and their offsets into the
-    /// padded output gradient.
-    pub(super) taps: Vec<(usize, usize, usize)>,
-    pub(super) offs: Vec<usize>,
-    qpad: usize,
-}
-
-/// How one group's output gradient is laid out for the input-gradient products.
-#[derive(Clone, Debug)]
-pub(super) struct BwdLayout {
-    top: usize,
-    left: usize,
-    pub(super) pitch: usize,
-    rows: usize,
-    len: usize,
-    pub(super) phases: Vec<Phase>,
-}
-
-impl BwdLayout {
-    pub(super) fn new(g: &Conv2dGeom) -> Self {
-        let (s, k, p) = (g.stride as isize, g.kernel, g.padding as isize);
-        let (oh, ow) = (g.out_h(), g.out_w());
-        // Input row s·i + a receives output row i + (a + p − ky)/s through tap ky when
-        // s divides a + p − ky.
-        let shift = |a: usize, kk: usize| -> Option<isize> {
-            let d = a as isize + p - kk as isize;
-            (d.rem_euclid(s) == 0).then(|| d.div_euclid(s))
-        };
-        let mut raw = Vec::new();
-        let (mut lo_r, mut lo_c, mut hi_r, mut hi_c) = (0isize, 0isize, 0isize, 0isize);
-        for a in 0..g.stride.min(g.in_h) {
-            for b in 0..g.stride.min(g.in_w) {
-                let hi = (g.in_h - a).div_ceil(g.stride);
-                let wj = (g.in_w - b).div_ceil(g.stride);
-                let mut taps = Vec::new();
-                for ky in 0..k {
-                    let Some(dr) = shift(a, ky) else { continue };
-                    for kx in 0..k {
-                        let Some(dc) = shift(b, kx) else { continue };
-                        lo_r = lo_r.min(dr);
-                        lo_c = lo_c.min(dc);
-                        hi_r = hi_r.max(hi as isize + dr);
-                        hi_c = hi_c.max(wj as isize + dc);
-                        taps.push((ky, kx, dr, dc));
-                    }
-                }
-                raw.push((hi, wj, taps));
-            }
-        }
-        let (top, left) = ((-lo_r) as usize, (-lo_c) as usize);
-        let pitch = left + ow.max(hi_c.max(0) as usize);
-        let rows = top + oh.max(hi_r.max(0) as usize) + 1;
-        let plane = rows * pitch;
-        let opg = g.out_per_group();
-        let phases = raw
-            .into_iter()
-            .map(|(hi, wj, taps)| {
-                let mut ptaps = Vec::new();
-                let mut offs = Vec::new();
-                for o in 0..opg {
-                    for &(ky, kx, dr, dc) in &taps {
-                        ptaps.push((o, ky, kx));
-                        offs.push(
-                            o * plane
-                                + (dr + top as isize) as usize * pitch
-                                + (dc + left as isize) as usize,
-                        );
-                    }
-                }
-                Phase {
-                    hi,
-                    wj,
-                    taps: ptaps,
-                    offs,
-                    qpad: round_up(hi * pitch, LANES),
-                }
-            })
-            .collect();
-        Self {
-            top,
-            left,
-            pitch,
-            rows,
-            len: opg * plane + SLACK,
-            phases,
-        }
-    }
-
-    /// What identifies this layout's packed buffers for [`scratch::take_keyed`].
-    pub(super) fn key(&self, oh: usize, ow: usize) -> scratch::Key {
-        let planes = (self.len - SLACK) / (self.rows * self.pitch);
-        [
-            scratch::tag::BWD_PADDED,
-            self.top,
-            self.left,
-            self.pitch,
-            self.rows,
-            self.len,
-            oh,
-            ow,
-            planes,
-            0,
-        ]
-    }
-
-    /// Copies one group of one image's output gradient (`opg × oh × ow`) into `buf`.
-    pub(super) fn pack(&self, oh: usize, ow: usize, dy: &[f32], buf: &mut Vec<f32>) {
-        let plane = self.rows * self.pitch;
-        zeroed(buf, self.len);
-        for (o, d) in dy.chunks_exact(oh * ow).enumerate() {
-            for (oy, src) in d.chunks_exact(ow).enumerate() {
-                let at = o * plane + (oy + self.top) * self.pitch + self.left;
-                copy(&mut buf[at..at + ow], src);
-            }
-        }
-    }
-}
-
-/// `dx` (when given) split per group: for each group, its slice of every image in order.
-pub(super) fn images_by_group<'a>(
-    g: &Conv2dGeom,
-    dx: Option<&'a mut [f32]>,
-) -> Vec<Vec<&'a mut [f32]>> {
-    let mut groups: Vec<Vec<&mut [f32]>> = (0..g.groups).map(|_| Vec::new()).collect();
-    let in_grp = g.in_per_group() * g.in_h * g.in_w;
-    if let (Some(dx), true) = (dx, in_grp > 0) {
-        for (i, part) in dx.chunks_exact_mut(in_grp).enumerate() {
-            groups[i % g.groups].push(part);
-        }
-    }
-    groups
-}
-
-impl BwdLayout {
-    /// Adds one image's input gradient for one group, computed per stride phase, into
-    /// `dxn` (channel planes of `in_h × in_w`): `row(c, phase, i)` is row `i` of phase
-    /// `phase`'s grid for channel `c`, `wj` values, whose entry `j` belongs at input row
-    /// `s·i + a`, column `s·j + b` (phase index `a · min(s, w) + b`). Phases that no tap
-    /// reaches are skipped.
-    pub(super) fn add_phases<'a>(
-        &self,
-        g: &Conv2dGeom,
-        dxn: &mut [f32],
-        row: impl Fn(usize, usize, usize) -> &'a [f32],
-    ) {
-        let (s, hw, sw) = (g.stride, g.in_h * g.in_w, g.stride.min(g.in_w));
-        for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
-            for (iy, dst) in dxc.chunks_exact_mut(g.in_w).enumerate() {
-                let (a, i) = (iy % s, iy / s);
-                let row = |b: usize| {
-                    let idx = a * sw + b;
-                    (!self.phases[idx].taps.is_empty()).then(|| row(c, idx, i))
-                };
-                if s == 1 {
-                    if let Some(r) = row(0) {
-                        add(dst, r);
-                    }
-                } else if s == 2 && g.in_w >= 2 {
-                    match (row(0), row(1)) {
-                        (Some(e), Some(o)) => interleave2_add(dst, e, o),
-                        (e, o) => {
-                            for (b, r) in [(0, e), (1, o)] {
-                                let Some(r) = r else { continue };
-                                for (d, v) in dst.iter_mut().skip(b).step_by(2).zip(r) {
-                                    *d += v;
-                                }
-                            }
-                        }
-                    }
-                } else {
-                    for b in 0..sw {
-                        let Some(r) = row(b) else { continue };
-                        for (d, v) in dst.iter_mut().skip(b).step_by(s).zip(r) {
-                            *d += v;
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Backward of a grouped convolution: adds the input gradient into `dx` (when given) and
 /// the weight gradient into `dw`. One task per group, images in order inside it, so the
 /// weight gradient's summation order does not depend on the thread count.
@@ -981,9 +457,6 @@ pub fn conv2d_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) {
-    if super::lanes::suits(g) {
-        return super::lanes::conv2d_backward(g, x, w, dy, dx, dw);
-    }
     g.check_backward(x, w, dy, dx.as_deref(), dw);
     let (oh, ow) = (g.out_h(), g.out_w());
     let (ipg, opg, k) = (g.in_per_group(), g.out_per_group(), g.kernel);

@@ -25,13 +25,13 @@
 
 use rayon::prelude::*;
 
-use super::conv::Conv2dGeom;
-use super::lanes::{self, transpose};
-use super::scratch;
-use super::simd::{self, Kernel, Simd};
+use super::layout::{lane_tile, transpose};
+use super::Conv2dGeom;
+use crate::kernels::scratch;
+use crate::kernels::simd::{self, Kernel, Simd};
 
 /// Channels of one run in `V` (see [`chunk_product`]); groups have a multiple of it.
-const UNIT: usize = 16;
+const UNIT: usize = super::LANE_CHANNELS;
 /// Transform points of F(2×2, 3×3): a 4×4 input patch per 2×2 output tile.
 const POINTS: usize = 16;
 /// Tiles the per-call weight transform must have to pay (two AVX-512 register blocks).
@@ -44,7 +44,7 @@ const CHUNK_TILES: usize = 56;
 const TASK_VALUES: usize = 1 << 16;
 
 /// Whether [`conv2d_forward`] runs `g`: a 3×3 stride-1 grouped convolution that
-/// [`lanes::suits`] (16 to 64 channels per group); any instruction-set level.
+/// [`super::lanes::suits`] (16 to 64 channels per group); any instruction-set level.
 pub fn suits(g: &Conv2dGeom) -> bool {
     suits_shape(g)
 }
@@ -59,7 +59,7 @@ pub fn pays_per_call(g: &Conv2dGeom) -> bool {
 
 /// The shape half of [`suits`].
 pub fn suits_shape(g: &Conv2dGeom) -> bool {
-    g.kernel == 3 && g.stride == 1 && lanes::suits(g)
+    g.kernel == 3 && g.stride == 1 && g.groups > 1 && g.lane_channels()
 }
 
 /// A grouped 3×3 convolution's weights transformed for [`conv2d_forward_packed`]: per
@@ -354,17 +354,6 @@ fn run_task(
     scratch::give_keyed(key, xin);
 }
 
-/// Tiles of one register block at level `S`: 14 tiles × 2 vectors of output channels (28
-/// accumulators) with AVX-512, 6 × 16 channels elsewhere (as [`lanes`]' tiles).
-#[inline(always)]
-fn tile_shape<S: Simd>() -> (usize, usize) {
-    if S::LANES == 16 {
-        (32, 14)
-    } else {
-        (16, 6)
-    }
-}
-
 /// Blocks of at most `pmax` tiles splitting `tiles` as evenly as possible: `(first, count)`.
 fn blocks(tiles: usize, pmax: usize) -> impl Iterator<Item = (usize, usize)> {
     let nb = tiles.div_ceil(pmax);
@@ -439,7 +428,7 @@ impl Kernel for Chunk<'_> {
             yt,
         } = self;
         let (ins, outs) = (s.ins, s.outs);
-        let (channels, pmax) = tile_shape::<S>();
+        let (channels, pmax) = lane_tile::<S>();
         for (tb, p) in blocks(count, pmax) {
             for j in 0..p {
                 let (k, ty, tx) = s.tile(t0 + tb + j);

@@ -1,0 +1,614 @@
+//! The buffers the direct-family kernels ([`super::direct`], [`super::lanes`],
+//! [`super::winograd`]) share, and the vector helpers that fill them: one group's input
+//! zero-padded and split by stride phase ([`FwdLayout`]), its output gradient padded for the
+//! input-gradient products ([`BwdLayout`]), row copies and (de)interleaving, block
+//! transposes. No algorithm here: the kernels import this module, never each other.
+
+use super::Conv2dGeom;
+use crate::kernels::scratch;
+use crate::kernels::simd::{self, dispatch, load_n, store_n, Kernel, Simd};
+
+/// Grids are padded to a multiple of this many positions: the widest vector (AVX-512's
+/// 16 lanes), so that every level's vectors tile them.
+pub(super) const LANES: usize = 16;
+/// Zeros after each packed buffer, so the last vector of a grid may read past its end.
+pub(super) const SLACK: usize = 4 * LANES;
+/// At most this many input values per batched weight-gradient product (1 MB).
+pub(super) const WG_CHUNK_VALUES: usize = 1 << 18;
+pub(super) fn round_up(n: usize, m: usize) -> usize {
+    n.div_ceil(m) * m
+}
+
+/// Makes `buf` `len` zeros unless it already has that length (then it holds zero padding
+/// from an earlier pack of the same layout, and the pack overwrites the rest).
+pub(super) fn zeroed(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() != len {
+        buf.clear();
+        buf.resize(len, 0.0);
+    }
+}
+
+/// `dst = src` for short rows, without a call into `memcpy`: one row of [`copy_rows`].
+pub(super) fn copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "copy: lengths");
+    copy_rows(src, src.len(), dst, dst.len());
+}
+
+/// Row `r` of `src` (rows of `w` values) to `dst[r·pitch..][..w]`.
+pub(super) fn copy_rows(src: &[f32], w: usize, dst: &mut [f32], pitch: usize) {
+    let rows = src.len() / w.max(1);
+    if rows == 0 {
+        return;
+    }
+    assert!(
+        w <= pitch && (rows - 1) * pitch + w <= dst.len(),
+        "copy_rows: lengths"
+    );
+    struct K<'a>(&'a [f32], usize, usize, &'a mut [f32], usize);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let K(src, w, rows, dst, pitch) = self;
+            for r in 0..rows {
+                // SAFETY: reads `src[r·w..][..w]`, writes `dst[r·pitch..][..w]`, in
+                // bounds by the assert above.
+                unsafe {
+                    simd::copy::<S>(dst.as_mut_ptr().add(r * pitch), src.as_ptr().add(r * w), w)
+                }
+            }
+        }
+    }
+    // SAFETY: as in the kernel.
+    unsafe { dispatch(K(src, w, rows, dst, pitch)) }
+}
+
+/// `dst += src`.
+pub(super) fn add(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "add: lengths");
+    struct K<'a>(&'a mut [f32], &'a [f32]);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            // SAFETY: both slices hold `self.0.len()` values (asserted above).
+            unsafe { simd::add::<S>(self.0.as_mut_ptr(), self.1.as_ptr(), self.0.len()) }
+        }
+    }
+    // SAFETY: the kernel reads and writes within the two slices.
+    unsafe { dispatch(K(dst, src)) }
+}
+
+/// `ev[j] = src[2j]`, `od[j] = src[2j + 1]`.
+pub(super) fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
+    assert!(
+        ev.len() == src.len().div_ceil(2) && od.len() == src.len() / 2,
+        "deinterleave2: lengths"
+    );
+    struct K<'a>(&'a [f32], &'a mut [f32], &'a mut [f32]);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let K(src, ev, od) = self;
+            let n = S::LANES;
+            let mut i = 0;
+            while i + 2 * n <= src.len() {
+                // SAFETY: reads `src[i..i + 2n]`, writes `ev`/`od` at `i/2..i/2 + n`, both
+                // in bounds (`ev` and `od` hold half of `src`, rounded).
+                unsafe {
+                    let p = src.as_ptr().add(i);
+                    let (e, o) = S::deinterleave(S::load(p), S::load(p.add(n)));
+                    S::store(ev.as_mut_ptr().add(i / 2), e);
+                    S::store(od.as_mut_ptr().add(i / 2), o);
+                }
+                i += 2 * n;
+            }
+            let n = src.len() - i;
+            if n > 0 {
+                // the last `n < 2·LANES` values, as part vectors
+                // SAFETY: reads `src[i..]`, writes `ev[i/2..]` (⌈n/2⌉ values) and
+                // `od[i/2..]` (⌊n/2⌋), all in bounds.
+                unsafe {
+                    let p = src.as_ptr().add(i);
+                    let a = simd::load_n::<S>(p, n.min(S::LANES));
+                    let b = simd::load_n::<S>(p.add(n.min(S::LANES)), n.saturating_sub(S::LANES));
+                    let (e, o) = S::deinterleave(a, b);
+                    simd::store_n::<S>(ev.as_mut_ptr().add(i / 2), n.div_ceil(2), e);
+                    simd::store_n::<S>(od.as_mut_ptr().add(i / 2), n / 2, o);
+                }
+            }
+        }
+    }
+    // SAFETY: as in the kernel.
+    unsafe { dispatch(K(src, ev, od)) }
+}
+
+/// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`.
+pub(super) fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
+    assert!(
+        ev.len() == dst.len().div_ceil(2) && od.len() == dst.len() / 2,
+        "interleave2_add: lengths"
+    );
+    struct K<'a>(&'a mut [f32], &'a [f32], &'a [f32]);
+    impl Kernel for K<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let K(dst, ev, od) = self;
+            let n = S::LANES;
+            let mut j = 0;
+            while j + n <= od.len() {
+                // SAFETY: reads `ev`/`od[j..j + n]` (`od` is the shorter), reads and
+                // writes `dst[2j..2j + 2n]`, within `2·od.len() ≤ dst.len()`.
+                unsafe {
+                    let (lo, hi) =
+                        S::interleave(S::load(ev.as_ptr().add(j)), S::load(od.as_ptr().add(j)));
+                    let d = dst.as_mut_ptr().add(2 * j);
+                    S::store(d, S::add(S::load(d), lo));
+                    S::store(d.add(n), S::add(S::load(d.add(n)), hi));
+                }
+                j += n;
+            }
+            let k = dst.len() - 2 * j;
+            if k > 0 {
+                // the last `k < 2·LANES` values, as part vectors
+                // SAFETY: reads `ev[j..]`, `od[j..]`, reads and writes `dst[2j..]`, each
+                // to its end only.
+                unsafe {
+                    let (lo, hi) = S::interleave(
+                        simd::load_n::<S>(ev.as_ptr().add(j), ev.len() - j),
+                        simd::load_n::<S>(od.as_ptr().add(j), od.len() - j),
+                    );
+                    let d = dst.as_mut_ptr().add(2 * j);
+                    let (k0, k1) = (k.min(S::LANES), k.saturating_sub(S::LANES));
+                    simd::store_n::<S>(d, k0, S::add(simd::load_n::<S>(d, k0), lo));
+                    let d = d.add(k0);
+                    simd::store_n::<S>(d, k1, S::add(simd::load_n::<S>(d, k1), hi));
+                }
+            }
+        }
+    }
+    // SAFETY: as in the kernel.
+    unsafe { dispatch(K(dst, ev, od)) }
+}
+
+/// How one group's input is laid out for the forward product: zero-padded, split into
+/// `stride × stride` phase planes of `rows × pitch`, one set per channel.
+#[derive(Clone, Debug)]
+pub(super) struct FwdLayout {
+    pub(super) pitch: usize,
+    pub(super) rows: usize,
+    /// Values of the packed input, slack included.
+    pub(super) len: usize,
+    /// Offset of each tap `(c, ky, kx)`, in PyTorch's weight order.
+    pub(super) offs: Vec<usize>,
+    /// Output grid: `oh` rows of `pitch` positions, padded to [`LANES`].
+    pub(super) qpad: usize,
+}
+
+impl FwdLayout {
+    pub(super) fn new(g: &Conv2dGeom) -> Self {
+        let (s, k, p) = (g.stride, g.kernel, g.padding);
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let pitch = (g.in_w + 2 * p).div_ceil(s).max(ow + (k - 1) / s);
+        let rows = (g.in_h + 2 * p).div_ceil(s).max(oh + (k - 1) / s) + 1;
+        let plane = rows * pitch;
+        let ipg = g.in_per_group();
+        let mut offs = Vec::with_capacity(ipg * k * k);
+        for c in 0..ipg {
+            for ky in 0..k {
+                for kx in 0..k {
+                    offs.push(((c * s + ky % s) * s + kx % s) * plane + (ky / s) * pitch + kx / s);
+                }
+            }
+        }
+        Self {
+            pitch,
+            rows,
+            len: ipg * s * s * plane + SLACK,
+            offs,
+            qpad: round_up(oh * pitch, LANES),
+        }
+    }
+
+    /// What identifies this layout's packed buffers of kind `tag` (a [`scratch::tag`]) for
+    /// [`scratch::take_keyed`], with `images` packed side by side.
+    pub(super) fn key(&self, tag: usize, g: &Conv2dGeom, images: usize) -> scratch::Key {
+        let (s, p) = (g.stride, g.padding);
+        [
+            tag,
+            self.pitch,
+            self.rows,
+            self.len,
+            s,
+            p,
+            g.in_h,
+            g.in_w,
+            g.in_per_group(),
+            images,
+        ]
+    }
+
+    /// Copies one group of one image (`ipg × h × w`) into `buf`. Writes the same positions
+    /// every time, so a buffer reused for one layout keeps its zero padding.
+    pub(super) fn pack(&self, g: &Conv2dGeom, x: &[f32], buf: &mut Vec<f32>) {
+        zeroed(buf, self.len);
+        self.pack_strided(g, x, buf, 0, self.rows * self.pitch);
+    }
+
+    /// [`FwdLayout::pack`] into `buf` from `start`, with consecutive (channel, phase)
+    /// planes `plane` apart (one layout plane, or with `plane = B · rows · pitch` and
+    /// `start = b · rows · pitch`, images `0..B` interleaved plane by plane).
+    pub(super) fn pack_strided(
+        &self,
+        g: &Conv2dGeom,
+        x: &[f32],
+        buf: &mut [f32],
+        start: usize,
+        plane: usize,
+    ) {
+        let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
+        if s == 1 {
+            // every row of every channel shifted by the padding: one call per channel
+            for (c, xc) in x.chunks_exact(h * w).enumerate() {
+                let at = start + c * plane + p * self.pitch + p;
+                copy_rows(xc, w, &mut buf[at..], self.pitch);
+            }
+            return;
+        }
+        for (c, xc) in x.chunks_exact(h * w).enumerate() {
+            for (iy, src) in xc.chunks_exact(w).enumerate() {
+                let py = iy + p;
+                let base = start + (c * s + py % s) * s * plane + (py / s) * self.pitch;
+                if s == 1 {
+                    copy(&mut buf[base + p..base + p + w], src);
+                    continue;
+                }
+                if s == 2 {
+                    // Even input columns go to phase p % 2 from column p / 2, odd ones to
+                    // the other phase from column (p + 1) / 2.
+                    let (e0, o0) = (
+                        base + (p % 2) * plane + p / 2,
+                        base + ((p + 1) % 2) * plane + p.div_ceil(2),
+                    );
+                    let (ev, od) = if e0 < o0 {
+                        let (lo, hi) = buf.split_at_mut(o0);
+                        (&mut lo[e0..e0 + w.div_ceil(2)], &mut hi[..w / 2])
+                    } else {
+                        let (lo, hi) = buf.split_at_mut(e0);
+                        (&mut hi[..w.div_ceil(2)], &mut lo[o0..o0 + w / 2])
+                    };
+                    deinterleave2(src, ev, od);
+                    continue;
+                }
+                // Column phase r holds padded columns r, r + s, …: input columns from the
+                // first ix with (ix + p) % s == r, every s-th.
+                for r in 0..s {
+                    let ix0 = (r + s - p % s) % s;
+                    if ix0 >= w {
+                        continue;
+                    }
+                    let dst = &mut buf[base + r * plane + (ix0 + p) / s..];
+                    for (d, &v) in dst.iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One stride phase `(a, b)` of the input gradient (input rows `s·i + a`, columns
+/// `s·j + b`), stored at index `a · min(s, w) + b`.
+#[derive(Clone, Debug)]
+pub(super) struct Phase {
+    /// Rows of the phase grid.
+    pub(super) hi: usize,
+    /// Columns of the phase grid.
+    pub(super) wj: usize,
+    /// The forward taps `(o, ky, kx)` that reach this phase, and their offsets into the
+    /// padded output gradient.
+    pub(super) taps: Vec<(usize, usize, usize)>,
+    pub(super) offs: Vec<usize>,
+    pub(super) qpad: usize,
+}
+
+/// How one group's output gradient is laid out for the input-gradient products.
+#[derive(Clone, Debug)]
+pub(super) struct BwdLayout {
+    top: usize,
+    left: usize,
+    pub(super) pitch: usize,
+    rows: usize,
+    len: usize,
+    pub(super) phases: Vec<Phase>,
+}
+
+impl BwdLayout {
+    pub(super) fn new(g: &Conv2dGeom) -> Self {
+        let (s, k, p) = (g.stride as isize, g.kernel, g.padding as isize);
+        let (oh, ow) = (g.out_h(), g.out_w());
+        // Input row s·i + a receives output row i + (a + p − ky)/s through tap ky when
+        // s divides a + p − ky.
+        let shift = |a: usize, kk: usize| -> Option<isize> {
+            let d = a as isize + p - kk as isize;
+            (d.rem_euclid(s) == 0).then(|| d.div_euclid(s))
+        };
+        let mut raw = Vec::new();
+        let (mut lo_r, mut lo_c, mut hi_r, mut hi_c) = (0isize, 0isize, 0isize, 0isize);
+        for a in 0..g.stride.min(g.in_h) {
+            for b in 0..g.stride.min(g.in_w) {
+                let hi = (g.in_h - a).div_ceil(g.stride);
+                let wj = (g.in_w - b).div_ceil(g.stride);
+                let mut taps = Vec::new();
+                for ky in 0..k {
+                    let Some(dr) = shift(a, ky) else { continue };
+                    for kx in 0..k {
+                        let Some(dc) = shift(b, kx) else { continue };
+                        lo_r = lo_r.min(dr);
+                        lo_c = lo_c.min(dc);
+                        hi_r = hi_r.max(hi as isize + dr);
+                        hi_c = hi_c.max(wj as isize + dc);
+                        taps.push((ky, kx, dr, dc));
+                    }
+                }
+                raw.push((hi, wj, taps));
+            }
+        }
+        let (top, left) = ((-lo_r) as usize, (-lo_c) as usize);
+        let pitch = left + ow.max(hi_c.max(0) as usize);
+        let rows = top + oh.max(hi_r.max(0) as usize) + 1;
+        let plane = rows * pitch;
+        let opg = g.out_per_group();
+        let phases = raw
+            .into_iter()
+            .map(|(hi, wj, taps)| {
+                let mut ptaps = Vec::new();
+                let mut offs = Vec::new();
+                for o in 0..opg {
+                    for &(ky, kx, dr, dc) in &taps {
+                        ptaps.push((o, ky, kx));
+                        offs.push(
+                            o * plane
+                                + (dr + top as isize) as usize * pitch
+                                + (dc + left as isize) as usize,
+                        );
+                    }
+                }
+                Phase {
+                    hi,
+                    wj,
+                    taps: ptaps,
+                    offs,
+                    qpad: round_up(hi * pitch, LANES),
+                }
+            })
+            .collect();
+        Self {
+            top,
+            left,
+            pitch,
+            rows,
+            len: opg * plane + SLACK,
+            phases,
+        }
+    }
+
+    /// What identifies this layout's packed buffers for [`scratch::take_keyed`].
+    pub(super) fn key(&self, oh: usize, ow: usize) -> scratch::Key {
+        let planes = (self.len - SLACK) / (self.rows * self.pitch);
+        [
+            scratch::tag::BWD_PADDED,
+            self.top,
+            self.left,
+            self.pitch,
+            self.rows,
+            self.len,
+            oh,
+            ow,
+            planes,
+            0,
+        ]
+    }
+
+    /// Copies one group of one image's output gradient (`opg × oh × ow`) into `buf`.
+    pub(super) fn pack(&self, oh: usize, ow: usize, dy: &[f32], buf: &mut Vec<f32>) {
+        let plane = self.rows * self.pitch;
+        zeroed(buf, self.len);
+        for (o, d) in dy.chunks_exact(oh * ow).enumerate() {
+            for (oy, src) in d.chunks_exact(ow).enumerate() {
+                let at = o * plane + (oy + self.top) * self.pitch + self.left;
+                copy(&mut buf[at..at + ow], src);
+            }
+        }
+    }
+}
+
+/// `dx` (when given) split per group: for each group, its slice of every image in order.
+pub(super) fn images_by_group<'a>(
+    g: &Conv2dGeom,
+    dx: Option<&'a mut [f32]>,
+) -> Vec<Vec<&'a mut [f32]>> {
+    let mut groups: Vec<Vec<&mut [f32]>> = (0..g.groups).map(|_| Vec::new()).collect();
+    let in_grp = g.in_per_group() * g.in_h * g.in_w;
+    if let (Some(dx), true) = (dx, in_grp > 0) {
+        for (i, part) in dx.chunks_exact_mut(in_grp).enumerate() {
+            groups[i % g.groups].push(part);
+        }
+    }
+    groups
+}
+
+impl BwdLayout {
+    /// Adds one image's input gradient for one group, computed per stride phase, into
+    /// `dxn` (channel planes of `in_h × in_w`): `row(c, phase, i)` is row `i` of phase
+    /// `phase`'s grid for channel `c`, `wj` values, whose entry `j` belongs at input row
+    /// `s·i + a`, column `s·j + b` (phase index `a · min(s, w) + b`). Phases that no tap
+    /// reaches are skipped.
+    pub(super) fn add_phases<'a>(
+        &self,
+        g: &Conv2dGeom,
+        dxn: &mut [f32],
+        row: impl Fn(usize, usize, usize) -> &'a [f32],
+    ) {
+        let (s, hw, sw) = (g.stride, g.in_h * g.in_w, g.stride.min(g.in_w));
+        for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
+            for (iy, dst) in dxc.chunks_exact_mut(g.in_w).enumerate() {
+                let (a, i) = (iy % s, iy / s);
+                let row = |b: usize| {
+                    let idx = a * sw + b;
+                    (!self.phases[idx].taps.is_empty()).then(|| row(c, idx, i))
+                };
+                if s == 1 {
+                    if let Some(r) = row(0) {
+                        add(dst, r);
+                    }
+                } else if s == 2 && g.in_w >= 2 {
+                    match (row(0), row(1)) {
+                        (Some(e), Some(o)) => interleave2_add(dst, e, o),
+                        (e, o) => {
+                            for (b, r) in [(0, e), (1, o)] {
+                                let Some(r) = r else { continue };
+                                for (d, v) in dst.iter_mut().skip(b).step_by(2).zip(r) {
+                                    *d += v;
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    for b in 0..sw {
+                        let Some(r) = row(b) else { continue };
+                        for (d, v) in dst.iter_mut().skip(b).step_by(s).zip(r) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[j·dstride + i] = src[i·sstride + j]` (or `+=` with `add`) for `i < rows`, `j < cols`.
+pub fn transpose(
+    src: &[f32],
+    sstride: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    dstride: usize,
+    add: bool,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(
+        cols <= sstride && (rows - 1) * sstride + cols <= src.len(),
+        "transpose: source"
+    );
+    assert!(
+        rows <= dstride && (cols - 1) * dstride + rows <= dst.len(),
+        "transpose: destination"
+    );
+    // SAFETY: the kernel reads `src[i·sstride + j]` and writes `dst[j·dstride + i]` for
+    // `i < rows`, `j < cols` only, in bounds by the asserts above.
+    unsafe {
+        simd::dispatch(Transpose {
+            src: src.as_ptr(),
+            sstride,
+            rows,
+            cols,
+            dst: dst.as_mut_ptr(),
+            dstride,
+            add,
+        })
+    }
+}
+
+/// [`transpose`] in square blocks of the level's lanes.
+struct Transpose {
+    src: *const f32,
+    sstride: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    dstride: usize,
+    add: bool,
+}
+
+impl Kernel for Transpose {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let n = S::LANES;
+        for i0 in (0..self.rows).step_by(n) {
+            for j0 in (0..self.cols).step_by(n) {
+                // SAFETY: the block is inside the caller's `rows × cols`.
+                unsafe {
+                    transpose_block::<S>(
+                        self.src.add(i0 * self.sstride + j0),
+                        self.sstride,
+                        (self.rows - i0).min(n),
+                        (self.cols - j0).min(n),
+                        self.dst.add(j0 * self.dstride + i0),
+                        self.dstride,
+                        self.add,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// `dst[j·dstride + i] (+)= src[i·sstride + j]` for `i < rows ≤ LANES`, `j < cols ≤ LANES`.
+#[inline(always)]
+unsafe fn transpose_block<S: Simd>(
+    src: *const f32,
+    sstride: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    dstride: usize,
+    add: bool,
+) {
+    // Constant trip counts and indices throughout, so that the compiler unrolls every loop
+    // and keeps the array in registers.
+    // SAFETY: reads and writes inside the block (the caller's contract).
+    unsafe {
+        let mut r = [S::zero(); 16];
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..S::LANES {
+            if i < rows {
+                r[i] = load_n::<S>(src.add(i * sstride), cols);
+            }
+        }
+        S::transpose(&mut r);
+        #[allow(clippy::needless_range_loop)]
+        for j in 0..S::LANES {
+            if j < cols {
+                let p = dst.add(j * dstride);
+                let v = if add {
+                    S::add(load_n::<S>(p, rows), r[j])
+                } else {
+                    r[j]
+                };
+                store_n::<S>(p, rows, v);
+            }
+        }
+    }
+}
+
+/// `(channels, positions)` of the channel-in-lanes kernels' register tile at level `S`
+/// ([`super::lanes`]' products, [`super::winograd`]'s tile products): 32 channels (two
+/// vectors) × 14 positions with AVX-512's 32 registers (28 accumulators, two weight
+/// vectors, a broadcast); 16 channels × 6 positions elsewhere (AVX2 and the plain level:
+/// two 8-lane vectors, 12 accumulators of 16 registers; NEON: four 4-lane vectors, 24 of
+/// 32). A 16-channel block on AVX-512 is one vector × 14 positions.
+#[inline(always)]
+pub(super) fn lane_tile<S: Simd>() -> (usize, usize) {
+    if S::LANES == 16 {
+        (2 * super::LANE_CHANNELS, 14)
+    } else {
+        (super::LANE_CHANNELS, 6)
+    }
+}
