@@ -93,8 +93,12 @@ fn main() -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let algorithm = match a.pass.as_str() {
+        "fwd" => conv::Algorithm::forward(&g),
+        _ => conv::Algorithm::backward(&g),
+    };
     println!(
-        "{} stage {} stride {} {} batch {} threads {} isa {}: median {:.3} ms",
+        "{} stage {} stride {} {} batch {} threads {} isa {} ({algorithm:?}): median {:.3} ms",
         a.op,
         a.stage,
         a.stride,
