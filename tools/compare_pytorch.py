@@ -35,6 +35,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+# throughput against batch size and image size (`--sweep`)
+SWEEP = [("resnext50_32x4d", b, 224, "eval") for b in (1, 8, 32, 64)] + [
+    ("resnext50_32x4d", 8, 320, "eval"),
+    ("resnext50_32x4d", 8, 224, "train"),
+    ("resnext50_32x4d", 32, 224, "train"),
+    ("resnext50_32x4d", 8, 320, "train"),
+]
+
 CONFIGS = [
     ("resnext50_32x4d", 8, 224, "eval"),
     ("resnext50_32x4d", 1, 224, "eval"),
@@ -224,6 +232,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="only resnext50_32x4d eval and train at batch 8")
+    p.add_argument("--sweep", action="store_true",
+                   help="resnext50_32x4d at batch 1, 8, 32, 64 and image size 224, 320 instead")
     p.add_argument("--ops", action="store_true", help="single convolutions at the stage shapes instead of networks")
     p.add_argument("--batch", type=int, default=8, help="batch for --ops")
     p.add_argument("--op", choices=sorted({c[0] for c in OP_CONFIGS}), help="only this op with --ops")
@@ -243,7 +253,7 @@ def main():
     if a.torch_profile:
         torch_profile(a)
         return
-    configs = CONFIGS[:3] if a.quick else CONFIGS
+    configs = SWEEP if a.sweep else CONFIGS[:3] if a.quick else CONFIGS
     print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {a.threads} threads\n")
     rounds = max(a.rounds, 1)
     extra = " | ratio range" if rounds > 1 else ""
