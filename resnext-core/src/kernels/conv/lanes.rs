@@ -626,8 +626,18 @@ unsafe fn run_planes<S: Simd, const P: usize, const R: usize, const OV: usize>(
                 }
             }
         }
-        // positions in chunks of the level's lanes, each transposed to one row per channel
-        let n = R * P;
+        store_planes::<S, OV>(&acc[..R * P], out, plane);
+    }
+}
+
+/// The accumulators of consecutive positions (`acc[q][v]`: vector `v` of the channels of
+/// position `q`) as channel planes `out[c·plane + q]`: in chunks of the level's lanes of
+/// positions, each transposed in registers to one row per channel.
+#[inline(always)]
+unsafe fn store_planes<S: Simd, const OV: usize>(acc: &[[S::V; OV]], out: *mut f32, plane: usize) {
+    let n = acc.len();
+    // SAFETY: the caller's `out` holds the planes of `OV · LANES` channels, `n` positions.
+    unsafe {
         // (`v` picks the same vector out of every position's accumulators)
         #[allow(clippy::needless_range_loop)]
         for v in 0..OV {
@@ -746,23 +756,7 @@ unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
                 }
             }
         }
-        // (`v` picks the same vector out of every position's accumulators)
-        #[allow(clippy::needless_range_loop)]
-        for v in 0..OV {
-            for q0 in (0..P).step_by(S::LANES) {
-                let mut rows = [S::zero(); 16];
-                for i in 0..S::LANES {
-                    if q0 + i < P {
-                        rows[i] = acc[q0 + i][v];
-                    }
-                }
-                S::transpose(&mut rows);
-                let m = (P - q0).min(S::LANES);
-                for (c, &pv) in rows.iter().take(S::LANES).enumerate() {
-                    store_n::<S>(out.add((v * S::LANES + c) * plane + q0), m, pv);
-                }
-            }
-        }
+        store_planes::<S, OV>(&acc, out, plane);
     }
 }
 
