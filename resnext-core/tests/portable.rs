@@ -9,6 +9,7 @@ mod common;
 use std::sync::Mutex;
 
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 use resnext_core::kernels::conv::{self, Conv2dGeom};
 use resnext_core::kernels::isa;
 
@@ -16,6 +17,29 @@ use crate::common::{rel_err, values, ConvCase};
 
 /// Held by each test while it may switch the kernels.
 static SWITCH: Mutex<()> = Mutex::new(());
+
+/// Runs a convolution's forward (`fwd(y)`) and backward (`bwd(dx, dw)`, which must add
+/// into the ones they hold, like every backward kernel) at `level`, and checks them
+/// against `c`'s reference results.
+fn check_at(
+    level: isa::Level,
+    c: &ConvCase,
+    fwd: impl FnOnce(&mut [f32]),
+    bwd: impl FnOnce(&mut [f32], &mut [f32]),
+) -> Result<(), TestCaseError> {
+    let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    isa::set_level(Some(level)).unwrap();
+    let mut y = vec![0.0; c.y.len()];
+    fwd(&mut y);
+    let (mut dx, mut dw) = (vec![1.0; c.x.len()], vec![1.0; c.w.len()]);
+    bwd(&mut dx, &mut dw);
+    isa::set_level(None).unwrap();
+    prop_assert!(rel_err(&y, &c.y) <= 1e-5, "y at {level}");
+    let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+    prop_assert!(rel_err(&minus_one(dx), &c.dx) <= 1e-5, "dx at {level}");
+    prop_assert!(rel_err(&minus_one(dw), &c.dw) <= 1e-5, "dw at {level}");
+    Ok(())
+}
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
@@ -33,19 +57,12 @@ proptest! {
         let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel, stride, padding, groups };
         prop_assume!(g.validate().is_ok());
         prop_assert!(conv::direct::suits(&g));
-        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
-        let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-        isa::set_level(Some(level)).unwrap();
-        let mut y = vec![0.0; g.output_len()];
-        conv::direct::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
-        // Accumulates into what is there, like every backward kernel.
-        let (mut dx, mut dw) = (vec![1.0; x.len()], vec![1.0; wt.len()]);
-        conv::direct::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
-        isa::set_level(None).unwrap();
-        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
-        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
-        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx at {level}");
-        prop_assert!(rel_err(&minus_one(dw), &dw_ref) <= 1e-5, "dw at {level}");
+        let c = ConvCase::new(&g, seed);
+        check_at(level, &c, |y| {
+            conv::direct::conv2d_forward(&g, &c.x, &c.w, y, |_, _, _| {});
+        }, |dx, dw| {
+            conv::direct::conv2d_backward(&g, &c.x, &c.w, &c.dy, Some(dx), dw);
+        })?;
     }
 
     #[test]
@@ -62,19 +79,13 @@ proptest! {
         let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel, stride, padding, groups };
         prop_assume!(g.validate().is_ok());
         prop_assert!(conv::lanes::suits(&g));
-        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
-        let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-        isa::set_level(Some(level)).unwrap();
-        let mut y = vec![0.0; g.output_len()];
-        let packed = conv::lanes::pack_forward_weights(&g, &wt, Vec::new());
-        conv::lanes::conv2d_forward_packed(&g, &x, &packed, &mut y, |_, _, _| {});
-        let (mut dx, mut dw) = (vec![1.0; x.len()], vec![1.0; wt.len()]);
-        conv::lanes::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
-        isa::set_level(None).unwrap();
-        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
-        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
-        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx at {level}");
-        prop_assert!(rel_err(&minus_one(dw), &dw_ref) <= 1e-5, "dw at {level}");
+        let c = ConvCase::new(&g, seed);
+        check_at(level, &c, |y| {
+            let packed = conv::lanes::pack_forward_weights(&g, &c.w, Vec::new());
+            conv::lanes::conv2d_forward_packed(&g, &c.x, &packed, y, |_, _, _| {});
+        }, |dx, dw| {
+            conv::lanes::conv2d_backward(&g, &c.x, &c.w, &c.dy, Some(dx), dw);
+        })?;
     }
 
     #[test]
