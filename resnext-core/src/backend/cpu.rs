@@ -1,8 +1,10 @@
-//! The CPU backend, [`CpuBackend`]. Its activations ([`CpuAct`]) are either dfdx tensors
-//! on a tape, so gradients flow (training, and eval mode with gradients), or plain
-//! buffers for inference, where each convolution runs fused with its batch norm, residual
-//! add and ReLU and activations pass between convolutions without being copied in and out
-//! of tensors. Both compute with [`crate::ops`] and [`crate::kernels`].
+//! The CPU backend, [`CpuBackend`]. Its activations ([`CpuAct`]) are dfdx tensors on a
+//! tape (a pass's input and output, and eval mode with gradients), plain buffers for
+//! inference, where each convolution runs fused with its batch norm, residual add and
+//! ReLU, or, in training, values on a tape held outside dfdx tensors ([`Traced`]), which
+//! pass from one training op to the next without being copied in or out of tensors and
+//! whose gradients pass back the same way. All compute with [`crate::ops`] and
+//! [`crate::kernels`].
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use dfdx::prelude::*;
 use super::{Backend, TrainBackend};
 use crate::error::{shape_err, Error, Result};
 use crate::nn::{BatchNorm2d, ConvLayer, Linear};
-use crate::ops::{self, Act, BnConfig, BnRef, ConvConfig, Mat};
+use crate::ops::{self, Act, BnConfig, BnRef, ConvConfig, Grad, GradSlot, Held, Input, Mat};
 
 /// The CPU backend for tape `T` ([`OwnedTape`] to record gradients, [`NoneTape`] not to).
 pub struct CpuBackend<T>(PhantomData<fn() -> T>);
@@ -30,13 +32,108 @@ impl<T> Default for CpuBackend<T> {
     }
 }
 
-/// An activation of [`CpuBackend`]: a tensor on tape `T`, or a plain buffer for inference.
+/// An activation of [`CpuBackend`]: a tensor on tape `T`, a plain buffer for inference, or
+/// a training op's output on tape `T`.
 #[derive(Debug)]
 pub enum CpuAct<const C: usize, T> {
     /// A dfdx tensor carrying the tape.
     Tensor(Act<C, T>),
     /// Plain memory (inference without a tape).
     Buffer(Buf<C>),
+    /// A training op's output, carrying the tape (see [`Traced`]).
+    Traced(Traced<C, T>),
+}
+
+/// A training op's `(batch, C, height, width)` output held outside dfdx tensors: its
+/// values (shared, never copied, by the ops that read it), its gradient slot (the readers'
+/// backward passes add into it, the producer's takes it) and the tape. Becomes a tensor
+/// where a pass leaves the backend ([`Traced::into_tensor`]).
+#[derive(Debug)]
+pub struct Traced<const C: usize, T> {
+    data: Arc<Vec<f32>>,
+    dims: [usize; 3],
+    grad: GradSlot,
+    tape: T,
+    dev: Cpu,
+}
+
+impl<const C: usize, T: Tape<f32, Cpu>> Traced<C, T> {
+    fn new(held: Held, tape: T, dev: Cpu) -> Self {
+        let (data, dims, grad) = held;
+        Traced {
+            data,
+            dims,
+            grad,
+            tape,
+            dev,
+        }
+    }
+
+    /// `[n, h, w]`.
+    pub fn dims(&self) -> [usize; 3] {
+        self.dims
+    }
+
+    /// The activation as a tensor on the same tape (its values moved, not copied, unless
+    /// another handle still shares them); its gradient flows back into the slot.
+    pub fn into_tensor(self) -> Result<Act<C, T>> {
+        let Traced {
+            data,
+            dims: [n, h, w],
+            grad,
+            mut tape,
+            dev,
+        } = self;
+        let v = Arc::try_unwrap(data).unwrap_or_else(|shared| shared.as_ref().clone());
+        let t = dev.try_tensor_from_vec(v, (n, Const::<C>, h, w))?;
+        if T::OWNS_TAPE {
+            let g = t.ghost();
+            tape.add_backward_op(move |grads| {
+                grad.add_vec(std::mem::take(&mut **grads.get_or_alloc_mut(&g)?));
+                Ok(())
+            });
+        }
+        Ok(t.put_tape(tape))
+    }
+
+    /// The values as a training op's input, the tape and the device.
+    fn into_input(self) -> (Input<C>, T, Cpu) {
+        let input = Input {
+            data: self.data,
+            dims: self.dims,
+            grad: Grad::Slot(self.grad),
+        };
+        (input, self.tape, self.dev)
+    }
+}
+
+impl<const C: usize, T: Tape<f32, Cpu>> CpuAct<C, T> {
+    /// A training op's input, with its tape and device: a tensor's values are copied out,
+    /// a [`Traced`] activation's shared.
+    fn into_train_input(self, op: &'static str) -> Result<(Input<C>, T, Cpu)> {
+        match self {
+            CpuAct::Tensor(x) => {
+                let dev = x.device().clone();
+                let (x, tape) = x.split_tape();
+                Ok((Input::of_tensor(&x), tape, dev))
+            }
+            CpuAct::Traced(x) => Ok(x.into_input()),
+            CpuAct::Buffer(_) => Err(shape_err(
+                op,
+                "training mode runs on tensors; this activation is an inference buffer",
+            )),
+        }
+    }
+
+    /// The activation as a tensor on its tape (a [`Traced`] one moved into a tensor);
+    /// `None` for an inference buffer.
+    fn into_tensor_act(self) -> Result<Option<Act<C, T>>> {
+        match self {
+            CpuAct::Tensor(x) => Ok(Some(x)),
+            CpuAct::Traced(x) => Ok(Some(x.into_tensor()?)),
+            CpuAct::Buffer(_) => Ok(None),
+        }
+    }
 }
 
 /// Logits of [`CpuBackend`], as a tensor or as plain rows (inference).
@@ -67,6 +164,16 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
                 (CpuAct::Tensor(x.put_tape(tape)), CpuAct::Tensor(y))
             }
             CpuAct::Buffer(x) => (CpuAct::Buffer(x.clone()), CpuAct::Buffer(x)),
+            CpuAct::Traced(x) => {
+                let y = Traced {
+                    data: x.data.clone(),
+                    dims: x.dims,
+                    grad: x.grad.clone(),
+                    tape: T::default(),
+                    dev: x.dev.clone(),
+                };
+                (CpuAct::Traced(x), CpuAct::Traced(y))
+            }
         }
     }
 
@@ -85,6 +192,13 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
             CpuAct::Buffer(x) => CpuAct::Buffer(Buf {
                 data: x.data,
                 dims: x.dims,
+            }),
+            CpuAct::Traced(x) => CpuAct::Traced(Traced {
+                data: x.data,
+                dims: x.dims,
+                grad: x.grad,
+                tape: x.tape,
+                dev: x.dev,
             }),
         })
     }
@@ -105,11 +219,14 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
             (CpuAct::Buffer(x), Some(CpuAct::Buffer(r))) => {
                 CpuAct::Buffer(buffer_conv_bn(x, w, cfg, bn.eval_ref(), relu, Some(&r))?)
             }
-            (CpuAct::Tensor(x), None) => CpuAct::Tensor(tensor_conv_bn(x, w, cfg, bn, relu, None)?),
-            (CpuAct::Tensor(x), Some(CpuAct::Tensor(r))) => {
-                CpuAct::Tensor(tensor_conv_bn(x, w, cfg, bn, relu, Some(r))?)
+            (x, r) => {
+                let x = x.into_tensor_act()?.ok_or_else(|| mixed("conv_bn_eval"))?;
+                let r = match r {
+                    Some(r) => Some(r.into_tensor_act()?.ok_or_else(|| mixed("conv_bn_eval"))?),
+                    None => None,
+                };
+                CpuAct::Tensor(tensor_conv_bn(x, w, cfg, bn, relu, r)?)
             }
-            _ => return Err(mixed("conv_bn_eval")),
         })
     }
 
@@ -119,6 +236,11 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
     ) -> Result<CpuAct<C, T>> {
         Ok(match x {
             CpuAct::Tensor(x) => CpuAct::Tensor(ops::max_pool2d(x, K, S, P)?),
+            CpuAct::Traced(x) => {
+                let (x, tape, dev) = x.into_input();
+                let (y, tape) = ops::max_pool2d_on::<C, T, Held>(&dev, x, [K, S, P], tape)?;
+                CpuAct::Traced(Traced::new(y, tape, dev))
+            }
             CpuAct::Buffer(x) => {
                 let (y, h, w) = ops::max_pool2d_raw(&x.data, x.shape4(), K, S, P)?;
                 CpuAct::Buffer(Buf::new(y, [x.dims[0], h, w])?)
@@ -127,7 +249,12 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
     }
 
     fn avg_pool<const F: usize>(&self, x: CpuAct<F, T>) -> Result<CpuLogits<Const<F>, T>> {
+        let x = match x {
+            CpuAct::Traced(x) => CpuAct::Tensor(x.into_tensor()?),
+            x => x,
+        };
         Ok(match x {
+            CpuAct::Traced(_) => unreachable!("made a tensor above"),
             CpuAct::Tensor(x) => CpuLogits::Tensor(ops::global_avg_pool(x)?),
             CpuAct::Buffer(x) => CpuLogits::Rows(Rows {
                 data: ops::global_avg_pool_raw(&x.data, x.shape4())?,
@@ -142,7 +269,12 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
         x: CpuAct<F, T>,
         fc: &Linear<F, O, f32, Cpu>,
     ) -> Result<CpuLogits<O, T>> {
+        let x = match x {
+            CpuAct::Traced(x) => CpuAct::Tensor(x.into_tensor()?),
+            x => x,
+        };
         Ok(match x {
+            CpuAct::Traced(_) => unreachable!("made a tensor above"),
             CpuAct::Tensor(x) => {
                 CpuLogits::Tensor(ops::linear(ops::global_avg_pool(x)?, &fc.weight, &fc.bias)?)
             }
@@ -168,30 +300,40 @@ impl<T: Tape<f32, Cpu> + Merge<T>> TrainBackend for CpuBackend<T> {
         relu: bool,
         residual: Option<CpuAct<O, T>>,
     ) -> Result<CpuAct<O, T>> {
-        let residual = match residual {
-            None => None,
-            Some(CpuAct::Tensor(r)) => Some(r),
-            Some(CpuAct::Buffer(_)) => return Err(mixed("conv_bn_train")),
-        };
-        let CpuAct::Tensor(x) = x else {
-            return Err(shape_err(
-                "conv_bn_train",
-                "training mode runs on tensors; this activation is an inference buffer",
-            ));
+        let (x, tape, dev) = x.into_train_input("conv_bn_train")?;
+        let (residual, tape) = match residual {
+            None => (None, tape),
+            Some(r) => {
+                let (r, tr, _) = r.into_train_input("conv_bn_train")?;
+                (Some(r), tape.merge(tr))
+            }
         };
         let cfg = BnConfig {
             relu,
             ..Default::default()
         };
-        let y = bn.train_with(|bn| {
-            ops::conv2d_bn_train(x, conv.weight(), C::CONFIG, bn, cfg, residual)
+        let (y, tape) = bn.train_with(|bn| {
+            ops::conv2d_bn_train_on::<I, O, _, T, Held>(
+                &dev,
+                x,
+                conv.weight(),
+                C::CONFIG,
+                bn,
+                cfg,
+                residual,
+                tape,
+            )
         })?;
-        Ok(CpuAct::Tensor(y))
+        Ok(CpuAct::Traced(Traced::new(y, tape, dev)))
     }
 
     fn stop_grad<const C: usize>(&self, x: CpuAct<C, T>) -> Result<CpuAct<C, T>> {
         Ok(match x {
             CpuAct::Tensor(x) => CpuAct::Buffer(Buf::from_tensor(&x)),
+            CpuAct::Traced(x) => CpuAct::Buffer(Buf {
+                data: x.data,
+                dims: x.dims,
+            }),
             buffer => buffer,
         })
     }
@@ -290,6 +432,7 @@ impl<T: Tape<f32, Cpu>> Restore<T> {
     pub fn act<const C: usize>(self, y: CpuAct<C, T>) -> Result<Act<C, T>> {
         match (y, self.0) {
             (CpuAct::Tensor(y), _) => Ok(y),
+            (CpuAct::Traced(y), _) => y.into_tensor(),
             (CpuAct::Buffer(y), Some((dev, tape))) => Ok(y.into_tensor(&dev)?.put_tape(tape)),
             (CpuAct::Buffer(_), None) => Err(from_buffer()),
         }

@@ -7,6 +7,7 @@ use dfdx::prelude::*;
 use super::batch_norm::{check_batch_stats, update_running, BnConfig};
 use super::conv::{conv_geom, ConvConfig, ConvKind};
 use super::fold_cache;
+use super::grad::{Input, Output};
 use super::{read, Act};
 use crate::error::{shape_err, Result};
 use crate::kernels::{batchnorm as bn, conv, elementwise as ew};
@@ -160,11 +161,46 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
     cfg: BnConfig,
     residual: Option<Act<O, T>>,
 ) -> Result<Act<O, T>> {
-    let &(n, _, h, w) = x.shape();
+    let dev = x.device().clone();
+    let (x, tape) = x.split_tape();
+    let x = Input::of_tensor(&x);
+    let (residual, tape) = match residual {
+        Some(r) => {
+            let (r, tr) = r.split_tape();
+            (Some(Input::of_tensor(&r)), tape.merge(tr))
+        }
+        None => (None, tape),
+    };
+    let (y, tape): (Act<O>, T) =
+        conv2d_bn_train_on(&dev, x, weight, conv_cfg, bn, cfg, residual, tape)?;
+    Ok(y.put_tape(tape))
+}
+
+/// [`conv2d_bn_train`] on inputs that may be held outside dfdx tensors ([`Input`]): the
+/// output is an `Out` (a tensor, or values with a gradient slot) and the backward pass is
+/// recorded on `tape`, returned with it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_bn_train_on<
+    const I: usize,
+    const O: usize,
+    WS: Shape,
+    T: Tape<f32, Cpu>,
+    Out: Output<O>,
+>(
+    dev: &Cpu,
+    x: Input<I>,
+    weight: &Tensor<WS, f32, Cpu>,
+    conv_cfg: ConvConfig,
+    bn: BnTrainRef<'_, O>,
+    cfg: BnConfig,
+    residual: Option<Input<O>>,
+    mut tape: T,
+) -> Result<(Out, T)> {
+    let [n, h, w] = x.dims;
     let g = conv_geom::<I, O, WS>([n, h, w], weight, conv_cfg)?;
     let out_shape = (n, Const::<O>, g.out_h(), g.out_w());
     if let Some(r) = &residual {
-        if *r.shape() != out_shape {
+        if r.shape() != out_shape {
             return Err(shape_err(
                 "conv2d_bn_train",
                 format!(
@@ -181,61 +217,60 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
     };
     check_batch_stats(&bg, "output", &out_shape)?;
     let kind = ConvKind::of(&g);
-    let (xs, ws, yc, planes) = {
+    let Input {
+        data: xs,
+        grad: x_grad,
+        ..
+    } = x;
+    let (ws, yc, planes) = {
         let _t = profile::scope(kind.forward());
-        let xs = read(&x);
         let ws = read(weight);
         let mut yc = ew::zeroed(g.output_len());
         let planes = conv::conv2d_forward_plane_stats(&g, &xs, &ws, &mut yc);
-        (xs, ws, yc, planes)
+        (ws, yc, planes)
     };
     let _t = profile::scope(Label::BatchNormTrainFwd);
     let (gs, bs) = (read(bn.gamma), read(bn.beta));
     let stats = bn::stats_synced(&bg, planes, cfg.eps);
     let scale: Vec<f32> = gs.iter().zip(&stats.inv_std).map(|(a, b)| a * b).collect();
     let mut y = ew::zeroed(g.output_len());
-    let (res, mut tape) = match residual {
+    let res_grad = match residual {
         Some(r) => {
-            let rs = read(&r);
             if cfg.relu {
-                bn::affine_add_relu_forward(&bg, &yc, &stats.mean, &scale, &bs, &rs, &mut y);
+                bn::affine_add_relu_forward(&bg, &yc, &stats.mean, &scale, &bs, &r.data, &mut y);
             } else {
                 bn::affine_forward(&bg, &yc, &stats.mean, &scale, &bs, false, &mut y);
-                ew::add_into(&mut y, &rs);
+                ew::add_into(&mut y, &r.data);
             }
-            let (r, tr) = r.split_tape();
-            (Some(r.ghost()), tr)
+            Some(r.grad)
         }
         None => {
             bn::affine_forward(&bg, &yc, &stats.mean, &scale, &bs, cfg.relu, &mut y);
-            (None, Default::default())
+            None
         }
     };
     update_running(&bg, &stats, cfg.momentum, bn.mean, bn.var);
     // With a residual the ReLU's mask cannot be recomputed from the batch norm's input:
     // keep one bit per output value.
-    let mask = if T::OWNS_TAPE && cfg.relu && res.is_some() {
+    let mask = if T::OWNS_TAPE && cfg.relu && res_grad.is_some() {
         ew::positive_mask(&y)
     } else {
         Vec::new()
     };
-    let dev = x.device().clone();
-    let (x, tx) = x.split_tape();
-    tape = tx.merge(tape);
-    let out = dev.try_tensor_from_vec(y, out_shape)?;
+    let (out, out_grad) = Out::wrap(y, out_shape, dev)?;
     if T::OWNS_TAPE {
-        let (xg, wg, og) = (x.ghost(), weight.ghost(), out.ghost());
+        let wg = weight.ghost();
         let (gg, bgh) = (bn.gamma.ghost(), bn.beta.ghost());
-        let bn_relu = cfg.relu && res.is_none();
+        let bn_relu = cfg.relu && res_grad.is_none();
         tape.add_backward_op(move |grads| {
-            let mut d: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            let mut d = out_grad.take(grads, g.output_len())?;
             {
                 let _t = profile::scope(Label::BatchNormBwd);
-                if let Some(rg) = &res {
+                if let Some(rg) = &res_grad {
                     if !mask.is_empty() {
                         ew::apply_positive_mask(&mask, &mut d);
                     }
-                    ew::add_into(grads.get_or_alloc_mut(rg)?, &d);
+                    rg.add(grads, &d)?;
                 }
                 let (mut dgamma, mut dbeta) = (vec![0.0f32; O], vec![0.0f32; O]);
                 let ch = bn::BnChannels {
@@ -253,17 +288,12 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
             let _t = profile::scope(kind.backward());
             // the weight gradient accumulates straight into its slot, moved out meanwhile
             let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
-            conv::conv2d_backward(
-                &g,
-                &xs,
-                &ws,
-                &d,
-                Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
-                &mut dw,
-            );
+            x_grad.accumulate(grads, g.input_len(), |dx| {
+                conv::conv2d_backward(&g, &xs, &ws, &d, Some(dx), &mut dw)
+            })?;
             **grads.get_or_alloc_mut(&wg)? = dw;
             Ok(())
         });
     }
-    Ok(out.put_tape(tape))
+    Ok((out, tape))
 }

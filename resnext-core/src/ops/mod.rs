@@ -25,17 +25,22 @@ mod conv;
 mod conv_bn;
 mod elementwise;
 mod fold_cache;
+mod grad;
 mod linear;
 mod loss;
 mod pool;
 
 pub use batch_norm::{batch_norm2d_eval, batch_norm2d_train, BnConfig};
 pub use conv::{conv2d, ConvConfig};
+pub(crate) use conv_bn::conv2d_bn_train_on;
 pub use conv_bn::{conv2d_bn_eval, conv2d_bn_eval_raw, conv2d_bn_train, BnRef, BnTrainRef};
 pub use elementwise::add_relu;
 pub use fold_cache::{with_fold_cache, FoldCache};
+pub use grad::GradSlot;
+pub(crate) use grad::{Grad, Held, Input};
 pub use linear::{linear, linear_raw};
 pub use loss::{cross_entropy, cross_entropy_mixed, Targets};
+pub(crate) use pool::max_pool2d_on;
 pub use pool::{global_avg_pool, global_avg_pool_raw, max_pool2d, max_pool2d_raw};
 
 /// A `(batch, C, height, width)` activation on the CPU.

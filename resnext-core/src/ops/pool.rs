@@ -2,9 +2,10 @@
 
 use dfdx::prelude::*;
 
+use super::grad::{Input, Output};
 use super::{read, record, Act, Mat};
 use crate::error::{shape_err, Result};
-use crate::kernels::pool;
+use crate::kernels::{elementwise as ew, pool};
 use crate::profile::{self, Label};
 
 /// 2-D max pooling with square window `kernel`, `stride` and implicit -inf `padding`.
@@ -14,29 +15,49 @@ pub fn max_pool2d<const C: usize, T: Tape<f32, Cpu>>(
     stride: usize,
     padding: usize,
 ) -> Result<Act<C, T>> {
-    let &(n, _, h, w) = x.shape();
-    let g = pool_geom(n * C, [h, w], [kernel, stride, padding])?;
+    let dev = x.device().clone();
+    let (x, tape) = x.split_tape();
+    let (y, tape): (Act<C>, T) =
+        max_pool2d_on(&dev, Input::of_tensor(&x), [kernel, stride, padding], tape)?;
+    Ok(y.put_tape(tape))
+}
+
+/// [`max_pool2d`] on an input that may be held outside dfdx tensors, with
+/// `[kernel, stride, padding]`: the output is an `Out`, the backward pass recorded on
+/// `tape`.
+pub(crate) fn max_pool2d_on<const C: usize, T: Tape<f32, Cpu>, Out: Output<C>>(
+    dev: &Cpu,
+    x: Input<C>,
+    window: [usize; 3],
+    mut tape: T,
+) -> Result<(Out, T)> {
+    let [n, h, w] = x.dims;
+    let g = pool_geom(n * C, [h, w], window)?;
     let shape = (n, Const::<C>, g.out_h(), g.out_w());
     let _t = profile::scope(Label::MaxPoolFwd);
-    let xs = read(&x);
-    let mut y = vec![0.0f32; shape.num_elements()];
+    let mut y = ew::zeroed(shape.num_elements());
     // the indices of the maxima are kept only for a backward pass
     let argmax = if T::OWNS_TAPE {
         let mut argmax = vec![0u32; y.len()];
-        pool::max_pool_forward(&g, &xs, &mut y, &mut argmax);
+        pool::max_pool_forward(&g, &x.data, &mut y, &mut argmax);
         argmax
     } else {
-        pool::max_pool_forward_values(&g, &xs, &mut y);
+        pool::max_pool_forward_values(&g, &x.data, &mut y);
         Vec::new()
     };
-    drop(xs);
-    let dev = x.device().clone();
-    let (x, tape) = x.split_tape();
-    let xg = x.ghost();
-    record(&dev, y, shape, tape, Label::MaxPoolBwd, move |dy, grads| {
-        pool::max_pool_backward(&g, &argmax, &dy, grads.get_or_alloc_mut(&xg)?);
-        Ok(())
-    })
+    let Input { grad: x_grad, .. } = x;
+    let (out, out_grad) = Out::wrap(y, shape, dev)?;
+    if T::OWNS_TAPE {
+        let in_len = n * C * h * w;
+        tape.add_backward_op(move |grads| {
+            let _t = profile::scope(Label::MaxPoolBwd);
+            let dy = out_grad.take(grads, argmax.len())?;
+            x_grad.accumulate(grads, in_len, |dx| {
+                pool::max_pool_backward(&g, &argmax, &dy, dx)
+            })
+        });
+    }
+    Ok((out, tape))
 }
 
 /// The checked geometry of max pooling `planes` planes of `h × w` with a square window:

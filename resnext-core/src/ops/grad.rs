@@ -1,0 +1,178 @@
+//! Where a training op's input (and output) gradient lives: in dfdx's [`Gradients`], keyed
+//! by a tensor, or in a [`GradSlot`] that travels with an activation held outside dfdx
+//! tensors (the CPU backend's training activations,
+//! [`CpuAct::Traced`](crate::backend::cpu::CpuAct::Traced)).
+//!
+//! A slot is filled by the backward passes of the ops that read the activation (each adds
+//! its share) and emptied by the backward pass of the op that produced it. dfdx runs
+//! backward ops in the reverse order of their creation, so every reader has added before
+//! the producer takes. An activation that passes between two training ops this way is
+//! never copied out of a tensor, and its gradient is neither zero-allocated by dfdx nor
+//! copied: a reader whose slot already holds a gradient adds into that buffer.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use dfdx::prelude::*;
+use dfdx::tensor::CpuError;
+
+use super::{read, Act, Grads};
+use crate::kernels::elementwise as ew;
+
+/// The shape of an [`Act`] with `C` channels.
+pub(crate) type ActShape<const C: usize> = (usize, Const<C>, usize, usize);
+
+/// The gradient of an activation held outside dfdx tensors; clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct GradSlot(Arc<Mutex<Option<Vec<f32>>>>);
+
+impl GradSlot {
+    fn with<R>(&self, f: impl FnOnce(&mut Option<Vec<f32>>) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Adds `g` (moved in: the first share is kept as it is, no copy).
+    pub(crate) fn add_vec(&self, g: Vec<f32>) {
+        self.with(|slot| match slot {
+            Some(acc) => ew::add_into(acc, &g),
+            None => *slot = Some(g),
+        });
+    }
+}
+
+/// Finds (allocating it zeroed when missing) one tensor's gradient in dfdx's gradients.
+type Lookup = Box<dyn for<'a> Fn(&'a mut Grads) -> Result<&'a mut Vec<f32>, CpuError>>;
+
+/// The [`Lookup`] of `x`'s gradient (holding no reference to its values).
+pub(crate) fn lookup<S: Shape, T>(x: &Tensor<S, f32, Cpu, T>) -> Lookup {
+    let g = x.ghost();
+    Box::new(move |grads: &mut Grads| Ok(&mut **grads.get_or_alloc_mut(&g)?))
+}
+
+/// Where one gradient lives.
+pub(crate) enum Grad<const C: usize> {
+    /// dfdx's gradient of a tensor.
+    Tensor(Lookup),
+    /// A slot of an activation held outside dfdx.
+    Slot(GradSlot),
+}
+
+impl<const C: usize> std::fmt::Debug for Grad<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Grad::Tensor(_) => f.write_str("Grad::Tensor"),
+            Grad::Slot(s) => f.debug_tuple("Grad::Slot").field(s).finish(),
+        }
+    }
+}
+
+impl<const C: usize> Grad<C> {
+    /// The gradient accumulated so far, moved out: zeros of `len` when nothing was added.
+    pub(crate) fn take(&self, grads: &mut Grads, len: usize) -> Result<Vec<f32>, CpuError> {
+        Ok(match self {
+            Grad::Tensor(g) => std::mem::take(g(grads)?),
+            Grad::Slot(s) => s.with(Option::take).unwrap_or_else(|| ew::zeroed(len)),
+        })
+    }
+
+    /// Runs `f` on the accumulator of `len` values (zeros when nothing was added yet);
+    /// `f` adds its share into it.
+    pub(crate) fn accumulate(
+        &self,
+        grads: &mut Grads,
+        len: usize,
+        f: impl FnOnce(&mut [f32]),
+    ) -> Result<(), CpuError> {
+        match self {
+            Grad::Tensor(g) => f(g(grads)?),
+            Grad::Slot(s) => s.with(|slot| f(slot.get_or_insert_with(|| ew::zeroed(len)))),
+        }
+        Ok(())
+    }
+
+    /// Adds `g` into the gradient.
+    pub(crate) fn add(&self, grads: &mut Grads, g: &[f32]) -> Result<(), CpuError> {
+        match self {
+            Grad::Slot(s) => s.with(|slot| match slot {
+                Some(acc) => ew::add_into(acc, g),
+                None => *slot = Some(g.to_vec()),
+            }),
+            Grad::Tensor(_) => self.accumulate(grads, g.len(), |acc| ew::add_into(acc, g))?,
+        }
+        Ok(())
+    }
+}
+
+/// A training op's input: its values (shared, not copied, when they come from another
+/// op), its `[n, h, w]`, and where its gradient goes.
+#[derive(Debug)]
+pub(crate) struct Input<const C: usize> {
+    /// `(n, C, h, w)` values, row-major.
+    pub data: Arc<Vec<f32>>,
+    /// `[n, h, w]`.
+    pub dims: [usize; 3],
+    /// Where the op's backward pass adds this input's gradient.
+    pub grad: Grad<C>,
+}
+
+impl<const C: usize> Input<C> {
+    /// A tensor's values (copied out) and its gradient in dfdx's [`Gradients`].
+    pub(crate) fn of_tensor<T>(x: &Act<C, T>) -> Self {
+        let &(n, _, h, w) = x.shape();
+        Input {
+            data: Arc::new(read(x)),
+            dims: [n, h, w],
+            grad: Grad::Tensor(lookup(x)),
+        }
+    }
+
+    /// `(n, C, h, w)`.
+    pub(crate) fn shape(&self) -> ActShape<C> {
+        let [n, h, w] = self.dims;
+        (n, Const, h, w)
+    }
+}
+
+/// What a training op makes of its output values: a tensor (its gradient in dfdx's
+/// [`Gradients`]) or values held outside dfdx with a fresh [`GradSlot`].
+pub(crate) trait Output<const C: usize>: Sized {
+    /// Wraps `y`, of `shape`; returns where its gradient will be.
+    fn wrap(y: Vec<f32>, shape: ActShape<C>, dev: &Cpu) -> Result<(Self, Grad<C>), CpuError>;
+}
+
+impl<const C: usize> Output<C> for Act<C> {
+    fn wrap(y: Vec<f32>, shape: ActShape<C>, dev: &Cpu) -> Result<(Self, Grad<C>), CpuError> {
+        let t = dev.try_tensor_from_vec(y, shape)?;
+        let g = Grad::Tensor(lookup(&t));
+        Ok((t, g))
+    }
+}
+
+/// Values held outside dfdx: `(values, [n, h, w], gradient slot)`.
+pub(crate) type Held = (Arc<Vec<f32>>, [usize; 3], GradSlot);
+
+impl<const C: usize> Output<C> for Held {
+    fn wrap(y: Vec<f32>, shape: ActShape<C>, _: &Cpu) -> Result<(Self, Grad<C>), CpuError> {
+        let slot = GradSlot::default();
+        let (n, _, h, w) = shape;
+        Ok(((Arc::new(y), [n, h, w], slot.clone()), Grad::Slot(slot)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_keeps_the_first_share_and_adds_the_rest() {
+        let mut grads = Grads::leaky();
+        let slot = GradSlot::default();
+        let g = Grad::<1>::Slot(slot.clone());
+        assert_eq!(g.take(&mut grads, 3).unwrap(), vec![0.0; 3]);
+        slot.add_vec(vec![1.0, 2.0, 3.0]);
+        g.add(&mut grads, &[1.0, 1.0, 1.0]).unwrap();
+        g.accumulate(&mut grads, 3, |acc| acc[0] += 10.0).unwrap();
+        assert_eq!(g.take(&mut grads, 3).unwrap(), vec![12.0, 3.0, 4.0]);
+        // taken: empty again
+        assert_eq!(g.take(&mut grads, 3).unwrap(), vec![0.0; 3]);
+    }
+}
