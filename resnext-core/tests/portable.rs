@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use resnext_core::kernels::conv::{self, Conv2dGeom};
 use resnext_core::kernels::isa;
+use resnext_core::kernels::{batchnorm as bn, elementwise as ew};
 
 use crate::common::{rel_err, values, ConvCase};
 
@@ -142,5 +143,110 @@ proptest! {
         isa::set_level(None).unwrap();
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
         prop_assert!(rel_err(&y_dispatched, &y_ref) <= 1e-5, "y (dispatched)");
+    }
+}
+
+/// What the batch-norm and element-wise kernels produce for one input, at one level.
+#[derive(Debug)]
+struct NormOutputs {
+    y: Vec<f32>,
+    inv_std: Vec<f32>,
+    dx: Vec<f32>,
+    dgamma: Vec<f32>,
+    in_place: Vec<f32>,
+    add_relu: Vec<f32>,
+    bn_add_relu: Vec<f32>,
+    masked: Vec<f32>,
+}
+
+/// Runs the batch-norm (training forward, backward, in-place backward, the residual
+/// epilogue) and element-wise kernels (residual add + ReLU, the ReLU mask, the add) at
+/// `level` on inputs drawn from `seed`.
+fn norm_kernels_at(level: isa::Level, g: &bn::BnGeom, relu: bool, seed: u64) -> NormOutputs {
+    let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    isa::set_level(Some(level)).unwrap();
+    let (c, len) = (g.channels, g.len());
+    let x = values(seed, len);
+    let (gamma, beta) = (values(seed ^ 1, c), values(seed ^ 2, c));
+    let (dy, r) = (values(seed ^ 3, len), values(seed ^ 4, len));
+    let mut y = vec![0.0; len];
+    let stats = bn::bn_train_forward(g, &x, &gamma, &beta, 1e-5, relu, &mut y);
+    let ch = bn::BnChannels {
+        gamma: &gamma,
+        beta: &beta,
+        mean: &stats.mean,
+        inv_std: &stats.inv_std,
+        relu,
+    };
+    let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
+    bn::bn_backward(
+        g,
+        &x,
+        &ch,
+        true,
+        &dy,
+        Some(&mut dx),
+        &mut dgamma,
+        &mut dbeta,
+    );
+    let mut in_place = dy.clone();
+    bn::bn_backward_in_place(g, &x, &ch, &mut in_place, &mut dgamma, &mut dbeta);
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(&stats.inv_std)
+        .map(|(a, b)| a * b)
+        .collect();
+    let mut bn_add_relu = vec![0.0; len];
+    bn::affine_add_relu_forward(g, &x, &stats.mean, &scale, &beta, &r, &mut bn_add_relu);
+    let mut add_relu = vec![0.0; len];
+    ew::add_relu_forward(&x, &r, &mut add_relu);
+    let mut masked = dy.clone();
+    ew::apply_positive_mask(&ew::positive_mask(&add_relu), &mut masked);
+    ew::add_into(&mut masked, &x);
+    isa::set_level(None).unwrap();
+    NormOutputs {
+        y,
+        inv_std: stats.inv_std,
+        dx,
+        dgamma,
+        in_place,
+        add_relu,
+        bn_add_relu,
+        masked,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Batch norm and the element-wise ops at every level against the plain level, and the
+    /// training forward against the f64 reference.
+    #[test]
+    fn batch_norm_and_elementwise_kernels_agree_at_every_level(
+        (batch, channels, spatial) in (1usize..4, 1usize..6, 2usize..150),
+        relu in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let g = bn::BnGeom { batch, channels, spatial };
+        let want = norm_kernels_at(isa::Level::Scalar, &g, relu, seed);
+        let x = values(seed, g.len());
+        let (gamma, beta) = (values(seed ^ 1, channels), values(seed ^ 2, channels));
+        let (y_ref, _, _) = bn::bn_train_forward_ref(&g, &x, &gamma, &beta, 1e-5, relu);
+        prop_assert!(rel_err(&want.y, &y_ref) <= 1e-5, "plain forward against the reference");
+        for level in isa::available() {
+            let got = norm_kernels_at(level, &g, relu, seed);
+            for (what, a, b) in [
+                ("y", &got.y, &want.y),
+                ("inv_std", &got.inv_std, &want.inv_std),
+                ("dx", &got.dx, &want.dx),
+                ("dgamma", &got.dgamma, &want.dgamma),
+                ("in-place dx", &got.in_place, &want.in_place),
+                ("bn + add + relu", &got.bn_add_relu, &want.bn_add_relu),
+                ("add + relu", &got.add_relu, &want.add_relu),
+                ("mask + add", &got.masked, &want.masked),
+            ] {
+                prop_assert!(rel_err(a, b) <= 1e-5, "{what} at {level}: {a:?} against {b:?}");
+            }
+        }
     }
 }

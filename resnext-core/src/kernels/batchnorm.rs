@@ -50,37 +50,39 @@ fn channel_planes(g: &BnGeom, c: usize) -> impl Iterator<Item = std::ops::Range<
     })
 }
 
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn sum_f32(v: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for ch in chunks {
-        for (l, x) in lanes.iter_mut().zip(ch) {
-            *l += x;
+leveled! {
+    fn sum_f32(v: &[f32]) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        let chunks = v.chunks_exact(8);
+        let rest = chunks.remainder();
+        for ch in chunks {
+            for (l, x) in lanes.iter_mut().zip(ch) {
+                *l += x;
+            }
         }
+        lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
     }
-    lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
-/// `Σ ((v − hi) − lo)²`, squared and summed in `f64` lanes: the variance sets `1/σ`, and
-/// the input gradient of a channel with few values is very sensitive to it.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn sum_sq_dev(x: &[f32], hi: f32, lo: f32) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for ch in chunks {
-        for (l, &v) in lanes.iter_mut().zip(ch) {
-            let d = ((v - hi) - lo) as f64;
-            *l += d * d;
+leveled! {
+    /// `Σ ((v − hi) − lo)²`, squared and summed in `f64` lanes: the variance sets `1/σ`, and
+    /// the input gradient of a channel with few values is very sensitive to it.
+    fn sum_sq_dev(x: &[f32], hi: f32, lo: f32) -> f64 {
+        let mut lanes = [0.0f64; 8];
+        let chunks = x.chunks_exact(8);
+        let rest = chunks.remainder();
+        for ch in chunks {
+            for (l, &v) in lanes.iter_mut().zip(ch) {
+                let d = ((v - hi) - lo) as f64;
+                *l += d * d;
+            }
         }
+        lanes.iter().sum::<f64>()
+            + rest
+                .iter()
+                .map(|&v| (((v - hi) - lo) as f64).powi(2))
+                .sum::<f64>()
     }
-    lanes.iter().sum::<f64>()
-        + rest
-            .iter()
-            .map(|&v| (((v - hi) - lo) as f64).powi(2))
-            .sum::<f64>()
 }
 
 /// One plane's `(mean, Σ (v − mean)²)`: two passes over the plane (the second from cache),
@@ -194,15 +196,16 @@ pub fn affine_forward(
         });
 }
 
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn affine_plane(x: &[f32], m: f32, a: f32, b: f32, relu: bool, y: &mut [f32]) {
-    if relu {
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o = super::relu((v - m) * a + b);
-        }
-    } else {
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o = (v - m) * a + b;
+leveled! {
+    fn affine_plane(x: &[f32], m: f32, a: f32, b: f32, relu: bool, y: &mut [f32]) {
+        if relu {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = super::relu((v - m) * a + b);
+            }
+        } else {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = (v - m) * a + b;
+            }
         }
     }
 }
@@ -233,10 +236,11 @@ pub fn affine_add_relu_forward(
         });
 }
 
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn affine_add_relu_plane(x: &[f32], m: f32, a: f32, b: f32, r: &[f32], y: &mut [f32]) {
-    for ((o, &v), &u) in y.iter_mut().zip(x).zip(r) {
-        *o = super::relu((v - m) * a + b + u);
+leveled! {
+    fn affine_add_relu_plane(x: &[f32], m: f32, a: f32, b: f32, r: &[f32], y: &mut [f32]) {
+        for ((o, &v), &u) in y.iter_mut().zip(x).zip(r) {
+            *o = super::relu((v - m) * a + b + u);
+        }
     }
 }
 
@@ -444,22 +448,23 @@ pub fn bn_backward_in_place(
         });
 }
 
-/// `d = gamma · inv_std · (relu_mask(d) − mg − xhat · mgx)` over one plane, in place.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_input_grad_in_place(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], d: &mut [f32]) {
-    let k = p.ga * p.is;
-    let mut dc = d.chunks_exact_mut(LANES);
-    let xc = x.chunks_exact(LANES);
-    let xr = xc.remainder();
-    for (ds, xs) in (&mut dc).zip(xc) {
-        for j in 0..LANES {
-            let xhat = (xs[j] - p.mu) * p.is;
-            ds[j] = k * (relu_mask(p, xhat, ds[j]) - mg - xhat * mgx);
+leveled! {
+    /// `d = gamma · inv_std · (relu_mask(d) − mg − xhat · mgx)` over one plane, in place.
+    fn plane_input_grad_in_place(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], d: &mut [f32]) {
+        let k = p.ga * p.is;
+        let mut dc = d.chunks_exact_mut(LANES);
+        let xc = x.chunks_exact(LANES);
+        let xr = xc.remainder();
+        for (ds, xs) in (&mut dc).zip(xc) {
+            for j in 0..LANES {
+                let xhat = (xs[j] - p.mu) * p.is;
+                ds[j] = k * (relu_mask(p, xhat, ds[j]) - mg - xhat * mgx);
+            }
         }
-    }
-    for (o, &xv) in dc.into_remainder().iter_mut().zip(xr) {
-        let xhat = (xv - p.mu) * p.is;
-        *o = k * (relu_mask(p, xhat, *o) - mg - xhat * mgx);
+        for (o, &xv) in dc.into_remainder().iter_mut().zip(xr) {
+            let xhat = (xv - p.mu) * p.is;
+            *o = k * (relu_mask(p, xhat, *o) - mg - xhat * mgx);
+        }
     }
 }
 
@@ -484,47 +489,49 @@ fn relu_mask(p: &PlaneBn, xhat: f32, d: f32) -> f32 {
     }
 }
 
-/// `(Σ d, Σ d · xhat)` over one plane, `d` the ReLU-masked output gradient, accumulated in
-/// `f64` lanes: the input gradient subtracts these means from `d`, where their rounding
-/// error would be amplified.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_grad_sums(p: &PlaneBn, x: &[f32], dy: &[f32]) -> (f64, f64) {
-    let (mut pg, mut pgx) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
-    let (xr, dr) = (xc.remainder(), dc.remainder());
-    for (xs, ds) in xc.zip(dc) {
-        for k in 0..LANES {
-            let xhat = (xs[k] - p.mu) * p.is;
-            let d = relu_mask(p, xhat, ds[k]);
+leveled! {
+    /// `(Σ d, Σ d · xhat)` over one plane, `d` the ReLU-masked output gradient, accumulated in
+    /// `f64` lanes: the input gradient subtracts these means from `d`, where their rounding
+    /// error would be amplified.
+    fn plane_grad_sums(p: &PlaneBn, x: &[f32], dy: &[f32]) -> (f64, f64) {
+        let (mut pg, mut pgx) = ([0.0f64; LANES], [0.0f64; LANES]);
+        let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
+        let (xr, dr) = (xc.remainder(), dc.remainder());
+        for (xs, ds) in xc.zip(dc) {
+            for k in 0..LANES {
+                let xhat = (xs[k] - p.mu) * p.is;
+                let d = relu_mask(p, xhat, ds[k]);
+                pg[k] += d as f64;
+                pgx[k] += d as f64 * xhat as f64;
+            }
+        }
+        for (k, (&xv, &dv)) in xr.iter().zip(dr).enumerate() {
+            let xhat = (xv - p.mu) * p.is;
+            let d = relu_mask(p, xhat, dv);
             pg[k] += d as f64;
             pgx[k] += d as f64 * xhat as f64;
         }
+        (pg.iter().sum(), pgx.iter().sum())
     }
-    for (k, (&xv, &dv)) in xr.iter().zip(dr).enumerate() {
-        let xhat = (xv - p.mu) * p.is;
-        let d = relu_mask(p, xhat, dv);
-        pg[k] += d as f64;
-        pgx[k] += d as f64 * xhat as f64;
-    }
-    (pg.iter().sum(), pgx.iter().sum())
 }
 
-/// `dx += gamma · inv_std · (d − mg − xhat · mgx)` over one plane.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_input_grad(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    let k = p.ga * p.is;
-    let mut oc = dx.chunks_exact_mut(LANES);
-    let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
-    let (xr, dr) = (xc.remainder(), dc.remainder());
-    for ((os, xs), ds) in (&mut oc).zip(xc).zip(dc) {
-        for j in 0..LANES {
-            let xhat = (xs[j] - p.mu) * p.is;
-            os[j] += k * (relu_mask(p, xhat, ds[j]) - mg - xhat * mgx);
+leveled! {
+    /// `dx += gamma · inv_std · (d − mg − xhat · mgx)` over one plane.
+    fn plane_input_grad(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let k = p.ga * p.is;
+        let mut oc = dx.chunks_exact_mut(LANES);
+        let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
+        let (xr, dr) = (xc.remainder(), dc.remainder());
+        for ((os, xs), ds) in (&mut oc).zip(xc).zip(dc) {
+            for j in 0..LANES {
+                let xhat = (xs[j] - p.mu) * p.is;
+                os[j] += k * (relu_mask(p, xhat, ds[j]) - mg - xhat * mgx);
+            }
         }
-    }
-    for ((o, &xv), &dv) in oc.into_remainder().iter_mut().zip(xr).zip(dr) {
-        let xhat = (xv - p.mu) * p.is;
-        *o += k * (relu_mask(p, xhat, dv) - mg - xhat * mgx);
+        for ((o, &xv), &dv) in oc.into_remainder().iter_mut().zip(xr).zip(dr) {
+            let xhat = (xv - p.mu) * p.is;
+            *o += k * (relu_mask(p, xhat, dv) - mg - xhat * mgx);
+        }
     }
 }
 

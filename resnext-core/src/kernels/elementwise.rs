@@ -25,10 +25,11 @@ pub fn add_relu_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
         .for_each(|(yc, (ac, bc))| add_relu_chunk(ac, bc, yc));
 }
 
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn add_relu_chunk(a: &[f32], b: &[f32], y: &mut [f32]) {
-    for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
-        *o = super::relu(u + v);
+leveled! {
+    fn add_relu_chunk(a: &[f32], b: &[f32], y: &mut [f32]) {
+        for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
+            *o = super::relu(u + v);
+        }
     }
 }
 
@@ -41,14 +42,15 @@ pub fn positive_mask(y: &[f32]) -> Vec<u64> {
     mask
 }
 
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn mask_chunk(y: &[f32], mask: &mut [u64]) {
-    for (m, ys) in mask.iter_mut().zip(y.chunks(64)) {
-        let mut bits = 0u64;
-        for (k, &v) in ys.iter().enumerate() {
-            bits |= ((v > 0.0) as u64) << k;
+leveled! {
+    fn mask_chunk(y: &[f32], mask: &mut [u64]) {
+        for (m, ys) in mask.iter_mut().zip(y.chunks(64)) {
+            let mut bits = 0u64;
+            for (k, &v) in ys.iter().enumerate() {
+                bits |= ((v > 0.0) as u64) << k;
+            }
+            *m = bits;
         }
-        *m = bits;
     }
 }
 
@@ -65,11 +67,12 @@ pub fn apply_positive_mask(mask: &[u64], dy: &mut [f32]) {
         .for_each(|(dc, mc)| unmask_chunk(mc, dc));
 }
 
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn unmask_chunk(mask: &[u64], dy: &mut [f32]) {
-    for (&m, ds) in mask.iter().zip(dy.chunks_mut(64)) {
-        for (k, d) in ds.iter_mut().enumerate() {
-            *d = if (m >> k) & 1 == 1 { *d } else { 0.0 };
+leveled! {
+    fn unmask_chunk(mask: &[u64], dy: &mut [f32]) {
+        for (&m, ds) in mask.iter().zip(dy.chunks_mut(64)) {
+            for (k, d) in ds.iter_mut().enumerate() {
+                *d = if (m >> k) & 1 == 1 { *d } else { 0.0 };
+            }
         }
     }
 }
@@ -81,10 +84,11 @@ pub fn add_into(dst: &mut [f32], src: &[f32]) {
         .for_each(|(dc, sc)| add_chunk(dc, sc));
 }
 
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn add_chunk(dst: &mut [f32], src: &[f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d += s;
+leveled! {
+    fn add_chunk(dst: &mut [f32], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
     }
 }
 

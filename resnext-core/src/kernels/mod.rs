@@ -6,6 +6,41 @@
 //! ever calls the fast ones, so a faster kernel can replace them without
 //! touching the tape code.
 
+/// Defines a function of plain loops that the compiler vectorises for the level
+/// [`isa::level`] names (`RESNEXT_ISA`): the body is compiled once per x86 level inside a
+/// `#[target_feature]` function, as [`simd`]'s `dispatch` does for hand-tiled kernels, and
+/// each call runs the one for the current level (on aarch64 the plain body, NEON being
+/// its baseline). For the element-wise and reduction loops of batch norm, the residual
+/// add and pooling, which need no hand-written register tile.
+macro_rules! leveled {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+            match $crate::kernels::isa::level() {
+                // SAFETY: `level` names only levels this CPU has.
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::isa::Level::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::isa::Level::Avx2 => unsafe { avx2($($arg),*) },
+                _ => body($($arg),*),
+            }
+        }
+    };
+}
+
 pub mod batchnorm;
 pub mod conv;
 pub mod elementwise;
