@@ -1,6 +1,8 @@
 //! Batch normalisation over (N, H, W) per channel, NCHW layout, with PyTorch's semantics,
 //! optionally fused with a following ReLU.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// The layout of one batch-norm call: `batch × channels × spatial` elements.
@@ -182,6 +184,50 @@ pub fn affine_forward(
     relu: bool,
     y: &mut [f32],
 ) {
+    assert_eq!(y.len(), g.len(), "batch norm: output length");
+    affine_into(g, x, center, scale, shift, relu, as_uninit(y));
+}
+
+/// [`affine_forward`] into a new buffer, written once (not zero-filled first).
+pub fn affine_forward_new(
+    g: &BnGeom,
+    x: &[f32],
+    center: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+) -> Vec<f32> {
+    new_output(g.len(), |y| {
+        affine_into(g, x, center, scale, shift, relu, y)
+    })
+}
+
+/// `y` as a slice of possibly uninitialised values, for kernels that only write to it.
+fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the kernels given this slice write only initialised values, so
+    // `y` holds valid `f32`s when the borrow ends.
+    unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// A buffer of `len` values filled by `write`, which must write every one of them.
+fn new_output(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut y = Vec::with_capacity(len);
+    write(&mut y.spare_capacity_mut()[..len]);
+    // SAFETY: the callers' kernels write every value of the `len` they are given (each
+    // plane of each image; `len` is 0 when the planes are empty).
+    unsafe { y.set_len(len) };
+    y
+}
+
+fn affine_into(
+    g: &BnGeom,
+    x: &[f32],
+    center: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+    y: &mut [MaybeUninit<f32>],
+) {
     assert_eq!(x.len(), g.len(), "batch norm: input length");
     assert_eq!(y.len(), g.len(), "batch norm: output length");
     if g.spatial == 0 {
@@ -197,14 +243,14 @@ pub fn affine_forward(
 }
 
 leveled! {
-    fn affine_plane(x: &[f32], m: f32, a: f32, b: f32, relu: bool, y: &mut [f32]) {
+    fn affine_plane(x: &[f32], m: f32, a: f32, b: f32, relu: bool, y: &mut [MaybeUninit<f32>]) {
         if relu {
             for (o, &v) in y.iter_mut().zip(x) {
-                *o = super::relu((v - m) * a + b);
+                o.write(super::relu((v - m) * a + b));
             }
         } else {
             for (o, &v) in y.iter_mut().zip(x) {
-                *o = (v - m) * a + b;
+                o.write((v - m) * a + b);
             }
         }
     }
@@ -220,6 +266,33 @@ pub fn affine_add_relu_forward(
     shift: &[f32],
     r: &[f32],
     y: &mut [f32],
+) {
+    assert_eq!(y.len(), g.len(), "batch norm: output length");
+    affine_add_relu_into(g, x, center, scale, shift, r, as_uninit(y));
+}
+
+/// [`affine_add_relu_forward`] into a new buffer, written once (not zero-filled first).
+pub fn affine_add_relu_forward_new(
+    g: &BnGeom,
+    x: &[f32],
+    center: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    r: &[f32],
+) -> Vec<f32> {
+    new_output(g.len(), |y| {
+        affine_add_relu_into(g, x, center, scale, shift, r, y)
+    })
+}
+
+fn affine_add_relu_into(
+    g: &BnGeom,
+    x: &[f32],
+    center: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    r: &[f32],
+    y: &mut [MaybeUninit<f32>],
 ) {
     assert_eq!(x.len(), g.len(), "batch norm: input length");
     assert_eq!(r.len(), g.len(), "batch norm: residual length");
@@ -237,9 +310,16 @@ pub fn affine_add_relu_forward(
 }
 
 leveled! {
-    fn affine_add_relu_plane(x: &[f32], m: f32, a: f32, b: f32, r: &[f32], y: &mut [f32]) {
+    fn affine_add_relu_plane(
+        x: &[f32],
+        m: f32,
+        a: f32,
+        b: f32,
+        r: &[f32],
+        y: &mut [MaybeUninit<f32>]
+    ) {
         for ((o, &v), &u) in y.iter_mut().zip(x).zip(r) {
-            *o = super::relu((v - m) * a + b + u);
+            o.write(super::relu((v - m) * a + b + u));
         }
     }
 }

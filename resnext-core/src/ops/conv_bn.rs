@@ -233,20 +233,20 @@ pub(crate) fn conv2d_bn_train_on<
     let (gs, bs) = (read(bn.gamma), read(bn.beta));
     let stats = bn::stats_synced(&bg, planes, cfg.eps);
     let scale: Vec<f32> = gs.iter().zip(&stats.inv_std).map(|(a, b)| a * b).collect();
-    let mut y = ew::zeroed(g.output_len());
-    let res_grad = match residual {
+    let (y, res_grad) = match residual {
         Some(r) => {
-            if cfg.relu {
-                bn::affine_add_relu_forward(&bg, &yc, &stats.mean, &scale, &bs, &r.data, &mut y);
+            let y = if cfg.relu {
+                bn::affine_add_relu_forward_new(&bg, &yc, &stats.mean, &scale, &bs, &r.data)
             } else {
-                bn::affine_forward(&bg, &yc, &stats.mean, &scale, &bs, false, &mut y);
+                let mut y = bn::affine_forward_new(&bg, &yc, &stats.mean, &scale, &bs, false);
                 ew::add_into(&mut y, &r.data);
-            }
-            Some(r.grad)
+                y
+            };
+            (y, Some(r.grad))
         }
         None => {
-            bn::affine_forward(&bg, &yc, &stats.mean, &scale, &bs, cfg.relu, &mut y);
-            None
+            let y = bn::affine_forward_new(&bg, &yc, &stats.mean, &scale, &bs, cfg.relu);
+            (y, None)
         }
     };
     update_running(&bg, &stats, cfg.momentum, bn.mean, bn.var);
