@@ -184,22 +184,60 @@ pub fn affine_forward(
     relu: bool,
     y: &mut [f32],
 ) {
-    assert_eq!(y.len(), g.len(), "batch norm: output length");
-    affine_into(g, x, center, scale, shift, relu, as_uninit(y));
+    let ch = Affine {
+        center,
+        scale,
+        shift,
+    };
+    affine_into(g, x, ch, None, relu, as_uninit(y));
 }
 
-/// [`affine_forward`] into a new buffer, written once (not zero-filled first).
-pub fn affine_forward_new(
+/// `y = max((x - center[c]) * scale[c] + shift[c] + r, 0)`: [`affine_forward`] with a
+/// residual `r` added before the ReLU (the end of a bottleneck block). Overwrites `y`.
+pub fn affine_add_relu_forward(
     g: &BnGeom,
     x: &[f32],
     center: &[f32],
     scale: &[f32],
     shift: &[f32],
+    r: &[f32],
+    y: &mut [f32],
+) {
+    let ch = Affine {
+        center,
+        scale,
+        shift,
+    };
+    affine_into(g, x, ch, Some(r), true, as_uninit(y));
+}
+
+/// Per-channel constants of `(x - center) * scale + shift`.
+#[derive(Clone, Copy, Debug)]
+pub struct Affine<'a> {
+    /// Subtracted first.
+    pub center: &'a [f32],
+    /// Then multiplied.
+    pub scale: &'a [f32],
+    /// Then added.
+    pub shift: &'a [f32],
+}
+
+/// [`affine_forward`] (with a `residual` added before the ReLU, when given) into a new
+/// buffer, written once instead of zero-filled first.
+pub fn affine_forward_new(
+    g: &BnGeom,
+    x: &[f32],
+    ch: Affine<'_>,
+    residual: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    new_output(g.len(), |y| {
-        affine_into(g, x, center, scale, shift, relu, y)
-    })
+    let len = g.len();
+    let mut y = Vec::with_capacity(len);
+    affine_into(g, x, ch, residual, relu, &mut y.spare_capacity_mut()[..len]);
+    // SAFETY: `affine_into` wrote every one of the `len` values (each plane of each image;
+    // `len` is 0 when the planes are empty).
+    unsafe { y.set_len(len) };
+    y
 }
 
 /// `y` as a slice of possibly uninitialised values, for kernels that only write to it.
@@ -209,27 +247,20 @@ fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
-/// A buffer of `len` values filled by `write`, which must write every one of them.
-fn new_output(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut y = Vec::with_capacity(len);
-    write(&mut y.spare_capacity_mut()[..len]);
-    // SAFETY: the callers' kernels write every value of the `len` they are given (each
-    // plane of each image; `len` is 0 when the planes are empty).
-    unsafe { y.set_len(len) };
-    y
-}
-
+/// Writes every value of `y`: `relu?((x - center) * scale + shift (+ residual))`.
 fn affine_into(
     g: &BnGeom,
     x: &[f32],
-    center: &[f32],
-    scale: &[f32],
-    shift: &[f32],
+    ch: Affine<'_>,
+    residual: Option<&[f32]>,
     relu: bool,
     y: &mut [MaybeUninit<f32>],
 ) {
     assert_eq!(x.len(), g.len(), "batch norm: input length");
     assert_eq!(y.len(), g.len(), "batch norm: output length");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), g.len(), "batch norm: residual length");
+    }
     if g.spatial == 0 {
         return;
     }
@@ -238,7 +269,14 @@ fn affine_into(
         .enumerate()
         .for_each(|(plane, (yp, xp))| {
             let c = plane % g.channels;
-            affine_plane(xp, center[c], scale[c], shift[c], relu, yp);
+            let (m, a, b) = (ch.center[c], ch.scale[c], ch.shift[c]);
+            match residual {
+                Some(r) => {
+                    let rp = &r[plane * g.spatial..][..g.spatial];
+                    affine_add_plane(xp, m, a, b, rp, relu, yp)
+                }
+                None => affine_plane(xp, m, a, b, relu, yp),
+            }
         });
 }
 
@@ -256,70 +294,24 @@ leveled! {
     }
 }
 
-/// `y = max((x - center[c]) * scale[c] + shift[c] + r, 0)`: [`affine_forward`] with a
-/// residual `r` added before the ReLU (the end of a bottleneck block). Overwrites `y`.
-pub fn affine_add_relu_forward(
-    g: &BnGeom,
-    x: &[f32],
-    center: &[f32],
-    scale: &[f32],
-    shift: &[f32],
-    r: &[f32],
-    y: &mut [f32],
-) {
-    assert_eq!(y.len(), g.len(), "batch norm: output length");
-    affine_add_relu_into(g, x, center, scale, shift, r, as_uninit(y));
-}
-
-/// [`affine_add_relu_forward`] into a new buffer, written once (not zero-filled first).
-pub fn affine_add_relu_forward_new(
-    g: &BnGeom,
-    x: &[f32],
-    center: &[f32],
-    scale: &[f32],
-    shift: &[f32],
-    r: &[f32],
-) -> Vec<f32> {
-    new_output(g.len(), |y| {
-        affine_add_relu_into(g, x, center, scale, shift, r, y)
-    })
-}
-
-fn affine_add_relu_into(
-    g: &BnGeom,
-    x: &[f32],
-    center: &[f32],
-    scale: &[f32],
-    shift: &[f32],
-    r: &[f32],
-    y: &mut [MaybeUninit<f32>],
-) {
-    assert_eq!(x.len(), g.len(), "batch norm: input length");
-    assert_eq!(r.len(), g.len(), "batch norm: residual length");
-    assert_eq!(y.len(), g.len(), "batch norm: output length");
-    if g.spatial == 0 {
-        return;
-    }
-    y.par_chunks_mut(g.spatial)
-        .zip(x.par_chunks(g.spatial).zip(r.par_chunks(g.spatial)))
-        .enumerate()
-        .for_each(|(plane, (yp, (xp, rp)))| {
-            let c = plane % g.channels;
-            affine_add_relu_plane(xp, center[c], scale[c], shift[c], rp, yp);
-        });
-}
-
 leveled! {
-    fn affine_add_relu_plane(
+    fn affine_add_plane(
         x: &[f32],
         m: f32,
         a: f32,
         b: f32,
         r: &[f32],
+        relu: bool,
         y: &mut [MaybeUninit<f32>]
     ) {
-        for ((o, &v), &u) in y.iter_mut().zip(x).zip(r) {
-            o.write(super::relu((v - m) * a + b + u));
+        if relu {
+            for ((o, &v), &u) in y.iter_mut().zip(x).zip(r) {
+                o.write(super::relu((v - m) * a + b + u));
+            }
+        } else {
+            for ((o, &v), &u) in y.iter_mut().zip(x).zip(r) {
+                o.write((v - m) * a + b + u);
+            }
         }
     }
 }

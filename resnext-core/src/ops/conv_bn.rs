@@ -233,22 +233,19 @@ pub(crate) fn conv2d_bn_train_on<
     let (gs, bs) = (read(bn.gamma), read(bn.beta));
     let stats = bn::stats_synced(&bg, planes, cfg.eps);
     let scale: Vec<f32> = gs.iter().zip(&stats.inv_std).map(|(a, b)| a * b).collect();
-    let (y, res_grad) = match residual {
-        Some(r) => {
-            let y = if cfg.relu {
-                bn::affine_add_relu_forward_new(&bg, &yc, &stats.mean, &scale, &bs, &r.data)
-            } else {
-                let mut y = bn::affine_forward_new(&bg, &yc, &stats.mean, &scale, &bs, false);
-                ew::add_into(&mut y, &r.data);
-                y
-            };
-            (y, Some(r.grad))
-        }
-        None => {
-            let y = bn::affine_forward_new(&bg, &yc, &stats.mean, &scale, &bs, cfg.relu);
-            (y, None)
-        }
+    let ch = bn::Affine {
+        center: &stats.mean,
+        scale: &scale,
+        shift: &bs,
     };
+    let y = bn::affine_forward_new(
+        &bg,
+        &yc,
+        ch,
+        residual.as_ref().map(|r| &r.data[..]),
+        cfg.relu,
+    );
+    let res_grad = residual.map(|r| r.grad);
     update_running(&bg, &stats, cfg.momentum, bn.mean, bn.var);
     // With a residual the ReLU's mask cannot be recomputed from the batch norm's input:
     // keep one bit per output value.
