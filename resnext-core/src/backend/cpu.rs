@@ -112,11 +112,7 @@ impl<const C: usize, T: Tape<f32, Cpu>> CpuAct<C, T> {
     /// a [`Traced`] activation's shared.
     fn into_train_input(self, op: &'static str) -> Result<(Input<C>, T, Cpu)> {
         match self {
-            CpuAct::Tensor(x) => {
-                let dev = x.device().clone();
-                let (x, tape) = x.split_tape();
-                Ok((Input::of_tensor(&x), tape, dev))
-            }
+            CpuAct::Tensor(x) => Ok(Input::split(x)),
             CpuAct::Traced(x) => Ok(x.into_input()),
             CpuAct::Buffer(_) => Err(shape_err(
                 op,
@@ -249,13 +245,9 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
     }
 
     fn avg_pool<const F: usize>(&self, x: CpuAct<F, T>) -> Result<CpuLogits<Const<F>, T>> {
-        let x = match x {
-            CpuAct::Traced(x) => CpuAct::Tensor(x.into_tensor()?),
-            x => x,
-        };
         Ok(match x {
-            CpuAct::Traced(_) => unreachable!("made a tensor above"),
             CpuAct::Tensor(x) => CpuLogits::Tensor(ops::global_avg_pool(x)?),
+            CpuAct::Traced(x) => return self.avg_pool(CpuAct::Tensor(x.into_tensor()?)),
             CpuAct::Buffer(x) => CpuLogits::Rows(Rows {
                 data: ops::global_avg_pool_raw(&x.data, x.shape4())?,
                 n: x.dims[0],
@@ -269,15 +261,11 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
         x: CpuAct<F, T>,
         fc: &Linear<F, O, f32, Cpu>,
     ) -> Result<CpuLogits<O, T>> {
-        let x = match x {
-            CpuAct::Traced(x) => CpuAct::Tensor(x.into_tensor()?),
-            x => x,
-        };
         Ok(match x {
-            CpuAct::Traced(_) => unreachable!("made a tensor above"),
             CpuAct::Tensor(x) => {
                 CpuLogits::Tensor(ops::linear(ops::global_avg_pool(x)?, &fc.weight, &fc.bias)?)
             }
+            CpuAct::Traced(x) => return self.classify(CpuAct::Tensor(x.into_tensor()?), fc),
             CpuAct::Buffer(x) => {
                 let n = x.dims[0];
                 let pooled = ops::global_avg_pool_raw(&x.data, x.shape4())?;

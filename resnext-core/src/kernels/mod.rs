@@ -10,8 +10,8 @@
 /// [`isa::level`] names (`RESNEXT_ISA`): the body is compiled once per x86 level inside a
 /// `#[target_feature]` function, as [`simd`]'s `dispatch` does for hand-tiled kernels, and
 /// each call runs the one for the current level (on aarch64 the plain body, NEON being
-/// its baseline). For the element-wise and reduction loops of batch norm, the residual
-/// add and pooling, which need no hand-written register tile.
+/// its baseline). For the element-wise and reduction loops of batch norm and the residual
+/// add, which need no hand-written register tile.
 macro_rules! leveled {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*

@@ -161,13 +161,11 @@ pub fn conv2d_bn_train<const I: usize, const O: usize, WS: Shape, T: Tape<f32, C
     cfg: BnConfig,
     residual: Option<Act<O, T>>,
 ) -> Result<Act<O, T>> {
-    let dev = x.device().clone();
-    let (x, tape) = x.split_tape();
-    let x = Input::of_tensor(&x);
+    let (x, tape, dev) = Input::split(x);
     let (residual, tape) = match residual {
         Some(r) => {
-            let (r, tr) = r.split_tape();
-            (Some(Input::of_tensor(&r)), tape.merge(tr))
+            let (r, tr, _) = Input::split(r);
+            (Some(r), tape.merge(tr))
         }
         None => (None, tape),
     };

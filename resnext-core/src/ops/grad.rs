@@ -125,6 +125,14 @@ impl<const C: usize> Input<C> {
         }
     }
 
+    /// A tensor taken apart for a training op: its values (copied out) and gradient
+    /// ([`Input::of_tensor`]), its tape and its device.
+    pub(crate) fn split<T: Tape<f32, Cpu>>(x: Act<C, T>) -> (Self, T, Cpu) {
+        let dev = x.device().clone();
+        let (x, tape) = x.split_tape();
+        (Input::of_tensor(&x), tape, dev)
+    }
+
     /// `(n, C, h, w)`.
     pub(crate) fn shape(&self) -> ActShape<C> {
         let [n, h, w] = self.dims;

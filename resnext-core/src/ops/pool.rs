@@ -15,10 +15,8 @@ pub fn max_pool2d<const C: usize, T: Tape<f32, Cpu>>(
     stride: usize,
     padding: usize,
 ) -> Result<Act<C, T>> {
-    let dev = x.device().clone();
-    let (x, tape) = x.split_tape();
-    let (y, tape): (Act<C>, T) =
-        max_pool2d_on(&dev, Input::of_tensor(&x), [kernel, stride, padding], tape)?;
+    let (x, tape, dev) = Input::split(x);
+    let (y, tape): (Act<C>, T) = max_pool2d_on(&dev, x, [kernel, stride, padding], tape)?;
     Ok(y.put_tape(tape))
 }
 
