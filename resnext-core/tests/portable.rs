@@ -219,8 +219,9 @@ fn norm_kernels_at(level: isa::Level, g: &bn::BnGeom, relu: bool, seed: u64) -> 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
 
-    /// Batch norm and the element-wise ops at every level against the plain level, and the
-    /// training forward against the f64 reference.
+    /// Batch norm and the element-wise ops at every level against the plain level (which
+    /// `ops::batch_norm_train_forward_matches_reference` checks against the f64 reference,
+    /// with the error bound f32 inputs allow).
     #[test]
     fn batch_norm_and_elementwise_kernels_agree_at_every_level(
         (batch, channels, spatial) in (1usize..4, 1usize..6, 2usize..150),
@@ -229,10 +230,6 @@ proptest! {
     ) {
         let g = bn::BnGeom { batch, channels, spatial };
         let want = norm_kernels_at(isa::Level::Scalar, &g, relu, seed);
-        let x = values(seed, g.len());
-        let (gamma, beta) = (values(seed ^ 1, channels), values(seed ^ 2, channels));
-        let (y_ref, _, _) = bn::bn_train_forward_ref(&g, &x, &gamma, &beta, 1e-5, relu);
-        prop_assert!(rel_err(&want.y, &y_ref) <= 1e-5, "plain forward against the reference");
         for level in isa::available() {
             let got = norm_kernels_at(level, &g, relu, seed);
             for (what, a, b) in [
