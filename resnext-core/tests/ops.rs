@@ -66,6 +66,11 @@ proptest! {
         conv::conv2d_backward(&g, &x, &w, &dy, Some(&mut dx), &mut dw);
         prop_assert!(rel_err(&dx, &dx_ref) <= 1e-5, "dx");
         prop_assert!(rel_err(&dw, &dw_ref) <= 1e-5, "dw");
+        // into new buffers (written once where the algorithm allows): the same values
+        prop_assert_eq!(conv::conv2d_forward_new(&g, &x, &w), y);
+        let mut dw_new = vec![0.0; w.len()];
+        prop_assert_eq!(conv::conv2d_backward_new(&g, &x, &w, &dy, &mut dw_new), dx);
+        prop_assert_eq!(dw_new, dw);
     }
 
     #[test]
@@ -158,11 +163,17 @@ proptest! {
         let mut y = vec![0.0; g.output_len()];
         conv::conv2d_forward(&g, &x, &wt, &mut y);
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        prop_assert_eq!(conv::conv2d_forward_new(&g, &x, &wt), y);
         let (mut dx, mut dw) = (vec![0.5; x.len()], vec![0.5; wt.len()]);
         conv::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);
         let minus = |v: Vec<f32>| v.into_iter().map(|v| v - 0.5).collect::<Vec<_>>();
         prop_assert!(rel_err(&minus(dx), &dx_ref) <= 1e-5, "dx");
         prop_assert!(rel_err(&minus(dw), &dw_ref) <= 1e-5, "dw");
+        // the input gradient written into a new buffer rather than added
+        let mut dw_new = vec![0.0; wt.len()];
+        let dx_new = conv::conv2d_backward_new(&g, &x, &wt, &dy, &mut dw_new);
+        prop_assert!(rel_err(&dx_new, &dx_ref) <= 1e-5, "dx written");
+        prop_assert!(rel_err(&dw_new, &dw_ref) <= 1e-5, "dw beside a written dx");
     }
 
     #[test]
@@ -240,6 +251,56 @@ proptest! {
         pool::max_pool_forward_values(&g, &x, &mut values_only);
         prop_assert_eq!(&values_only, &y);
         prop_assert_eq!(y, pool::max_pool_forward_ref(&g, &x));
+    }
+
+    /// Ties and NaN: the chosen index is the first maximum in scan order (row by row), or
+    /// the first NaN, as PyTorch picks; the values equal the reference's, NaN included.
+    #[test]
+    fn max_pool_argmax_takes_the_first_maximum_or_nan(planes in 1usize..3, h in 1usize..9, w in 1usize..9, k in 1usize..4, s in 1usize..3, p in 0usize..2, cells in proptest::collection::vec(0u8..5, 128)) {
+        let g = PoolGeom { planes, in_h: h, in_w: w, kernel: k, stride: s, padding: p };
+        prop_assume!(g.validate().is_ok());
+        // few distinct values (ties everywhere), one in five a NaN
+        let x: Vec<f32> = (0..planes * h * w)
+            .map(|i| match cells[i % cells.len()] {
+                4 => f32::NAN,
+                c => c as f32 - 1.0,
+            })
+            .collect();
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let mut y = vec![0.0; planes * oh * ow];
+        let mut idx = vec![0u32; y.len()];
+        pool::max_pool_forward(&g, &x, &mut y, &mut idx);
+        for pl in 0..planes {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (mut best, mut at) = (f32::NEG_INFINITY, None);
+                    'scan: for iy in (oy * s) as isize - p as isize..(oy * s + k) as isize - p as isize {
+                        for ix in (ox * s) as isize - p as isize..(ox * s + k) as isize - p as isize {
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            let i = iy as usize * w + ix as usize;
+                            let v = x[pl * h * w + i];
+                            if at.is_none() || v > best || v.is_nan() {
+                                (best, at) = (v, Some(i));
+                                if v.is_nan() {
+                                    break 'scan;
+                                }
+                            }
+                        }
+                    }
+                    let o = (pl * oh + oy) * ow + ox;
+                    prop_assert_eq!(Some(idx[o] as usize), at, "index at plane {} ({}, {})", pl, oy, ox);
+                    prop_assert_eq!(y[o].to_bits(), best.to_bits(), "value at plane {} ({}, {})", pl, oy, ox);
+                }
+            }
+        }
+        let mut values_only = vec![0.0; y.len()];
+        pool::max_pool_forward_values(&g, &x, &mut values_only);
+        prop_assert_eq!(
+            values_only.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 }
 

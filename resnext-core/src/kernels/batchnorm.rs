@@ -189,7 +189,7 @@ pub fn affine_forward(
         scale,
         shift,
     };
-    affine_into(g, x, ch, None, relu, as_uninit(y));
+    affine_into(g, x, ch, None, relu, super::as_uninit(y));
 }
 
 /// `y = max((x - center[c]) * scale[c] + shift[c] + r, 0)`: [`affine_forward`] with a
@@ -208,7 +208,7 @@ pub fn affine_add_relu_forward(
         scale,
         shift,
     };
-    affine_into(g, x, ch, Some(r), true, as_uninit(y));
+    affine_into(g, x, ch, Some(r), true, super::as_uninit(y));
 }
 
 /// Per-channel constants of `(x - center) * scale + shift`.
@@ -231,20 +231,9 @@ pub fn affine_forward_new(
     residual: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    let len = g.len();
-    let mut y = Vec::with_capacity(len);
-    affine_into(g, x, ch, residual, relu, &mut y.spare_capacity_mut()[..len]);
-    // SAFETY: `affine_into` wrote every one of the `len` values (each plane of each image;
-    // `len` is 0 when the planes are empty).
-    unsafe { y.set_len(len) };
-    y
-}
-
-/// `y` as a slice of possibly uninitialised values, for kernels that only write to it.
-fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: same layout; the kernels given this slice write only initialised values, so
-    // `y` holds valid `f32`s when the borrow ends.
-    unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
+    // SAFETY: `affine_into` writes every value (each plane of each image; the length is 0
+    // when the planes are empty).
+    unsafe { super::written(g.len(), |y| affine_into(g, x, ch, residual, relu, y)) }
 }
 
 /// Writes every value of `y`: `relu?((x - center) * scale + shift (+ residual))`.

@@ -59,6 +59,53 @@ pub fn sgemm(
     accumulate: bool,
     parallel: bool,
 ) {
+    // SAFETY: `c` holds initialised values, so reading it (when accumulating) is sound.
+    unsafe {
+        product(
+            m,
+            n,
+            k,
+            a,
+            b,
+            super::as_uninit(c),
+            ldc,
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// `c = a · b` ([`sgemm`] without accumulation) into possibly uninitialised memory: writes
+/// every value of the `m × n` block of `c` and reads none.
+pub fn sgemm_write(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [std::mem::MaybeUninit<f32>],
+    ldc: usize,
+    parallel: bool,
+) {
+    // SAFETY: without accumulation the product reads nothing of `c`.
+    unsafe { product(m, n, k, a, b, c, ldc, false, parallel) }
+}
+
+/// The product behind [`sgemm`] and [`sgemm_write`].
+///
+/// # Safety
+/// When `accumulate`, the `m × n` block of `c` is initialised.
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [std::mem::MaybeUninit<f32>],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -70,7 +117,7 @@ pub fn sgemm(
     if k == 0 {
         if !accumulate {
             for row in 0..m {
-                c[row * ldc..row * ldc + n].fill(0.0);
+                c[row * ldc..row * ldc + n].fill(std::mem::MaybeUninit::new(0.0));
             }
         }
         return;
@@ -83,13 +130,15 @@ pub fn sgemm(
         gemm::Parallelism::None
     };
     // SAFETY: all three views were bounds-checked above for the exact extents gemm reads
-    // and writes; `c` is borrowed mutably so it cannot alias `a` or `b`.
+    // and writes; `c` is borrowed mutably so it cannot alias `a` or `b`; gemm reads `c`
+    // only when `accumulate` (its `read_dst`), and the caller guarantees it is then
+    // initialised.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.as_mut_ptr().cast::<f32>(),
             1,
             ldc as isize,
             accumulate,

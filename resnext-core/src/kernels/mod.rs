@@ -50,6 +50,37 @@ pub mod pool;
 pub mod scratch;
 pub(crate) mod simd;
 
+use std::mem::MaybeUninit;
+
+/// `y` as a slice of possibly uninitialised values, for kernels that only write to it.
+pub(crate) fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the kernels given this slice write only initialised values, so
+    // `y` holds valid `f32`s when the borrow ends.
+    unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// `y` as initialised values.
+///
+/// # Safety
+/// Every value of `y` has been written.
+pub(crate) unsafe fn assume_init(y: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: same layout; the caller guarantees every value is initialised.
+    unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// A new buffer of `len` values, written by `fill` instead of zero-filled first: the
+/// activations are hundreds of megabytes per step, and a fill is one more pass over them.
+///
+/// # Safety
+/// `fill` writes every one of the `len` values it is given.
+pub(crate) unsafe fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut y = Vec::with_capacity(len);
+    fill(&mut y.spare_capacity_mut()[..len]);
+    // SAFETY: the caller guarantees `fill` wrote all `len` values.
+    unsafe { y.set_len(len) };
+    y
+}
+
 /// `max(v, 0)` that keeps NaN, as PyTorch's ReLU does, so a broken activation stays
 /// visible instead of turning into a confident zero. Written as `v < 0 ? 0 : v`, which
 /// compiles to a single `maxps` (where `f32::max` needs extra NaN handling).

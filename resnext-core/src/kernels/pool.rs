@@ -75,16 +75,15 @@ pub fn max_pool_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u3
                         x0.max(0) as usize..((x0 + g.kernel as isize).min(w as isize)) as usize;
                     let mut best = f32::NEG_INFINITY;
                     let mut at = ys.start * w + xs.start;
-                    'scan: for iy in ys.clone() {
+                    // without branches (selects): which value wins is data-dependent, and
+                    // mispredicted branches made this scan several times slower; the first
+                    // NaN wins and stays, as with an early exit
+                    for iy in ys.clone() {
                         for ix in xs.clone() {
                             let v = xp[iy * w + ix];
-                            if v > best || v.is_nan() {
-                                best = v;
-                                at = iy * w + ix;
-                                if v.is_nan() {
-                                    break 'scan;
-                                }
-                            }
+                            let take = (v > best) | (v.is_nan() & !best.is_nan());
+                            best = if take { v } else { best };
+                            at = if take { iy * w + ix } else { at };
                         }
                     }
                     yp[oy * ow + ox] = best;

@@ -4,7 +4,7 @@ use dfdx::prelude::*;
 
 use super::{read, record, Act};
 use crate::error::{shape_err, Result};
-use crate::kernels::{conv, elementwise as ew};
+use crate::kernels::conv;
 use crate::profile::{self, Label};
 
 /// Convolution hyper-parameters (square kernel).
@@ -44,8 +44,7 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
     let _t = profile::scope(kind.forward());
     let xs = read(&x);
     let ws = read(weight);
-    let mut y = ew::zeroed(g.output_len());
-    conv::conv2d_forward(&g, &xs, &ws, &mut y);
+    let y = conv::conv2d_forward_new(&g, &xs, &ws);
     let dev = x.device().clone();
     let (x, tape) = x.split_tape();
     let (xg, wg) = (x.ghost(), weight.ghost());

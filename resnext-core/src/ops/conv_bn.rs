@@ -85,9 +85,8 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
     if let Some(r) = residual {
         check_len("residual", r.len(), g.output_len(), [n, O, oh, ow])?;
     }
-    let mut y = ew::zeroed(g.output_len());
     let key = weight as *const Tensor<WS, f32, Cpu> as usize;
-    if let Some(folded) = fold_cache::lookup(key, || {
+    let y = if let Some(folded) = fold_cache::lookup(key, || {
         let (scale, shift) = fold_bn(bn, eps);
         let mut ws = read(weight);
         let per = ws.len() / O;
@@ -99,22 +98,13 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
             shift,
         }
     }) {
-        conv::conv2d_forward_fused(
-            &g,
-            x,
-            &folded.w,
-            None,
-            &folded.shift,
-            residual,
-            relu,
-            &mut y,
-        );
+        conv::conv2d_forward_fused(&g, x, &folded.w, None, &folded.shift, residual, relu)
     } else {
         // No cache: scale in the epilogue rather than a pass over the weights.
         let (scale, shift) = fold_bn(bn, eps);
         let w = conv::PreparedWeights::new(&g, read(weight));
-        conv::conv2d_forward_fused(&g, x, &w, Some(&scale), &shift, residual, relu, &mut y);
-    }
+        conv::conv2d_forward_fused(&g, x, &w, Some(&scale), &shift, residual, relu)
+    };
     Ok((y, oh, ow))
 }
 
@@ -223,8 +213,7 @@ pub(crate) fn conv2d_bn_train_on<
     let (ws, yc, planes) = {
         let _t = profile::scope(kind.forward());
         let ws = read(weight);
-        let mut yc = ew::zeroed(g.output_len());
-        let planes = conv::conv2d_forward_plane_stats(&g, &xs, &ws, &mut yc);
+        let (yc, planes) = conv::conv2d_forward_plane_stats(&g, &xs, &ws);
         (ws, yc, planes)
     };
     let _t = profile::scope(Label::BatchNormTrainFwd);
@@ -283,8 +272,12 @@ pub(crate) fn conv2d_bn_train_on<
             let _t = profile::scope(kind.backward());
             // the weight gradient accumulates straight into its slot, moved out meanwhile
             let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
-            x_grad.accumulate(grads, g.input_len(), |dx| {
-                conv::conv2d_backward(&g, &xs, &ws, &d, Some(dx), &mut dw)
+            x_grad.add_or_put(grads, |dx| match dx {
+                Some(dx) => {
+                    conv::conv2d_backward(&g, &xs, &ws, &d, Some(dx), &mut dw);
+                    Vec::new()
+                }
+                None => conv::conv2d_backward_new(&g, &xs, &ws, &d, &mut dw),
             })?;
             **grads.get_or_alloc_mut(&wg)? = dw;
             Ok(())

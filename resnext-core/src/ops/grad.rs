@@ -89,6 +89,29 @@ impl<const C: usize> Grad<C> {
         Ok(())
     }
 
+    /// Adds an op's share into the gradient: `f(Some(acc))` adds into the gradient
+    /// accumulated so far; where nothing was (an empty slot), `f(None)` returns the share
+    /// as a new buffer, which the slot then holds, so it is written once rather than
+    /// zero-filled and added into. (What `f` returns after adding is dropped.)
+    pub(crate) fn add_or_put(
+        &self,
+        grads: &mut Grads,
+        f: impl FnOnce(Option<&mut [f32]>) -> Vec<f32>,
+    ) -> Result<(), CpuError> {
+        match self {
+            Grad::Tensor(g) => {
+                f(Some(g(grads)?));
+            }
+            Grad::Slot(s) => s.with(|slot| match slot {
+                Some(acc) => {
+                    f(Some(acc));
+                }
+                None => *slot = Some(f(None)),
+            }),
+        }
+        Ok(())
+    }
+
     /// Adds `g` into the gradient.
     pub(crate) fn add(&self, grads: &mut Grads, g: &[f32]) -> Result<(), CpuError> {
         match self {
@@ -182,5 +205,21 @@ mod tests {
         assert_eq!(g.take(&mut grads, 3).unwrap(), vec![12.0, 3.0, 4.0]);
         // taken: empty again
         assert_eq!(g.take(&mut grads, 3).unwrap(), vec![0.0; 3]);
+    }
+
+    #[test]
+    fn add_or_put_puts_the_first_share_and_adds_the_next() {
+        let mut grads = Grads::leaky();
+        let g = Grad::<1>::Slot(GradSlot::default());
+        let share = |acc: Option<&mut [f32]>| match acc {
+            Some(acc) => {
+                acc.iter_mut().for_each(|v| *v += 1.0);
+                Vec::new()
+            }
+            None => vec![5.0, 6.0],
+        };
+        g.add_or_put(&mut grads, share).unwrap();
+        g.add_or_put(&mut grads, share).unwrap();
+        assert_eq!(g.take(&mut grads, 2).unwrap(), vec![6.0, 7.0]);
     }
 }

@@ -5,8 +5,11 @@
 
 use rayon::prelude::*;
 
-use super::Conv2dGeom;
-use crate::kernels::gemm::{sgemm, MatRef};
+use std::mem::MaybeUninit;
+
+use super::{Conv2dGeom, InputGrad};
+use crate::kernels::assume_init;
+use crate::kernels::gemm::{sgemm, sgemm_write, MatRef};
 
 /// The range of output columns `ox` whose input column `ox * s + kx - p` lies inside `0..len`.
 fn valid_range(out_len: usize, len: usize, s: usize, kx: usize, p: usize) -> (usize, usize) {
@@ -94,15 +97,19 @@ fn col2im_add(g: &Conv2dGeom, col: &[f32], dx: &mut [f32]) {
 
 /// Forward, one GEMM per image and group on its im2col matrix (none for 1×1 stride-1
 /// convolutions, whose input is that matrix), images spread over the rayon pool; each
-/// image's output passed to `epilogue(image, 0, values)`. Overwrites `y`.
+/// image's output passed to `epilogue(image, 0, values)`. Writes every value of `y`
+/// without reading it, so `y` may be new memory ([`crate::kernels::as_uninit`] views an
+/// initialised buffer this way).
 pub fn conv2d_forward(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    g.check_forward(x, w, y);
+    assert_eq!(x.len(), g.input_len(), "conv2d: input length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
+    assert_eq!(y.len(), g.output_len(), "conv2d: output length");
     let ohw = g.out_h() * g.out_w();
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     let rows = ipg * g.kernel * g.kernel;
@@ -127,7 +134,7 @@ pub fn conv2d_forward(
                     im2col(g, xg, col);
                     &col[..]
                 };
-                sgemm(
+                sgemm_write(
                     opg,
                     ohw,
                     rows,
@@ -135,26 +142,35 @@ pub fn conv2d_forward(
                     MatRef::row_major(b, ohw),
                     &mut yn[grp * opg * ohw..(grp + 1) * opg * ohw],
                     ohw,
-                    false,
                     inner_parallel,
                 );
             }
-            epilogue(n, 0, yn);
+            // SAFETY: the groups' products wrote all `opg * ohw` values of each of the
+            // `groups` slices, which tile `yn`.
+            epilogue(n, 0, unsafe { assume_init(yn) });
         },
     );
 }
 
-/// Backward on im2col matrices, one GEMM per image and group for each gradient: adds the
-/// input gradient into `dx` (when given) and the weight gradient into `dw`.
+/// Backward on im2col matrices, one GEMM per image and group for each gradient: puts the
+/// input gradient into `dx` (when given; [`InputGrad::Write`] writes every value) and adds
+/// the weight gradient into `dw`.
 pub fn conv2d_backward(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<InputGrad<'_>>,
     dw: &mut [f32],
 ) {
-    g.check_backward(x, w, dy, dx.as_deref(), dw);
+    g.check_backward(x, w, dy, None, dw);
+    if let Some(d) = &dx {
+        assert_eq!(
+            d.len(),
+            g.input_len(),
+            "conv2d backward: input-gradient length"
+        );
+    }
     let ohw = g.out_h() * g.out_w();
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     let rows = ipg * g.kernel * g.kernel;
@@ -162,13 +178,17 @@ pub fn conv2d_backward(
     let in_grp = ipg * g.in_h * g.in_w;
     let out_img = g.out_channels * ohw;
     if out_img == 0 || in_img == 0 {
+        // nothing flows back: zeros where the input gradient is written
+        if let Some(d) = dx {
+            d.init();
+        }
         return;
     }
     let direct = g.is_pointwise();
     let inner_parallel = g.batch < rayon::current_num_threads();
     let col_len = if direct { 0 } else { rows * ohw };
-    let dx_chunks: Vec<Option<&mut [f32]>> = match dx {
-        Some(dx) => dx.chunks_mut(in_img).map(Some).collect(),
+    let dx_chunks: Vec<Option<InputGrad<'_>>> = match dx {
+        Some(dx) => dx.chunks(in_img).into_iter().map(Some).collect(),
         None => (0..g.batch).map(|_| None).collect(),
     };
     // Images are split into a fixed number of contiguous chunks (one per thread), each with
@@ -177,7 +197,7 @@ pub fn conv2d_backward(
     let wlen = w.len();
     let chunks = rayon::current_num_threads().clamp(1, g.batch.max(1));
     let per = g.batch.div_ceil(chunks).max(1);
-    let mut jobs: Vec<Vec<(usize, Option<&mut [f32]>)>> = Vec::new();
+    let mut jobs: Vec<Vec<(usize, Option<InputGrad<'_>>)>> = Vec::new();
     for (n, dxn) in dx_chunks.into_iter().enumerate() {
         if n % per == 0 {
             jobs.push(Vec::new());
@@ -217,34 +237,30 @@ pub fn conv2d_backward(
                         true,
                         inner_parallel,
                     );
-                    if let Some(dxn) = dxn.as_deref_mut() {
-                        let dxg = &mut dxn[grp * in_grp..(grp + 1) * in_grp];
+                    if let Some(dxn) = dxn.as_mut() {
+                        let (wt, dym) = (MatRef::transposed(wg, rows), MatRef::row_major(dyg, ohw));
                         // dcol = W_g^T · dY_g
-                        if direct {
-                            sgemm(
-                                rows,
-                                ohw,
-                                opg,
-                                MatRef::transposed(wg, rows),
-                                MatRef::row_major(dyg, ohw),
-                                dxg,
-                                ohw,
-                                true,
-                                inner_parallel,
-                            );
-                        } else {
-                            sgemm(
-                                rows,
-                                ohw,
-                                opg,
-                                MatRef::transposed(wg, rows),
-                                MatRef::row_major(dyg, ohw),
-                                &mut dcol,
-                                ohw,
-                                false,
-                                inner_parallel,
-                            );
-                            col2im_add(g, &dcol, dxg);
+                        match dxn.part(grp * in_grp..(grp + 1) * in_grp) {
+                            InputGrad::Add(dxg) if direct => {
+                                sgemm(rows, ohw, opg, wt, dym, dxg, ohw, true, inner_parallel)
+                            }
+                            InputGrad::Write(dxg) if direct => {
+                                sgemm_write(rows, ohw, opg, wt, dym, dxg, ohw, inner_parallel)
+                            }
+                            dxg => {
+                                sgemm(
+                                    rows,
+                                    ohw,
+                                    opg,
+                                    wt,
+                                    dym,
+                                    &mut dcol,
+                                    ohw,
+                                    false,
+                                    inner_parallel,
+                                );
+                                col2im_add(g, &dcol, dxg.init());
+                            }
                         }
                     }
                 }

@@ -21,6 +21,10 @@ pub mod winograd;
 
 pub use reference::{conv2d_backward_ref, conv2d_forward_ref};
 
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
 /// Channels per group of the channel-in-lanes kernels ([`lanes`], [`winograd`]) come in
 /// multiples of this: the narrowest register tile, 16 channels.
 const LANE_CHANNELS: usize = 16;
@@ -237,38 +241,81 @@ impl ForwardWeights {
     }
 }
 
+/// Where a forward writes its output.
+enum Out<'a> {
+    /// A buffer of initialised values, overwritten.
+    Init(&'a mut [f32]),
+    /// New memory: the GEMM algorithms write it as it is; the others, which take
+    /// initialised buffers, get it zero-filled first.
+    New(&'a mut [MaybeUninit<f32>]),
+}
+
+impl<'a> Out<'a> {
+    /// For kernels that write every value without reading any.
+    fn write_only(self) -> &'a mut [MaybeUninit<f32>] {
+        match self {
+            Self::Init(y) => super::as_uninit(y),
+            Self::New(y) => y,
+        }
+    }
+
+    /// For kernels that take initialised values.
+    fn init(self) -> &'a mut [f32] {
+        match self {
+            Self::Init(y) => y,
+            Self::New(y) => {
+                y.par_chunks_mut(1 << 16)
+                    .for_each(|c| c.fill(MaybeUninit::new(0.0)));
+                // SAFETY: every value was just written.
+                unsafe { super::assume_init(y) }
+            }
+        }
+    }
+}
+
 /// The forward on [`Algorithm::forward`]'s choice, each image's (or (image, group)'s)
 /// output passed to `epilogue(image, first channel, values)` while still in cache.
-/// Overwrites `y`.
+/// Writes every value of `y`.
 fn forward_with(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
-    y: &mut [f32],
+    y: Out<'_>,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     match Algorithm::forward(g) {
         // (each task transforms its own group's weights)
-        Algorithm::Winograd => winograd::conv2d_forward(g, x, w, y, epilogue),
+        Algorithm::Winograd => winograd::conv2d_forward(g, x, w, y.init(), epilogue),
         Algorithm::Lanes => {
             // packed for this call only: in a buffer from this thread's pool, returned after
             let buf = super::scratch::take_stale(w.len());
             let packed = lanes::pack_forward_weights(g, w, buf);
-            lanes::conv2d_forward_packed(g, x, &packed, y, epilogue);
+            lanes::conv2d_forward_packed(g, x, &packed, y.init(), epilogue);
             super::scratch::give([packed.into_buffer()]);
         }
-        Algorithm::Direct => direct::conv2d_forward(g, x, w, y, epilogue),
-        Algorithm::Pointwise => pointwise::conv2d_forward(g, x, w, y, epilogue),
-        Algorithm::Im2col => im2col::conv2d_forward(g, x, w, y, epilogue),
+        Algorithm::Direct => direct::conv2d_forward(g, x, w, y.init(), epilogue),
+        Algorithm::Pointwise => pointwise::conv2d_forward(g, x, w, y.write_only(), epilogue),
+        Algorithm::Im2col => im2col::conv2d_forward(g, x, w, y.write_only(), epilogue),
     }
 }
 
 /// Fast forward, on [`Algorithm::forward`]'s choice. Overwrites `y`.
 pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
-    forward_with(g, x, w, y, |_, _, _| {});
+    forward_with(g, x, w, Out::Init(y), |_, _, _| {});
 }
 
-/// [`conv2d_forward`] that also returns every output plane's
+/// [`conv2d_forward`] into a new buffer (`g.output_len()` values), written once rather
+/// than zero-filled first where the algorithm allows.
+pub fn conv2d_forward_new(g: &Conv2dGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    // SAFETY: `forward_with` writes every value of its output.
+    unsafe {
+        super::written(g.output_len(), |y| {
+            forward_with(g, x, w, Out::New(y), |_, _, _| {})
+        })
+    }
+}
+
+/// [`conv2d_forward_new`] that also returns every output plane's
 /// [`plane_stats`](super::batchnorm::plane_stats) (index `n * out_channels + c`),
 /// computed while the image's output is still in cache: the batch statistics of a
 /// following training-mode batch norm without two more passes over memory.
@@ -276,26 +323,31 @@ pub fn conv2d_forward_plane_stats(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
-    y: &mut [f32],
-) -> Vec<(f64, f64)> {
+) -> (Vec<f32>, Vec<(f64, f64)>) {
     use std::sync::atomic::{AtomicU64, Ordering};
     let ohw = g.out_h() * g.out_w();
     let cells: Vec<(AtomicU64, AtomicU64)> = (0..g.batch * g.out_channels)
         .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
         .collect();
-    if ohw > 0 {
-        forward_with(g, x, w, y, |n, c0, yn| {
+    let y = if ohw > 0 {
+        let stats = |n: usize, c0: usize, yn: &mut [f32]| {
             for (c, plane) in yn.chunks(ohw).enumerate() {
                 let (mean, m2) = super::batchnorm::plane_stats(plane);
                 let cell = &cells[n * g.out_channels + c0 + c];
                 cell.0.store(mean.to_bits(), Ordering::Relaxed);
                 cell.1.store(m2.to_bits(), Ordering::Relaxed);
             }
-        });
+        };
+        // SAFETY: `forward_with` writes every value of its output.
+        unsafe {
+            super::written(g.output_len(), |y| {
+                forward_with(g, x, w, Out::New(y), stats)
+            })
+        }
     } else {
-        conv2d_forward(g, x, w, y);
-    }
-    cells
+        Vec::new()
+    };
+    let planes = cells
         .into_iter()
         .map(|(a, b)| {
             (
@@ -303,7 +355,8 @@ pub fn conv2d_forward_plane_stats(
                 f64::from_bits(b.into_inner()),
             )
         })
-        .collect()
+        .collect();
+    (y, planes)
 }
 
 /// Convolution weights prepared once for repeated forward passes (inference): the plain
@@ -325,7 +378,8 @@ impl PreparedWeights {
 /// Forward fused with a per-channel epilogue, applied to each image's output while it is
 /// still in cache: `y = relu?(y · scale[c] + shift[c] (+ residual))` (`scale` all ones when
 /// `None`). With `scale`/`shift` from a batch norm's eval-mode statistics this is
-/// convolution + batch norm (+ residual add) + ReLU in one pass.
+/// convolution + batch norm (+ residual add) + ReLU in one pass. Returns the new output
+/// buffer.
 pub fn conv2d_forward_fused(
     g: &Conv2dGeom,
     x: &[f32],
@@ -334,8 +388,7 @@ pub fn conv2d_forward_fused(
     shift: &[f32],
     residual: Option<&[f32]>,
     relu: bool,
-    y: &mut [f32],
-) {
+) -> Vec<f32> {
     let ohw = g.out_h() * g.out_w();
     let out_img = g.out_channels * ohw;
     assert_eq!(shift.len(), g.out_channels, "conv2d fused: shift length");
@@ -365,17 +418,69 @@ pub fn conv2d_forward_fused(
     };
     // (the packed form's algorithm can depend on the batch: a stem on `direct` when the
     // batch fills the threads, else on GEMM)
-    match (&w.packed, Algorithm::prepared(g)) {
-        (Some(ForwardWeights::Winograd(p)), Algorithm::Winograd) => {
-            winograd::conv2d_forward_packed(g, x, p, y, epilogue)
+    let run = |y: &mut [MaybeUninit<f32>]| {
+        let y = Out::New(y);
+        match (&w.packed, Algorithm::prepared(g)) {
+            (Some(ForwardWeights::Winograd(p)), Algorithm::Winograd) => {
+                winograd::conv2d_forward_packed(g, x, p, y.init(), epilogue)
+            }
+            (Some(ForwardWeights::Lanes(p)), Algorithm::Lanes) => {
+                lanes::conv2d_forward_packed(g, x, p, y.init(), epilogue)
+            }
+            (Some(ForwardWeights::Direct(p)), Algorithm::Direct) => {
+                direct::conv2d_forward_packed(g, x, p, y.init(), epilogue)
+            }
+            _ => forward_with(g, x, &w.w, y, epilogue),
         }
-        (Some(ForwardWeights::Lanes(p)), Algorithm::Lanes) => {
-            lanes::conv2d_forward_packed(g, x, p, y, epilogue)
+    };
+    // SAFETY: every algorithm writes every value of its output.
+    unsafe { super::written(g.output_len(), run) }
+}
+
+/// Where a backward pass puts the input gradient.
+#[derive(Debug)]
+pub enum InputGrad<'a> {
+    /// Added into: the gradient accumulated so far.
+    Add(&'a mut [f32]),
+    /// Written: new memory, when nothing was accumulated yet.
+    Write(&'a mut [MaybeUninit<f32>]),
+}
+
+impl<'a> InputGrad<'a> {
+    /// Its length.
+    fn len(&self) -> usize {
+        match self {
+            Self::Add(d) => d.len(),
+            Self::Write(d) => d.len(),
         }
-        (Some(ForwardWeights::Direct(p)), Algorithm::Direct) => {
-            direct::conv2d_forward_packed(g, x, p, y, epilogue)
+    }
+
+    /// Values `range` of it.
+    fn part(&mut self, range: std::ops::Range<usize>) -> InputGrad<'_> {
+        match self {
+            Self::Add(d) => InputGrad::Add(&mut d[range]),
+            Self::Write(d) => InputGrad::Write(&mut d[range]),
         }
-        _ => forward_with(g, x, &w.w, y, epilogue),
+    }
+
+    /// Consecutive parts of `len` values.
+    fn chunks(self, len: usize) -> Vec<InputGrad<'a>> {
+        match self {
+            Self::Add(d) => d.chunks_mut(len).map(InputGrad::Add).collect(),
+            Self::Write(d) => d.chunks_mut(len).map(InputGrad::Write).collect(),
+        }
+    }
+
+    /// As values to add into: new memory is zero-filled first.
+    fn init(self) -> &'a mut [f32] {
+        match self {
+            Self::Add(d) => d,
+            Self::Write(d) => {
+                d.fill(MaybeUninit::new(0.0));
+                // SAFETY: every value was just written.
+                unsafe { super::assume_init(d) }
+            }
+        }
     }
 }
 
@@ -389,9 +494,47 @@ pub fn conv2d_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) {
+    backward_with(g, x, w, dy, dx.map(InputGrad::Add), dw)
+}
+
+/// [`conv2d_backward`] where no input gradient was accumulated yet: returns it as a new
+/// buffer, written once rather than zero-filled and added into where the algorithm
+/// allows.
+pub fn conv2d_backward_new(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) -> Vec<f32> {
     match Algorithm::backward(g) {
-        Algorithm::Lanes => lanes::conv2d_backward(g, x, w, dy, dx, dw),
-        Algorithm::Direct => direct::conv2d_backward(g, x, w, dy, dx, dw),
+        Algorithm::Pointwise | Algorithm::Im2col => {
+            // SAFETY: both write every value of the input gradient they are given.
+            unsafe {
+                super::written(g.input_len(), |dx| {
+                    backward_with(g, x, w, dy, Some(InputGrad::Write(dx)), dw)
+                })
+            }
+        }
+        _ => {
+            let mut dx = super::elementwise::zeroed(g.input_len());
+            conv2d_backward(g, x, w, dy, Some(&mut dx), dw);
+            dx
+        }
+    }
+}
+
+fn backward_with(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<InputGrad<'_>>,
+    dw: &mut [f32],
+) {
+    match Algorithm::backward(g) {
+        Algorithm::Lanes => lanes::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),
+        Algorithm::Direct => direct::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),
         Algorithm::Pointwise => pointwise::conv2d_backward(g, x, w, dy, dx, dw),
         Algorithm::Winograd | Algorithm::Im2col => im2col::conv2d_backward(g, x, w, dy, dx, dw),
     }

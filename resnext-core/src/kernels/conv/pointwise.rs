@@ -4,8 +4,11 @@
 
 use rayon::prelude::*;
 
-use super::Conv2dGeom;
-use crate::kernels::gemm::{sgemm, MatRef};
+use std::mem::MaybeUninit;
+
+use super::{Conv2dGeom, InputGrad};
+use crate::kernels::gemm::{sgemm, sgemm_write, MatRef};
+use crate::kernels::{assume_init, written};
 
 /// Whether `g` runs here: a dense 1×1 stride-1 convolution of at most 64 pixels per image
 /// (ResNeXt-50's stage 4 at 7×7, the CIFAR networks' last stage at 8×8), batch above 1.
@@ -15,76 +18,106 @@ pub fn suits(g: &Conv2dGeom) -> bool {
 
 /// `[n][c][hw]` → `[c][n·hw]`.
 fn to_channel_major(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
-    let mut out = crate::kernels::elementwise::zeroed(x.len());
-    out.par_chunks_mut((n * hw).max(1))
-        .enumerate()
-        .for_each(|(ch, row)| {
-            for (i, dst) in row.chunks_exact_mut(hw.max(1)).enumerate() {
-                dst.copy_from_slice(&x[(i * c + ch) * hw..][..hw]);
-            }
-        });
-    out
+    // SAFETY: the rows (`c` of `n·hw` values) tile the buffer and each row's `n` image
+    // slices of `hw` values tile the row; every slice is written.
+    unsafe {
+        written(x.len(), |out| {
+            out.par_chunks_mut((n * hw).max(1))
+                .enumerate()
+                .for_each(|(ch, row)| {
+                    for (i, dst) in row.chunks_exact_mut(hw.max(1)).enumerate() {
+                        write(dst, &x[(i * c + ch) * hw..][..hw]);
+                    }
+                })
+        })
+    }
 }
 
-/// `[c][n·hw]` → `[n][c][hw]`, added into `y` when `add`, else written.
-fn from_channel_major(t: &[f32], n: usize, c: usize, hw: usize, y: &mut [f32], add: bool) {
-    y.par_chunks_mut((c * hw).max(1))
+/// Copies `src` into `dst` (equal lengths).
+fn write(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+}
+
+/// `[c][n·hw]` → `[n][c][hw]`, added into `y` or written.
+fn from_channel_major(t: &[f32], n: usize, c: usize, hw: usize, y: InputGrad<'_>) {
+    let per_image = (c * hw).max(1);
+    y.chunks(per_image)
+        .into_par_iter()
         .enumerate()
-        .for_each(|(i, yn)| {
-            for (ch, dst) in yn.chunks_exact_mut(hw.max(1)).enumerate() {
+        .for_each(|(i, mut yn)| {
+            for ch in 0..c {
                 let src = &t[(ch * n + i) * hw..][..hw];
-                if add {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                } else {
-                    dst.copy_from_slice(src);
+                match yn.part(ch * hw..(ch + 1) * hw) {
+                    InputGrad::Add(dst) => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
+                    InputGrad::Write(dst) => write(dst, src),
                 }
             }
         });
 }
 
 /// Forward as one product `W · X` over the batch (`X` channel-major), each image's output
-/// passed to `epilogue(image, 0, values)`. Overwrites `y`.
+/// passed to `epilogue(image, 0, values)`. Writes every value of `y` without reading it.
 pub fn conv2d_forward(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    g.check_forward(x, w, y);
+    assert_eq!(x.len(), g.input_len(), "conv2d: input length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
+    assert_eq!(y.len(), g.output_len(), "conv2d: output length");
     let (n, hw) = (g.batch, g.in_h * g.in_w);
     let (ci, co) = (g.in_channels, g.out_channels);
     let xt = to_channel_major(x, n, ci, hw);
-    let mut yt = vec![0.0f32; co * n * hw];
-    sgemm(
-        co,
-        n * hw,
-        ci,
-        MatRef::row_major(w, ci),
-        MatRef::row_major(&xt, n * hw),
-        &mut yt,
-        n * hw,
-        false,
-        true,
-    );
+    // SAFETY: the product writes all `co` rows of `n·hw` values.
+    let yt = unsafe {
+        written(co * n * hw, |yt| {
+            sgemm_write(
+                co,
+                n * hw,
+                ci,
+                MatRef::row_major(w, ci),
+                MatRef::row_major(&xt, n * hw),
+                yt,
+                n * hw,
+                true,
+            )
+        })
+    };
     drop(xt);
-    from_channel_major(&yt, n, co, hw, y, false);
     y.par_chunks_mut((co * hw).max(1))
         .enumerate()
-        .for_each(|(i, yn)| epilogue(i, 0, yn));
+        .for_each(|(i, yn)| {
+            for (ch, dst) in yn.chunks_exact_mut(hw.max(1)).enumerate() {
+                write(dst, &yt[(ch * n + i) * hw..][..hw]);
+            }
+            // SAFETY: the image's `co` planes of `hw` values tile `yn` and were all
+            // written just above.
+            epilogue(i, 0, unsafe { assume_init(yn) });
+        });
 }
 
-/// Backward as two products over the batch: adds the input gradient into `dx` (when
-/// given) and the weight gradient into `dw`.
+/// Backward as two products over the batch: puts the input gradient into `dx` (when
+/// given; [`InputGrad::Write`] writes every value) and adds the weight gradient into `dw`.
 pub fn conv2d_backward(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<InputGrad<'_>>,
     dw: &mut [f32],
 ) {
-    g.check_backward(x, w, dy, dx.as_deref(), dw);
+    g.check_backward(x, w, dy, None, dw);
+    if let Some(d) = &dx {
+        assert_eq!(
+            d.len(),
+            g.input_len(),
+            "conv2d backward: input-gradient length"
+        );
+    }
     let (n, hw) = (g.batch, g.in_h * g.in_w);
     let (ci, co) = (g.in_channels, g.out_channels);
     let dyt = to_channel_major(dy, n, co, hw);
@@ -104,18 +137,21 @@ pub fn conv2d_backward(
         );
     }
     if let Some(dx) = dx {
-        let mut dxt = crate::kernels::elementwise::zeroed(ci * n * hw);
-        sgemm(
-            ci,
-            n * hw,
-            co,
-            MatRef::transposed(w, ci),
-            MatRef::row_major(&dyt, n * hw),
-            &mut dxt,
-            n * hw,
-            false,
-            true,
-        );
-        from_channel_major(&dxt, n, ci, hw, dx, true);
+        // SAFETY: the product writes all `ci` rows of `n·hw` values.
+        let dxt = unsafe {
+            written(ci * n * hw, |dxt| {
+                sgemm_write(
+                    ci,
+                    n * hw,
+                    co,
+                    MatRef::transposed(w, ci),
+                    MatRef::row_major(&dyt, n * hw),
+                    dxt,
+                    n * hw,
+                    true,
+                )
+            })
+        };
+        from_channel_major(&dxt, n, ci, hw, dx);
     }
 }
