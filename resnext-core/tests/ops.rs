@@ -209,6 +209,40 @@ proptest! {
         }
     }
 
+    /// The training backward against `f64` arithmetic on planes long enough that the sums
+    /// carry several `f32` runs into `f64` (and, offset, values whose deviations cancel).
+    #[test]
+    fn batch_norm_train_backward_matches_an_f64_reference(n in 1usize..3, c in 1usize..3, s in 200usize..1500, offset in prop::sample::select(vec![0.0f32, 30.0]), seed in any::<u64>()) {
+        let g = BnGeom { batch: n, channels: c, spatial: s };
+        let x: Vec<f32> = values(seed, g.len()).iter().map(|v| v * 2.0 + offset).collect();
+        let dy = values(seed ^ 7, g.len());
+        let (gamma, beta) = (values(seed ^ 1, c), values(seed ^ 2, c));
+        let mut y = vec![0.0; g.len()];
+        let stats = bn::bn_train_forward(&g, &x, &gamma, &beta, 1e-5, false, &mut y);
+        let ch = bn::BnChannels { gamma: &gamma, beta: &beta, mean: &stats.mean, inv_std: &stats.inv_std, relu: false };
+        let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; g.len()], vec![0.0; c], vec![0.0; c]);
+        bn::bn_backward(&g, &x, &ch, true, &dy, Some(&mut dx), &mut dgamma, &mut dbeta);
+        let m = g.per_channel() as f64;
+        for ch in 0..c {
+            let idx: Vec<usize> = (0..n).flat_map(|i| ((i * c + ch) * s)..((i * c + ch + 1) * s)).collect();
+            let mean = idx.iter().map(|&i| x[i] as f64).sum::<f64>() / m;
+            let var = idx.iter().map(|&i| (x[i] as f64 - mean).powi(2)).sum::<f64>() / m;
+            let is = 1.0 / (var + 1e-5).sqrt();
+            let xhat = |i: usize| (x[i] as f64 - mean) * is;
+            let sg: f64 = idx.iter().map(|&i| dy[i] as f64).sum();
+            let sgx: f64 = idx.iter().map(|&i| dy[i] as f64 * xhat(i)).sum();
+            let sum_abs: f64 = idx.iter().map(|&i| (dy[i] as f64).abs() * (1.0 + xhat(i).abs())).sum();
+            prop_assert!((dbeta[ch] as f64 - sg).abs() <= 1e-5 * sum_abs, "dbeta {} vs {}", dbeta[ch], sg);
+            prop_assert!((dgamma[ch] as f64 - sgx).abs() <= 1e-5 * sum_abs, "dgamma {} vs {}", dgamma[ch], sgx);
+            let k = gamma[ch] as f64 * is;
+            let scale = idx.iter().map(|&i| (dy[i] as f64).abs()).fold(0.0, f64::max) * 4.0;
+            for &i in &idx {
+                let want = k * (dy[i] as f64 - sg / m - xhat(i) * sgx / m);
+                prop_assert!((dx[i] as f64 - want).abs() <= 1e-5 * k.abs() * scale, "dx[{}] {} vs {}", i, dx[i], want);
+            }
+        }
+    }
+
     #[test]
     fn batch_norm_train_forward_matches_reference(n in 1usize..4, c in 1usize..6, s in 1usize..20, relu in any::<bool>(), seed in any::<u64>()) {
         let g = BnGeom { batch: n, channels: c, spatial: s };
