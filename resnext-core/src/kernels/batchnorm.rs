@@ -66,43 +66,29 @@ leveled! {
     }
 }
 
-/// Values per lane that the sums below add in `f32` before carrying the partial sum into
-/// their `f64` lanes: the `f64` sums keep the total exact over whole planes, while the work
-/// per value stays in `f32` lanes (twice the width of `f64` ones, and no conversions: at
-/// AVX2 the `f64` sums made batch norm compute-bound). A partial of 16 values is off by at
-/// most about `16 ε` of its magnitude.
-const F32_RUN: usize = 16;
-
 leveled! {
-    /// `Σ ((v − hi) − lo)²`, carried in `f64` lanes every [`F32_RUN`] values per lane: the
-    /// variance sets `1/σ`, and the input gradient of a channel with few values is very
-    /// sensitive to it.
+    /// `Σ ((v − hi) − lo)²`, squared and summed in `f64` lanes: the variance sets `1/σ`, and
+    /// the input gradient of a channel with few values is very sensitive to it.
     fn sum_sq_dev(x: &[f32], hi: f32, lo: f32) -> f64 {
-        let mut lanes = [0.0f64; LANES];
-        for block in x.chunks(LANES * F32_RUN) {
-            let mut part = [0.0f32; LANES];
-            let chunks = block.chunks_exact(LANES);
-            let rest = chunks.remainder();
-            for ch in chunks {
-                for (l, &v) in part.iter_mut().zip(ch) {
-                    let d = (v - hi) - lo;
-                    *l += d * d;
-                }
-            }
-            for (l, &v) in part.iter_mut().zip(rest) {
-                let d = (v - hi) - lo;
+        let mut lanes = [0.0f64; 8];
+        let chunks = x.chunks_exact(8);
+        let rest = chunks.remainder();
+        for ch in chunks {
+            for (l, &v) in lanes.iter_mut().zip(ch) {
+                let d = ((v - hi) - lo) as f64;
                 *l += d * d;
-            }
-            for (l, p) in lanes.iter_mut().zip(part) {
-                *l += p as f64;
             }
         }
         lanes.iter().sum::<f64>()
+            + rest
+                .iter()
+                .map(|&v| (((v - hi) - lo) as f64).powi(2))
+                .sum::<f64>()
     }
 }
 
 /// One plane's `(mean, Σ (v − mean)²)`: two passes over the plane (the second from cache),
-/// `f32` lane sums for the mean, the squared deviations carried in `f64`.
+/// `f32` lane sums for the mean, the squared deviations summed in `f64`.
 pub fn plane_stats(v: &[f32]) -> (f64, f64) {
     if v.is_empty() {
         return (0.0, 0.0);
@@ -565,33 +551,26 @@ fn relu_mask(p: &PlaneBn, xhat: f32, d: f32) -> f32 {
 }
 
 leveled! {
-    /// `(Σ d, Σ d · xhat)` over one plane, `d` the ReLU-masked output gradient, carried in
-    /// `f64` lanes every [`F32_RUN`] values per lane: the input gradient subtracts these
-    /// means from `d`, where their rounding error would be amplified.
+    /// `(Σ d, Σ d · xhat)` over one plane, `d` the ReLU-masked output gradient, accumulated in
+    /// `f64` lanes: the input gradient subtracts these means from `d`, where their rounding
+    /// error would be amplified.
     fn plane_grad_sums(p: &PlaneBn, x: &[f32], dy: &[f32]) -> (f64, f64) {
         let (mut pg, mut pgx) = ([0.0f64; LANES], [0.0f64; LANES]);
-        for (xb, db) in x.chunks(LANES * F32_RUN).zip(dy.chunks(LANES * F32_RUN)) {
-            let (mut bg, mut bgx) = ([0.0f32; LANES], [0.0f32; LANES]);
-            let (xc, dc) = (xb.chunks_exact(LANES), db.chunks_exact(LANES));
-            let (xr, dr) = (xc.remainder(), dc.remainder());
-            for (xs, ds) in xc.zip(dc) {
-                for k in 0..LANES {
-                    let xhat = (xs[k] - p.mu) * p.is;
-                    let d = relu_mask(p, xhat, ds[k]);
-                    bg[k] += d;
-                    bgx[k] += d * xhat;
-                }
-            }
-            for (k, (&xv, &dv)) in xr.iter().zip(dr).enumerate() {
-                let xhat = (xv - p.mu) * p.is;
-                let d = relu_mask(p, xhat, dv);
-                bg[k] += d;
-                bgx[k] += d * xhat;
-            }
+        let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
+        let (xr, dr) = (xc.remainder(), dc.remainder());
+        for (xs, ds) in xc.zip(dc) {
             for k in 0..LANES {
-                pg[k] += bg[k] as f64;
-                pgx[k] += bgx[k] as f64;
+                let xhat = (xs[k] - p.mu) * p.is;
+                let d = relu_mask(p, xhat, ds[k]);
+                pg[k] += d as f64;
+                pgx[k] += d as f64 * xhat as f64;
             }
+        }
+        for (k, (&xv, &dv)) in xr.iter().zip(dr).enumerate() {
+            let xhat = (xv - p.mu) * p.is;
+            let d = relu_mask(p, xhat, dv);
+            pg[k] += d as f64;
+            pgx[k] += d as f64 * xhat as f64;
         }
         (pg.iter().sum(), pgx.iter().sum())
     }
