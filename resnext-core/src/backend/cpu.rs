@@ -14,7 +14,9 @@ use dfdx::prelude::*;
 use super::{Backend, TrainBackend};
 use crate::error::{shape_err, Error, Result};
 use crate::nn::{BatchNorm2d, ConvLayer, Linear};
-use crate::ops::{self, Act, BnConfig, BnRef, ConvConfig, Grad, GradSlot, Held, Input, Mat};
+use crate::ops::{
+    self, Act, BnConfig, BnRef, ConvConfig, Grad, GradSlot, Held, Input, Mat, Recompute,
+};
 
 /// The CPU backend for tape `T` ([`OwnedTape`] to record gradients, [`NoneTape`] not to).
 pub struct CpuBackend<T>(PhantomData<fn() -> T>);
@@ -53,17 +55,26 @@ pub struct Traced<const C: usize, T> {
     data: Arc<Vec<f32>>,
     dims: [usize; 3],
     grad: GradSlot,
+    /// How to make the values again (a batch norm + ReLU output), so that the op reading
+    /// them need not keep them for its backward pass.
+    recompute: Option<Arc<Recompute>>,
     tape: T,
     dev: Cpu,
 }
 
 impl<const C: usize, T: Tape<f32, Cpu>> Traced<C, T> {
     fn new(held: Held, tape: T, dev: Cpu) -> Self {
-        let (data, dims, grad) = held;
+        let Held {
+            data,
+            dims,
+            grad,
+            recompute,
+        } = held;
         Traced {
             data,
             dims,
             grad,
+            recompute,
             tape,
             dev,
         }
@@ -83,6 +94,7 @@ impl<const C: usize, T: Tape<f32, Cpu>> Traced<C, T> {
             grad,
             mut tape,
             dev,
+            ..
         } = self;
         let v = Arc::try_unwrap(data).unwrap_or_else(|shared| shared.as_ref().clone());
         let t = dev.try_tensor_from_vec(v, (n, Const::<C>, h, w))?;
@@ -102,6 +114,7 @@ impl<const C: usize, T: Tape<f32, Cpu>> Traced<C, T> {
             data: self.data,
             dims: self.dims,
             grad: Grad::Slot(self.grad),
+            recompute: self.recompute,
         };
         (input, self.tape, self.dev)
     }
@@ -165,6 +178,7 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
                     data: x.data.clone(),
                     dims: x.dims,
                     grad: x.grad.clone(),
+                    recompute: x.recompute.clone(),
                     tape: T::default(),
                     dev: x.dev.clone(),
                 };
@@ -193,6 +207,7 @@ impl<T: Tape<f32, Cpu> + Merge<T>> Backend for CpuBackend<T> {
                 data: x.data,
                 dims: x.dims,
                 grad: x.grad,
+                recompute: x.recompute,
                 tape: x.tape,
                 dev: x.dev,
             }),

@@ -2,12 +2,14 @@
 //! every ResNeXt block runs, [`conv2d_bn_eval`] for inference and [`conv2d_bn_train`] for
 //! training.
 
+use std::sync::Arc;
+
 use dfdx::prelude::*;
 
 use super::batch_norm::{check_batch_stats, update_running, BnConfig};
 use super::conv::{conv_geom, ConvConfig, ConvKind};
 use super::fold_cache;
-use super::grad::{Input, Output};
+use super::grad::{Input, Output, Recompute};
 use super::{read, Act};
 use crate::error::{shape_err, Result};
 use crate::kernels::{batchnorm as bn, conv, elementwise as ew};
@@ -208,14 +210,18 @@ pub(crate) fn conv2d_bn_train_on<
     let Input {
         data: xs,
         grad: x_grad,
+        recompute,
         ..
     } = x;
     let (ws, yc, planes) = {
         let _t = profile::scope(kind.forward());
         let ws = read(weight);
         let (yc, planes) = conv::conv2d_forward_plane_stats(&g, &xs, &ws);
-        (ws, yc, planes)
+        (ws, Arc::new(yc), planes)
     };
+    // the backward pass keeps the recipe of its input rather than the values, where the
+    // producer left one; the values are then freed when this op's caller drops them
+    let xs = Input::<I>::kept(xs, recompute);
     let _t = profile::scope(Label::BatchNormTrainFwd);
     let (gs, bs) = (read(bn.gamma), read(bn.beta));
     let stats = bn::stats_synced(&bg, planes, cfg.eps);
@@ -241,11 +247,20 @@ pub(crate) fn conv2d_bn_train_on<
     } else {
         Vec::new()
     };
-    let (out, out_grad) = Out::wrap(y, out_shape, dev)?;
+    let bn_relu = cfg.relu && res_grad.is_none();
+    // a batch norm + ReLU output can be made again from `yc`, which the backward pass
+    // below keeps anyway
+    let recompute = (T::OWNS_TAPE && bn_relu).then(|| Recompute {
+        x: yc.clone(),
+        geom: bg,
+        center: stats.mean.clone(),
+        scale: scale.clone(),
+        shift: bs.clone(),
+    });
+    let (out, out_grad) = Out::wrap(y, out_shape, dev, recompute)?;
     if T::OWNS_TAPE {
         let wg = weight.ghost();
         let (gg, bgh) = (bn.gamma.ghost(), bn.beta.ghost());
-        let bn_relu = cfg.relu && res_grad.is_none();
         tape.add_backward_op(move |grads| {
             let mut d = out_grad.take(grads, g.output_len())?;
             {
@@ -272,6 +287,7 @@ pub(crate) fn conv2d_bn_train_on<
             let _t = profile::scope(kind.backward());
             // the weight gradient accumulates straight into its slot, moved out meanwhile
             let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
+            let xs = xs.values();
             x_grad.add_or_put(grads, |dx| match dx {
                 Some(dx) => {
                     conv::conv2d_backward(&g, &xs, &ws, &d, Some(dx), &mut dw);
@@ -284,4 +300,99 @@ pub(crate) fn conv2d_bn_train_on<
         });
     }
     Ok((out, tape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::grad::{Grad, GradSlot, Held};
+
+    /// Two fused ops in a row on held values, as the CPU backend runs a block in training:
+    /// the first's batch norm + ReLU output is freed once the second has read it, and
+    /// every gradient equals the one computed when the second keeps the values.
+    #[test]
+    fn a_batch_norm_relu_output_is_freed_after_its_reader_and_made_again_exactly() {
+        let dev = Cpu::seed_from_u64(5);
+        let w1: Tensor<Rank4<4, 3, 3, 3>, f32, Cpu> = dev.sample_normal();
+        let w2: Tensor<Rank4<6, 4, 1, 1>, f32, Cpu> = dev.sample_normal();
+        let (g1, b1): (Tensor<Rank1<4>, f32, Cpu>, _) = (dev.sample_normal(), dev.sample_normal());
+        let (g2, b2): (Tensor<Rank1<6>, f32, Cpu>, _) = (dev.sample_normal(), dev.sample_normal());
+        let x: Tensor<Rank1<216>, f32, Cpu> = dev.sample_normal();
+        let r: Tensor<(usize, Const<6>, usize, usize), f32, Cpu> =
+            dev.sample_normal_like(&(2, Const, 6, 6));
+        let conv1 = ConvConfig {
+            kernel: 3,
+            padding: 1,
+            ..Default::default()
+        };
+        let relu = BnConfig {
+            relu: true,
+            ..Default::default()
+        };
+        let run = |keep_values: bool| {
+            let (mut m1, mut v1): (Tensor<Rank1<4>, f32, Cpu>, _) = (dev.zeros(), dev.ones());
+            let (mut m2, mut v2): (Tensor<Rank1<6>, f32, Cpu>, _) = (dev.zeros(), dev.ones());
+            let seed: Tensor<Rank1<1>, f32, Cpu> = dev.zeros();
+            let (_, tape) = seed.trace(Gradients::leaky()).split_tape();
+            let input = Input::<3> {
+                data: Arc::new(x.as_vec()),
+                dims: [2, 6, 6],
+                grad: Grad::Slot(GradSlot::default()),
+                recompute: None,
+            };
+            let bn1 = BnTrainRef {
+                gamma: &g1,
+                beta: &b1,
+                mean: &mut m1,
+                var: &mut v1,
+            };
+            let (h, tape): (Held, _) =
+                conv2d_bn_train_on(&dev, input, &w1, conv1, bn1, relu, None, tape).unwrap();
+            assert!(
+                h.recompute.is_some(),
+                "a batch norm + ReLU output has a recipe"
+            );
+            let held = Arc::downgrade(&h.data);
+            let input = Input::<4> {
+                data: h.data,
+                dims: h.dims,
+                grad: Grad::Slot(h.grad),
+                recompute: if keep_values { None } else { h.recompute },
+            };
+            let bn2 = BnTrainRef {
+                gamma: &g2,
+                beta: &b2,
+                mean: &mut m2,
+                var: &mut v2,
+            };
+            let (y, tape): (Act<6>, _) = conv2d_bn_train_on(
+                &dev,
+                input,
+                &w2,
+                ConvConfig::default(),
+                bn2,
+                relu,
+                None,
+                tape,
+            )
+            .unwrap();
+            let freed = held.upgrade().is_none();
+            let grads = (y.put_tape(tape) * r.clone()).sum().backward();
+            let all = [grads.get(&w1).as_vec(), grads.get(&w2).as_vec()];
+            (
+                freed,
+                all,
+                [grads.get(&g1).as_vec(), grads.get(&b1).as_vec()],
+            )
+        };
+        let (freed, dw, dbn) = run(false);
+        let (kept, dw_kept, dbn_kept) = run(true);
+        assert!(
+            freed,
+            "the output was still held after its reader's forward pass"
+        );
+        assert!(!kept, "with the values kept the output stays");
+        assert_eq!(dw, dw_kept);
+        assert_eq!(dbn, dbn_kept);
+    }
 }

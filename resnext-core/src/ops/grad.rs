@@ -16,7 +16,7 @@ use dfdx::prelude::*;
 use dfdx::tensor::CpuError;
 
 use super::{read, Act, Grads};
-use crate::kernels::elementwise as ew;
+use crate::kernels::{batchnorm as bn, elementwise as ew};
 
 /// The shape of an [`Act`] with `C` channels.
 pub(crate) type ActShape<const C: usize> = (usize, Const<C>, usize, usize);
@@ -125,6 +125,37 @@ impl<const C: usize> Grad<C> {
     }
 }
 
+/// How a batch norm + ReLU output is made again from the batch norm's input, which that
+/// op's backward pass keeps anyway: the op that reads the output can keep this instead of
+/// the values for its own backward pass, so the output is freed once the forward pass has
+/// read it (a quarter of what a bottleneck block keeps for training).
+#[derive(Debug)]
+pub(crate) struct Recompute {
+    /// The batch norm's input.
+    pub x: Arc<Vec<f32>>,
+    /// Its geometry.
+    pub geom: bn::BnGeom,
+    /// Per channel: subtracted, then multiplied, then added, before the ReLU.
+    pub center: Vec<f32>,
+    /// See `center`.
+    pub scale: Vec<f32>,
+    /// See `center`.
+    pub shift: Vec<f32>,
+}
+
+impl Recompute {
+    /// The output values, bit for bit those of the forward pass (same kernel, same
+    /// inputs).
+    pub(crate) fn values(&self) -> Vec<f32> {
+        let ch = bn::Affine {
+            center: &self.center,
+            scale: &self.scale,
+            shift: &self.shift,
+        };
+        bn::affine_forward_new(&self.geom, &self.x, ch, None, true)
+    }
+}
+
 /// A training op's input: its values (shared, not copied, when they come from another
 /// op), its `[n, h, w]`, and where its gradient goes.
 #[derive(Debug)]
@@ -135,6 +166,27 @@ pub(crate) struct Input<const C: usize> {
     pub dims: [usize; 3],
     /// Where the op's backward pass adds this input's gradient.
     pub grad: Grad<C>,
+    /// How to make the values again, where they can be (a batch norm + ReLU output).
+    pub recompute: Option<Arc<Recompute>>,
+}
+
+/// What a training op's backward pass keeps of its input.
+#[derive(Debug)]
+pub(crate) enum Kept {
+    /// The values.
+    Values(Arc<Vec<f32>>),
+    /// The recipe to make them again.
+    Recompute(Arc<Recompute>),
+}
+
+impl Kept {
+    /// The values, made again where only the recipe was kept.
+    pub(crate) fn values(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Kept::Values(v) => std::borrow::Cow::Borrowed(v.as_slice()),
+            Kept::Recompute(r) => std::borrow::Cow::Owned(r.values()),
+        }
+    }
 }
 
 impl<const C: usize> Input<C> {
@@ -145,6 +197,7 @@ impl<const C: usize> Input<C> {
             data: Arc::new(read(x)),
             dims: [n, h, w],
             grad: Grad::Tensor(lookup(x)),
+            recompute: None,
         }
     }
 
@@ -154,6 +207,15 @@ impl<const C: usize> Input<C> {
         let dev = x.device().clone();
         let (x, tape) = x.split_tape();
         (Input::of_tensor(&x), tape, dev)
+    }
+
+    /// What a backward pass that reads the values should keep: the recipe where there is
+    /// one (the values are then freed when the forward pass drops them), else the values.
+    pub(crate) fn kept(data: Arc<Vec<f32>>, recompute: Option<Arc<Recompute>>) -> Kept {
+        match recompute {
+            Some(r) => Kept::Recompute(r),
+            None => Kept::Values(data),
+        }
     }
 
     /// `(n, C, h, w)`.
@@ -166,26 +228,58 @@ impl<const C: usize> Input<C> {
 /// What a training op makes of its output values: a tensor (its gradient in dfdx's
 /// [`Gradients`]) or values held outside dfdx with a fresh [`GradSlot`].
 pub(crate) trait Output<const C: usize>: Sized {
-    /// Wraps `y`, of `shape`; returns where its gradient will be.
-    fn wrap(y: Vec<f32>, shape: ActShape<C>, dev: &Cpu) -> Result<(Self, Grad<C>), CpuError>;
+    /// Wraps `y`, of `shape`, with how to make it again where it can be; returns where
+    /// its gradient will be.
+    fn wrap(
+        y: Vec<f32>,
+        shape: ActShape<C>,
+        dev: &Cpu,
+        recompute: Option<Recompute>,
+    ) -> Result<(Self, Grad<C>), CpuError>;
 }
 
 impl<const C: usize> Output<C> for Act<C> {
-    fn wrap(y: Vec<f32>, shape: ActShape<C>, dev: &Cpu) -> Result<(Self, Grad<C>), CpuError> {
+    fn wrap(
+        y: Vec<f32>,
+        shape: ActShape<C>,
+        dev: &Cpu,
+        _: Option<Recompute>,
+    ) -> Result<(Self, Grad<C>), CpuError> {
         let t = dev.try_tensor_from_vec(y, shape)?;
         let g = Grad::Tensor(lookup(&t));
         Ok((t, g))
     }
 }
 
-/// Values held outside dfdx: `(values, [n, h, w], gradient slot)`.
-pub(crate) type Held = (Arc<Vec<f32>>, [usize; 3], GradSlot);
+/// Values held outside dfdx.
+#[derive(Debug)]
+pub(crate) struct Held {
+    /// The values.
+    pub data: Arc<Vec<f32>>,
+    /// `[n, h, w]`.
+    pub dims: [usize; 3],
+    /// The gradient slot.
+    pub grad: GradSlot,
+    /// How to make the values again, where they can be.
+    pub recompute: Option<Arc<Recompute>>,
+}
 
 impl<const C: usize> Output<C> for Held {
-    fn wrap(y: Vec<f32>, shape: ActShape<C>, _: &Cpu) -> Result<(Self, Grad<C>), CpuError> {
+    fn wrap(
+        y: Vec<f32>,
+        shape: ActShape<C>,
+        _: &Cpu,
+        recompute: Option<Recompute>,
+    ) -> Result<(Self, Grad<C>), CpuError> {
         let slot = GradSlot::default();
         let (n, _, h, w) = shape;
-        Ok(((Arc::new(y), [n, h, w], slot.clone()), Grad::Slot(slot)))
+        let held = Held {
+            data: Arc::new(y),
+            dims: [n, h, w],
+            grad: slot.clone(),
+            recompute: recompute.map(Arc::new),
+        };
+        Ok((held, Grad::Slot(slot)))
     }
 }
 

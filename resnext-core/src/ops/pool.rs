@@ -44,7 +44,7 @@ pub(crate) fn max_pool2d_on<const C: usize, T: Tape<f32, Cpu>, Out: Output<C>>(
         Vec::new()
     };
     let Input { grad: x_grad, .. } = x;
-    let (out, out_grad) = Out::wrap(y, shape, dev)?;
+    let (out, out_grad) = Out::wrap(y, shape, dev, None)?;
     if T::OWNS_TAPE {
         let in_len = n * C * h * w;
         tape.add_backward_op(move |grads| {
