@@ -91,6 +91,19 @@ pub fn sgemm_write(
     unsafe { product(m, n, k, a, b, c, ldc, false, parallel) }
 }
 
+/// `a · b` as a new row-major `m × n` buffer ([`sgemm_write`] into new memory).
+pub fn sgemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    parallel: bool,
+) -> Vec<f32> {
+    // SAFETY: the product writes all `m` rows of `n` values.
+    unsafe { super::written(m * n, |c| sgemm_write(m, n, k, a, b, c, n, parallel)) }
+}
+
 /// The product behind [`sgemm`] and [`sgemm_write`].
 ///
 /// # Safety

@@ -163,14 +163,7 @@ pub fn conv2d_backward(
     dx: Option<InputGrad<'_>>,
     dw: &mut [f32],
 ) {
-    g.check_backward(x, w, dy, None, dw);
-    if let Some(d) = &dx {
-        assert_eq!(
-            d.len(),
-            g.input_len(),
-            "conv2d backward: input-gradient length"
-        );
-    }
+    g.check_backward_into(x, w, dy, dx.as_ref(), dw);
     let ohw = g.out_h() * g.out_w();
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     let rows = ipg * g.kernel * g.kernel;

@@ -140,6 +140,24 @@ impl Conv2dGeom {
             );
         }
     }
+    /// [`Conv2dGeom::check_backward`] with the input gradient as an [`InputGrad`].
+    fn check_backward_into(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&InputGrad<'_>>,
+        dw: &[f32],
+    ) {
+        self.check_backward(x, w, dy, None, dw);
+        if let Some(d) = dx {
+            assert_eq!(
+                d.len(),
+                self.input_len(),
+                "conv2d backward: input-gradient length"
+            );
+        }
+    }
     fn is_pointwise(&self) -> bool {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }

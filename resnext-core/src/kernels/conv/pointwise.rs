@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::{Conv2dGeom, InputGrad};
-use crate::kernels::gemm::{sgemm, sgemm_write, MatRef};
+use crate::kernels::gemm::{sgemm, sgemm_new, MatRef};
 use crate::kernels::{assume_init, written};
 
 /// Whether `g` runs here: a dense 1×1 stride-1 convolution of at most 64 pixels per image
@@ -72,21 +72,8 @@ pub fn conv2d_forward(
     let (n, hw) = (g.batch, g.in_h * g.in_w);
     let (ci, co) = (g.in_channels, g.out_channels);
     let xt = to_channel_major(x, n, ci, hw);
-    // SAFETY: the product writes all `co` rows of `n·hw` values.
-    let yt = unsafe {
-        written(co * n * hw, |yt| {
-            sgemm_write(
-                co,
-                n * hw,
-                ci,
-                MatRef::row_major(w, ci),
-                MatRef::row_major(&xt, n * hw),
-                yt,
-                n * hw,
-                true,
-            )
-        })
-    };
+    let (w, xm) = (MatRef::row_major(w, ci), MatRef::row_major(&xt, n * hw));
+    let yt = sgemm_new(co, n * hw, ci, w, xm, true);
     drop(xt);
     y.par_chunks_mut((co * hw).max(1))
         .enumerate()
@@ -110,14 +97,7 @@ pub fn conv2d_backward(
     dx: Option<InputGrad<'_>>,
     dw: &mut [f32],
 ) {
-    g.check_backward(x, w, dy, None, dw);
-    if let Some(d) = &dx {
-        assert_eq!(
-            d.len(),
-            g.input_len(),
-            "conv2d backward: input-gradient length"
-        );
-    }
+    g.check_backward_into(x, w, dy, dx.as_ref(), dw);
     let (n, hw) = (g.batch, g.in_h * g.in_w);
     let (ci, co) = (g.in_channels, g.out_channels);
     let dyt = to_channel_major(dy, n, co, hw);
@@ -137,21 +117,8 @@ pub fn conv2d_backward(
         );
     }
     if let Some(dx) = dx {
-        // SAFETY: the product writes all `ci` rows of `n·hw` values.
-        let dxt = unsafe {
-            written(ci * n * hw, |dxt| {
-                sgemm_write(
-                    ci,
-                    n * hw,
-                    co,
-                    MatRef::transposed(w, ci),
-                    MatRef::row_major(&dyt, n * hw),
-                    dxt,
-                    n * hw,
-                    true,
-                )
-            })
-        };
+        let (wt, dym) = (MatRef::transposed(w, ci), MatRef::row_major(&dyt, n * hw));
+        let dxt = sgemm_new(ci, n * hw, co, wt, dym, true);
         from_channel_major(&dxt, n, ci, hw, dx);
     }
 }
