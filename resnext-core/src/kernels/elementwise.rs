@@ -10,12 +10,28 @@ const CHUNK: usize = 1 << 14;
 /// zero-fills (or page-faults) on the calling thread alone while the others wait, and
 /// the forward pass allocates hundreds of megabytes of activations per step.
 pub fn zeroed(len: usize) -> Vec<f32> {
-    if len < 1 << 18 {
+    if len < PARALLEL_FILL {
         return vec![0.0; len];
     }
     let mut v = Vec::with_capacity(len);
     v.par_extend(rayon::iter::repeat_n(0.0f32, len));
     v
+}
+
+/// Buffers from this many values up are filled by all threads.
+const PARALLEL_FILL: usize = 1 << 18;
+
+/// `y` (new memory) zero-filled, as initialised values: by all threads when it is large,
+/// as [`zeroed`].
+pub(crate) fn zero_fill(y: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    let zero = std::mem::MaybeUninit::new(0.0);
+    if y.len() < PARALLEL_FILL {
+        y.fill(zero);
+    } else {
+        y.par_chunks_mut(1 << 16).for_each(|c| c.fill(zero));
+    }
+    // SAFETY: every value was just written.
+    unsafe { super::assume_init(y) }
 }
 
 /// `y = max(a + b, 0)`.

@@ -9,7 +9,7 @@ use dfdx::prelude::*;
 use super::batch_norm::{check_batch_stats, update_running, BnConfig};
 use super::conv::{conv_geom, ConvConfig, ConvKind};
 use super::fold_cache;
-use super::grad::{Input, Output, Recompute};
+use super::grad::{Input, Kept, Output, Recompute};
 use super::{read, Act};
 use crate::error::{shape_err, Result};
 use crate::kernels::{batchnorm as bn, conv, elementwise as ew};
@@ -221,7 +221,7 @@ pub(crate) fn conv2d_bn_train_on<
     };
     // the backward pass keeps the recipe of its input rather than the values, where the
     // producer left one; the values are then freed when this op's caller drops them
-    let xs = Input::<I>::kept(xs, recompute);
+    let xs = Kept::new(xs, recompute);
     let _t = profile::scope(Label::BatchNormTrainFwd);
     let (gs, bs) = (read(bn.gamma), read(bn.beta));
     let stats = bn::stats_synced(&bg, planes, cfg.eps);

@@ -180,6 +180,15 @@ pub(crate) enum Kept {
 }
 
 impl Kept {
+    /// What a backward pass that reads `data` should keep: the recipe where there is one
+    /// (the values are then freed when the forward pass drops them), else the values.
+    pub(crate) fn new(data: Arc<Vec<f32>>, recompute: Option<Arc<Recompute>>) -> Self {
+        match recompute {
+            Some(r) => Kept::Recompute(r),
+            None => Kept::Values(data),
+        }
+    }
+
     /// The values, made again where only the recipe was kept.
     pub(crate) fn values(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
@@ -207,15 +216,6 @@ impl<const C: usize> Input<C> {
         let dev = x.device().clone();
         let (x, tape) = x.split_tape();
         (Input::of_tensor(&x), tape, dev)
-    }
-
-    /// What a backward pass that reads the values should keep: the recipe where there is
-    /// one (the values are then freed when the forward pass drops them), else the values.
-    pub(crate) fn kept(data: Arc<Vec<f32>>, recompute: Option<Arc<Recompute>>) -> Kept {
-        match recompute {
-            Some(r) => Kept::Recompute(r),
-            None => Kept::Values(data),
-        }
     }
 
     /// `(n, C, h, w)`.

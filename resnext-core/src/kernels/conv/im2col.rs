@@ -107,9 +107,7 @@ pub fn conv2d_forward(
     y: &mut [MaybeUninit<f32>],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    assert_eq!(x.len(), g.input_len(), "conv2d: input length");
-    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    assert_eq!(y.len(), g.output_len(), "conv2d: output length");
+    g.check_forward(x, w, y);
     let ohw = g.out_h() * g.out_w();
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
     let rows = ipg * g.kernel * g.kernel;

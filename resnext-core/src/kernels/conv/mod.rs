@@ -23,8 +23,6 @@ pub use reference::{conv2d_backward_ref, conv2d_forward_ref};
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
 /// Channels per group of the channel-in-lanes kernels ([`lanes`], [`winograd`]) come in
 /// multiples of this: the narrowest register tile, 16 channels.
 const LANE_CHANNELS: usize = 16;
@@ -113,7 +111,8 @@ impl Conv2dGeom {
         self.output_len() * self.in_per_group() * self.kernel * self.kernel
     }
     /// Panics naming the buffer whose length does not fit a forward pass.
-    pub fn check_forward(&self, x: &[f32], w: &[f32], y: &[f32]) {
+    /// (`y` may be new memory, not yet written.)
+    pub fn check_forward<Y>(&self, x: &[f32], w: &[f32], y: &[Y]) {
         assert_eq!(x.len(), self.input_len(), "conv2d: input length");
         assert_eq!(w.len(), self.weight_len(), "conv2d: weight length");
         assert_eq!(y.len(), self.output_len(), "conv2d: output length");
@@ -281,12 +280,7 @@ impl<'a> Out<'a> {
     fn init(self) -> &'a mut [f32] {
         match self {
             Self::Init(y) => y,
-            Self::New(y) => {
-                y.par_chunks_mut(1 << 16)
-                    .for_each(|c| c.fill(MaybeUninit::new(0.0)));
-                // SAFETY: every value was just written.
-                unsafe { super::assume_init(y) }
-            }
+            Self::New(y) => super::elementwise::zero_fill(y),
         }
     }
 }
@@ -493,11 +487,7 @@ impl<'a> InputGrad<'a> {
     fn init(self) -> &'a mut [f32] {
         match self {
             Self::Add(d) => d,
-            Self::Write(d) => {
-                d.fill(MaybeUninit::new(0.0));
-                // SAFETY: every value was just written.
-                unsafe { super::assume_init(d) }
-            }
+            Self::Write(d) => super::elementwise::zero_fill(d),
         }
     }
 }
@@ -517,7 +507,7 @@ pub fn conv2d_backward(
 
 /// [`conv2d_backward`] where no input gradient was accumulated yet: returns it as a new
 /// buffer, written once rather than zero-filled and added into where the algorithm
-/// allows.
+/// allows (the GEMM ones; the others get it zero-filled, [`InputGrad::init`]).
 pub fn conv2d_backward_new(
     g: &Conv2dGeom,
     x: &[f32],
@@ -525,20 +515,12 @@ pub fn conv2d_backward_new(
     dy: &[f32],
     dw: &mut [f32],
 ) -> Vec<f32> {
-    match Algorithm::backward(g) {
-        Algorithm::Pointwise | Algorithm::Im2col => {
-            // SAFETY: both write every value of the input gradient they are given.
-            unsafe {
-                super::written(g.input_len(), |dx| {
-                    backward_with(g, x, w, dy, Some(InputGrad::Write(dx)), dw)
-                })
-            }
-        }
-        _ => {
-            let mut dx = super::elementwise::zeroed(g.input_len());
-            conv2d_backward(g, x, w, dy, Some(&mut dx), dw);
-            dx
-        }
+    // SAFETY: every algorithm writes every value of an `InputGrad::Write` (the GEMM ones
+    // directly, the others after `InputGrad::init` zero-fills it).
+    unsafe {
+        super::written(g.input_len(), |dx| {
+            backward_with(g, x, w, dy, Some(InputGrad::Write(dx)), dw)
+        })
     }
 }
 

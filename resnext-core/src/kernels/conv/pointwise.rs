@@ -66,9 +66,7 @@ pub fn conv2d_forward(
     y: &mut [MaybeUninit<f32>],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    assert_eq!(x.len(), g.input_len(), "conv2d: input length");
-    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    assert_eq!(y.len(), g.output_len(), "conv2d: output length");
+    g.check_forward(x, w, y);
     let (n, hw) = (g.batch, g.in_h * g.in_w);
     let (ci, co) = (g.in_channels, g.out_channels);
     let xt = to_channel_major(x, n, ci, hw);
