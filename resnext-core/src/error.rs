@@ -2,6 +2,8 @@
 
 use dfdx::tensor::CpuError;
 
+use crate::backend::device::GpuError;
+
 /// Errors from ops, modules and the model: every message names what was wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,6 +18,9 @@ pub enum Error {
     /// The tensor backend failed (allocation).
     #[error("tensor backend: {0}")]
     Device(CpuError),
+    /// The GPU could not be opened or failed ([`GpuError`]).
+    #[error("{0}")]
+    Gpu(#[from] GpuError),
     /// A loss or activation became NaN or infinite.
     #[error("non-finite value: {0}")]
     NonFinite(String),

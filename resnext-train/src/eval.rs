@@ -9,6 +9,8 @@ use dfdx::prelude::*;
 use resnext_core::model::{Arch, Network};
 
 use crate::data::{self, Dataset};
+use crate::device::Compute;
+use resnext_core::backend::device::DeviceSpec;
 
 /// Test-set numbers.
 pub struct EvalResult {
@@ -41,6 +43,11 @@ pub fn rank(row: &[f32], label: usize) -> Option<usize> {
 /// Eval-mode pass over every batch of `loader`. Non-finite logits are an error naming the
 /// sample: no metric is reported for a model that produces them.
 pub fn evaluate(net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
+    evaluate_on(&Compute::Cpu, net, loader)
+}
+
+/// [`evaluate`] on `device`.
+pub fn evaluate_on(device: &Compute, net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
     let classes = net.classes();
     let (mut loss, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
     for batch in loader.epoch(0, 0) {
@@ -48,7 +55,7 @@ pub fn evaluate(net: &dyn Network, loader: &Loader) -> Result<EvalResult> {
         if batch.labels.is_empty() {
             continue; // every image of the batch was unreadable (and left out)
         }
-        let logits = net.forward_eval(batch.data, batch.shape)?;
+        let logits = device.forward_eval(net, batch.data, batch.shape)?;
         for (row, &label) in logits.chunks(classes).zip(&batch.labels) {
             if let Some(v) = row.iter().find(|v| !v.is_finite()) {
                 bail!(
@@ -105,6 +112,9 @@ pub struct EvalArgs {
     /// 256 / 224; torchvision's V2 weights are evaluated at 232 for a 224 crop].
     #[arg(long)]
     val_resize: Option<usize>,
+    /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    device: DeviceSpec,
 }
 
 /// Prints top-1 and top-5; the last line is `top1: X top5: Y`. When the weights are a
@@ -112,6 +122,7 @@ pub struct EvalArgs {
 /// weights (`ema.safetensors` beside them), that one is evaluated and printed first.
 pub fn run(a: EvalArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
+    let device = Compute::open(a.device)?;
     data::check_image_size(a.image_size)?;
     data::check_size("val-resize", a.val_resize)?;
     let size = a.image_size.unwrap_or(arch.default_size());
@@ -151,7 +162,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let mut avg = arch.build(&dev, data.info.channels, data.info.classes.len())?;
         avg.load_safetensors(&path)
             .with_context(|| "the run's weight average".to_string())?;
-        let r = evaluate(avg.as_ref(), &loader)?;
+        let r = evaluate_on(&device, avg.as_ref(), &loader)?;
         println!(
             "ema ({}): loss {:.4} top1: {:.4} top5: {:.4}",
             path.display(),
@@ -160,7 +171,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             r.top5
         );
     }
-    let r = evaluate(net.as_ref(), &loader)?;
+    let r = evaluate_on(&device, net.as_ref(), &loader)?;
     println!("{arch} on {} test: loss {:.4}", a.dataset, r.loss);
     println!("top1: {:.4} top5: {:.4}", r.top1, r.top5);
     Ok(())

@@ -4,6 +4,7 @@
 
 pub mod curves;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod embed;
 pub mod eval;

@@ -11,6 +11,8 @@ use rand::SeedableRng;
 use resnext_core::model::Arch;
 
 use crate::data::Dataset;
+use crate::device::Compute;
+use resnext_core::backend::device::DeviceSpec;
 
 /// The largest `--classes` file read (one class name a line).
 const MAX_CLASSES_BYTES: u64 = 16 << 20;
@@ -44,6 +46,9 @@ pub struct PredictArgs {
     /// Input size for images [default: the training run's, else the architecture's].
     #[arg(long)]
     image_size: Option<usize>,
+    /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    device: DeviceSpec,
 }
 
 /// The dataset a run folder was trained on (weights in `run/` or `run/checkpoint/`).
@@ -212,6 +217,7 @@ pub(crate) fn load_images_for(
 /// Runs the eval-mode forward and prints the top-k classes per input.
 pub fn run(a: PredictArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
+    let device = Compute::open(a.device)?;
     crate::data::check_image_size(a.image_size)?;
     let (classes, in_channels) = weights_shape(&a.weights)?;
     let dataset = run_dataset(&a.weights);
@@ -268,8 +274,8 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let mut net = arch.build(&dev, in_channels, classes)?;
     net.load_safetensors(&a.weights)?;
     let per = data.len() / shape[0];
-    let logits = net
-        .forward_eval(data.clone(), shape)
+    let logits = device
+        .forward_eval(net.as_ref(), data.clone(), shape)
         .with_context(|| format!("running {arch}"))?;
     if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
         let n = i / classes;

@@ -14,6 +14,7 @@ use dfdx::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use resnext_core::backend::device::DeviceSpec;
 use resnext_core::ema::Ema;
 use resnext_core::model::{Arch, Frozen, Network};
 use resnext_core::ops::Targets;
@@ -195,6 +196,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Where to compute: `cpu`; `cuda` / `cuda:N` is not available for training yet (eval
+    /// and predict run there in a build with `--features cuda`).
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    #[serde(skip)]
+    pub device: DeviceSpec,
 }
 
 fn one() -> f32 {
@@ -828,6 +834,7 @@ fn remove_unnamed(dir: &Path, state: &State) {
 /// Trains with `args`; prints `final test_top1: X` last. `interrupted` is set by the
 /// Ctrl-C handler: the current step finishes and a checkpoint is written.
 pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
+    crate::device::cpu_only(args.device, "training")?;
     let mut trainer = Trainer::new(args, interrupted)?;
     if trainer.args.resume.is_some() {
         trainer.resume()?;

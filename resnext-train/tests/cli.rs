@@ -256,3 +256,59 @@ fn predict_rejects_bad_input_with_clear_errors() {
         "{err}"
     );
 }
+
+/// `--device cuda` where it cannot run: one line saying why, a non-zero exit, nothing
+/// written. Without the `cuda` feature the line says how to build it; with it, on a
+/// machine without the NVIDIA driver (CI's), that no driver was found.
+#[test]
+fn device_cuda_without_a_gpu_is_a_one_line_error() {
+    let dir = TempDir::new("device-cuda");
+    let out = dir.0.join("run");
+    let cuda_build = cfg!(feature = "cuda");
+    if cuda_build && std::path::Path::new("/proc/driver/nvidia/version").exists() {
+        eprintln!("skipped: this machine has the NVIDIA driver");
+        return;
+    }
+    let want = if cuda_build {
+        "error: no CUDA driver found"
+    } else {
+        "error: this build has no CUDA support"
+    };
+    for args in [
+        vec![
+            "train",
+            "--device",
+            "cuda",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+        vec![
+            "eval",
+            "--device",
+            "cuda:0",
+            "--weights",
+            "none.safetensors",
+        ],
+        vec![
+            "predict",
+            "--device",
+            "cuda",
+            "--arch",
+            "resnext11_8x8d",
+            "--weights",
+            "x",
+            "y.png",
+        ],
+    ] {
+        let o = bin(&args);
+        let (stdout, err) = text(&o);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with(want), "{args:?}: {err}");
+    }
+    assert!(!out.exists(), "nothing is written");
+    let o = bin(&["train", "--device", "cuda:x"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("cuda:N"), "{err}");
+}

@@ -1,4 +1,5 @@
-//! `throughput`: images per second of a named network, eval or training, on the CPU.
+//! `throughput`: images per second of a named network, eval or training, on the CPU (or
+//! eval on a CUDA GPU: `--device cuda` in a build with `--features cuda`).
 //!
 //! `cargo run --release -p resnext-bench --bin throughput -- --arch resnext50_32x4d --batch 8 --size 224 --mode eval`
 //! prints per-iteration times, then `peak_rss_mb: …` and, last, `img/s: X`.
@@ -8,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Parser;
 use dfdx::prelude::*;
+use resnext_core::backend::device::{DeviceSpec, GpuError};
 use resnext_core::model::Arch;
 use resnext_core::optim::{OptimConfig, Optimizer};
 
@@ -35,6 +37,35 @@ struct Args {
     /// Classes.
     #[arg(long, default_value_t = 1000)]
     classes: usize,
+    /// `cpu`, or `cuda` / `cuda:N` (eval only; a build with `--features cuda`).
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    device: DeviceSpec,
+}
+
+/// Where the forward pass runs.
+enum Device {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Gpu(resnext_core::backend::cuda::Gpu),
+}
+
+fn open(spec: DeviceSpec, mode: &str) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => {
+            let gpu = resnext_core::backend::cuda::Gpu::open(i)?;
+            if mode != "eval" {
+                bail!(GpuError::Unsupported("the training step"));
+            }
+            Ok(Device::Gpu(gpu))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => {
+            let _ = mode;
+            bail!(GpuError::NotBuilt)
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -60,6 +91,7 @@ fn main() -> Result<()> {
             .build_global()?;
     }
     let arch: Arch = a.arch.parse()?;
+    let device = open(a.device, &a.mode)?;
     let dev = Cpu::seed_from_u64(0);
     let mut net = arch.build(&dev, 3, a.classes)?;
     let shape = [a.batch, 3, a.size, a.size];
@@ -71,9 +103,16 @@ fn main() -> Result<()> {
     });
     let mut step = || -> Result<()> {
         match a.mode.as_str() {
-            "eval" => {
-                net.forward_eval(x.clone(), shape)?;
-            }
+            "eval" => match &device {
+                Device::Cpu => {
+                    net.forward_eval(x.clone(), shape)?;
+                }
+                #[cfg(feature = "cuda")]
+                Device::Gpu(g) => {
+                    // the logits come back to the host: the time includes the copies
+                    net.forward_eval_gpu(g, &x, shape)?;
+                }
+            },
             "train" => {
                 net.train_step(x.clone(), shape, &labels, 0.0, &mut opt)?;
             }
@@ -101,15 +140,14 @@ fn main() -> Result<()> {
     if !leader {
         return Ok(());
     }
+    let on = match &device {
+        Device::Cpu => format!("threads {} isa {isa}", rayon::current_num_threads()),
+        #[cfg(feature = "cuda")]
+        Device::Gpu(g) => format!("device cuda:{} ({})", g.index(), g.name()),
+    };
     println!(
-        "{} {} batch {} size {} threads {} isa {}: median {:.3} s",
-        arch,
-        a.mode,
-        a.batch,
-        a.size,
-        rayon::current_num_threads(),
-        isa,
-        median
+        "{} {} batch {} size {} {on}: median {:.3} s",
+        arch, a.mode, a.batch, a.size, median
     );
     let prof = resnext_core::profile::report();
     if !prof.is_empty() {

@@ -22,6 +22,9 @@ use crate::error::Result;
 use crate::nn::{BatchNorm2d, ConvLayer, Linear};
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 
 /// The operations a ResNeXt's eval-mode forward pass needs, on activations of the
 /// backend's own type. Every activation carries its channel count in the type, so the

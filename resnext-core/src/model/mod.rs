@@ -5,11 +5,13 @@
 mod block;
 mod layer;
 mod network;
+mod on_gpu;
 mod registry;
 mod train_step;
 
 pub use block::{Bottleneck, Downsample, Stage, StageMeta};
 pub use layer::Layer;
 pub use network::*;
+pub use on_gpu::GpuEval;
 pub use registry::{Arch, BuildRuntime, Network, UnknownArch, MAX_CLASSES};
 pub use train_step::{train_step, train_step_by, TrainOutput};

@@ -37,6 +37,16 @@ pub trait Network {
     fn summary(&self, h: usize, w: usize) -> Vec<LayerSummary>;
     /// Eval-mode logits `(n, classes)` (row-major) of an `(n, C, h, w)` batch.
     fn forward_eval(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<f32>>;
+    /// Eval-mode logits `(n, classes)` (row-major) of an `(n, C, h, w)` batch, computed
+    /// on `gpu` (feature `cuda`). The parameters are copied to the GPU at the first call
+    /// and again after the model changes.
+    #[cfg(feature = "cuda")]
+    fn forward_eval_gpu(
+        &self,
+        gpu: &crate::backend::cuda::Gpu,
+        x: &[f32],
+        shape: [usize; 4],
+    ) -> Result<Vec<f32>>;
     /// Width of the pooled embedding (the classifier's input).
     fn embed_dim(&self) -> usize;
     /// Eval-mode pooled embeddings `(n, embed_dim)` (row-major) of an `(n, C, h, w)` batch.
@@ -134,7 +144,8 @@ macro_rules! impl_network {
             $ty<C, $($cp,)* $($L,)+ nn::Linear<F, usize, f32, Cpu>, f32, Cpu>: Module<Act<C>, Output = Tensor<(usize, usize), f32, Cpu>, Error = Error>
                 + ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>, Error = Error>
                 + Features<C>
-                + TrainFrozen<C, usize>,
+                + TrainFrozen<C, usize>
+                + super::GpuEval<C>,
             $($L: TensorCollection<f32, Cpu> + StageMeta,)+
         {
             fn arch(&self) -> Arch {
@@ -155,6 +166,18 @@ macro_rules! impl_network {
             fn forward_eval(&self, x: Vec<f32>, shape: [usize; 4]) -> Result<Vec<f32>> {
                 let x = input::<C>(&self.net.conv1.weight, self.arch, x, shape)?;
                 crate::ops::with_fold_cache(&self.folded, || Ok(self.net.try_forward(x)?.as_vec()))
+            }
+            #[cfg(feature = "cuda")]
+            fn forward_eval_gpu(&self, gpu: &crate::backend::cuda::Gpu, x: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
+                if shape[1] != C {
+                    return Err(shape_err(
+                        "forward",
+                        format!("{} expects {C} input channels, got input of shape {shape:?}", self.arch),
+                    ));
+                }
+                gpu.use_model_state(self.folded.stamp());
+                let x = gpu.input::<C>(x, shape)?;
+                gpu.logits(&super::GpuEval::<C>::eval_gpu(&self.net, gpu, x)?)
             }
             fn embed_dim(&self) -> usize {
                 self.net.embed_dim()

@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::kernels::conv::PreparedWeights;
@@ -20,9 +21,26 @@ pub(super) struct Folded {
 /// the model clears it after any change (as [`crate::model::Network`]'s implementations
 /// do after loading weights or a training step). Install it for a call with
 /// [`with_fold_cache`].
-#[derive(Default)]
 pub struct FoldCache {
     map: Mutex<HashMap<usize, Arc<Folded>>>,
+    /// Names the state of the model this cache serves: drawn anew at every
+    /// [`FoldCache::clear`], never the same for two states or two caches.
+    stamp: AtomicU64,
+}
+
+/// The next stamp of any [`FoldCache`].
+fn next_stamp() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Default for FoldCache {
+    fn default() -> Self {
+        Self {
+            map: Mutex::default(),
+            stamp: AtomicU64::new(next_stamp()),
+        }
+    }
 }
 
 impl std::fmt::Debug for FoldCache {
@@ -40,10 +58,17 @@ impl FoldCache {
     }
     /// Forgets every folded weight (call after the model changed).
     pub fn clear(&self) {
+        self.stamp.store(next_stamp(), Ordering::Relaxed);
         self.map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+    }
+    /// A number that names the model state this cache serves: it changes at every
+    /// [`FoldCache::clear`] (after every change of the model) and no two caches share one,
+    /// so another device's copy of the parameters can be keyed by it.
+    pub fn stamp(&self) -> u64 {
+        self.stamp.load(Ordering::Relaxed)
     }
     /// Number of cached convolutions.
     pub fn len(&self) -> usize {

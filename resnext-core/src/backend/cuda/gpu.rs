@@ -1,0 +1,346 @@
+//! [`Gpu`]: one opened CUDA device (context, stream, cuDNN, cuBLAS, the backend's kernels,
+//! the caching allocator and the parameters copied to it), and [`DevBuf`], an f32 buffer
+//! on it.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cudnn::Cudnn;
+use cudarc::driver::{
+    sys::CUresult, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError,
+};
+
+use super::alloc::{CachingPool, PoolStats, RawAlloc};
+use super::conv::Convs;
+use super::kernels::Kernels;
+use crate::backend::device::GpuError;
+
+/// A driver error as a [`GpuError`]: out of memory named as such, with what the
+/// allocation of `bytes` bytes was for.
+pub(super) fn driver_err(e: DriverError, what: &str, bytes: usize) -> GpuError {
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        GpuError::OutOfMemory {
+            what: what.to_string(),
+            bytes,
+        }
+    } else {
+        GpuError::Call {
+            what: what.to_string(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// A failed CUDA call as a [`GpuError`] naming the call.
+pub(super) fn call_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> GpuError + '_ {
+    move |e| GpuError::Call {
+        what: what.to_string(),
+        msg: format!("{e:?}"),
+    }
+}
+
+/// Whether the NVIDIA driver's library (`libcuda.so`) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library by its usual names.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Runs a call into the CUDA libraries with a panic inside them (a library that loads
+/// but lacks a symbol) turned into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, GpuError>) -> Result<T, GpuError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a CUDA library failed".into());
+        Err(GpuError::Call {
+            what: what.to_string(),
+            msg,
+        })
+    })
+}
+
+/// The number of CUDA GPUs the driver reports: [`GpuError::NoDriver`] when there is no
+/// driver (never a panic).
+pub fn device_count() -> Result<usize, GpuError> {
+    if !driver_present() {
+        return Err(GpuError::NoDriver);
+    }
+    guarded("counting CUDA devices", || {
+        match CudaContext::device_count() {
+            Ok(n) => Ok(n.max(0) as usize),
+            // a driver with no GPU (or none visible through CUDA_VISIBLE_DEVICES)
+            Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => Ok(0),
+            Err(e) => Err(GpuError::Call {
+                what: "initialising the CUDA driver".into(),
+                msg: e.to_string(),
+            }),
+        }
+    })
+}
+
+/// Allocations from the driver, on the device's stream (stream-ordered, so a block freed
+/// and handed out again is only reused after the work queued before it).
+pub(super) struct DriverAlloc {
+    stream: Arc<CudaStream>,
+}
+
+impl RawAlloc for DriverAlloc {
+    type Block = CudaSlice<f32>;
+    fn alloc(&mut self, bytes: usize) -> Result<CudaSlice<f32>, GpuError> {
+        // SAFETY: a buffer's contents are written before they are read (every op writes
+        // its whole output).
+        unsafe { self.stream.alloc::<f32>(bytes / 4) }.map_err(|e| driver_err(e, "", bytes))
+    }
+    fn release(&mut self, block: CudaSlice<f32>) {
+        drop(block);
+    }
+}
+
+type Pool = Rc<RefCell<CachingPool<DriverAlloc>>>;
+
+/// `len` f32 values on the GPU, from the caching allocator (back to it when dropped).
+pub struct DevBuf {
+    slice: Option<CudaSlice<f32>>,
+    class: usize,
+    len: usize,
+    pool: Pool,
+}
+
+impl DevBuf {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub(super) fn view(&self) -> CudaView<'_, f32> {
+        self.slice.as_ref().expect("live buffer").slice(..self.len)
+    }
+    pub(super) fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+        let len = self.len;
+        self.slice.as_mut().expect("live buffer").slice_mut(..len)
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if let Some(s) = self.slice.take() {
+            if let Ok(mut p) = self.pool.try_borrow_mut() {
+                p.give_back(s, self.class);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevBuf").field("len", &self.len).finish()
+    }
+}
+
+/// A convolution's weights with its eval-mode batch norm folded in, on the GPU.
+pub(super) struct FoldedConv {
+    pub(super) w: CudaSlice<f32>,
+    pub(super) shift: CudaSlice<f32>,
+}
+
+/// A classifier's weight `(O, F)` and bias on the GPU.
+pub(super) struct GpuLinear {
+    pub(super) w: CudaSlice<f32>,
+    pub(super) b: CudaSlice<f32>,
+}
+
+/// The GPU copies of a model's parameters, keyed by
+/// [`param_key`](crate::backend::param_key) and valid for one state of the model (its
+/// stamp).
+#[derive(Default)]
+pub(super) struct Params {
+    stamp: Option<u64>,
+    pub(super) convs: HashMap<usize, Rc<FoldedConv>>,
+    pub(super) linears: HashMap<usize, Rc<GpuLinear>>,
+}
+
+pub(super) struct Inner {
+    pub(super) index: usize,
+    pub(super) name: String,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) blas: CudaBlas,
+    pub(super) k: Kernels,
+    pub(super) convs: RefCell<Convs>,
+    pub(super) params: RefCell<Params>,
+    pool: Pool,
+}
+
+/// One CUDA GPU, opened: what the CUDA backend computes on. Cheap to clone (a handle);
+/// not `Send`: use it from the thread that opened it.
+///
+/// It is the [`Backend`](crate::backend::Backend) itself: `net.eval_on(&gpu, x)` runs a
+/// typed network's eval-mode forward pass on it, the channel counts checked at compile
+/// time as on the CPU.
+#[derive(Clone)]
+pub struct Gpu {
+    pub(super) inner: Rc<Inner>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("index", &self.inner.index)
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+/// The file names NVIDIA's libraries are loaded by (for error messages).
+fn lib_names(lib: &str) -> String {
+    cudarc::get_lib_name_candidates(lib)
+        .into_iter()
+        .filter(|n| n.contains(".so"))
+        .take(4)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Gpu {
+    /// Opens GPU `index`: the driver, cuDNN, cuBLAS and NVRTC must load and the GPU must
+    /// exist; the backend's kernels are compiled for it. Every failure is an error naming
+    /// what is missing, never a panic.
+    pub fn open(index: usize) -> Result<Self, GpuError> {
+        let count = device_count()?;
+        if index >= count {
+            return Err(GpuError::NoDevice { index, count });
+        }
+        // SAFETY (all three): only try to open the libraries by their usual names.
+        let libs = unsafe {
+            [
+                ("cuDNN", "cudnn", cudarc::cudnn::sys::is_culib_present()),
+                ("cuBLAS", "cublas", cudarc::cublas::sys::is_culib_present()),
+                ("NVRTC", "nvrtc", cudarc::nvrtc::sys::is_culib_present()),
+            ]
+        };
+        if let Some((lib, file, _)) = libs.iter().find(|l| !l.2) {
+            return Err(GpuError::MissingLibrary {
+                lib,
+                names: lib_names(file),
+            });
+        }
+        guarded("opening the GPU", || {
+            let ctx = CudaContext::new(index).map_err(call_err("creating a CUDA context"))?;
+            let name = ctx.name().unwrap_or_else(|_| "CUDA GPU".into());
+            let stream = ctx.default_stream();
+            let cudnn = Cudnn::new(stream.clone()).map_err(call_err("creating a cuDNN handle"))?;
+            let blas =
+                CudaBlas::new(stream.clone()).map_err(call_err("creating a cuBLAS handle"))?;
+            let k = Kernels::load(&ctx)?;
+            let pool = Rc::new(RefCell::new(CachingPool::new(DriverAlloc {
+                stream: stream.clone(),
+            })));
+            Ok(Gpu {
+                inner: Rc::new(Inner {
+                    index,
+                    name,
+                    stream,
+                    blas,
+                    k,
+                    convs: RefCell::new(Convs::new(cudnn)),
+                    params: RefCell::new(Params::default()),
+                    pool,
+                }),
+            })
+        })
+    }
+
+    /// The GPU's index.
+    pub fn index(&self) -> usize {
+        self.inner.index
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The caching allocator's counters.
+    pub fn memory(&self) -> PoolStats {
+        self.inner.pool.borrow().stats()
+    }
+
+    /// Gives the allocator's cached blocks back to the driver.
+    pub fn empty_cache(&self) {
+        self.inner.pool.borrow_mut().empty_cache();
+    }
+
+    /// Forgets the GPU copies of every parameter: call it after changing a model's
+    /// weights before running it again on this GPU (the parameters are copied once and
+    /// reused, keyed by where the host tensors live). [`Gpu::use_model_state`] does it
+    /// when a model's state stamp changes.
+    pub fn forget_params(&self) {
+        let mut p = self.inner.params.borrow_mut();
+        p.convs.clear();
+        p.linears.clear();
+    }
+
+    /// Declares which state of a model the next forward passes run: the GPU copies of the
+    /// parameters are kept while `stamp` stays the same and made again after it changes
+    /// ([`FoldCache::stamp`](crate::ops::FoldCache::stamp) is one).
+    pub fn use_model_state(&self, stamp: u64) {
+        if self.inner.params.borrow().stamp != Some(stamp) {
+            self.forget_params();
+            self.inner.params.borrow_mut().stamp = Some(stamp);
+        }
+    }
+
+    /// Waits for the queued work to finish.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(call_err("waiting for the GPU"))
+    }
+
+    /// A buffer of `len` values, contents unset (the caller writes all of them). `what`
+    /// names it in an out-of-memory error.
+    pub(super) fn alloc(&self, len: usize, what: &str) -> Result<DevBuf, GpuError> {
+        let (slice, class) = self.inner.pool.borrow_mut().take(len * 4, what)?;
+        Ok(DevBuf {
+            slice: Some(slice),
+            class,
+            len,
+            pool: self.inner.pool.clone(),
+        })
+    }
+
+    /// `data` copied to a new buffer.
+    pub(super) fn upload(&self, data: &[f32], what: &str) -> Result<DevBuf, GpuError> {
+        let mut b = self.alloc(data.len(), what)?;
+        self.inner
+            .stream
+            .memcpy_htod(data, &mut b.view_mut())
+            .map_err(|e| driver_err(e, what, data.len() * 4))?;
+        Ok(b)
+    }
+
+    /// `data` copied to a new plain device slice (parameters).
+    pub(super) fn upload_param(&self, data: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
+        self.inner
+            .stream
+            .clone_htod(data)
+            .map_err(|e| driver_err(e, "model parameters", data.len() * 4))
+    }
+
+    /// The values of `b`, copied to the host (waits for the work that writes them).
+    pub(super) fn download(&self, b: &DevBuf) -> Result<Vec<f32>, GpuError> {
+        self.inner
+            .stream
+            .clone_dtoh(&b.view())
+            .map_err(call_err("copying from the GPU"))
+    }
+}

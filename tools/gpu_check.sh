@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds here, with no GPU and no CUDA toolkit, everything a run on a GPU machine needs,
+# into gpu-check/ (ignored by git, well under 64 MiB): the release binaries with the `cuda`
+# feature, the library's test binary (its GPU tests run where a GPU is) and the script
+# that runs them there, tools/gpu_run.sh. On the GPU machine: `bash gpu-check/gpu_run.sh
+# OUT_DIR` writes OUT_DIR/report.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=gpu-check
+rm -rf "$out"
+mkdir -p "$out/bin"
+features=resnext-train/cuda,resnext-bench/cuda
+cargo build --release -p resnext-train -p resnext-bench --features "$features" \
+    --bin resnext-train --bin throughput
+cp target/release/resnext-train target/release/throughput "$out/bin/"
+# the library's unit tests (GPU parity tests included), built as a release binary
+exe=$(cargo test --release -p resnext-core --features cuda --lib --no-run \
+    --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])' | tail -1)
+[ -n "$exe" ] || { echo "no test binary found" >&2; exit 1; }
+cp "$exe" "$out/bin/resnext_core_tests"
+strip "$out"/bin/* 2>/dev/null || true
+cp tools/gpu_run.sh "$out/"
+du -sh "$out"
