@@ -19,7 +19,12 @@ print(":".join(sorted(set(dirs))))
 PY
 )
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-bin="$here/bin"
+bin=$(mktemp -d)
+trap 'rm -rf "$bin"' EXIT
+for f in "$here"/bin/*.gz; do
+    gunzip -c "$f" > "$bin/$(basename "$f" .gz)"
+    chmod +x "$bin/$(basename "$f" .gz)"
+done
 {
     echo "# GPU check"
     echo
@@ -29,7 +34,7 @@ bin="$here/bin"
     echo
     echo "## Parity (GPU against CPU, fp32, TF32 off)"
     echo '```'
-    RESNEXT_REQUIRE_GPU=1 RESNEXT_REQUIRE_NVRTC=1 "$bin/resnext_core_tests" backend:: --test-threads 1 2>&1 | tail -25
+    RESNEXT_REQUIRE_GPU=1 RESNEXT_REQUIRE_NVRTC=1 "$bin/resnext_core_tests" backend:: --test-threads 1 2>&1 | tail -40
     echo "exit: $?"
     echo '```'
     echo

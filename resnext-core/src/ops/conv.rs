@@ -107,7 +107,7 @@ impl ConvKind {
 }
 
 /// The checked geometry of an `I → O` convolution of an `(n, I, h, w)` input.
-pub(super) fn conv_geom<const I: usize, const O: usize, WS: Shape>(
+pub(crate) fn conv_geom<const I: usize, const O: usize, WS: Shape>(
     [n, h, w]: [usize; 3],
     weight: &Tensor<WS, f32, Cpu>,
     cfg: ConvConfig,

@@ -45,9 +45,8 @@ use self::kernels::grid_for;
 use super::{param_key, Backend};
 use crate::error::{shape_err, Result};
 use crate::kernels::batchnorm::eval_affine;
-use crate::kernels::conv::Conv2dGeom;
 use crate::nn::{BatchNorm2d, ConvLayer, Linear};
-use crate::ops::BnConfig;
+use crate::ops::{conv_geom, BnConfig};
 
 /// A `(batch, C, height, width)` activation on the GPU: the channel count in the type, the
 /// rest at run time. Cloning shares the buffer (activations are never written in place).
@@ -201,19 +200,8 @@ impl Backend for Gpu {
         relu: bool,
         residual: Option<CudaAct<O>>,
     ) -> Result<CudaAct<O>> {
-        let cfg = C::CONFIG;
-        let [n, h, w] = x.dims;
-        let g = Conv2dGeom {
-            batch: n,
-            in_channels: I,
-            out_channels: O,
-            in_h: h,
-            in_w: w,
-            kernel: cfg.kernel,
-            stride: cfg.stride,
-            padding: cfg.padding,
-            groups: cfg.groups,
-        };
+        let [n, ..] = x.dims;
+        let g = conv_geom::<I, O, _>(x.dims, conv.weight(), C::CONFIG)?;
         let d = ConvDims::of(&g)?;
         let (oh, ow) = (g.out_h(), g.out_w());
         if let Some(r) = &residual {
