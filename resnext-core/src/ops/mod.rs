@@ -31,6 +31,7 @@ mod loss;
 mod pool;
 
 pub use batch_norm::{batch_norm2d_eval, batch_norm2d_train, BnConfig};
+#[cfg(feature = "cuda")]
 pub(crate) use conv::conv_geom;
 pub use conv::{conv2d, ConvConfig};
 pub(crate) use conv_bn::conv2d_bn_train_on;
