@@ -112,13 +112,8 @@ struct Named<M> {
     frozen: Frozen,
 }
 
-/// An `(n, C, h, w)` batch as a tensor on the device of `like`, checked against `C`.
-fn input<const C: usize>(
-    like: &Tensor<impl Shape, f32, Cpu>,
-    arch: Arch,
-    x: Vec<f32>,
-    shape: [usize; 4],
-) -> Result<Act<C>> {
+/// An error unless `len` values fill an `(n, C, h, w)` batch of `shape` for `arch`.
+fn check_input<const C: usize>(arch: Arch, len: usize, shape: [usize; 4]) -> Result<()> {
     let [n, c, h, w] = shape;
     if c != C {
         return Err(shape_err(
@@ -126,12 +121,24 @@ fn input<const C: usize>(
             format!("{arch} expects {C} input channels, got input of shape {shape:?}"),
         ));
     }
-    if x.len() != n * c * h * w {
+    if len != n * c * h * w {
         return Err(shape_err(
             "forward",
-            format!("{} values do not fill shape {shape:?}", x.len()),
+            format!("{len} values do not fill shape {shape:?}"),
         ));
     }
+    Ok(())
+}
+
+/// An `(n, C, h, w)` batch as a tensor on the device of `like`, checked against `C`.
+fn input<const C: usize>(
+    like: &Tensor<impl Shape, f32, Cpu>,
+    arch: Arch,
+    x: Vec<f32>,
+    shape: [usize; 4],
+) -> Result<Act<C>> {
+    check_input::<C>(arch, x.len(), shape)?;
+    let [n, _, h, w] = shape;
     Ok(like
         .device()
         .try_tensor_from_vec(x, (n, Const::<C>, h, w))?)
@@ -169,12 +176,7 @@ macro_rules! impl_network {
             }
             #[cfg(feature = "cuda")]
             fn forward_eval_gpu(&self, gpu: &crate::backend::cuda::Gpu, x: &[f32], shape: [usize; 4]) -> Result<Vec<f32>> {
-                if shape[1] != C {
-                    return Err(shape_err(
-                        "forward",
-                        format!("{} expects {C} input channels, got input of shape {shape:?}", self.arch),
-                    ));
-                }
+                check_input::<C>(self.arch, x.len(), shape)?;
                 gpu.use_model_state(self.folded.stamp());
                 let x = gpu.input::<C>(x, shape)?;
                 gpu.logits(&super::GpuEval::<C>::eval_gpu(&self.net, gpu, x)?)

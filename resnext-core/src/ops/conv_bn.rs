@@ -26,6 +26,22 @@ fn fold_bn<const C: usize>(bn: BnRef<'_, C>, eps: f64) -> (Vec<f32>, Vec<f32>) {
     )
 }
 
+/// `weight` `(O, …)` with the eval-mode batch norm `bn` folded in (each output channel's
+/// row scaled by `γ / sqrt(var + eps)`), and the per-channel shift that goes with it.
+pub(crate) fn folded_weights<const O: usize, WS: Shape>(
+    weight: &Tensor<WS, f32, Cpu>,
+    bn: BnRef<'_, O>,
+    eps: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let (scale, shift) = fold_bn(bn, eps);
+    let mut ws = read(weight);
+    let per = ws.len() / O;
+    for (row, s) in ws.chunks_mut(per.max(1)).zip(&scale) {
+        row.iter_mut().for_each(|v| *v *= s);
+    }
+    (ws, shift)
+}
+
 /// Borrowed batch-norm tensors (γ, β, running mean, running variance).
 #[derive(Clone, Copy, Debug)]
 pub struct BnRef<'a, const C: usize> {
@@ -89,12 +105,7 @@ pub fn conv2d_bn_eval_raw<const I: usize, const O: usize, WS: Shape>(
     }
     let key = weight as *const Tensor<WS, f32, Cpu> as usize;
     let y = if let Some(folded) = fold_cache::lookup(key, || {
-        let (scale, shift) = fold_bn(bn, eps);
-        let mut ws = read(weight);
-        let per = ws.len() / O;
-        for (row, s) in ws.chunks_mut(per.max(1)).zip(&scale) {
-            row.iter_mut().for_each(|v| *v *= s);
-        }
+        let (ws, shift) = folded_weights(weight, bn, eps);
         fold_cache::Folded {
             w: conv::PreparedWeights::new(&g, ws),
             shift,

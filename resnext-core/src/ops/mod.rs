@@ -35,6 +35,8 @@ pub use batch_norm::{batch_norm2d_eval, batch_norm2d_train, BnConfig};
 pub(crate) use conv::conv_geom;
 pub use conv::{conv2d, ConvConfig};
 pub(crate) use conv_bn::conv2d_bn_train_on;
+#[cfg(feature = "cuda")]
+pub(crate) use conv_bn::folded_weights;
 pub use conv_bn::{conv2d_bn_eval, conv2d_bn_eval_raw, conv2d_bn_train, BnRef, BnTrainRef};
 pub use elementwise::add_relu;
 pub use fold_cache::{with_fold_cache, FoldCache};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use cudarc::cudnn::{sys, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
+use super::gpu::call_err;
 use crate::backend::device::GpuError;
 use crate::kernels::conv::Conv2dGeom;
 
@@ -91,13 +92,6 @@ pub fn workspace_growth(have: usize, need: usize) -> usize {
     }
 }
 
-fn cudnn_err(what: &str) -> impl Fn(cudarc::cudnn::result::CudnnError) -> GpuError + '_ {
-    move |e| GpuError::Call {
-        what: what.to_string(),
-        msg: format!("{e:?}"),
-    }
-}
-
 /// One convolution shape made ready for cuDNN.
 pub(super) struct Plan {
     x: TensorDescriptor<f32>,
@@ -110,7 +104,7 @@ pub(super) struct Plan {
 
 impl Plan {
     fn new(cudnn: &Arc<Cudnn>, d: &ConvDims) -> Result<Self, GpuError> {
-        let e = cudnn_err("cuDNN convolution descriptor");
+        let e = call_err("cuDNN convolution descriptor");
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let x = cudnn.create_4d_tensor::<f32>(nchw, d.x).map_err(&e)?;
         let y = cudnn.create_4d_tensor::<f32>(nchw, d.y).map_err(&e)?;
@@ -135,10 +129,10 @@ impl Plan {
         };
         let algo = op
             .pick_algorithm()
-            .map_err(cudnn_err("choosing a cuDNN algorithm"))?;
+            .map_err(call_err("choosing a cuDNN algorithm"))?;
         let workspace = op
             .get_workspace_size(algo)
-            .map_err(cudnn_err("cuDNN workspace size"))?;
+            .map_err(call_err("cuDNN workspace size"))?;
         Ok(Self {
             x,
             w,
@@ -207,7 +201,7 @@ impl Convs {
                 y,
             )
         }
-        .map_err(cudnn_err("cuDNN convolution"))
+        .map_err(call_err("cuDNN convolution"))
     }
 }
 

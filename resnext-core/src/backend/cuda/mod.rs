@@ -44,9 +44,8 @@ use self::gpu::{call_err, FoldedConv, GpuLinear};
 use self::kernels::grid_for;
 use super::{param_key, Backend};
 use crate::error::{shape_err, Result};
-use crate::kernels::batchnorm::eval_affine;
 use crate::nn::{BatchNorm2d, ConvLayer, Linear};
-use crate::ops::{conv_geom, BnConfig};
+use crate::ops::{conv_geom, folded_weights, BnConfig};
 
 /// A `(batch, C, height, width)` activation on the GPU: the channel count in the type, the
 /// rest at run time. Cloning shares the buffer (activations are never written in place).
@@ -132,18 +131,7 @@ impl Gpu {
         if let Some(f) = self.inner.params.borrow().convs.get(&key) {
             return Ok(f.clone());
         }
-        let (scale, shift) = eval_affine(
-            &bn.weight.as_vec(),
-            &bn.bias.as_vec(),
-            &bn.running_mean.as_vec(),
-            &bn.running_var.as_vec(),
-            BnConfig::default().eps,
-        );
-        let mut w = conv.weight().as_vec();
-        let per = (w.len() / O).max(1);
-        for (row, s) in w.chunks_mut(per).zip(&scale) {
-            row.iter_mut().for_each(|v| *v *= s);
-        }
+        let (w, shift) = folded_weights(conv.weight(), bn.eval_ref(), BnConfig::default().eps);
         let f = Rc::new(FoldedConv {
             w: self.upload_param(&w)?,
             shift: self.upload_param(&shift)?,
