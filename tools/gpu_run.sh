@@ -34,7 +34,7 @@ done
     echo
     echo "## Parity (GPU against CPU, fp32, TF32 off)"
     echo '```'
-    RESNEXT_REQUIRE_GPU=1 RESNEXT_REQUIRE_NVRTC=1 "$bin/resnext_core_tests" backend:: --test-threads 1 2>&1 | tail -40
+    RESNEXT_REQUIRE_GPU=1 RESNEXT_REQUIRE_NVRTC=1 "$bin/resnext_core_tests" --test-threads 1 2>&1 | tail -40
     echo "exit: $?"
     echo '```'
     echo

@@ -1,0 +1,468 @@
+//! The CUDA backend's tests (built only with the feature `cuda`). The host-side
+//! ones (descriptor dims, the allocator, the kernels compiled by NVRTC, the no-driver
+//! error) run on any machine; the GPU ones skip where there is no GPU and fail when
+//! `RESNEXT_REQUIRE_GPU=1`. Kept out of the library's unit tests so that one build of the
+//! library with the feature serves these and the command-line tests of `resnext-train`.
+
+/// The caching allocator's bookkeeping against a fake driver (no GPU).
+mod alloc {
+    use proptest::prelude::*;
+    use resnext_core::backend::cuda::{
+        size_class, CachingPool, RawAlloc, LARGE_ROUND, SMALL_LIMIT,
+    };
+    use resnext_core::backend::device::GpuError;
+
+    /// A driver with `capacity` bytes that records what it handed out.
+    struct Fake {
+        capacity: usize,
+        used: usize,
+        next: u32,
+        live: Vec<(u32, usize)>,
+    }
+
+    impl Fake {
+        fn new(capacity: usize) -> Self {
+            Self {
+                capacity,
+                used: 0,
+                next: 0,
+                live: Vec::new(),
+            }
+        }
+    }
+
+    impl RawAlloc for Fake {
+        type Block = (u32, usize);
+        fn alloc(&mut self, bytes: usize) -> Result<(u32, usize), GpuError> {
+            if self.used + bytes > self.capacity {
+                return Err(GpuError::OutOfMemory {
+                    what: String::new(),
+                    bytes,
+                });
+            }
+            self.used += bytes;
+            self.next += 1;
+            self.live.push((self.next, bytes));
+            Ok((self.next, bytes))
+        }
+        fn release(&mut self, b: (u32, usize)) {
+            let i = self.live.iter().position(|&l| l == b).expect("live block");
+            self.live.swap_remove(i);
+            self.used -= b.1;
+        }
+    }
+
+    #[test]
+    fn size_classes_round_up_and_cover_the_request() {
+        assert_eq!(size_class(0), 512);
+        assert_eq!(size_class(1), 512);
+        assert_eq!(size_class(512), 512);
+        assert_eq!(size_class(513), 1024);
+        assert_eq!(size_class(SMALL_LIMIT), SMALL_LIMIT);
+        assert_eq!(size_class(SMALL_LIMIT + 1), LARGE_ROUND);
+        assert_eq!(size_class(LARGE_ROUND + 1), 2 * LARGE_ROUND);
+    }
+
+    #[test]
+    fn a_freed_block_serves_the_next_request_of_its_class() {
+        let mut p = CachingPool::new(Fake::new(1 << 30));
+        let (a, ca) = p.take(1000, "a").unwrap();
+        p.give_back(a, ca);
+        let (b, cb) = p.take(900, "b").unwrap();
+        assert_eq!((a, ca), (b, cb), "same class: the cached block");
+        let (c, _) = p.take(5000, "c").unwrap();
+        assert_ne!(c.0, b.0);
+        let s = p.stats();
+        assert_eq!((s.hits, s.misses), (1, 2));
+        assert_eq!(s.in_use, 1024 + 5120);
+        assert_eq!(s.reserved, s.in_use);
+    }
+
+    #[test]
+    fn out_of_memory_empties_the_cache_and_retries_once() {
+        let mut p = CachingPool::new(Fake::new(6 << 20));
+        let (a, ca) = p.take(3 << 20, "first").unwrap();
+        assert_eq!(ca, 4 << 20);
+        p.give_back(a, ca);
+        // a 6 MiB class beside the 4 MiB cached one exceeds the capacity: the cached
+        // block goes back to the driver, then it fits
+        let (b, cb) = p.take(5 << 20, "second").unwrap();
+        assert_eq!(p.stats().retries, 1);
+        assert_eq!(p.stats().reserved, cb);
+        p.give_back(b, cb);
+        let e = p.take(7 << 20, "a batch of 64").unwrap_err();
+        assert!(e.is_out_of_memory());
+        let msg = e.to_string();
+        assert!(
+            msg.contains("a batch of 64") && msg.contains("8.0 MiB"),
+            "{msg}"
+        );
+        assert_eq!(
+            p.stats().reserved,
+            0,
+            "the cache was emptied before giving up"
+        );
+    }
+
+    proptest! {
+        /// Whatever the order of takes and gives, the counters agree with the driver.
+        #[test]
+        fn the_counters_agree_with_the_driver(ops in proptest::collection::vec((0usize..3 << 21, any::<bool>()), 1..60)) {
+            let mut p = CachingPool::new(Fake::new(usize::MAX));
+            let mut held = Vec::new();
+            for (bytes, give) in ops {
+                if give && !held.is_empty() {
+                    let (b, c) = held.swap_remove(bytes % held.len());
+                    p.give_back(b, c);
+                } else {
+                    let (b, c) = p.take(bytes, "x").unwrap();
+                    prop_assert!(c >= bytes);
+                    held.push((b, c));
+                }
+                let s = p.stats();
+                prop_assert_eq!(s.in_use, held.iter().map(|h| h.1).sum::<usize>());
+                prop_assert_eq!(s.reserved, p.raw().used);
+                prop_assert!(s.peak_in_use >= s.in_use);
+            }
+            for (b, c) in held.drain(..) {
+                p.give_back(b, c);
+            }
+            p.empty_cache();
+            prop_assert_eq!(p.raw().used, 0);
+            prop_assert_eq!(p.stats().reserved, 0);
+        }
+    }
+}
+
+/// cuDNN's descriptor dims against the CPU's geometry (no GPU).
+mod conv {
+    use std::ffi::c_int;
+
+    use proptest::prelude::*;
+    use resnext_core::backend::cuda::{workspace_growth, ConvDims};
+    use resnext_core::kernels::conv::Conv2dGeom;
+
+    fn geom(
+        batch: usize,
+        c: usize,
+        o: usize,
+        hw: usize,
+        k: usize,
+        s: usize,
+        g: usize,
+    ) -> Conv2dGeom {
+        Conv2dGeom {
+            batch,
+            in_channels: c,
+            out_channels: o,
+            in_h: hw,
+            in_w: hw,
+            kernel: k,
+            stride: s,
+            padding: k / 2,
+            groups: g,
+        }
+    }
+
+    #[test]
+    fn the_grouped_stage_two_convolution_is_described_as_pytorch_shapes_it() {
+        // resnext50_32x4d layer2.0.conv2: 256 → 256, 3×3, stride 2, 32 groups, 56×56 in
+        let d = ConvDims::of(&geom(8, 256, 256, 56, 3, 2, 32)).unwrap();
+        assert_eq!(d.x, [8, 256, 56, 56]);
+        assert_eq!(d.w, [256, 8, 3, 3]);
+        assert_eq!(d.y, [8, 256, 28, 28]);
+        assert_eq!((d.pad, d.stride, d.groups), ([1, 1], [2, 2], 32));
+    }
+
+    #[test]
+    fn sizes_past_cudnns_32_bits_and_bad_groups_are_errors() {
+        let e = ConvDims::of(&geom(1 << 16, 256, 256, 56, 1, 1, 1)).unwrap_err();
+        assert!(e.to_string().contains("smaller batch"), "{e}");
+        let e = ConvDims::of(&geom(1, 30, 32, 8, 3, 1, 4)).unwrap_err();
+        assert!(e.to_string().contains("groups"), "{e}");
+    }
+
+    #[test]
+    fn the_workspace_only_grows_in_whole_mebibytes() {
+        assert_eq!(workspace_growth(0, 0), 0);
+        assert_eq!(workspace_growth(0, 1), 1 << 20);
+        assert_eq!(workspace_growth(4 << 20, 3 << 20), 4 << 20);
+        assert_eq!(workspace_growth(4 << 20, (4 << 20) + 1), 5 << 20);
+    }
+
+    proptest! {
+        /// The output dims cuDNN is told are those the CPU kernels compute.
+        #[test]
+        fn descriptor_dims_agree_with_the_cpu_geometry(
+            n in 1usize..9, cg in 1usize..9, og in 1usize..9, g in 1usize..5,
+            hw in 1usize..40, k in prop::sample::select(vec![1usize, 3, 7]), s in 1usize..3,
+        ) {
+            let geo = geom(n, cg * g, og * g, hw, k, s, g);
+            prop_assume!(geo.validate().is_ok());
+            let d = ConvDims::of(&geo).unwrap();
+            // cuDNN's rule: out = (in + 2 pad - k) / stride + 1
+            let out = |i: c_int| (i + 2 * d.pad[0] - d.w[2]) / d.stride[0] + 1;
+            prop_assert_eq!(out(d.x[2]) as usize, geo.out_h());
+            prop_assert_eq!(d.y, [n as c_int, (og * g) as c_int, geo.out_h() as c_int, geo.out_w() as c_int]);
+            prop_assert_eq!(d.w[1] * d.groups, d.x[1]);
+            prop_assert_eq!(d.w.iter().product::<c_int>() as usize, geo.weight_len());
+        }
+    }
+}
+
+/// The backend's own kernels: compiled by NVRTC (no GPU needed), launch sizes.
+mod kernels {
+    use resnext_core::backend::cuda::kernels::{
+        compile, grid_for, nvrtc_present, BLOCK, NAMES, SOURCE,
+    };
+
+    /// Every kernel compiles. Needs NVRTC's library (`nvidia-cuda-nvrtc` from PyPI is
+    /// enough; no GPU): CI installs it and sets `RESNEXT_REQUIRE_NVRTC=1`, so there a
+    /// missing library fails instead of skipping.
+    #[test]
+    fn every_kernel_compiles_with_nvrtc() {
+        if !nvrtc_present() {
+            assert!(
+                std::env::var_os("RESNEXT_REQUIRE_NVRTC").is_none(),
+                "RESNEXT_REQUIRE_NVRTC is set but libnvrtc cannot be loaded (LD_LIBRARY_PATH?)"
+            );
+            eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to test the kernels)");
+            return;
+        }
+        let ptx = compile().unwrap_or_else(|e| panic!("{e}"));
+        let text = ptx.to_src();
+        for name in NAMES {
+            assert!(
+                text.contains(&format!(".entry {name}(")),
+                "{name} missing from the PTX"
+            );
+        }
+    }
+
+    #[test]
+    fn every_kernel_is_named_once_and_defined_in_the_source() {
+        for (i, name) in NAMES.iter().enumerate() {
+            assert!(!NAMES[..i].contains(name));
+            assert!(
+                SOURCE.contains(&format!("__global__ void {name}(")),
+                "{name} is not a kernel of kernels.cu"
+            );
+        }
+        assert_eq!(
+            SOURCE.matches("__global__ void").count(),
+            NAMES.len(),
+            "a kernel of kernels.cu is not in NAMES"
+        );
+    }
+
+    #[test]
+    fn a_launch_covers_the_work_with_a_bounded_grid() {
+        for work in [0usize, 1, 255, 256, 257, 1 << 20, 1 << 40] {
+            let cfg = grid_for(work);
+            let threads = cfg.grid_dim.0 as usize * cfg.block_dim.0 as usize;
+            assert!(
+                cfg.grid_dim.0 >= 1 && cfg.grid_dim.0 <= 65_535 * 8,
+                "{work}"
+            );
+            // one thread an item up to the cap, then grid-stride
+            assert!(threads >= work.min(65_535 * 8 * BLOCK as usize), "{work}");
+            assert!(
+                threads < work.max(1) + BLOCK as usize,
+                "{work}: no idle block"
+            );
+        }
+    }
+}
+
+/// The backend on a GPU against the CPU (skipped without one), and its errors without a driver.
+mod on_gpu {
+    use dfdx::prelude::*;
+    use resnext_core::backend::cuda::{device_count, driver_present, CudaAct, CudaLogits, Gpu};
+    use resnext_core::backend::device::GpuError;
+    use resnext_core::backend::Backend;
+    use resnext_core::builders::{ResNeXt29_8x64d, ResNeXt50_32x4d};
+    use resnext_core::error::Result;
+    use resnext_core::nn::{BatchNorm2d, ConvLayer};
+    use resnext_core::ops::BnConfig;
+
+    /// The typed networks run on the GPU backend with their channel counts checked at
+    /// compile time (type-checked here; run by the GPU tests below where a GPU is).
+    #[allow(dead_code)]
+    fn typed_networks_take_and_give_gpu_activations(
+        gpu: &Gpu,
+        dev: &Cpu,
+    ) -> Result<(CudaLogits<Const<1000>>, CudaLogits<Const<10>>)> {
+        let net = dev.build_module::<ResNeXt50_32x4d<1000>, f32>();
+        let x: CudaAct<3> = gpu.input(&[0.0; 3 * 64 * 64], [1, 3, 64, 64])?;
+        let cifar = dev.build_module::<ResNeXt29_8x64d<10>, f32>();
+        let y: CudaAct<3> = gpu.input(&[0.0; 3 * 32 * 32], [1, 3, 32, 32])?;
+        Ok((net.eval_on(gpu, x)?, cifar.eval_on(gpu, y)?))
+    }
+
+    /// Whether to run the GPU tests: a driver and a GPU are there. `RESNEXT_REQUIRE_GPU=1`
+    /// (the GPU check script sets it) makes their absence a failure instead of a skip.
+    fn gpu_or_skip() -> Option<Gpu> {
+        let required = std::env::var_os("RESNEXT_REQUIRE_GPU").is_some();
+        match Gpu::open(0) {
+            Ok(g) => Some(g),
+            Err(e) if !required => {
+                eprintln!("skipped: {e}");
+                None
+            }
+            Err(e) => panic!("RESNEXT_REQUIRE_GPU is set: {e}"),
+        }
+    }
+
+    /// Max |a - b| / max(1, |b|) over the values.
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+            .fold(0.0, f32::max)
+    }
+
+    /// On a GPU: every network's eval-mode logits equal the CPU's (fp32, TF32 off), with
+    /// random weights and running statistics, at two batch sizes and odd image sizes.
+    #[test]
+    fn gpu_eval_logits_match_the_cpu() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let dev = Cpu::seed_from_u64(7);
+        for (arch, shape) in [
+            ("resnext11_8x8d", [3, 3, 32, 32]),
+            ("resnext29_8x64d", [2, 3, 33, 31]),
+            ("resnext50_32x4d", [2, 3, 96, 80]),
+        ] {
+            let arch: resnext_core::model::Arch = arch.parse().unwrap();
+            let mut net = arch.build(&dev, 3, 17).unwrap();
+            let x = resnext_core::testing::values(5, shape.iter().product());
+            // one training step on the CPU: running statistics and weights no longer the
+            // initial ones, so the folding of every batch norm is tested
+            let mut opt = resnext_core::optim::Optimizer::new(resnext_core::optim::OptimConfig {
+                lr: 0.05,
+                ..Default::default()
+            });
+            let labels: Vec<usize> = (0..shape[0]).collect();
+            net.train_step(x.clone(), shape, &labels, 0.0, &mut opt)
+                .unwrap();
+            let cpu = net.forward_eval(x.clone(), shape).unwrap();
+            let on_gpu = net.forward_eval_gpu(&gpu, &x, shape).unwrap();
+            let e = rel_err(&on_gpu, &cpu);
+            assert!(e <= 1e-4, "{arch} {shape:?}: relative error {e}");
+            // the second call reuses the GPU copies of the parameters
+            let again = net.forward_eval_gpu(&gpu, &x, shape).unwrap();
+            assert_eq!(again, on_gpu, "{arch}: not deterministic");
+        }
+        let s = gpu.memory();
+        assert!(s.hits > 0 && s.in_use == 0, "{s:?}");
+    }
+
+    /// On a machine without the NVIDIA driver (CI's), opening a GPU is an error that says
+    /// so, not a panic.
+    #[test]
+    fn without_a_driver_opening_a_gpu_is_an_error_naming_the_driver() {
+        if driver_present() {
+            eprintln!("skipped: this machine has a CUDA driver");
+            return;
+        }
+        assert!(matches!(device_count(), Err(GpuError::NoDriver)));
+        let e = Gpu::open(0).unwrap_err();
+        assert!(matches!(e, GpuError::NoDriver), "{e}");
+        assert!(e.to_string().starts_with("no CUDA driver found"), "{e}");
+    }
+
+    /// Random running statistics and affine parameters for `bn`.
+    fn randomize<const C: usize>(bn: &mut BatchNorm2d<C, f32, Cpu>, seed: u64) {
+        let v = |k: u64| resnext_core::testing::values(seed * 4 + k, C);
+        bn.weight.copy_from(&v(0));
+        bn.bias.copy_from(&v(1));
+        bn.running_mean.copy_from(&v(2));
+        let var: Vec<f32> = v(3).iter().map(|x| 0.5 + x.abs()).collect();
+        bn.running_var.copy_from(&var);
+    }
+
+    /// One fused convolution + batch norm (+ residual, + ReLU) on the GPU against the CPU.
+    fn conv_case<
+        const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const G: usize,
+    >(
+        gpu: &Gpu,
+        [n, h, w]: [usize; 3],
+        relu: bool,
+        residual: bool,
+    ) {
+        let dev = Cpu::seed_from_u64(3);
+        let conv = dev.build_module::<resnext_core::builders::Conv2d<I, O, K, S, P, G>, f32>();
+        let mut bn = dev.build_module::<resnext_core::builders::BatchNorm2d<O>, f32>();
+        randomize(&mut bn, (I * 31 + O * 7 + K + S) as u64);
+        let x = resnext_core::testing::values(1, n * I * h * w);
+        let (oh, ow) = ((h + 2 * P - K) / S + 1, (w + 2 * P - K) / S + 1);
+        let r = residual.then(|| resnext_core::testing::values(2, n * O * oh * ow));
+        let (cpu, ..) = resnext_core::ops::conv2d_bn_eval_raw::<I, O, _>(
+            &x,
+            [n, h, w],
+            &conv.weight,
+            <resnext_core::nn::Conv2d<I, O, K, S, P, G, f32, Cpu> as ConvLayer<I, O>>::CONFIG,
+            bn.eval_ref(),
+            BnConfig::default().eps,
+            relu,
+            r.as_deref(),
+        )
+        .unwrap();
+        gpu.forget_params();
+        let xg = gpu.input::<I>(&x, [n, I, h, w]).unwrap();
+        let rg = r
+            .as_ref()
+            .map(|r| gpu.input::<O>(r, [n, O, oh, ow]).unwrap());
+        let y = gpu.conv_bn_eval(xg, &conv, &bn, relu, rg).unwrap();
+        assert_eq!(y.shape(), [n, O, oh, ow]);
+        let e = rel_err(&gpu.activation(&y).unwrap(), &cpu);
+        assert!(
+            e <= 1e-4,
+            "conv {I}->{O} k{K} s{S} g{G} on {n}x{h}x{w}: relative error {e}"
+        );
+    }
+
+    /// On a GPU: each convolution shape of the networks (stem 7×7/2, 1×1, grouped 3×3 at
+    /// stride 1 and 2, the CIFAR stem), pooling and the head against the CPU.
+    #[test]
+    fn gpu_ops_match_the_cpu() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        conv_case::<3, 64, 7, 2, 3, 1>(&gpu, [2, 45, 38], true, false);
+        conv_case::<3, 64, 3, 1, 1, 1>(&gpu, [2, 32, 32], true, false);
+        conv_case::<64, 128, 1, 1, 0, 1>(&gpu, [3, 14, 15], true, false);
+        conv_case::<128, 128, 3, 1, 1, 32>(&gpu, [2, 14, 13], true, false);
+        conv_case::<128, 128, 3, 2, 1, 32>(&gpu, [2, 15, 14], true, false);
+        conv_case::<256, 256, 3, 2, 1, 8>(&gpu, [1, 9, 9], true, false);
+        conv_case::<128, 256, 1, 1, 0, 1>(&gpu, [2, 7, 7], true, true);
+        conv_case::<64, 256, 1, 2, 0, 1>(&gpu, [2, 14, 14], false, false);
+
+        let (n, c, h, w) = (2, 16, 13, 11);
+        let x = resnext_core::testing::values(9, n * c * h * w);
+        let xg = gpu.input::<16>(&x, [n, c, h, w]).unwrap();
+        let y = gpu.max_pool::<16, 3, 2, 1>(xg.clone()).unwrap();
+        let (cpu, oh, ow) = resnext_core::ops::max_pool2d_raw(&x, [n, c, h, w], 3, 2, 1).unwrap();
+        assert_eq!(y.shape(), [n, c, oh, ow]);
+        assert_eq!(gpu.activation(&y).unwrap(), cpu, "max pool");
+        let pooled = gpu.avg_pool::<16>(xg.clone()).unwrap();
+        let cpu = resnext_core::ops::global_avg_pool_raw(&x, [n, c, h, w]).unwrap();
+        assert!(
+            rel_err(&gpu.logits(&pooled).unwrap(), &cpu) <= 1e-5,
+            "average pool"
+        );
+
+        let dev = Cpu::seed_from_u64(5);
+        let fc = dev.build_module::<resnext_core::builders::Linear<16, 10>, f32>();
+        let logits = gpu.classify(xg, &fc).unwrap();
+        let cpu = resnext_core::ops::linear_raw(&cpu, n, &fc.weight, &fc.bias).unwrap();
+        assert_eq!(logits.shape(), (n, 10));
+        assert!(
+            rel_err(&gpu.logits(&logits).unwrap(), &cpu) <= 1e-5,
+            "classifier"
+        );
+    }
+}
