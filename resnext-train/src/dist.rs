@@ -43,25 +43,40 @@ pub fn abort_group(code: i32) {
 pub mod mpi_group {
     //! MPI (`mpirun -np N`): the group is `MPI_COMM_WORLD`.
 
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Mutex, MutexGuard};
 
     use mpi::collective::SystemOperation;
+    use mpi::request::{Request, StaticScope};
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::*;
+    use resnext_core::dist::Reduction;
 
-    /// `MPI_COMM_WORLD` behind a lock: MPI is initialised with `MPI_THREAD_SERIALIZED`,
+    /// `MPI_COMM_WORLD`, and a duplicate of it for the gradient buckets' sums: those run
+    /// while the backward pass makes blocking calls (synchronised batch norm) on the
+    /// first, and collectives on two communicators need no common order.
+    struct Comms {
+        world: SimpleCommunicator,
+        grads: SimpleCommunicator,
+    }
+
+    // SAFETY: the communicators are handles valid on any thread; every use goes through
+    // the mutex around them, as MPI_THREAD_SERIALIZED requires.
+    unsafe impl Send for Comms {}
+
+    /// The communicators behind a lock: MPI is initialised with `MPI_THREAD_SERIALIZED`,
     /// so one thread at a time may call it.
+    type Shared = Arc<Mutex<Comms>>;
+
+    fn lock(c: &Shared) -> MutexGuard<'_, Comms> {
+        c.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The MPI job's processes (`MPI_COMM_WORLD`).
     pub struct MpiGroup {
-        comm: Mutex<SimpleCommunicator>,
+        comms: Shared,
         rank: usize,
         world: usize,
     }
-
-    // SAFETY: the communicator is a handle to MPI_COMM_WORLD, valid on any thread; every
-    // call goes through the mutex, as MPI_THREAD_SERIALIZED requires.
-    unsafe impl Send for MpiGroup {}
-    // SAFETY: as above.
-    unsafe impl Sync for MpiGroup {}
 
     impl resnext_core::dist::Collective for MpiGroup {
         fn rank(&self) -> usize {
@@ -72,19 +87,85 @@ pub mod mpi_group {
         }
         fn all_reduce_f32(&self, buf: &mut [f32]) {
             let send = buf.to_vec();
-            let c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-            c.all_reduce_into(&send[..], buf, SystemOperation::sum());
+            lock(&self.comms)
+                .world
+                .all_reduce_into(&send[..], buf, SystemOperation::sum());
         }
         fn all_reduce_f64(&self, buf: &mut [f64]) {
             let send = buf.to_vec();
-            let c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-            c.all_reduce_into(&send[..], buf, SystemOperation::sum());
+            lock(&self.comms)
+                .world
+                .all_reduce_into(&send[..], buf, SystemOperation::sum());
         }
         fn all_gather_f64(&self, local: &[f64]) -> Vec<f64> {
             let mut out = vec![0.0; local.len() * self.world];
-            let c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-            c.all_gather_into(local, &mut out[..]);
+            lock(&self.comms).world.all_gather_into(local, &mut out[..]);
             out
+        }
+        fn start_all_reduce_f32(&self, buf: Vec<f32>) -> Box<dyn Reduction> {
+            // MPI_Iallreduce into a second buffer (MPI_IN_PLACE's value differs between
+            // MPI implementations, and rsmpi does not export it). Both buffers are owned by
+            // the request until it finishes: moved to the heap and out of Rust's sight.
+            let n = buf.len();
+            let send: *mut [f32] = Box::into_raw(buf.into_boxed_slice());
+            let recv: *mut [f32] = Box::into_raw(vec![0.0f32; n].into_boxed_slice());
+            let req = {
+                let c = lock(&self.comms);
+                // SAFETY: both pointers come from Box::into_raw above and are reclaimed
+                // only once the request has finished (or never, after an error).
+                let (s, r) = unsafe { (&*send, &mut *recv) };
+                c.grads
+                    .immediate_all_reduce_into(StaticScope, s, r, SystemOperation::sum())
+            };
+            Box::new(MpiReduction {
+                comms: self.comms.clone(),
+                req: Some(req),
+                bufs: Some((send, recv)),
+            })
+        }
+    }
+
+    /// A started `MPI_Iallreduce`.
+    struct MpiReduction {
+        comms: Shared,
+        /// None once finished.
+        req: Option<Request<'static, [f32], StaticScope>>,
+        /// The send and receive buffers (from `Box::into_raw`); None once reclaimed.
+        bufs: Option<(*mut [f32], *mut [f32])>,
+    }
+
+    impl Reduction for MpiReduction {
+        fn test(&mut self) -> bool {
+            if let Some(req) = self.req.take() {
+                let _c = lock(&self.comms);
+                if let Err(req) = req.test() {
+                    self.req = Some(req);
+                }
+            }
+            self.req.is_none()
+        }
+        fn wait(mut self: Box<Self>) -> Vec<f32> {
+            if let Some(req) = self.req.take() {
+                let _c = lock(&self.comms);
+                req.wait();
+            }
+            let (send, recv) = self.bufs.take().expect("buffers not yet reclaimed");
+            // SAFETY: the request has finished: MPI no longer reads or writes them.
+            unsafe {
+                drop(Box::from_raw(send));
+                Box::from_raw(recv).into_vec()
+            }
+        }
+    }
+
+    impl Drop for MpiReduction {
+        fn drop(&mut self) {
+            // Unfinished (a step failed and the job is ending): MPI may still write the
+            // buffers, so they stay allocated, and rsmpi's request (which panics when
+            // dropped unfinished) is forgotten.
+            if let Some(req) = self.req.take() {
+                std::mem::forget(req);
+            }
         }
     }
 
@@ -105,10 +186,11 @@ pub mod mpi_group {
             eprintln!("rank {rank}: panicked; aborting the MPI job");
             abort(101);
         }));
+        let grads = world.duplicate();
         Ok((
             universe,
             Some(Arc::new(MpiGroup {
-                comm: Mutex::new(world),
+                comms: Arc::new(Mutex::new(Comms { world, grads })),
                 rank,
                 world: size,
             })),

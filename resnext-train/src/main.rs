@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a model (the default).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Top-1 / top-5 accuracy of saved weights on a dataset's test split.
     Eval(eval::EvalArgs),
     /// Per-stage summary of an architecture: output shape, parameters and MACs.
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
                 .subcommand_matches("train")
                 .expect("train subcommand matched")
                 .clone();
-            train_with_ctrlc(a, &sub)
+            train_with_ctrlc(*a, &sub)
         }
         Some(Command::Eval(a)) => eval::run(a),
         Some(Command::Info(a)) => info::run(a),
@@ -81,7 +81,11 @@ fn train_with_ctrlc(args: train::TrainArgs, matches: &clap::ArgMatches) -> anyho
     let _universe = {
         let (universe, group) = resnext_train::dist::mpi_group::init()?;
         if let Some(g) = group {
-            resnext_core::dist::install(g, args.sync_bn);
+            let cfg = resnext_core::dist::GroupConfig {
+                sync_bn: args.sync_bn,
+                bucket_bytes: (f64::from(args.bucket_mb) * f64::from(1u32 << 20)) as usize,
+            };
+            resnext_core::dist::install(g, cfg);
         }
         universe
     };

@@ -171,6 +171,13 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub lr_scale_with_world: bool,
+    /// Data-parallel runs: gradient bucket size in MiB, 0 to 1024 (DistributedDataParallel's
+    /// `bucket_cap_mb`). Each bucket's all-reduce starts as soon as the backward pass has
+    /// filled it, while the layers below are still computed; 0 sums every gradient in one
+    /// all-reduce after the backward pass.
+    #[arg(long, default_value_t = 25.0, value_name = "MiB")]
+    #[serde(default = "bucket_mb")]
+    pub bucket_mb: f32,
     /// A preset of published hyper-parameters under the flags given (which still win):
     /// `torchvision-v2` is torchvision's recipe of its V2 ImageNet weights, the learning
     /// rate scaled from its global batch of 1024 to --batch-size.
@@ -209,6 +216,10 @@ fn one() -> f32 {
 
 fn ema_steps() -> usize {
     32
+}
+
+fn bucket_mb() -> f32 {
+    25.0
 }
 
 fn one_process() -> usize {
@@ -354,6 +365,12 @@ impl TrainArgs {
             self.label_smoothing,
             (0.0..1.0).contains(&self.label_smoothing),
             "0 to 1, 1 excluded",
+        )?;
+        within(
+            "bucket-mb",
+            self.bucket_mb,
+            (0.0..=1024.0).contains(&self.bucket_mb),
+            "0 to 1024",
         )?;
         within(
             "threads",

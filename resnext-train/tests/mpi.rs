@@ -66,7 +66,17 @@ fn two_ranks_with_sync_bn_equal_one_process_with_twice_the_batch() {
         2,
         &[
             &common[..],
-            &["--batch-size", "16", "--sync-bn", "--out-dir", &two],
+            // buckets of 100 KiB: many all-reduces in flight during the backward pass,
+            // beside the synchronised batch norms' blocking ones
+            &[
+                "--batch-size",
+                "16",
+                "--sync-bn",
+                "--bucket-mb",
+                "0.1",
+                "--out-dir",
+                &two,
+            ],
         ]
         .concat(),
     ));

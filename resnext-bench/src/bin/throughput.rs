@@ -40,6 +40,11 @@ struct Args {
     /// `cpu`, or `cuda` / `cuda:N` (eval only; a build with `--features cuda`).
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     device: DeviceSpec,
+    /// Under `mpirun` (`--mode train`): gradient bucket size in MiB, 0 to 1024; 0 sums
+    /// every gradient after the backward pass.
+    #[cfg(feature = "mpi")]
+    #[arg(long, default_value_t = 25.0)]
+    bucket_mb: f32,
 }
 
 /// Where the forward pass runs.
@@ -76,7 +81,14 @@ fn main() -> Result<()> {
     let _universe = {
         let (universe, group) = resnext_train::dist::mpi_group::init()?;
         if let Some(g) = group {
-            resnext_core::dist::install(g, false);
+            if !(0.0..=1024.0).contains(&a.bucket_mb) {
+                bail!("--bucket-mb {} is out of range: 0 to 1024", a.bucket_mb);
+            }
+            let cfg = resnext_core::dist::GroupConfig {
+                sync_bn: false,
+                bucket_bytes: (f64::from(a.bucket_mb) * f64::from(1u32 << 20)) as usize,
+            };
+            resnext_core::dist::install(g, cfg);
         }
         universe
     };

@@ -52,6 +52,8 @@ pub fn train_step_by<const C: usize, O: Dim, M: Params>(
     if !value.is_finite() {
         return Err(Error::NonFinite(format!("loss is {value}")));
     }
+    // with a process group: gradients summed in buckets while the backward pass runs
+    crate::dist::begin_backward();
     let mut grads = loss.backward();
     crate::dist::average_gradients(net, &mut grads, &opt.cfg)?;
     let grad_norm = opt.step(net, &mut grads)?;

@@ -4,6 +4,7 @@
 use dfdx::prelude::*;
 
 use super::{read, record, Act};
+use crate::dist;
 use crate::error::{shape_err, Result};
 use crate::kernels::{batchnorm as bn, elementwise as ew};
 use crate::profile::{self, Label};
@@ -80,6 +81,8 @@ fn bn_finish<const C: usize, T: Tape<f32, Cpu>>(
             );
             ew::add_into(grads.get_or_alloc_mut(&gg)?, &dgamma);
             ew::add_into(grads.get_or_alloc_mut(&bg)?, &dbeta);
+            dist::grad_ready(grads.get_or_alloc_mut(&gg)?);
+            dist::grad_ready(grads.get_or_alloc_mut(&bg)?);
             Ok(())
         },
     )

@@ -3,6 +3,7 @@
 use dfdx::prelude::*;
 
 use super::{read, record, Act};
+use crate::dist;
 use crate::error::{shape_err, Result};
 use crate::kernels::conv;
 use crate::profile::{self, Label};
@@ -61,6 +62,7 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
             &mut dw,
         );
         **grads.get_or_alloc_mut(&wg)? = dw;
+        dist::grad_ready(grads.get_or_alloc_mut(&wg)?);
         Ok(())
     })
 }

@@ -11,6 +11,7 @@ use super::conv::{conv_geom, ConvConfig, ConvKind};
 use super::fold_cache;
 use super::grad::{Input, Kept, Output, Recompute};
 use super::{read, Act};
+use crate::dist;
 use crate::error::{shape_err, Result};
 use crate::kernels::{batchnorm as bn, conv, elementwise as ew};
 use crate::profile::{self, Label};
@@ -307,6 +308,9 @@ pub(crate) fn conv2d_bn_train_on<
                 None => conv::conv2d_backward_new(&g, &xs, &ws, &d, &mut dw),
             })?;
             **grads.get_or_alloc_mut(&wg)? = dw;
+            dist::grad_ready(grads.get_or_alloc_mut(&wg)?);
+            dist::grad_ready(grads.get_or_alloc_mut(&gg)?);
+            dist::grad_ready(grads.get_or_alloc_mut(&bgh)?);
             Ok(())
         });
     }

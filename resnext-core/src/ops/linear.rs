@@ -3,6 +3,7 @@
 use dfdx::prelude::*;
 
 use super::{read, record, Mat};
+use crate::dist;
 use crate::error::{shape_err, Result};
 use crate::kernels::elementwise as ew;
 use crate::profile::Label;
@@ -35,6 +36,8 @@ pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
         );
         ew::add_into(grads.get_or_alloc_mut(&wg)?, &dw);
         ew::add_into(grads.get_or_alloc_mut(&bg)?, &db);
+        dist::grad_ready(grads.get_or_alloc_mut(&wg)?);
+        dist::grad_ready(grads.get_or_alloc_mut(&bg)?);
         Ok(())
     })
 }
