@@ -199,6 +199,10 @@ fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
             "--threads 100000 is out of range",
         ),
         (
+            vec!["train".into(), "--bucket-mb".into(), "NaN".into()],
+            "--bucket-mb NaN is out of range: 0 to 1024",
+        ),
+        (
             vec!["train".into(), "--image-size".into(), "0".into()],
             "--image-size 0 is out of range",
         ),
