@@ -125,6 +125,9 @@ thread_local! {
     static BUCKETS: RefCell<Option<Buckets>> = const { RefCell::new(None) };
 }
 
+/// Values a bucket reserves up front at most (16 MiB); a larger one grows as it fills.
+const RESERVE: usize = 1 << 22;
+
 /// The gradients handed over during one backward pass: copied into buckets whose sums are
 /// started as they fill.
 struct Buckets {
@@ -159,7 +162,8 @@ impl Buckets {
     /// Starts the sum of the current bucket (when it holds anything).
     fn flush(&mut self) {
         if !self.cur.is_empty() {
-            let full = std::mem::replace(&mut self.cur, Vec::with_capacity(self.cap.min(1 << 22)));
+            let next = Vec::with_capacity(self.cap.min(RESERVE));
+            let full = std::mem::replace(&mut self.cur, next);
             self.started.push(self.comm.start_all_reduce_f32(full));
         }
     }
@@ -192,7 +196,7 @@ fn begin_backward_on(comm: Arc<dyn Collective>, bucket_bytes: usize) {
     let b = Buckets {
         comm,
         cap,
-        cur: Vec::with_capacity(cap.min(1 << 22)),
+        cur: Vec::with_capacity(cap.min(RESERVE)),
         at: HashMap::new(),
         started: Vec::new(),
         open: 0,
@@ -227,18 +231,7 @@ pub fn average_gradients<M: Params>(
     let Some((comm, group)) = training_group() else {
         return Ok(());
     };
-    average_over(&*comm, !group.sync_bn, model, grads, cfg)
-}
-
-/// [`average_gradients`] over `comm` (two or more processes); `buffers`: rank 0's buffers
-/// go to every process.
-fn average_over<M: Params>(
-    comm: &dyn Collective,
-    buffers: bool,
-    model: &mut M,
-    grads: &mut Gradients<f32, Cpu>,
-    cfg: &OptimConfig,
-) -> Result<()> {
+    let buffers = !group.sync_bn;
     let buckets = BUCKETS.with_borrow_mut(Option::take);
     let (sums, at) = match buckets {
         Some(mut b) => {
