@@ -160,11 +160,21 @@ pub mod mpi_group {
 
     impl Drop for MpiReduction {
         fn drop(&mut self) {
-            // Unfinished (a step failed and the job is ending): MPI may still write the
-            // buffers, so they stay allocated, and rsmpi's request (which panics when
-            // dropped unfinished) is forgotten.
-            if let Some(req) = self.req.take() {
-                std::mem::forget(req);
+            match self.req.take() {
+                // unfinished (a step failed and the job is ending): MPI may still write
+                // the buffers, so they stay allocated, and rsmpi's request (which panics
+                // when dropped unfinished) is forgotten
+                Some(req) => std::mem::forget(req),
+                // finished but not waited for: the buffers are free to go
+                None => {
+                    if let Some((send, recv)) = self.bufs.take() {
+                        // SAFETY: from Box::into_raw; MPI is done with them.
+                        unsafe {
+                            drop(Box::from_raw(send));
+                            drop(Box::from_raw(recv));
+                        }
+                    }
+                }
             }
         }
     }

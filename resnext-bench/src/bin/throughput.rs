@@ -12,6 +12,7 @@ use dfdx::prelude::*;
 use resnext_core::backend::device::{DeviceSpec, GpuError};
 use resnext_core::model::Arch;
 use resnext_core::optim::{OptimConfig, Optimizer};
+use resnext_train::device::Compute;
 
 /// Measure eval or training throughput.
 #[derive(Parser, Debug)]
@@ -47,32 +48,6 @@ struct Args {
     bucket_mb: f32,
 }
 
-/// Where the forward pass runs.
-enum Device {
-    Cpu,
-    #[cfg(feature = "cuda")]
-    Gpu(resnext_core::backend::cuda::Gpu),
-}
-
-fn open(spec: DeviceSpec, mode: &str) -> Result<Device> {
-    match spec {
-        DeviceSpec::Cpu => Ok(Device::Cpu),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => {
-            let gpu = resnext_core::backend::cuda::Gpu::open(i)?;
-            if mode != "eval" {
-                bail!(GpuError::Unsupported("the training step"));
-            }
-            Ok(Device::Gpu(gpu))
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => {
-            let _ = mode;
-            bail!(GpuError::NotBuilt)
-        }
-    }
-}
-
 fn main() -> Result<()> {
     let a = Args::parse();
     resnext_core::keep_freed_memory();
@@ -103,7 +78,11 @@ fn main() -> Result<()> {
             .build_global()?;
     }
     let arch: Arch = a.arch.parse()?;
-    let device = open(a.device, &a.mode)?;
+    let device = Compute::open(a.device)?;
+    // after opening: a missing driver or a build without CUDA is reported first
+    if a.mode != "eval" && a.device.is_cuda() {
+        bail!(GpuError::Unsupported("the training step"));
+    }
     let dev = Cpu::seed_from_u64(0);
     let mut net = arch.build(&dev, 3, a.classes)?;
     let shape = [a.batch, 3, a.size, a.size];
@@ -115,16 +94,10 @@ fn main() -> Result<()> {
     });
     let mut step = || -> Result<()> {
         match a.mode.as_str() {
-            "eval" => match &device {
-                Device::Cpu => {
-                    net.forward_eval(x.clone(), shape)?;
-                }
-                #[cfg(feature = "cuda")]
-                Device::Gpu(g) => {
-                    // the logits come back to the host: the time includes the copies
-                    net.forward_eval_gpu(g, &x, shape)?;
-                }
-            },
+            // on a GPU the logits come back to the host: the time includes the copies
+            "eval" => {
+                device.forward_eval(&*net, x.clone(), shape)?;
+            }
             "train" => {
                 net.train_step(x.clone(), shape, &labels, 0.0, &mut opt)?;
             }
@@ -152,10 +125,10 @@ fn main() -> Result<()> {
     if !leader {
         return Ok(());
     }
-    let on = match &device {
-        Device::Cpu => format!("threads {} isa {isa}", rayon::current_num_threads()),
-        #[cfg(feature = "cuda")]
-        Device::Gpu(g) => format!("device cuda:{} ({})", g.index(), g.name()),
+    let on = if matches!(device, Compute::Cpu) {
+        format!("threads {} isa {isa}", rayon::current_num_threads())
+    } else {
+        format!("device {}", device.describe())
     };
     println!(
         "{} {} batch {} size {} {on}: median {:.3} s",
