@@ -173,9 +173,20 @@ impl Buckets {
 /// buckets, when the installed group has two or more processes and bucketing is on.
 /// [`average_gradients`] ends it. Without a group this does nothing.
 pub(crate) fn begin_backward() {
-    if let Some((comm, cfg)) = training_group().filter(|(_, c)| c.bucket_bytes > 0) {
-        begin_backward_on(comm, cfg.bucket_bytes);
-    }
+    let Some((comm, cfg)) = training_group().filter(|(_, c)| c.bucket_bytes > 0) else {
+        return;
+    };
+    let cap = (cfg.bucket_bytes / size_of::<f32>()).max(1);
+    let b = Buckets {
+        comm,
+        cap,
+        cur: Vec::with_capacity(cap.min(RESERVE)),
+        at: HashMap::new(),
+        started: Vec::new(),
+        open: 0,
+    };
+    // (buckets left by a step that failed are dropped: their sums are abandoned)
+    BUCKETS.with_borrow_mut(|slot| *slot = Some(b));
 }
 
 /// The group training averages over (two or more processes), and how.
@@ -188,21 +199,6 @@ fn training_group() -> Option<(Arc<dyn Collective>, GroupConfig)> {
         .get()
         .filter(|g| g.comm.world() > 1)
         .map(|g| (g.comm.clone(), g.cfg))
-}
-
-/// [`begin_backward`] on `comm` with buckets of `bucket_bytes` (more than 0).
-fn begin_backward_on(comm: Arc<dyn Collective>, bucket_bytes: usize) {
-    let cap = (bucket_bytes / size_of::<f32>()).max(1);
-    let b = Buckets {
-        comm,
-        cap,
-        cur: Vec::with_capacity(cap.min(RESERVE)),
-        at: HashMap::new(),
-        started: Vec::new(),
-        open: 0,
-    };
-    // (buckets left by a step that failed are dropped: their sums are abandoned)
-    BUCKETS.with_borrow_mut(|slot| *slot = Some(b));
 }
 
 /// Called by the backward pass of an op that owns parameters with the finished gradient

@@ -9,6 +9,14 @@ pub fn rank_world() -> (usize, usize) {
     dist::group().map_or((0, 1), |g| (g.rank(), g.world()))
 }
 
+/// `--bucket-mb` (MiB, 0 to 1024) in bytes; out of range is an error naming the flag.
+pub fn bucket_bytes(mb: f32) -> anyhow::Result<usize> {
+    if !(0.0..=1024.0).contains(&mb) {
+        anyhow::bail!("--bucket-mb {mb} is out of range: 0 to 1024");
+    }
+    Ok((f64::from(mb) * f64::from(1u32 << 20)) as usize)
+}
+
 /// Whether this process writes the run folder and prints progress: rank 0.
 pub fn is_leader() -> bool {
     rank_world().0 == 0

@@ -83,7 +83,7 @@ fn train_with_ctrlc(args: train::TrainArgs, matches: &clap::ArgMatches) -> anyho
         if let Some(g) = group {
             let cfg = resnext_core::dist::GroupConfig {
                 sync_bn: args.sync_bn,
-                bucket_bytes: (f64::from(args.bucket_mb) * f64::from(1u32 << 20)) as usize,
+                bucket_bytes: resnext_train::dist::bucket_bytes(args.bucket_mb)?,
             };
             resnext_core::dist::install(g, cfg);
         }

@@ -366,12 +366,7 @@ impl TrainArgs {
             (0.0..1.0).contains(&self.label_smoothing),
             "0 to 1, 1 excluded",
         )?;
-        within(
-            "bucket-mb",
-            self.bucket_mb,
-            (0.0..=1024.0).contains(&self.bucket_mb),
-            "0 to 1024",
-        )?;
+        crate::dist::bucket_bytes(self.bucket_mb)?;
         within(
             "threads",
             self.threads,

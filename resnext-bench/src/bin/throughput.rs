@@ -56,12 +56,9 @@ fn main() -> Result<()> {
     let _universe = {
         let (universe, group) = resnext_train::dist::mpi_group::init()?;
         if let Some(g) = group {
-            if !(0.0..=1024.0).contains(&a.bucket_mb) {
-                bail!("--bucket-mb {} is out of range: 0 to 1024", a.bucket_mb);
-            }
             let cfg = resnext_core::dist::GroupConfig {
                 sync_bn: false,
-                bucket_bytes: (f64::from(a.bucket_mb) * f64::from(1u32 << 20)) as usize,
+                bucket_bytes: resnext_train::dist::bucket_bytes(a.bucket_mb)?,
             };
             resnext_core::dist::install(g, cfg);
         }

@@ -79,10 +79,12 @@ fn bn_finish<const C: usize, T: Tape<f32, Cpu>>(
                 &mut dgamma,
                 &mut dbeta,
             );
-            ew::add_into(grads.get_or_alloc_mut(&gg)?, &dgamma);
-            ew::add_into(grads.get_or_alloc_mut(&bg)?, &dbeta);
-            dist::grad_ready(grads.get_or_alloc_mut(&gg)?);
-            dist::grad_ready(grads.get_or_alloc_mut(&bg)?);
+            let dg = grads.get_or_alloc_mut(&gg)?;
+            ew::add_into(dg, &dgamma);
+            dist::grad_ready(dg);
+            let db = grads.get_or_alloc_mut(&bg)?;
+            ew::add_into(db, &dbeta);
+            dist::grad_ready(db);
             Ok(())
         },
     )

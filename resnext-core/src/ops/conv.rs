@@ -61,8 +61,9 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
             Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
             &mut dw,
         );
-        **grads.get_or_alloc_mut(&wg)? = dw;
-        dist::grad_ready(grads.get_or_alloc_mut(&wg)?);
+        let gw = grads.get_or_alloc_mut(&wg)?;
+        **gw = dw;
+        dist::grad_ready(gw);
         Ok(())
     })
 }

@@ -292,8 +292,12 @@ pub(crate) fn conv2d_bn_train_on<
                     relu: bn_relu,
                 };
                 bn::bn_backward_in_place(&bg, &yc, &ch, &mut d, &mut dgamma, &mut dbeta);
-                ew::add_into(grads.get_or_alloc_mut(&gg)?, &dgamma);
-                ew::add_into(grads.get_or_alloc_mut(&bgh)?, &dbeta);
+                let dg = grads.get_or_alloc_mut(&gg)?;
+                ew::add_into(dg, &dgamma);
+                dist::grad_ready(dg);
+                let db = grads.get_or_alloc_mut(&bgh)?;
+                ew::add_into(db, &dbeta);
+                dist::grad_ready(db);
             }
             drop(yc);
             let _t = profile::scope(kind.backward());
@@ -307,10 +311,9 @@ pub(crate) fn conv2d_bn_train_on<
                 }
                 None => conv::conv2d_backward_new(&g, &xs, &ws, &d, &mut dw),
             })?;
-            **grads.get_or_alloc_mut(&wg)? = dw;
-            dist::grad_ready(grads.get_or_alloc_mut(&wg)?);
-            dist::grad_ready(grads.get_or_alloc_mut(&gg)?);
-            dist::grad_ready(grads.get_or_alloc_mut(&bgh)?);
+            let gw = grads.get_or_alloc_mut(&wg)?;
+            **gw = dw;
+            dist::grad_ready(gw);
             Ok(())
         });
     }

@@ -34,10 +34,12 @@ pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
             &mut dw,
             &mut db,
         );
-        ew::add_into(grads.get_or_alloc_mut(&wg)?, &dw);
-        ew::add_into(grads.get_or_alloc_mut(&bg)?, &db);
-        dist::grad_ready(grads.get_or_alloc_mut(&wg)?);
-        dist::grad_ready(grads.get_or_alloc_mut(&bg)?);
+        let gw = grads.get_or_alloc_mut(&wg)?;
+        ew::add_into(gw, &dw);
+        dist::grad_ready(gw);
+        let gb = grads.get_or_alloc_mut(&bg)?;
+        ew::add_into(gb, &db);
+        dist::grad_ready(gb);
         Ok(())
     })
 }
