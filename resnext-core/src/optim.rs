@@ -10,7 +10,6 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::Result;
-use crate::ops::read;
 use crate::params::{ParamKind, ParamVisitor, ParamVisitorMut, Params};
 use crate::weights::WeightsError;
 
@@ -168,6 +167,9 @@ struct Step<'a> {
     t: u64,
     /// Gradient multiplier from clipping (1 without).
     clip: f32,
+    /// The parameter being updated, copied out of its tensor (dfdx gives no in-place
+    /// access); one buffer for all parameters, so no fresh memory is filled per tensor.
+    scratch: Vec<f32>,
 }
 
 /// Takes the slot `slot` of `name` out of `state` (zeros of `len` when new), and whether
@@ -196,7 +198,12 @@ impl ParamVisitorMut for Step<'_> {
         if kind == ParamKind::Buffer || scale == 0.0 {
             return Ok(());
         }
-        let mut p = read(t);
+        let n = t.shape().num_elements();
+        if self.scratch.len() < n {
+            self.scratch.resize(n, 0.0);
+        }
+        let p = &mut self.scratch[..n];
+        t.copy_into(p);
         let grad = self.grads.get_or_alloc_mut(t)?;
         let decay = if kind == ParamKind::Weight || self.cfg.decay_vectors {
             self.cfg.weight_decay
@@ -257,7 +264,7 @@ impl ParamVisitorMut for Step<'_> {
                 self.state.insert(format!("exp_avg_sq.{name}"), v);
             }
         }
-        t.copy_from(&p);
+        t.copy_from(p);
         Ok(())
     }
 }
@@ -317,6 +324,7 @@ impl Optimizer {
                 grads,
                 t: self.steps,
                 clip,
+                scratch: Vec::new(),
             },
         )?;
         Ok(norm)
