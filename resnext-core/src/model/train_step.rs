@@ -45,7 +45,8 @@ pub fn train_step_by<const C: usize, O: Dim, M: Params>(
     opt: &mut Optimizer,
     forward: impl FnOnce(&mut M, Act<C, OwnedTape<f32, Cpu>>) -> Result<Mat<O, OwnedTape<f32, Cpu>>>,
 ) -> Result<TrainOutput> {
-    let logits = forward(net, x.trace(Gradients::leaky()))?;
+    // the input's gradient is not used: the ops compute none
+    let logits = ops::without_grad_of(x.trace(Gradients::leaky()), |x| forward(net, x))??;
     let values = logits.as_vec();
     let loss = ops::cross_entropy_mixed(logits, targets)?;
     let value = loss.array();

@@ -304,13 +304,17 @@ pub(crate) fn conv2d_bn_train_on<
             // the weight gradient accumulates straight into its slot, moved out meanwhile
             let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
             let xs = xs.values();
-            x_grad.add_or_put(grads, |dx| match dx {
-                Some(dx) => {
-                    conv::conv2d_backward(&g, &xs, &ws, &d, Some(dx), &mut dw);
-                    Vec::new()
-                }
-                None => conv::conv2d_backward_new(&g, &xs, &ws, &d, &mut dw),
-            })?;
+            if x_grad.wanted() {
+                x_grad.add_or_put(grads, |dx| match dx {
+                    Some(dx) => {
+                        conv::conv2d_backward(&g, &xs, &ws, &d, Some(dx), &mut dw);
+                        Vec::new()
+                    }
+                    None => conv::conv2d_backward_new(&g, &xs, &ws, &d, &mut dw),
+                })?;
+            } else {
+                conv::conv2d_backward(&g, &xs, &ws, &d, None, &mut dw);
+            }
             let gw = grads.get_or_alloc_mut(&wg)?;
             **gw = dw;
             dist::grad_ready(gw);
@@ -324,6 +328,62 @@ pub(crate) fn conv2d_bn_train_on<
 mod tests {
     use super::*;
     use crate::ops::grad::{Grad, GradSlot, Held};
+
+    /// A training step's input, marked as needing no gradient: the fused op computes none
+    /// for it, and every other gradient (weight, batch norm, residual) is bitwise the same
+    /// as without the mark; after the marked forward pass the same tensor's gradient is
+    /// computed again.
+    #[test]
+    fn an_unwanted_input_gets_no_gradient_and_every_other_gradient_stays() {
+        let dev = Cpu::seed_from_u64(9);
+        let w: Tensor<Rank4<4, 3, 3, 3>, f32, Cpu> = dev.sample_normal();
+        let (gamma, beta): (Tensor<Rank1<4>, f32, Cpu>, _) =
+            (dev.sample_normal(), dev.sample_normal());
+        let x: Act<3> = dev.sample_normal_like(&(2, Const, 6, 6));
+        let r: Act<4> = dev.sample_normal_like(&(2, Const, 6, 6));
+        let probe: Act<4> = dev.sample_normal_like(&(2, Const, 6, 6));
+        let conv = ConvConfig {
+            kernel: 3,
+            padding: 1,
+            ..Default::default()
+        };
+        let run = |mark: bool| {
+            let (mut mean, mut var): (Tensor<Rank1<4>, f32, Cpu>, _) = (dev.zeros(), dev.ones());
+            let mut forward = |xt: Act<3, OwnedTape<f32, Cpu>>| {
+                let bn = BnTrainRef {
+                    gamma: &gamma,
+                    beta: &beta,
+                    mean: &mut mean,
+                    var: &mut var,
+                };
+                let res = r.clone().trace(Gradients::leaky());
+                conv2d_bn_train(xt, &w, conv, bn, BnConfig::default(), Some(res)).unwrap()
+            };
+            let xt = x.clone().trace(Gradients::leaky());
+            let y = if mark {
+                crate::ops::without_grad_of(xt, forward).unwrap()
+            } else {
+                forward(xt)
+            };
+            let mut grads = (y * probe.clone()).sum().backward();
+            let dx = grads.get_or_alloc_mut(&x).unwrap().to_vec();
+            let rest = [grads.get(&w).as_vec(), grads.get(&gamma).as_vec()];
+            (dx, rest, grads.get(&beta).as_vec(), grads.get(&r).as_vec())
+        };
+        let (dx_marked, rest_marked, dbeta_marked, dr_marked) = run(true);
+        let (dx, rest, dbeta, dr) = run(false);
+        assert!(
+            dx_marked.iter().all(|&v| v == 0.0),
+            "a gradient was computed for the marked input"
+        );
+        assert!(
+            dx.iter().any(|&v| v != 0.0),
+            "no gradient for the input after the marked pass ended"
+        );
+        assert_eq!(rest_marked, rest, "weight or gamma gradient changed");
+        assert_eq!(dbeta_marked, dbeta);
+        assert_eq!(dr_marked, dr, "the residual's gradient changed");
+    }
 
     /// Two fused ops in a row on held values, as the CPU backend runs a block in training:
     /// the first's batch norm + ReLU output is freed once the second has read it, and

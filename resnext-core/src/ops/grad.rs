@@ -10,6 +10,7 @@
 //! never copied out of a tensor, and its gradient is neither zero-allocated by dfdx nor
 //! copied: a reader whose slot already holds a gradient adds into that buffer.
 
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use dfdx::prelude::*;
@@ -48,12 +49,64 @@ pub(crate) fn lookup<S: Shape, T>(x: &Tensor<S, f32, Cpu, T>) -> Lookup {
     Box::new(move |grads: &mut Grads| Ok(&mut **grads.get_or_alloc_mut(&g)?))
 }
 
+thread_local! {
+    /// The tensors whose gradient nobody reads, during [`without_grad_of`]: dfdx's
+    /// [`Gradients`] serves as a set keyed by tensor identity (a tensor's id is not
+    /// public), a marked tensor's entry empty.
+    static UNWANTED: RefCell<Option<Grads>> = const { RefCell::new(None) };
+}
+
+/// Runs `forward` (a training forward pass) on `x` with the gradient of `x` marked as unwanted: a
+/// training op that reads `x` computes no gradient for it. For the network input of a
+/// training step, whose gradient costs as much as a weight's and is thrown away. The
+/// mark is this thread's, and ends with `forward`, panic or not.
+pub(crate) fn without_grad_of<S: Shape, T, R>(
+    x: Tensor<S, f32, Cpu, T>,
+    forward: impl FnOnce(Tensor<S, f32, Cpu, T>) -> R,
+) -> Result<R, CpuError> {
+    struct Restore(Option<Grads>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            UNWANTED.with(|u| *u.borrow_mut() = self.0.take());
+        }
+    }
+    let mut set = Grads::leaky();
+    // the mark: an entry with no values (its zeros are freed at once)
+    std::mem::take(&mut **set.get_or_alloc_mut(&x)?);
+    let _restore = Restore(UNWANTED.with(|u| u.replace(Some(set))));
+    Ok(forward(x))
+}
+
+/// Whether `x` is marked by [`without_grad_of`].
+fn unwanted<S: Shape, T>(x: &Tensor<S, f32, Cpu, T>) -> bool {
+    UNWANTED.with(|u| {
+        let mut set = u.borrow_mut();
+        let Some(set) = set.as_mut() else {
+            return false;
+        };
+        match set.get_or_alloc_mut(x) {
+            Ok(entry) => {
+                // an unmarked tensor's new entry (zeros of its length) shrinks to one value,
+                // which no mark has (a tensor of no values needs no gradient either way)
+                let marked = entry.is_empty();
+                if !marked {
+                    **entry = vec![0.0];
+                }
+                marked
+            }
+            Err(_) => false,
+        }
+    })
+}
+
 /// Where one gradient lives.
 pub(crate) enum Grad<const C: usize> {
     /// dfdx's gradient of a tensor.
     Tensor(Lookup),
     /// A slot of an activation held outside dfdx.
     Slot(GradSlot),
+    /// Nowhere: nobody reads it ([`without_grad_of`]); adding into it does nothing.
+    Unwanted,
 }
 
 impl<const C: usize> std::fmt::Debug for Grad<C> {
@@ -61,16 +114,23 @@ impl<const C: usize> std::fmt::Debug for Grad<C> {
         match self {
             Grad::Tensor(_) => f.write_str("Grad::Tensor"),
             Grad::Slot(s) => f.debug_tuple("Grad::Slot").field(s).finish(),
+            Grad::Unwanted => f.write_str("Grad::Unwanted"),
         }
     }
 }
 
 impl<const C: usize> Grad<C> {
+    /// Whether anybody reads this gradient: an op skips computing an unwanted one.
+    pub(crate) fn wanted(&self) -> bool {
+        !matches!(self, Grad::Unwanted)
+    }
+
     /// The gradient accumulated so far, moved out: zeros of `len` when nothing was added.
     pub(crate) fn take(&self, grads: &mut Grads, len: usize) -> Result<Vec<f32>, CpuError> {
         Ok(match self {
             Grad::Tensor(g) => std::mem::take(g(grads)?),
             Grad::Slot(s) => s.with(Option::take).unwrap_or_else(|| ew::zeroed(len)),
+            Grad::Unwanted => ew::zeroed(len),
         })
     }
 
@@ -85,6 +145,7 @@ impl<const C: usize> Grad<C> {
         match self {
             Grad::Tensor(g) => f(g(grads)?),
             Grad::Slot(s) => s.with(|slot| f(slot.get_or_insert_with(|| ew::zeroed(len)))),
+            Grad::Unwanted => {}
         }
         Ok(())
     }
@@ -92,7 +153,9 @@ impl<const C: usize> Grad<C> {
     /// Adds an op's share into the gradient: `f(Some(acc))` adds into the gradient
     /// accumulated so far; where nothing was (an empty slot), `f(None)` returns the share
     /// as a new buffer, which the slot then holds, so it is written once rather than
-    /// zero-filled and added into. (What `f` returns after adding is dropped.)
+    /// zero-filled and added into. (What `f` returns after adding is dropped.) An unwanted
+    /// gradient does not call `f`: an op that computes more than the input gradient in
+    /// `f` asks [`Grad::wanted`] first.
     pub(crate) fn add_or_put(
         &self,
         grads: &mut Grads,
@@ -108,6 +171,7 @@ impl<const C: usize> Grad<C> {
                 }
                 None => *slot = Some(f(None)),
             }),
+            Grad::Unwanted => {}
         }
         Ok(())
     }
@@ -120,6 +184,7 @@ impl<const C: usize> Grad<C> {
                 None => *slot = Some(g.to_vec()),
             }),
             Grad::Tensor(_) => self.accumulate(grads, g.len(), |acc| ew::add_into(acc, g))?,
+            Grad::Unwanted => {}
         }
         Ok(())
     }
@@ -199,13 +264,18 @@ impl Kept {
 }
 
 impl<const C: usize> Input<C> {
-    /// A tensor's values (copied out) and its gradient in dfdx's [`Gradients`].
+    /// A tensor's values (copied out) and its gradient in dfdx's [`Gradients`] (none
+    /// where it is unwanted, [`without_grad_of`]).
     pub(crate) fn of_tensor<T>(x: &Act<C, T>) -> Self {
         let &(n, _, h, w) = x.shape();
         Input {
             data: Arc::new(read(x)),
             dims: [n, h, w],
-            grad: Grad::Tensor(lookup(x)),
+            grad: if unwanted(x) {
+                Grad::Unwanted
+            } else {
+                Grad::Tensor(lookup(x))
+            },
             recompute: None,
         }
     }
