@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use resnext_core::kernels::conv::{self, Conv2dGeom};
 use resnext_core::kernels::isa;
-use resnext_core::kernels::{batchnorm as bn, elementwise as ew};
+use resnext_core::kernels::{batchnorm as bn, elementwise as ew, pool};
 
 use crate::common::{rel_err, values, ConvCase};
 
@@ -244,6 +244,42 @@ proptest! {
             ] {
                 prop_assert!(rel_err(a, b) <= 1e-5, "{what} at {level}: {a:?} against {b:?}");
             }
+        }
+    }
+}
+
+/// Max pooling with indices at `level`: the values' bits and the chosen indices.
+fn max_pool_at(level: isa::Level, g: &pool::PoolGeom, x: &[f32]) -> (Vec<u32>, Vec<u32>) {
+    let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    isa::set_level(Some(level)).unwrap();
+    let mut y = vec![0.0; g.planes * g.out_h() * g.out_w()];
+    let mut idx = vec![0u32; y.len()];
+    pool::max_pool_forward(g, x, &mut y, &mut idx);
+    isa::set_level(None).unwrap();
+    (y.iter().map(|v| v.to_bits()).collect(), idx)
+}
+
+proptest! {
+    /// Max pooling picks the same input, bit for bit, at every level: inputs full of ties
+    /// and NaNs, rows wider than a vector (`ops::max_pool_argmax_takes_the_first_maximum_or_nan`
+    /// checks the choice against the scan-order rule).
+    #[test]
+    fn max_pool_is_exact_at_every_level(
+        (planes, h, w) in (1usize..3, 1usize..10, 1usize..40),
+        (k, s, p) in (1usize..4, 1usize..3, 0usize..2),
+        cells in proptest::collection::vec(0u8..5, 97),
+    ) {
+        let g = pool::PoolGeom { planes, in_h: h, in_w: w, kernel: k, stride: s, padding: p };
+        prop_assume!(g.validate().is_ok());
+        let x: Vec<f32> = (0..planes * h * w)
+            .map(|i| match cells[i % cells.len()] {
+                4 => f32::NAN,
+                c => c as f32 - 1.0,
+            })
+            .collect();
+        let want = max_pool_at(isa::Level::Scalar, &g, &x);
+        for level in isa::available() {
+            prop_assert_eq!(&max_pool_at(level, &g, &x), &want, "at {}", level);
         }
     }
 }

@@ -55,7 +55,7 @@ impl PoolGeom {
 
 /// Max pooling forward. Writes `y` and, per output, the index of the chosen input within
 /// its plane (for the backward pass). Ties go to the first maximum in scan order, as in
-/// PyTorch; NaN propagates.
+/// PyTorch; NaN propagates (the first NaN in scan order is chosen).
 pub fn max_pool_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
     let (oh, ow) = (g.out_h(), g.out_w());
     let (h, w) = (g.in_h, g.in_w);
@@ -65,32 +65,64 @@ pub fn max_pool_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u3
     y.par_chunks_mut(oh * ow)
         .zip(argmax.par_chunks_mut(oh * ow))
         .zip(x.par_chunks(h * w))
-        .for_each(|((yp, ap), xp)| {
-            for oy in 0..oh {
-                let y0 = (oy * g.stride) as isize - g.padding as isize;
-                let ys = y0.max(0) as usize..((y0 + g.kernel as isize).min(h as isize)) as usize;
-                for ox in 0..ow {
-                    let x0 = (ox * g.stride) as isize - g.padding as isize;
-                    let xs =
-                        x0.max(0) as usize..((x0 + g.kernel as isize).min(w as isize)) as usize;
-                    let mut best = f32::NEG_INFINITY;
-                    let mut at = ys.start * w + xs.start;
-                    // without branches (selects): which value wins is data-dependent, and
-                    // mispredicted branches made this scan several times slower; the first
-                    // NaN wins and stays, as with an early exit
-                    for iy in ys.clone() {
-                        for ix in xs.clone() {
-                            let v = xp[iy * w + ix];
-                            let take = (v > best) | (v.is_nan() & !best.is_nan());
-                            best = if take { v } else { best };
-                            at = if take { iy * w + ix } else { at };
-                        }
-                    }
-                    yp[oy * ow + ox] = best;
-                    ap[oy * ow + ox] = at as u32;
+        .for_each_init(
+            || (vec![0.0f32; w], vec![0u32; w]),
+            |(col_max, col_row), ((yp, ap), xp)| max_pool_plane(g, xp, yp, ap, col_max, col_row),
+        );
+}
+
+leveled! {
+    /// One plane of [`max_pool_forward`]. Per output row, each input column's first
+    /// maximum over the window's rows and the row it is in (`col_max`, `col_row`: whole
+    /// rows at a time, vectorised), then per output the winner among its window's
+    /// columns. Scan order is row by row, so among equal maxima (or NaNs) the one in the
+    /// lowest row wins, then the leftmost column: the first in scan order.
+    fn max_pool_plane(
+        g: &PoolGeom,
+        xp: &[f32],
+        yp: &mut [f32],
+        ap: &mut [u32],
+        col_max: &mut [f32],
+        col_row: &mut [u32],
+    ) {
+        let (h, w, ow) = (g.in_h, g.in_w, g.out_w());
+        for (oy, (yrow, arow)) in yp.chunks_exact_mut(ow).zip(ap.chunks_exact_mut(ow)).enumerate() {
+            let y0 = (oy * g.stride) as isize - g.padding as isize;
+            let ys = y0.max(0) as usize..((y0 + g.kernel as isize).min(h as isize)) as usize;
+            col_max.copy_from_slice(&xp[ys.start * w..(ys.start + 1) * w]);
+            col_row.fill(ys.start as u32);
+            for iy in ys.start + 1..ys.end {
+                for ((m, r), &v) in col_max
+                    .iter_mut()
+                    .zip(col_row.iter_mut())
+                    .zip(&xp[iy * w..(iy + 1) * w])
+                {
+                    // selects, not branches: which value wins is data-dependent
+                    let take = (v > *m) | (v.is_nan() & !m.is_nan());
+                    *m = if take { v } else { *m };
+                    *r = if take { iy as u32 } else { *r };
                 }
             }
-        });
+            for (ox, (out, at)) in yrow.iter_mut().zip(arow.iter_mut()).enumerate() {
+                let x0 = (ox * g.stride) as isize - g.padding as isize;
+                let xs = x0.max(0) as usize..((x0 + g.kernel as isize).min(w as isize)) as usize;
+                let (mut best, mut row, mut col) = (col_max[xs.start], col_row[xs.start], xs.start);
+                for ix in xs.start + 1..xs.end {
+                    let (v, r) = (col_max[ix], col_row[ix]);
+                    let take = if v.is_nan() {
+                        !best.is_nan() | (r < row)
+                    } else {
+                        (v > best) | ((v == best) & (r < row))
+                    };
+                    best = if take { v } else { best };
+                    row = if take { r } else { row };
+                    col = if take { ix } else { col };
+                }
+                *out = best;
+                *at = row * w as u32 + col as u32;
+            }
+        }
+    }
 }
 
 /// `a` if it is larger or NaN, else `b`: a maximum that propagates NaN and vectorises.
