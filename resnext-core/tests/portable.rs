@@ -137,7 +137,7 @@ proptest! {
         isa::set_level(Some(level)).unwrap();
         let mut y = vec![0.0; g.output_len()];
         conv::direct::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
-        // and through the dispatcher, which picks it when the batch fills the threads
+        // and through the dispatcher, which picks it (at batch 1 its channels split)
         let mut y_dispatched = vec![0.0; g.output_len()];
         conv::conv2d_forward(&g, &x, &wt, &mut y_dispatched);
         isa::set_level(None).unwrap();

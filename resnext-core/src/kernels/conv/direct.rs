@@ -40,16 +40,10 @@ pub fn suits(g: &Conv2dGeom) -> bool {
 /// Whether the forward pass here beats im2col + GEMM for `g`: [`suits`], and also dense
 /// convolutions with very few input channels and a large kernel (an RGB stem: 3 input
 /// channels, 7×7), whose im2col matrix is ~50× the input. Their backward pass stays on
-/// im2col + GEMM, which splits the weight gradient over the batch. The forward here runs
-/// one task per image and group, so a dense convolution takes it only when the batch gives
-/// every thread an image (a batch-1 stem stays on the GEMM, which splits one image).
+/// im2col + GEMM, which splits the weight gradient over the batch. At batch sizes below
+/// the thread count the forward splits each image's output channels among the threads.
 pub fn suits_forward(g: &Conv2dGeom) -> bool {
-    suits(g)
-        || (g.groups == 1
-            && g.kernel >= 5
-            && g.in_channels <= 4
-            && g.out_channels <= 64
-            && g.batch >= rayon::current_num_threads())
+    suits(g) || (g.groups == 1 && g.kernel >= 5 && g.in_channels <= 4 && g.out_channels <= 64)
 }
 
 /// Weights of a tap product, packed per block of output channels: block `(o0, ob, at)`
@@ -94,18 +88,26 @@ impl PackedWeights {
 
 /// `out[o·qpad + q] = Σ_t W[o][t] · inp[q + offs[t]]` for every output channel `o` and
 /// `q < qpad` (`qpad` a multiple of [`LANES`]). `inp` must hold `max(offs) + qpad` values.
-fn taps_product(inp: &[f32], offs: &[usize], w: &PackedWeights, qpad: usize, out: &mut [f32]) {
+/// With `parallel`, the blocks of output channels are tasks of their own (for a call that
+/// is the only task, as an image's stem at batch 1).
+fn taps_product(
+    inp: &[f32],
+    offs: &[usize],
+    w: &PackedWeights,
+    qpad: usize,
+    out: &mut [f32],
+    parallel: bool,
+) {
     assert_eq!(offs.len(), w.taps, "taps_product: tap count");
     assert!(qpad.is_multiple_of(LANES), "taps_product: padded grid");
     assert!(out.len() >= w.outs * qpad, "taps_product: output buffer");
     let max_off = offs.iter().copied().max().unwrap_or(0);
     assert!(max_off + qpad <= inp.len(), "taps_product: input buffer");
-    for &(o0, ob, at) in &w.blocks {
+    let block = |&(_, ob, at): &(usize, usize, usize), ob_out: &mut [f32]| {
         let wb = &w.data[at..at + ob * w.taps];
-        let ob_out = &mut out[o0 * qpad..(o0 + ob) * qpad];
         // SAFETY: the asserts above bound every read of `inp` (`q + off < qpad + max_off`);
         // the kernel reads `wb[t·ob + o]` and writes `ob_out[o·qpad + q]` for `o < ob`,
-        // `q < qpad` only.
+        // `q < qpad` only (`ob_out` holds `ob · qpad` values).
         unsafe {
             dispatch(tiles::ProductBlock {
                 inp,
@@ -116,6 +118,21 @@ fn taps_product(inp: &[f32], offs: &[usize], w: &PackedWeights, qpad: usize, out
                 out: ob_out,
             })
         };
+    };
+    // the blocks cover the channels in order, so their outputs are consecutive pieces
+    let mut rest = &mut out[..w.outs * qpad];
+    let mut pieces = Vec::with_capacity(w.blocks.len());
+    for b in &w.blocks {
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(b.1 * qpad);
+        pieces.push((b, piece));
+        rest = tail;
+    }
+    if parallel {
+        pieces
+            .into_par_iter()
+            .for_each(|(b, piece)| block(b, piece));
+    } else {
+        pieces.into_iter().for_each(|(b, piece)| block(b, piece));
     }
 }
 
@@ -389,7 +406,8 @@ pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> Vec<PackedWeights> {
 
 /// Forward of a convolution that [`suits_forward`], each (image, group)'s output passed
 /// to `epilogue(image, first channel, values)` while still in cache. Overwrites `y`. One
-/// task per (image, group).
+/// task per (image, group), and per block of output channels where those are fewer than
+/// the threads.
 pub fn conv2d_forward(
     g: &Conv2dGeom,
     x: &[f32],
@@ -425,6 +443,8 @@ pub fn conv2d_forward_packed(
     }
     let layout = FwdLayout::new(g);
     let key = layout.key(scratch::tag::FWD_INPUT, g, 1);
+    // fewer (image, group) tasks than threads: each splits its channels too
+    let few_tasks = g.batch * g.groups < rayon::current_num_threads();
     y.par_chunks_mut(out_grp).enumerate().for_each(|(i, yg)| {
         let (n, grp) = (i / g.groups, i % g.groups);
         let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
@@ -433,7 +453,14 @@ pub fn conv2d_forward_packed(
         let [mut grid] = scratch::take();
         grid.resize(opg * layout.qpad, 0.0);
         layout.pack(g, xg, &mut buf);
-        taps_product(&buf, &layout.offs, &packed[grp], layout.qpad, &mut grid);
+        taps_product(
+            &buf,
+            &layout.offs,
+            &packed[grp],
+            layout.qpad,
+            &mut grid,
+            few_tasks,
+        );
         for (o, yo) in yg.chunks_exact_mut(oh * ow).enumerate() {
             let src = &grid[o * layout.qpad..];
             for (oy, dst) in yo.chunks_exact_mut(ow).enumerate() {
@@ -548,7 +575,7 @@ pub fn conv2d_backward(
                 for ((ph, pw), grid) in bwd.phases.iter().zip(&phase_w).zip(grids.iter_mut()) {
                     if !ph.taps.is_empty() {
                         zeroed(grid, ipg * ph.qpad);
-                        taps_product(&dypad, &ph.offs, pw, ph.qpad, grid);
+                        taps_product(&dypad, &ph.offs, pw, ph.qpad, grid, false);
                     }
                 }
                 bwd.add_phases(g, dxn, |c, idx, i| {
