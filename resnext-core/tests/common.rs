@@ -4,6 +4,17 @@
 
 use dfdx::prelude::*;
 
+/// `len` values from few distinct ones (`cells[i % cells.len()]`: 0–3 map to −1..2, 4 to
+/// NaN): ties and NaNs everywhere, for max pooling's choice of input.
+pub fn ties_and_nans(cells: &[u8], len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| match cells[i % cells.len()] {
+            4 => f32::NAN,
+            c => c as f32 - 1.0,
+        })
+        .collect()
+}
+
 /// Max relative error `|a - b| / max(|b|, floor)`.
 pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

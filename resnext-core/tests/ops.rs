@@ -11,7 +11,7 @@ use resnext_core::kernels::conv::{self, Conv2dGeom};
 use resnext_core::kernels::pool::{self, PoolGeom};
 use resnext_core::ops::{self, Act, BnConfig, ConvConfig};
 
-use crate::common::{rel_err, values, ConvCase};
+use crate::common::{rel_err, ties_and_nans, values, ConvCase};
 
 fn conv_geom() -> impl Strategy<Value = Conv2dGeom> {
     (
@@ -294,12 +294,7 @@ proptest! {
         let g = PoolGeom { planes, in_h: h, in_w: w, kernel: k, stride: s, padding: p };
         prop_assume!(g.validate().is_ok());
         // few distinct values (ties everywhere), one in five a NaN
-        let x: Vec<f32> = (0..planes * h * w)
-            .map(|i| match cells[i % cells.len()] {
-                4 => f32::NAN,
-                c => c as f32 - 1.0,
-            })
-            .collect();
+        let x = ties_and_nans(&cells, planes * h * w);
         let (oh, ow) = (g.out_h(), g.out_w());
         let mut y = vec![0.0; planes * oh * ow];
         let mut idx = vec![0u32; y.len()];
