@@ -63,7 +63,7 @@ impl FromStr for DeviceSpec {
 pub enum GpuError {
     /// The binary was built without the `cuda` feature.
     #[error(
-        "this build has no CUDA support: build with `--features cuda` (cargo build --release -p resnext-train --features cuda) or run with --device cpu"
+        "this build has no CUDA support: rebuild it with `--features cuda` (`cargo build --release -p resnext-train --features cuda`, or `-p resnext-bench` for the benchmarks) or run with --device cpu"
     )]
     NotBuilt,
     /// `libcuda.so` (the NVIDIA driver's library) could not be loaded.
