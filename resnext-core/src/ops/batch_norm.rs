@@ -3,8 +3,7 @@
 
 use dfdx::prelude::*;
 
-use super::{read, record, Act};
-use crate::dist;
+use super::{read, record, Act, ParamGrad};
 use crate::error::{shape_err, Result};
 use crate::kernels::{batchnorm as bn, elementwise as ew};
 use crate::profile::{self, Label};
@@ -53,7 +52,8 @@ fn bn_finish<const C: usize, T: Tape<f32, Cpu>>(
     let dev = x.device().clone();
     let (x, tape) = x.split_tape();
     let (xs, gs, bs, mean, inv_std) = saved;
-    let (xg, gg, bg) = (x.ghost(), gamma.ghost(), beta.ghost());
+    let xg = x.ghost();
+    let (gg, bg) = (ParamGrad::of(gamma), ParamGrad::of(beta));
     record(
         &dev,
         y,
@@ -79,13 +79,8 @@ fn bn_finish<const C: usize, T: Tape<f32, Cpu>>(
                 &mut dgamma,
                 &mut dbeta,
             );
-            let dg = grads.get_or_alloc_mut(&gg)?;
-            ew::add_into(dg, &dgamma);
-            dist::grad_ready(dg);
-            let db = grads.get_or_alloc_mut(&bg)?;
-            ew::add_into(db, &dbeta);
-            dist::grad_ready(db);
-            Ok(())
+            gg.add(grads, &dgamma)?;
+            bg.add(grads, &dbeta)
         },
     )
 }

@@ -2,8 +2,7 @@
 
 use dfdx::prelude::*;
 
-use super::{read, record, Act};
-use crate::dist;
+use super::{read, record, Act, ParamGrad};
 use crate::error::{shape_err, Result};
 use crate::kernels::conv;
 use crate::profile::{self, Label};
@@ -48,11 +47,11 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
     let y = conv::conv2d_forward_new(&g, &xs, &ws);
     let dev = x.device().clone();
     let (x, tape) = x.split_tape();
-    let (xg, wg) = (x.ghost(), weight.ghost());
+    let (xg, wg) = (x.ghost(), ParamGrad::of(weight));
     let shape = (n, Const::<O>, g.out_h(), g.out_w());
     record(&dev, y, shape, tape, kind.backward(), move |dy, grads| {
         // the weight gradient accumulates straight into its slot, moved out meanwhile
-        let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
+        let mut dw = wg.take(grads)?;
         conv::conv2d_backward(
             &g,
             &xs,
@@ -61,10 +60,7 @@ pub fn conv2d<const I: usize, const O: usize, WS: Shape, T: Tape<f32, Cpu>>(
             Some(&mut grads.get_or_alloc_mut(&xg)?[..]),
             &mut dw,
         );
-        let gw = grads.get_or_alloc_mut(&wg)?;
-        **gw = dw;
-        dist::grad_ready(gw);
-        Ok(())
+        wg.put(grads, dw)
     })
 }
 

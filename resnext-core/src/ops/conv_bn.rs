@@ -9,9 +9,8 @@ use dfdx::prelude::*;
 use super::batch_norm::{check_batch_stats, update_running, BnConfig};
 use super::conv::{conv_geom, ConvConfig, ConvKind};
 use super::fold_cache;
-use super::grad::{Input, Kept, Output, Recompute};
+use super::grad::{Input, Kept, Output, ParamGrad, Recompute};
 use super::{read, Act};
-use crate::dist;
 use crate::error::{shape_err, Result};
 use crate::kernels::{batchnorm as bn, conv, elementwise as ew};
 use crate::profile::{self, Label};
@@ -271,8 +270,8 @@ pub(crate) fn conv2d_bn_train_on<
     });
     let (out, out_grad) = Out::wrap(y, out_shape, dev, recompute)?;
     if T::OWNS_TAPE {
-        let wg = weight.ghost();
-        let (gg, bgh) = (bn.gamma.ghost(), bn.beta.ghost());
+        let wg = ParamGrad::of(weight);
+        let (gg, bgh) = (ParamGrad::of(bn.gamma), ParamGrad::of(bn.beta));
         tape.add_backward_op(move |grads| {
             let mut d = out_grad.take(grads, g.output_len())?;
             {
@@ -292,17 +291,13 @@ pub(crate) fn conv2d_bn_train_on<
                     relu: bn_relu,
                 };
                 bn::bn_backward_in_place(&bg, &yc, &ch, &mut d, &mut dgamma, &mut dbeta);
-                let dg = grads.get_or_alloc_mut(&gg)?;
-                ew::add_into(dg, &dgamma);
-                dist::grad_ready(dg);
-                let db = grads.get_or_alloc_mut(&bgh)?;
-                ew::add_into(db, &dbeta);
-                dist::grad_ready(db);
+                gg.add(grads, &dgamma)?;
+                bgh.add(grads, &dbeta)?;
             }
             drop(yc);
             let _t = profile::scope(kind.backward());
             // the weight gradient accumulates straight into its slot, moved out meanwhile
-            let mut dw: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?);
+            let mut dw = wg.take(grads)?;
             let xs = xs.values();
             if x_grad.wanted() {
                 x_grad.add_or_put(grads, |dx| match dx {
@@ -315,10 +310,7 @@ pub(crate) fn conv2d_bn_train_on<
             } else {
                 conv::conv2d_backward(&g, &xs, &ws, &d, None, &mut dw);
             }
-            let gw = grads.get_or_alloc_mut(&wg)?;
-            **gw = dw;
-            dist::grad_ready(gw);
-            Ok(())
+            wg.put(grads, dw)
         });
     }
     Ok((out, tape))

@@ -17,6 +17,7 @@ use dfdx::prelude::*;
 use dfdx::tensor::CpuError;
 
 use super::{read, Act, Grads};
+use crate::dist;
 use crate::kernels::{batchnorm as bn, elementwise as ew};
 
 /// The shape of an [`Act`] with `C` channels.
@@ -97,6 +98,41 @@ fn unwanted<S: Shape, T>(x: &Tensor<S, f32, Cpu, T>) -> bool {
             Err(_) => false,
         }
     })
+}
+
+/// A parameter's gradient in dfdx's [`Gradients`], handed to data-parallel training
+/// ([`dist::grad_ready`]) once the op's backward pass has finished it: the one way an op
+/// adds to a parameter's gradient, so none is left out of the buckets.
+pub(crate) struct ParamGrad(Lookup);
+
+impl ParamGrad {
+    /// The gradient of `p`.
+    pub(crate) fn of<S: Shape, T>(p: &Tensor<S, f32, Cpu, T>) -> Self {
+        ParamGrad(lookup(p))
+    }
+
+    /// The gradient accumulated so far, moved out, for the op to add into; the op gives it
+    /// back with [`ParamGrad::put`].
+    pub(crate) fn take(&self, grads: &mut Grads) -> Result<Vec<f32>, CpuError> {
+        Ok(std::mem::take((self.0)(grads)?))
+    }
+
+    /// Puts back the gradient [`ParamGrad::take`] moved out, with the op's share added:
+    /// final for this pass, it is handed over.
+    pub(crate) fn put(&self, grads: &mut Grads, g: Vec<f32>) -> Result<(), CpuError> {
+        let slot = (self.0)(grads)?;
+        *slot = g;
+        dist::grad_ready(slot);
+        Ok(())
+    }
+
+    /// Adds the op's share `g` and hands the gradient over.
+    pub(crate) fn add(&self, grads: &mut Grads, g: &[f32]) -> Result<(), CpuError> {
+        let slot = (self.0)(grads)?;
+        ew::add_into(slot, g);
+        dist::grad_ready(slot);
+        Ok(())
+    }
 }
 
 /// Where one gradient lives.

@@ -2,8 +2,7 @@
 
 use dfdx::prelude::*;
 
-use super::{read, record, Mat};
-use crate::dist;
+use super::{read, record, Mat, ParamGrad};
 use crate::error::{shape_err, Result};
 use crate::kernels::elementwise as ew;
 use crate::profile::Label;
@@ -20,7 +19,8 @@ pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
     let y = linear_values::<F>(&xs, n, &ws, &bs)?;
     let dev = x.device().clone();
     let (x, tape) = x.split_tape();
-    let (xg, wg, bg) = (x.ghost(), weight.ghost(), bias.ghost());
+    let xg = x.ghost();
+    let (wg, bg) = (ParamGrad::of(weight), ParamGrad::of(bias));
     record(&dev, y, (n, o), tape, Label::Linear, move |dy, grads| {
         let (mut dw, mut db) = (vec![0.0f32; ws.len()], vec![0.0f32; bs.len()]);
         ew::linear_backward(
@@ -34,13 +34,8 @@ pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
             &mut dw,
             &mut db,
         );
-        let gw = grads.get_or_alloc_mut(&wg)?;
-        ew::add_into(gw, &dw);
-        dist::grad_ready(gw);
-        let gb = grads.get_or_alloc_mut(&bg)?;
-        ew::add_into(gb, &db);
-        dist::grad_ready(gb);
-        Ok(())
+        wg.add(grads, &dw)?;
+        bg.add(grads, &db)
     })
 }
 

@@ -41,7 +41,7 @@ pub use conv_bn::{conv2d_bn_eval, conv2d_bn_eval_raw, conv2d_bn_train, BnRef, Bn
 pub use elementwise::add_relu;
 pub use fold_cache::{with_fold_cache, FoldCache};
 pub use grad::GradSlot;
-pub(crate) use grad::{without_grad_of, Grad, Held, Input, Recompute};
+pub(crate) use grad::{without_grad_of, Grad, Held, Input, ParamGrad, Recompute};
 pub use linear::{linear, linear_raw};
 pub use loss::{cross_entropy, cross_entropy_mixed, Targets};
 pub(crate) use pool::max_pool2d_on;
