@@ -79,98 +79,149 @@ pub(super) fn add(dst: &mut [f32], src: &[f32]) {
     unsafe { dispatch(K(dst, src)) }
 }
 
-/// `ev[j] = src[2j]`, `od[j] = src[2j + 1]`.
-pub(super) fn deinterleave2(src: &[f32], ev: &mut [f32], od: &mut [f32]) {
-    assert!(
-        ev.len() == src.len().div_ceil(2) && od.len() == src.len() / 2,
-        "deinterleave2: lengths"
-    );
-    struct K<'a>(&'a [f32], &'a mut [f32], &'a mut [f32]);
-    impl Kernel for K<'_> {
+/// A stride-2 split of whole planes' rows, in one dispatch: for row `i` of plane `c` of
+/// `src` (planes of `h` rows of `w` values), `dst[e + j] = src[(c·h + i)·w + 2j]` and
+/// `dst[o + j] = src[(c·h + i)·w + 2j + 1]`, where `(e, o) = at(c, i)`.
+pub(super) fn deinterleave2_rows(
+    src: &[f32],
+    (h, w): (usize, usize),
+    dst: &mut [f32],
+    at: impl Fn(usize, usize) -> (usize, usize),
+) {
+    if w == 0 || h == 0 {
+        return;
+    }
+    for c in 0..src.len() / (h * w) {
+        for i in 0..h {
+            let (e, o) = at(c, i);
+            assert!(
+                e + w.div_ceil(2) <= dst.len() && o + w / 2 <= dst.len(),
+                "deinterleave2_rows: plane {c} row {i} out of bounds"
+            );
+        }
+    }
+    struct K<'a, F>(&'a [f32], (usize, usize), &'a mut [f32], F);
+    impl<F: Fn(usize, usize) -> (usize, usize)> Kernel for K<'_, F> {
         type Output = ();
         #[inline(always)]
         unsafe fn run<S: Simd>(self) {
-            let K(src, ev, od) = self;
-            let n = S::LANES;
-            let mut i = 0;
-            while i + 2 * n <= src.len() {
-                // SAFETY: reads `src[i..i + 2n]`, writes `ev`/`od` at `i/2..i/2 + n`, both
-                // in bounds (`ev` and `od` hold half of `src`, rounded).
-                unsafe {
-                    let p = src.as_ptr().add(i);
-                    let (e, o) = S::deinterleave(S::load(p), S::load(p.add(n)));
-                    S::store(ev.as_mut_ptr().add(i / 2), e);
-                    S::store(od.as_mut_ptr().add(i / 2), o);
-                }
-                i += 2 * n;
-            }
-            let n = src.len() - i;
-            if n > 0 {
-                // the last `n < 2·LANES` values, as part vectors
-                // SAFETY: reads `src[i..]`, writes `ev[i/2..]` (⌈n/2⌉ values) and
-                // `od[i/2..]` (⌊n/2⌋), all in bounds.
-                unsafe {
-                    let p = src.as_ptr().add(i);
-                    let a = simd::load_n::<S>(p, n.min(S::LANES));
-                    let b = simd::load_n::<S>(p.add(n.min(S::LANES)), n.saturating_sub(S::LANES));
-                    let (e, o) = S::deinterleave(a, b);
-                    simd::store_n::<S>(ev.as_mut_ptr().add(i / 2), n.div_ceil(2), e);
-                    simd::store_n::<S>(od.as_mut_ptr().add(i / 2), n / 2, o);
+            let K(src, (h, w), dst, at) = self;
+            let (d, planes) = (dst.as_mut_ptr(), src.len() / (h * w));
+            for c in 0..planes {
+                for i in 0..h {
+                    let (e, o) = at(c, i);
+                    // SAFETY: `src[(c·h + i)·w..][..w]` is in `src`; `dst[e..][..⌈w/2⌉]`
+                    // and `dst[o..][..⌊w/2⌋]` are in bounds (asserted for every row above).
+                    unsafe {
+                        let row = src.as_ptr().add((c * h + i) * w);
+                        deinterleave2_at::<S>(row, w, d.add(e), d.add(o));
+                    }
                 }
             }
         }
     }
     // SAFETY: as in the kernel.
-    unsafe { dispatch(K(src, ev, od)) }
+    unsafe { dispatch(K(src, (h, w), dst, at)) }
 }
 
-/// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`.
-pub(super) fn interleave2_add(dst: &mut [f32], ev: &[f32], od: &[f32]) {
-    assert!(
-        ev.len() == dst.len().div_ceil(2) && od.len() == dst.len() / 2,
-        "interleave2_add: lengths"
-    );
-    struct K<'a>(&'a mut [f32], &'a [f32], &'a [f32]);
-    impl Kernel for K<'_> {
+/// `ev[j] = src[2j]`, `od[j] = src[2j + 1]` for `j < ⌈len/2⌉` and `j < ⌊len/2⌋`.
+#[inline(always)]
+unsafe fn deinterleave2_at<S: Simd>(src: *const f32, len: usize, ev: *mut f32, od: *mut f32) {
+    let n = S::LANES;
+    let mut i = 0;
+    while i + 2 * n <= len {
+        // SAFETY: reads `src[i..i + 2n]`, writes `ev`/`od` at `i/2..i/2 + n`, both in the
+        // caller's bounds (`ev` and `od` hold half of `src`, rounded).
+        unsafe {
+            let p = src.add(i);
+            let (e, o) = S::deinterleave(S::load(p), S::load(p.add(n)));
+            S::store(ev.add(i / 2), e);
+            S::store(od.add(i / 2), o);
+        }
+        i += 2 * n;
+    }
+    let n = len - i;
+    if n > 0 {
+        // the last `n < 2·LANES` values, as part vectors
+        // SAFETY: reads `src[i..]`, writes `ev[i/2..]` (⌈n/2⌉ values) and `od[i/2..]`
+        // (⌊n/2⌋), all in bounds.
+        unsafe {
+            let p = src.add(i);
+            let a = simd::load_n::<S>(p, n.min(S::LANES));
+            let b = simd::load_n::<S>(p.add(n.min(S::LANES)), n.saturating_sub(S::LANES));
+            let (e, o) = S::deinterleave(a, b);
+            simd::store_n::<S>(ev.add(i / 2), n.div_ceil(2), e);
+            simd::store_n::<S>(od.add(i / 2), n / 2, o);
+        }
+    }
+}
+
+/// The inverse of [`deinterleave2_rows`], added: for each row `r` of `dst` (`w` values
+/// each), `dst[r·w + 2j] += ev[j]` and `dst[r·w + 2j + 1] += od[j]`, where
+/// `(ev, od) = rows(r)` hold `⌈w/2⌉` and `⌊w/2⌋` values.
+pub(super) fn interleave2_add_rows<'a>(
+    dst: &mut [f32],
+    w: usize,
+    rows: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+) {
+    if w == 0 {
+        return;
+    }
+    struct K<'b, F>(&'b mut [f32], usize, F);
+    impl<'a, F: Fn(usize) -> (&'a [f32], &'a [f32])> Kernel for K<'_, F> {
         type Output = ();
         #[inline(always)]
         unsafe fn run<S: Simd>(self) {
-            let K(dst, ev, od) = self;
-            let n = S::LANES;
-            let mut j = 0;
-            while j + n <= od.len() {
-                // SAFETY: reads `ev`/`od[j..j + n]` (`od` is the shorter), reads and
-                // writes `dst[2j..2j + 2n]`, within `2·od.len() ≤ dst.len()`.
-                unsafe {
-                    let (lo, hi) =
-                        S::interleave(S::load(ev.as_ptr().add(j)), S::load(od.as_ptr().add(j)));
-                    let d = dst.as_mut_ptr().add(2 * j);
-                    S::store(d, S::add(S::load(d), lo));
-                    S::store(d.add(n), S::add(S::load(d.add(n)), hi));
-                }
-                j += n;
-            }
-            let k = dst.len() - 2 * j;
-            if k > 0 {
-                // the last `k < 2·LANES` values, as part vectors
-                // SAFETY: reads `ev[j..]`, `od[j..]`, reads and writes `dst[2j..]`, each
-                // to its end only.
-                unsafe {
-                    let (lo, hi) = S::interleave(
-                        simd::load_n::<S>(ev.as_ptr().add(j), ev.len() - j),
-                        simd::load_n::<S>(od.as_ptr().add(j), od.len() - j),
-                    );
-                    let d = dst.as_mut_ptr().add(2 * j);
-                    let (k0, k1) = (k.min(S::LANES), k.saturating_sub(S::LANES));
-                    simd::store_n::<S>(d, k0, S::add(simd::load_n::<S>(d, k0), lo));
-                    let d = d.add(k0);
-                    simd::store_n::<S>(d, k1, S::add(simd::load_n::<S>(d, k1), hi));
-                }
+            let K(dst, w, rows) = self;
+            for (r, d) in dst.chunks_exact_mut(w).enumerate() {
+                let (ev, od) = rows(r);
+                assert!(
+                    ev.len() == w.div_ceil(2) && od.len() == w / 2,
+                    "interleave2_add_rows: row {r} lengths"
+                );
+                // SAFETY: the lengths asserted just above.
+                unsafe { interleave2_add_at::<S>(d, ev, od) };
             }
         }
     }
     // SAFETY: as in the kernel.
-    unsafe { dispatch(K(dst, ev, od)) }
+    unsafe { dispatch(K(dst, w, rows)) }
+}
+
+/// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`, where `ev` holds `⌈n/2⌉` values and `od`
+/// `⌊n/2⌋`, `n = dst.len()`.
+#[inline(always)]
+unsafe fn interleave2_add_at<S: Simd>(dst: &mut [f32], ev: &[f32], od: &[f32]) {
+    let n = S::LANES;
+    let mut j = 0;
+    while j + n <= od.len() {
+        // SAFETY: reads `ev`/`od[j..j + n]` (`od` is the shorter), reads and writes
+        // `dst[2j..2j + 2n]`, within `2·od.len() ≤ dst.len()`.
+        unsafe {
+            let (lo, hi) = S::interleave(S::load(ev.as_ptr().add(j)), S::load(od.as_ptr().add(j)));
+            let d = dst.as_mut_ptr().add(2 * j);
+            S::store(d, S::add(S::load(d), lo));
+            S::store(d.add(n), S::add(S::load(d.add(n)), hi));
+        }
+        j += n;
+    }
+    let k = dst.len() - 2 * j;
+    if k > 0 {
+        // the last `k < 2·LANES` values, as part vectors
+        // SAFETY: reads `ev[j..]`, `od[j..]`, reads and writes `dst[2j..]`, each to its
+        // end only.
+        unsafe {
+            let (lo, hi) = S::interleave(
+                simd::load_n::<S>(ev.as_ptr().add(j), ev.len() - j),
+                simd::load_n::<S>(od.as_ptr().add(j), od.len() - j),
+            );
+            let d = dst.as_mut_ptr().add(2 * j);
+            let (k0, k1) = (k.min(S::LANES), k.saturating_sub(S::LANES));
+            simd::store_n::<S>(d, k0, S::add(simd::load_n::<S>(d, k0), lo));
+            let d = d.add(k0);
+            simd::store_n::<S>(d, k1, S::add(simd::load_n::<S>(d, k1), hi));
+        }
+    }
 }
 
 /// How one group's input is laid out for the forward product: zero-padded, split into
@@ -257,31 +308,29 @@ impl FwdLayout {
             }
             return;
         }
+        // where input row `iy` of channel `c` starts in `buf`, before the column phases
+        let base = |c: usize, iy: usize| {
+            let py = iy + p;
+            start + (c * s + py % s) * s * plane + (py / s) * self.pitch
+        };
+        if s == 2 && h > 0 {
+            // Even input columns go to phase p % 2 from column p / 2, odd ones to the other
+            // phase from column (p + 1) / 2: every row of every channel in one call.
+            let (ev, od) = (
+                (p % 2) * plane + p / 2,
+                ((p + 1) % 2) * plane + p.div_ceil(2),
+            );
+            let pitch = self.pitch;
+            deinterleave2_rows(x, (h, w), buf, |c, iy| {
+                let py = iy + p;
+                let b = start + (4 * c + 2 * (py & 1)) * plane + (py >> 1) * pitch;
+                (b + ev, b + od)
+            });
+            return;
+        }
         for (c, xc) in x.chunks_exact(h * w).enumerate() {
             for (iy, src) in xc.chunks_exact(w).enumerate() {
-                let py = iy + p;
-                let base = start + (c * s + py % s) * s * plane + (py / s) * self.pitch;
-                if s == 1 {
-                    copy(&mut buf[base + p..base + p + w], src);
-                    continue;
-                }
-                if s == 2 {
-                    // Even input columns go to phase p % 2 from column p / 2, odd ones to
-                    // the other phase from column (p + 1) / 2.
-                    let (e0, o0) = (
-                        base + (p % 2) * plane + p / 2,
-                        base + ((p + 1) % 2) * plane + p.div_ceil(2),
-                    );
-                    let (ev, od) = if e0 < o0 {
-                        let (lo, hi) = buf.split_at_mut(o0);
-                        (&mut lo[e0..e0 + w.div_ceil(2)], &mut hi[..w / 2])
-                    } else {
-                        let (lo, hi) = buf.split_at_mut(e0);
-                        (&mut hi[..w.div_ceil(2)], &mut lo[o0..o0 + w / 2])
-                    };
-                    deinterleave2(src, ev, od);
-                    continue;
-                }
+                let base = base(c, iy);
                 // Column phase r holds padded columns r, r + s, …: input columns from the
                 // first ix with (ix + p) % s == r, every s-th.
                 for r in 0..s {
@@ -453,6 +502,16 @@ impl BwdLayout {
         row: impl Fn(usize, usize, usize) -> &'a [f32],
     ) {
         let (s, hw, sw) = (g.stride, g.in_h * g.in_w, g.stride.min(g.in_w));
+        if s == 2 && g.in_w >= 2 && self.phases.iter().all(|ph| !ph.taps.is_empty()) {
+            // every row of every channel in one call
+            let h = g.in_h;
+            interleave2_add_rows(dxn, g.in_w, |r| {
+                let (c, iy) = (r / h, r % h);
+                let (a, i) = (iy % 2, iy / 2);
+                (row(c, a * sw, i), row(c, a * sw + 1, i))
+            });
+            return;
+        }
         for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
             for (iy, dst) in dxc.chunks_exact_mut(g.in_w).enumerate() {
                 let (a, i) = (iy % s, iy / s);
@@ -466,7 +525,7 @@ impl BwdLayout {
                     }
                 } else if s == 2 && g.in_w >= 2 {
                     match (row(0), row(1)) {
-                        (Some(e), Some(o)) => interleave2_add(dst, e, o),
+                        (Some(e), Some(o)) => interleave2_add_rows(dst, g.in_w, |_| (e, o)),
                         (e, o) => {
                             for (b, r) in [(0, e), (1, o)] {
                                 let Some(r) = r else { continue };
