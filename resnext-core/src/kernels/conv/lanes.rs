@@ -202,6 +202,15 @@ fn product_planes(
         (rows - 1) * pitch + cols + max_off <= inp.len(),
         "lanes product: input"
     );
+    // partial sums of one block when its taps come in more than one chunk
+    let chunked = w
+        .blocks
+        .iter()
+        .any(|&(_, width, _)| w.taps > tap_chunk(width));
+    let [mut part] = scratch::take();
+    if chunked {
+        part.resize(plane * BLOCK, 0.0);
+    }
     // SAFETY: the tiles stay inside the bounds asserted above (see `Planes::run`).
     unsafe {
         simd::dispatch(Planes {
@@ -213,10 +222,34 @@ fn product_planes(
             w,
             grp,
             out: out.as_mut_ptr(),
+            part: part.as_mut_ptr(),
             prefetch,
         })
     }
+    scratch::give([part]);
 }
+
+/// Weight bytes of one chunk of taps: with the input rows they read, well inside a 32 KiB
+/// L1 data cache, so that every tile of a block reuses them from there.
+const TAP_CHUNK_BYTES: usize = 12 * 1024;
+
+/// Taps per chunk for a block of `width` outputs.
+fn tap_chunk(width: usize) -> usize {
+    (TAP_CHUNK_BYTES / (width * std::mem::size_of::<f32>())).max(1)
+}
+
+/// Where a tile's sums start and end when a block's taps come in chunks: `load` from the
+/// partial sums (else from zero), and `finish` as channel planes (else back to the partial
+/// sums).
+#[derive(Clone, Copy)]
+struct Sums {
+    load: bool,
+    finish: bool,
+}
+
+/// A tile's partial sums: its first position's first channel, and the distance between
+/// positions.
+type Part = (*mut f32, usize);
 
 /// [`product_planes`]'s arguments, checked.
 struct Planes<'a> {
@@ -228,6 +261,7 @@ struct Planes<'a> {
     w: &'a LaneWeights,
     grp: usize,
     out: *mut f32,
+    part: *mut f32,
     prefetch: Prefetch,
 }
 
@@ -244,6 +278,7 @@ impl Kernel for Planes<'_> {
             w,
             grp,
             out,
+            part,
             prefetch,
         } = self;
         let plane = rows * cols;
@@ -285,36 +320,60 @@ impl Kernel for Planes<'_> {
             rows.div_ceil(if two_rows { 2 } else { 1 }) * cols.div_ceil(chunk)
         };
         let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
-        let per_tile = lines.div_ceil(w.blocks.len() * count);
+        let chunks: usize = w
+            .blocks
+            .iter()
+            .map(|&(_, width, _)| w.taps.div_ceil(tap_chunk(width)))
+            .sum();
+        let per_tile = lines.div_ceil(chunks * count);
         let mut next_line = 0;
         for &(o0, width, at) in &w.blocks {
             let wb = &w.group(grp)[at..at + w.taps * width];
-            for (r0, r, j0, p) in tiles() {
-                for c0 in (0..width).step_by(channels) {
-                    let wc = wb[c0..].as_ptr();
-                    let ch = channels.min(width - c0);
-                    let o = out.wrapping_add((o0 + c0) * plane + r0 * cols + j0);
-                    // SAFETY: the tile reads `inp[(r0 + i)·pitch + j0 + j + off]` for
-                    // `i < r`, `j0 + j < cols` (or, flat, the input of positions
-                    // `r0·cols + j0 ..+ p`), below `inp.len()` (asserted by
-                    // `product_planes`), and `wb` rows `c0..c0 + channels`; it writes
-                    // `out[(o0 + c0 + c)·plane + r0·cols + j0 + k]` for `c < channels`,
-                    // `k < r·p`, inside `plane · outs` (two rows only when `p = cols`).
-                    unsafe {
-                        let x = inp.add(r0 * pitch + j0);
-                        if flat {
-                            let shape = (cols, p, cols - j0);
-                            flat_planes::<S>(x, pitch, offs, wc, width, shape, o, plane)
-                        } else {
-                            let shape = (ch, p, r);
-                            tile_planes::<S>(x, pitch, offs, wc, width, shape, o, plane)
-                        }
-                    };
+            // Taps in chunks whose weights stay in the L1 cache across the tiles, the sums
+            // of all but the last chunk kept position-major in `part`.
+            let kc = tap_chunk(width);
+            for t0 in (0..w.taps).step_by(kc) {
+                let t1 = (t0 + kc).min(w.taps);
+                let sums = Sums {
+                    load: t0 > 0,
+                    finish: t1 == w.taps,
+                };
+                for (r0, r, j0, p) in tiles() {
+                    for c0 in (0..width).step_by(channels) {
+                        let wc = wb[t0 * width + c0..].as_ptr();
+                        let ch = channels.min(width - c0);
+                        let q0 = r0 * cols + j0;
+                        let o = out.wrapping_add((o0 + c0) * plane + q0);
+                        let part = (part.wrapping_add(q0 * width + c0), width);
+                        // SAFETY: the tile reads `inp[(r0 + i)·pitch + j0 + j + off]`
+                        // for `i < r`, `j0 + j < cols` (or, flat, the input of positions
+                        // `r0·cols + j0 ..+ p`), below `inp.len()` (asserted by
+                        // `product_planes`), and `wb` rows `t0..t1`, channels
+                        // `c0..c0 + channels`; it writes `out[(o0 + c0 + c)·plane + r0·cols
+                        // + j0 + k]` for `c < channels`, `k < r·p`, inside `plane · outs`
+                        // (two rows only when `p = cols`), and reads and writes
+                        // `part[(q0 + k)·width + c0 + c]`, inside `plane · BLOCK`.
+                        unsafe {
+                            let x = inp.add(r0 * pitch + j0);
+                            let offs = &offs[t0..t1];
+                            if flat {
+                                let shape = (cols, p, cols - j0);
+                                flat_planes::<S>(
+                                    x, pitch, offs, wc, width, shape, o, plane, sums, part,
+                                )
+                            } else {
+                                let shape = (ch, p, r);
+                                tile_planes::<S>(
+                                    x, pitch, offs, wc, width, shape, o, plane, sums, part,
+                                )
+                            }
+                        };
+                    }
+                    for line in next_line..(next_line + per_tile).min(lines) {
+                        prefetch_l2(prefetch_line(&prefetch, line));
+                    }
+                    next_line += per_tile;
                 }
-                for line in next_line..(next_line + per_tile).min(lines) {
-                    prefetch_l2(prefetch_line(&prefetch, line));
-                }
-                next_line += per_tile;
             }
         }
     }
@@ -605,10 +664,15 @@ unsafe fn run_planes<S: Simd, const P: usize, const R: usize, const OV: usize>(
     wstride: usize,
     out: *mut f32,
     plane: usize,
+    sums: Sums,
+    part: Part,
 ) {
     // SAFETY: the caller's bounds (see `Planes::run`).
     unsafe {
         let mut acc = [[S::zero(); OV]; 14];
+        if sums.load {
+            load_part::<S, OV>(&mut acc[..R * P], part);
+        }
         for (t, &off) in offs.iter().enumerate() {
             let xp = x.add(off);
             let wt = w.add(t * wstride);
@@ -626,7 +690,33 @@ unsafe fn run_planes<S: Simd, const P: usize, const R: usize, const OV: usize>(
                 }
             }
         }
-        store_planes::<S, OV>(&acc[..R * P], out, plane);
+        if sums.finish {
+            store_planes::<S, OV>(&acc[..R * P], out, plane);
+        } else {
+            store_part::<S, OV>(&acc[..R * P], part);
+        }
+    }
+}
+
+/// Loads consecutive positions' accumulators from partial sums.
+#[inline(always)]
+unsafe fn load_part<S: Simd, const OV: usize>(acc: &mut [[S::V; OV]], (at, stride): Part) {
+    for (q, a) in acc.iter_mut().enumerate() {
+        for (v, a) in a.iter_mut().enumerate() {
+            // SAFETY: the caller's partial sums hold `acc.len()` positions `stride` apart.
+            *a = unsafe { S::load(at.add(q * stride + v * S::LANES)) };
+        }
+    }
+}
+
+/// Stores consecutive positions' accumulators as partial sums.
+#[inline(always)]
+unsafe fn store_part<S: Simd, const OV: usize>(acc: &[[S::V; OV]], (at, stride): Part) {
+    for (q, a) in acc.iter().enumerate() {
+        for (v, &a) in a.iter().enumerate() {
+            // SAFETY: as in `load_part`.
+            unsafe { S::store(at.add(q * stride + v * S::LANES), a) };
+        }
     }
 }
 
@@ -670,10 +760,12 @@ unsafe fn tile_planes<S: Simd>(
     (channels, p, r): (usize, usize, usize),
     out: *mut f32,
     plane: usize,
+    sums: Sums,
+    part: Part,
 ) {
     macro_rules! run {
         ($p:literal, $r:literal, $ov:literal) => {
-            run_planes::<S, $p, $r, $ov>(x, pitch, offs, w, wstride, out, plane)
+            run_planes::<S, $p, $r, $ov>(x, pitch, offs, w, wstride, out, plane, sums, part)
         };
     }
     // Up to 14 positions (7 in each of two rows) with 16 lanes, 6 (3) with fewer.
@@ -728,6 +820,8 @@ unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
     wstride: usize,
     out: *mut f32,
     plane: usize,
+    sums: Sums,
+    part: Part,
 ) {
     // SAFETY: the caller's bounds (see `Planes::run`).
     unsafe {
@@ -742,6 +836,9 @@ unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
             };
         }
         let mut acc = [[S::zero(); OV]; P];
+        if sums.load {
+            load_part::<S, OV>(&mut acc, part);
+        }
         for (t, &off) in offs.iter().enumerate() {
             let xp = x.add(off);
             let wt = w.add(t * wstride);
@@ -756,7 +853,11 @@ unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
                 }
             }
         }
-        store_planes::<S, OV>(&acc, out, plane);
+        if sums.finish {
+            store_planes::<S, OV>(&acc, out, plane);
+        } else {
+            store_part::<S, OV>(&acc, part);
+        }
     }
 }
 
@@ -773,11 +874,13 @@ unsafe fn flat_planes<S: Simd>(
     (cols, p, first): (usize, usize, usize),
     out: *mut f32,
     plane: usize,
+    sums: Sums,
+    part: Part,
 ) {
     let shape = (first, cols);
     macro_rules! run {
         ($p:literal, $ov:literal) => {
-            run_flat::<S, $p, $ov>(x, pitch, shape, offs, w, wstride, out, plane)
+            run_flat::<S, $p, $ov>(x, pitch, shape, offs, w, wstride, out, plane, sums, part)
         };
     }
     macro_rules! by_p {
