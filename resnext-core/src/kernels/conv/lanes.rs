@@ -42,14 +42,16 @@ pub fn suits(g: &Conv2dGeom) -> bool {
     g.groups > 1 && g.kernel > 1 && g.lane_channels()
 }
 
-/// Taps of one weight-gradient tile at level `S` (each a register-held row of the tile's
-/// channels): 8 × 2 vectors with 32 registers and 16 lanes, 6 × 2 (AVX2) or 6 × 4 (NEON).
+/// Taps of one weight-gradient tile of `width` channels at level `S` (each a register-held
+/// row of the tile's channels): with 32 registers and 16 lanes 12 × 2 vectors, or 16 × 1 for
+/// 16 channels (fewer would leave too few independent sums to cover the FMA latency), 6 × 2
+/// (AVX2) or 6 × 4 (NEON).
 #[inline(always)]
-fn wg_taps<S: Simd>() -> usize {
-    if S::LANES == 16 {
-        8
-    } else {
-        6
+fn wg_taps<S: Simd>(width: usize) -> usize {
+    match (S::LANES, width) {
+        (16, 16) => 16,
+        (16, _) => 12,
+        _ => 6,
     }
 }
 
@@ -628,9 +630,10 @@ impl Kernel for WeightGrad<'_> {
             sums,
         } = self;
         let (channels, _) = lane_tile::<S>();
-        let (taps, tb_max) = (offs.len(), wg_taps::<S>());
+        let taps = offs.len();
         for o0 in (0..outs).step_by(channels) {
             let width = (outs - o0).min(channels);
+            let tb_max = wg_taps::<S>(width);
             for t0 in (0..taps).step_by(tb_max) {
                 let tb = (taps - t0).min(tb_max);
                 // SAFETY: `weight_grad`'s bounds; channels `o0..o0 + width` of `dy`'s rows
@@ -933,8 +936,8 @@ unsafe fn wg_tile<S: Simd>(
     // SAFETY: the caller's bounds.
     unsafe {
         match (S::LANES, width) {
-            (16, 32) => run!(8, 2),
-            (16, _) => run!(8, 1),
+            (16, 32) => run!(12, 2),
+            (16, _) => run!(16, 1),
             (8, _) => run!(6, 2),
             _ => run!(6, 4),
         }
