@@ -671,3 +671,71 @@ pub(super) fn lane_tile<S: Simd>() -> (usize, usize) {
         (super::LANE_CHANNELS, 6)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa;
+    use crate::kernels::simd::run_at;
+
+    /// Splits `src` into `ev` and `od`, then adds them back into `sum` (one row each).
+    struct SplitJoin<'a> {
+        src: &'a [f32],
+        ev: &'a mut [f32],
+        od: &'a mut [f32],
+        sum: &'a mut [f32],
+    }
+
+    impl Kernel for SplitJoin<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) {
+            let n = self.src.len();
+            assert!(self.ev.len() >= n.div_ceil(2) && self.od.len() >= n / 2);
+            assert_eq!(self.sum.len(), n);
+            // SAFETY: lengths asserted above
+            unsafe {
+                let (ev, od) = (self.ev.as_mut_ptr(), self.od.as_mut_ptr());
+                deinterleave2_at::<S>(self.src.as_ptr(), n, ev, od);
+                interleave2_add_at::<S>(self.sum, &self.ev[..n.div_ceil(2)], &self.od[..n / 2]);
+            }
+        }
+    }
+
+    #[test]
+    fn rows_split_by_parity_and_join_back_at_every_level() {
+        // rows shorter than one vector, between one and two, and longer, odd and even
+        for l in isa::available() {
+            for n in 1usize..=40 {
+                let src: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+                // one slot past each half, which must stay untouched
+                let (mut ev, mut od) = (vec![-1.0; n.div_ceil(2) + 1], vec![-1.0; n / 2 + 1]);
+                let mut sum: Vec<f32> = (0..n).map(|i| 1000.0 * i as f32).collect();
+                let k = SplitJoin {
+                    src: &src,
+                    ev: &mut ev,
+                    od: &mut od,
+                    sum: &mut sum,
+                };
+                // SAFETY: an available level; the kernel asserts its lengths
+                unsafe { run_at(l, k) };
+                let evens: Vec<f32> = src.iter().step_by(2).copied().collect();
+                let odds: Vec<f32> = src.iter().skip(1).step_by(2).copied().collect();
+                assert_eq!(ev[..evens.len()], evens[..], "{l}, {n} values: even half");
+                assert_eq!(od[..odds.len()], odds[..], "{l}, {n} values: odd half");
+                assert_eq!(
+                    (ev[evens.len()], od[odds.len()]),
+                    (-1.0, -1.0),
+                    "{l}, {n}: past the end"
+                );
+                for (i, (&s, &x)) in sum.iter().zip(&src).enumerate() {
+                    assert_eq!(
+                        s,
+                        1000.0 * i as f32 + x,
+                        "{l}, {n} values: joined value {i}"
+                    );
+                }
+            }
+        }
+    }
+}
