@@ -209,10 +209,8 @@ fn product_planes(
         .blocks
         .iter()
         .any(|&(_, width, _)| w.taps > tap_chunk(width));
-    let [mut part] = scratch::take();
-    if chunked {
-        part.resize(plane * BLOCK, 0.0);
-    }
+    // (each tile stores its first chunk's sums before it loads any)
+    let mut part = scratch::take_stale(if chunked { plane * BLOCK } else { 0 });
     // SAFETY: the tiles stay inside the bounds asserted above (see `Planes::run`).
     unsafe {
         simd::dispatch(Planes {
@@ -922,7 +920,8 @@ unsafe fn wg_tile<S: Simd>(
     sums: *mut f32,
 ) {
     macro_rules! run {
-        ($tb:literal, $ov:literal) => {
+        ($tb:literal, $ov:literal) => {{
+            debug_assert_eq!($tb, wg_taps::<S>(width), "wg_tile: taps per tile");
             if offs.len() == $tb {
                 wg_run::<S, $tb, $ov>(x, offs, dims, dy, dstride, sums)
             } else {
@@ -931,7 +930,7 @@ unsafe fn wg_tile<S: Simd>(
                     wg_run::<S, 1, $ov>(x, std::slice::from_ref(off), dims, dy, dstride, s);
                 }
             }
-        };
+        }};
     }
     // SAFETY: the caller's bounds.
     unsafe {

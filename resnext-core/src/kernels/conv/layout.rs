@@ -91,15 +91,6 @@ pub(super) fn deinterleave2_rows(
     if w == 0 || h == 0 {
         return;
     }
-    for c in 0..src.len() / (h * w) {
-        for i in 0..h {
-            let (e, o) = at(c, i);
-            assert!(
-                e + w.div_ceil(2) <= dst.len() && o + w / 2 <= dst.len(),
-                "deinterleave2_rows: plane {c} row {i} out of bounds"
-            );
-        }
-    }
     struct K<'a, F>(&'a [f32], (usize, usize), &'a mut [f32], F);
     impl<F: Fn(usize, usize) -> (usize, usize)> Kernel for K<'_, F> {
         type Output = ();
@@ -110,8 +101,12 @@ pub(super) fn deinterleave2_rows(
             for c in 0..planes {
                 for i in 0..h {
                     let (e, o) = at(c, i);
+                    assert!(
+                        e + w.div_ceil(2) <= dst.len() && o + w / 2 <= dst.len(),
+                        "deinterleave2_rows: plane {c} row {i} out of bounds"
+                    );
                     // SAFETY: `src[(c·h + i)·w..][..w]` is in `src`; `dst[e..][..⌈w/2⌉]`
-                    // and `dst[o..][..⌊w/2⌋]` are in bounds (asserted for every row above).
+                    // and `dst[o..][..⌊w/2⌋]` are in bounds (asserted just above).
                     unsafe {
                         let row = src.as_ptr().add((c * h + i) * w);
                         deinterleave2_at::<S>(row, w, d.add(e), d.add(o));
@@ -156,36 +151,39 @@ unsafe fn deinterleave2_at<S: Simd>(src: *const f32, len: usize, ev: *mut f32, o
     }
 }
 
-/// The inverse of [`deinterleave2_rows`], added: for each row `r` of `dst` (`w` values
-/// each), `dst[r·w + 2j] += ev[j]` and `dst[r·w + 2j + 1] += od[j]`, where
-/// `(ev, od) = rows(r)` hold `⌈w/2⌉` and `⌊w/2⌋` values.
+/// The inverse of [`deinterleave2_rows`], added: for row `i` of plane `c` of `dst` (planes
+/// of `h` rows of `w` values), `dst[(c·h + i)·w + 2j] += ev[j]` and
+/// `dst[(c·h + i)·w + 2j + 1] += od[j]`, where `(ev, od) = rows(c, i)` hold `⌈w/2⌉` and
+/// `⌊w/2⌋` values.
 pub(super) fn interleave2_add_rows<'a>(
     dst: &mut [f32],
-    w: usize,
-    rows: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    (h, w): (usize, usize),
+    rows: impl Fn(usize, usize) -> (&'a [f32], &'a [f32]),
 ) {
-    if w == 0 {
+    if w == 0 || h == 0 {
         return;
     }
-    struct K<'b, F>(&'b mut [f32], usize, F);
-    impl<'a, F: Fn(usize) -> (&'a [f32], &'a [f32])> Kernel for K<'_, F> {
+    struct K<'b, F>(&'b mut [f32], (usize, usize), F);
+    impl<'a, F: Fn(usize, usize) -> (&'a [f32], &'a [f32])> Kernel for K<'_, F> {
         type Output = ();
         #[inline(always)]
         unsafe fn run<S: Simd>(self) {
-            let K(dst, w, rows) = self;
-            for (r, d) in dst.chunks_exact_mut(w).enumerate() {
-                let (ev, od) = rows(r);
-                assert!(
-                    ev.len() == w.div_ceil(2) && od.len() == w / 2,
-                    "interleave2_add_rows: row {r} lengths"
-                );
-                // SAFETY: the lengths asserted just above.
-                unsafe { interleave2_add_at::<S>(d, ev, od) };
+            let K(dst, (h, w), rows) = self;
+            for (c, plane) in dst.chunks_exact_mut(h * w).enumerate() {
+                for (i, d) in plane.chunks_exact_mut(w).enumerate() {
+                    let (ev, od) = rows(c, i);
+                    assert!(
+                        ev.len() == w.div_ceil(2) && od.len() == w / 2,
+                        "interleave2_add_rows: plane {c} row {i} lengths"
+                    );
+                    // SAFETY: the lengths asserted just above.
+                    unsafe { interleave2_add_at::<S>(d, ev, od) };
+                }
             }
         }
     }
     // SAFETY: as in the kernel.
-    unsafe { dispatch(K(dst, w, rows)) }
+    unsafe { dispatch(K(dst, (h, w), rows)) }
 }
 
 /// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`, where `ev` holds `⌈n/2⌉` values and `od`
@@ -308,11 +306,6 @@ impl FwdLayout {
             }
             return;
         }
-        // where input row `iy` of channel `c` starts in `buf`, before the column phases
-        let base = |c: usize, iy: usize| {
-            let py = iy + p;
-            start + (c * s + py % s) * s * plane + (py / s) * self.pitch
-        };
         if s == 2 && h > 0 {
             // Even input columns go to phase p % 2 from column p / 2, odd ones to the other
             // phase from column (p + 1) / 2: every row of every channel in one call.
@@ -321,6 +314,8 @@ impl FwdLayout {
                 ((p + 1) % 2) * plane + p.div_ceil(2),
             );
             let pitch = self.pitch;
+            // where input row `iy` of channel `c` starts, before the column phases: `base`
+            // below at s = 2, in shifts (the rows are many and short, a division shows)
             deinterleave2_rows(x, (h, w), buf, |c, iy| {
                 let py = iy + p;
                 let b = start + (4 * c + 2 * (py & 1)) * plane + (py >> 1) * pitch;
@@ -328,6 +323,11 @@ impl FwdLayout {
             });
             return;
         }
+        // where input row `iy` of channel `c` starts in `buf`, before the column phases
+        let base = |c: usize, iy: usize| {
+            let py = iy + p;
+            start + (c * s + py % s) * s * plane + (py / s) * self.pitch
+        };
         for (c, xc) in x.chunks_exact(h * w).enumerate() {
             for (iy, src) in xc.chunks_exact(w).enumerate() {
                 let base = base(c, iy);
@@ -504,10 +504,8 @@ impl BwdLayout {
         let (s, hw, sw) = (g.stride, g.in_h * g.in_w, g.stride.min(g.in_w));
         if s == 2 && g.in_w >= 2 && self.phases.iter().all(|ph| !ph.taps.is_empty()) {
             // every row of every channel in one call
-            let h = g.in_h;
-            interleave2_add_rows(dxn, g.in_w, |r| {
-                let (c, iy) = (r / h, r % h);
-                let (a, i) = (iy % 2, iy / 2);
+            interleave2_add_rows(dxn, (g.in_h, g.in_w), |c, iy| {
+                let (a, i) = (iy & 1, iy >> 1);
                 (row(c, a * sw, i), row(c, a * sw + 1, i))
             });
             return;
@@ -525,7 +523,7 @@ impl BwdLayout {
                     }
                 } else if s == 2 && g.in_w >= 2 {
                     match (row(0), row(1)) {
-                        (Some(e), Some(o)) => interleave2_add_rows(dst, g.in_w, |_| (e, o)),
+                        (Some(e), Some(o)) => interleave2_add_rows(dst, (1, g.in_w), |_, _| (e, o)),
                         (e, o) => {
                             for (b, r) in [(0, e), (1, o)] {
                                 let Some(r) = r else { continue };
