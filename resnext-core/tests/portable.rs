@@ -101,7 +101,7 @@ proptest! {
     ) {
         let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel: 3, stride: 1, padding, groups };
         prop_assume!(g.validate().is_ok());
-        prop_assert!(conv::winograd::suits(&g));
+        prop_assert!(conv::winograd::suits_shape(&g));
         let x = values(seed, g.input_len());
         let wt = values(seed ^ 1, g.weight_len());
         let mut y_ref = vec![0.0; g.output_len()];
@@ -116,6 +116,28 @@ proptest! {
         isa::set_level(None).unwrap();
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
         prop_assert!(rel_err(&y2, &y_ref) <= 1e-5, "y (packed) at {level}");
+    }
+
+    #[test]
+    fn winograd_input_grad_matches_reference(
+        (batch, groups) in (1usize..3, 2usize..4),
+        ipg in prop::sample::select(vec![16usize, 32, 48]),
+        opg in prop::sample::select(vec![16usize, 32, 48]),
+        (h, w, padding) in (1usize..16, 1usize..16, 0usize..3),
+        level in prop::sample::select(isa::available()),
+        seed in any::<u64>(),
+    ) {
+        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel: 3, stride: 1, padding, groups };
+        prop_assume!(g.validate().is_ok());
+        prop_assert!(conv::winograd::suits_input_grad_shape(&g));
+        let c = ConvCase::new(&g, seed);
+        let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        isa::set_level(Some(level)).unwrap();
+        let mut dx = vec![1.0; g.input_len()];
+        conv::winograd::conv2d_input_grad(&g, &c.w, &c.dy, &mut dx, true);
+        isa::set_level(None).unwrap();
+        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+        prop_assert!(rel_err(&minus_one(dx), &c.dx) <= 1e-5, "dx at {level}");
     }
 
     #[test]

@@ -94,11 +94,14 @@ fn main() -> Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let algorithm = match a.pass.as_str() {
-        "fwd" => conv::Algorithm::forward(&g),
-        _ => conv::Algorithm::backward(&g),
+        "fwd" => format!("{:?}", conv::Algorithm::forward(&g)),
+        _ => match (conv::Algorithm::backward(&g), conv::Algorithm::input_grad(&g)) {
+            (w, x) if w == x => format!("{w:?}"),
+            (w, x) => format!("{w:?}, input gradient {x:?}"),
+        },
     };
     println!(
-        "{} stage {} stride {} {} batch {} threads {} isa {} ({algorithm:?}): median {:.3} ms",
+        "{} stage {} stride {} {} batch {} threads {} isa {} ({algorithm}): median {:.3} ms",
         a.op,
         a.stage,
         a.stride,

@@ -94,6 +94,46 @@ pub fn detected() -> Level {
     })
 }
 
+/// Whether this CPU issues a 512-bit FMA as one operation on each of its FMA units (Intel's
+/// AVX-512 cores, AMD from Zen 5) rather than as two 256-bit halves (AMD Zen 4, family
+/// 0x19). Detected once; false without AVX-512.
+pub fn full_width_avx512() -> bool {
+    static FULL: OnceLock<bool> = OnceLock::new();
+    *FULL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if detected() != Level::Avx512 {
+                return false;
+            }
+            #[allow(unused_unsafe)]
+            // SAFETY: CPUID leaves 0 and 1 exist on every x86-64 CPU.
+            let (vendor, sig) = unsafe {
+                use std::arch::x86_64::__cpuid;
+                (__cpuid(0), __cpuid(1).eax)
+            };
+            let amd =
+                (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+            // family = base + extended when the base is 0xF
+            let family = ((sig >> 8) & 0xF)
+                + if (sig >> 8) & 0xF == 0xF {
+                    (sig >> 20) & 0xFF
+                } else {
+                    0
+                };
+            !(amd && family == 0x19)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Whether the level in use has multiply-adds that are cheap against the loads and stores
+/// around them: full-width AVX-512 ([`full_width_avx512`]). There a direct kernel's
+/// product can outrun a Winograd kernel's transforms; the convolution dispatch asks this.
+pub fn wide_fma() -> bool {
+    level() == Level::Avx512 && full_width_avx512()
+}
+
 /// Every level this CPU can run, best first (what the tests iterate over).
 pub fn available() -> Vec<Level> {
     let best = detected();

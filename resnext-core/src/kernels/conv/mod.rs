@@ -173,7 +173,8 @@ impl Conv2dGeom {
 /// The algorithms a convolution runs on, each a leaf module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
-    /// Winograd F(2×2, 3×3), channels in the lanes ([`winograd`]; forward only).
+    /// Winograd F(2×2, 3×3), channels in the lanes ([`winograd`]; the forward, and the
+    /// input gradient at stride 1, which is a convolution of the output gradient).
     Winograd,
     /// Direct, output channels in the lanes ([`lanes`]).
     Lanes,
@@ -212,7 +213,8 @@ impl Algorithm {
         }
     }
 
-    /// The backward's algorithm for `g` (Winograd has none: its shapes take [`lanes`]).
+    /// The backward's algorithm for `g` (the weight gradient's, and the input gradient's
+    /// unless [`Algorithm::input_grad`] says otherwise).
     pub fn backward(g: &Conv2dGeom) -> Self {
         if lanes::suits(g) {
             Self::Lanes
@@ -222,6 +224,16 @@ impl Algorithm {
             Self::Pointwise
         } else {
             Self::Im2col
+        }
+    }
+
+    /// The input gradient's algorithm for `g`: Winograd for the stride-1 shapes of
+    /// [`lanes`] where it suits, else [`Algorithm::backward`]'s.
+    pub fn input_grad(g: &Conv2dGeom) -> Self {
+        if lanes::suits(g) && winograd::suits_input_grad(g) {
+            Self::Winograd
+        } else {
+            Self::backward(g)
         }
     }
 
@@ -532,6 +544,17 @@ fn backward_with(
     dx: Option<InputGrad<'_>>,
     dw: &mut [f32],
 ) {
+    let dx = match (dx, Algorithm::input_grad(g)) {
+        // the weight gradient below, the input gradient here
+        (Some(dx), Algorithm::Winograd) => {
+            match dx {
+                InputGrad::Add(dx) => winograd::conv2d_input_grad(g, w, dy, dx, true),
+                dx @ InputGrad::Write(_) => winograd::conv2d_input_grad(g, w, dy, dx.init(), false),
+            }
+            None
+        }
+        (dx, _) => dx,
+    };
     match Algorithm::backward(g) {
         Algorithm::Lanes => lanes::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),
         Algorithm::Direct => direct::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),

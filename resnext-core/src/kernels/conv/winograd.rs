@@ -21,14 +21,16 @@
 //!    products into `M`, and each tile's `Aᵀ M A` into position × channel rows;
 //! 4. those rows transposed into the output planes, and the caller's epilogue on them.
 //!
-//! Forward only: the backward passes stay on [`super::lanes`].
+//! The input gradient of a stride-1 convolution is itself one (of the output gradient,
+//! with each group's weights transposed and turned by 180°), so [`conv2d_input_grad`] runs
+//! it through the same forward; the weight gradient stays on [`super::lanes`].
 
 use rayon::prelude::*;
 
 use super::layout::{lane_tile, transpose};
 use super::Conv2dGeom;
-use crate::kernels::scratch;
 use crate::kernels::simd::{self, Kernel, Simd};
+use crate::kernels::{isa, scratch};
 
 /// Channels of one run in `V` (see [`chunk_product`]); groups have a multiple of it.
 const UNIT: usize = super::LANE_CHANNELS;
@@ -45,8 +47,14 @@ const TASK_VALUES: usize = 1 << 16;
 
 /// Whether [`conv2d_forward`] runs `g`: a 3×3 stride-1 grouped convolution that
 /// [`super::lanes::suits`] (16 to 64 channels per group); any instruction-set level.
+///
+/// Except on full-width AVX-512 ([`isa::wide_fma`]) for groups of 16 input channels, where
+/// the product has only 16 multiply-adds per transform point and tile, so the transforms
+/// dominate: there [`super::lanes`]' direct product is faster (5th-generation Xeon, stage 3
+/// of ResNeXt-50: 305–312 against 211–240 GFLOP/s; on AMD Zen 4, whose 512-bit FMAs
+/// take two passes, Winograd is the faster one).
 pub fn suits(g: &Conv2dGeom) -> bool {
-    suits_shape(g)
+    suits_shape(g) && !(isa::wide_fma() && g.in_per_group() <= UNIT)
 }
 
 /// Whether [`conv2d_forward`], which transforms the weights in every task, pays off over
@@ -170,7 +178,7 @@ pub fn conv2d_forward(
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    forward(g, x, Weights::Plain(w), y, epilogue);
+    forward(g, x, Weights::Plain(w), y, false, epilogue);
 }
 
 /// [`conv2d_forward`] with weights from [`pack_forward_weights`].
@@ -185,7 +193,64 @@ pub fn conv2d_forward_packed(
         w.groups == g.groups && w.ins == g.in_per_group() && w.outs == g.out_per_group(),
         "conv2d: packed weights do not match the geometry"
     );
-    forward(g, x, Weights::Packed(w), y, epilogue);
+    forward(g, x, Weights::Packed(w), y, false, epilogue);
+}
+
+/// The geometry whose forward is `g`'s input gradient at stride 1: output gradient in,
+/// input gradient out, padding `k − 1 − p`.
+fn transposed(g: &Conv2dGeom) -> Conv2dGeom {
+    Conv2dGeom {
+        in_channels: g.out_channels,
+        out_channels: g.in_channels,
+        in_h: g.out_h(),
+        in_w: g.out_w(),
+        padding: (g.kernel - 1).saturating_sub(g.padding),
+        ..*g
+    }
+}
+
+/// Whether [`conv2d_input_grad`] can run `g`'s input gradient: a 3×3 stride-1
+/// convolution with padding at most 2 (so the gradient is a padded convolution too) whose
+/// transposed geometry [`suits`].
+pub fn suits_input_grad_shape(g: &Conv2dGeom) -> bool {
+    g.kernel == 3 && g.stride == 1 && g.padding <= 2 && suits_shape(&transposed(g))
+}
+
+/// Whether [`conv2d_input_grad`] pays off for `g`: it [`suits_input_grad_shape`], the
+/// per-call weight transform pays ([`pays_per_call`]), and the level's multiply-adds are
+/// not so cheap that [`super::lanes`]' input gradient is faster ([`isa::wide_fma`]: on the
+/// 5th-generation Xeon at AVX-512 it is, by 7% at stages 3 and 4 of ResNeXt-50).
+pub fn suits_input_grad(g: &Conv2dGeom) -> bool {
+    suits_input_grad_shape(g) && pays_per_call(&transposed(g)) && !isa::wide_fma()
+}
+
+/// The input gradient of a convolution that [`suits_input_grad_shape`], from the output
+/// gradient `dy` and `g`'s weights `w`: added into `dx` with `accumulate`, else written
+/// over it.
+pub fn conv2d_input_grad(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
+    assert!(
+        suits_input_grad_shape(g),
+        "winograd: unsuitable input gradient"
+    );
+    assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
+    let t = transposed(g);
+    // wt[grp][c][o][ky][kx] = w[grp][o][c][2 − ky][2 − kx]
+    let (ins, outs) = (g.in_per_group(), g.out_per_group());
+    let mut wt = scratch::take_stale(w.len());
+    wt.par_chunks_exact_mut(ins * outs * 9)
+        .zip(w.par_chunks_exact(ins * outs * 9))
+        .for_each(|(dst, src)| {
+            for (o, src) in src.chunks_exact(ins * 9).enumerate() {
+                for (c, taps) in src.chunks_exact(9).enumerate() {
+                    let d = &mut dst[(c * outs + o) * 9..][..9];
+                    for (d, &v) in d.iter_mut().zip(taps.iter().rev()) {
+                        *d = v;
+                    }
+                }
+            }
+        });
+    forward(&t, dy, Weights::Plain(&wt), dx, accumulate, |_, _, _| {});
+    scratch::give([wt]);
 }
 
 /// The sizes one task works with.
@@ -246,11 +311,14 @@ impl Shape {
     }
 }
 
+/// The forward of `g`, its output written over `y` (or added into it with `accumulate`),
+/// each (image, group)'s part passed to `epilogue` after.
 fn forward(
     g: &Conv2dGeom,
     x: &[f32],
     w: Weights,
     y: &mut [f32],
+    accumulate: bool,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert!(suits_shape(g), "winograd: unsuitable convolution");
@@ -285,7 +353,7 @@ fn forward(
                 &u[..]
             }
         };
-        run_task(g, &s, x, grp, u, outs, &epilogue);
+        run_task(g, &s, x, grp, u, outs, accumulate, &epilogue);
         if let Some(u) = own {
             scratch::give([u]);
         }
@@ -300,6 +368,7 @@ fn run_task(
     grp: usize,
     u: &[f32],
     mut outs: Vec<(usize, &mut [f32])>,
+    accumulate: bool,
     epilogue: &(impl Fn(usize, usize, &mut [f32]) + Sync),
 ) {
     let images = outs.len();
@@ -347,7 +416,7 @@ fn run_task(
     let plane = s.oh * s.ow;
     for (k, (n, yg)) in outs.iter_mut().enumerate() {
         let src = &yt[k * s.out_len()..][..s.out_len()];
-        transpose(src, outs_c, plane, outs_c, yg, plane, false);
+        transpose(src, outs_c, plane, outs_c, yg, plane, accumulate);
         epilogue(*n, grp * outs_c, yg);
     }
     scratch::give([v, m, yt, rows]);
