@@ -95,7 +95,10 @@ fn main() -> Result<()> {
     let median = times[times.len() / 2];
     let algorithm = match a.pass.as_str() {
         "fwd" => format!("{:?}", conv::Algorithm::forward(&g)),
-        _ => match (conv::Algorithm::backward(&g), conv::Algorithm::input_grad(&g)) {
+        _ => match (
+            conv::Algorithm::backward(&g),
+            conv::Algorithm::input_grad(&g),
+        ) {
             (w, x) if w == x => format!("{w:?}"),
             (w, x) => format!("{w:?}, input gradient {x:?}"),
         },

@@ -36,6 +36,8 @@ pub mod tag {
     pub const WG_OUTPUT_GRAD: usize = 4;
     /// The Winograd kernel's padded position × channel input rows.
     pub const WINOGRAD_INPUT: usize = 5;
+    /// `direct::FwdLayout::unsplit`'s packed input (the lanes kernel's stride-2 forward).
+    pub const FWD_INPUT_UNSPLIT: usize = 6;
 }
 
 type Pool = Vec<(Option<Key>, Vec<f32>)>;

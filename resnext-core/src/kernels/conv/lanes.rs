@@ -177,14 +177,15 @@ type Prefetch = [(*const f32, usize); 2];
 /// No prefetching.
 const NO_PREFETCH: Prefetch = [(std::ptr::null(), 0); 2];
 
-/// `out[o·rows·cols + r·cols + j] = Σ_t W[o][t] · inp[r·pitch + j + offs[t]]` for `r < rows`,
-/// `j < cols` and every output `o` of `w`'s group `grp`: a product with the outputs in the
+/// `out[o·rows·cols + r·cols + j] = Σ_t W[o][t] · inp[r·row + j·step + offs[t]]` for
+/// `r < rows`, `j < cols` and every output `o` of `w`'s group `grp` (`step` 1, or 2 for a
+/// stride-2 product on an unsplit input): a product with the outputs in the
 /// lanes, written as channel planes straight from the registers. A tile is up to 14
 /// positions of one row, or two whole rows of at most 7, so its positions are contiguous in
 /// every plane and the transpose from channels-in-lanes happens in registers.
 fn product_planes(
     inp: &[f32],
-    pitch: usize,
+    (row, step): (usize, usize),
     rows: usize,
     cols: usize,
     offs: &[usize],
@@ -199,9 +200,10 @@ fn product_planes(
     if rows == 0 || cols == 0 {
         return;
     }
+    assert!(step == 1 || step == 2, "lanes product: column step {step}");
     let max_off = offs.iter().copied().max().unwrap_or(0);
     assert!(
-        (rows - 1) * pitch + cols + max_off <= inp.len(),
+        (rows - 1) * row + (cols - 1) * step + 1 + max_off <= inp.len(),
         "lanes product: input"
     );
     // partial sums of one block when its taps come in more than one chunk
@@ -215,7 +217,8 @@ fn product_planes(
     unsafe {
         simd::dispatch(Planes {
             inp: inp.as_ptr(),
-            pitch,
+            row,
+            step,
             rows,
             cols,
             offs,
@@ -254,7 +257,8 @@ type Part = (*mut f32, usize);
 /// [`product_planes`]'s arguments, checked.
 struct Planes<'a> {
     inp: *const f32,
-    pitch: usize,
+    row: usize,
+    step: usize,
     rows: usize,
     cols: usize,
     offs: &'a [usize],
@@ -271,7 +275,8 @@ impl Kernel for Planes<'_> {
     unsafe fn run<S: Simd>(self) {
         let Planes {
             inp,
-            pitch,
+            row,
+            step,
             rows,
             cols,
             offs,
@@ -345,7 +350,7 @@ impl Kernel for Planes<'_> {
                         let q0 = r0 * cols + j0;
                         let o = out.wrapping_add((o0 + c0) * plane + q0);
                         let part = (part.wrapping_add(q0 * width + c0), width);
-                        // SAFETY: the tile reads `inp[(r0 + i)·pitch + j0 + j + off]`
+                        // SAFETY: the tile reads `inp[(r0 + i)·row + (j0 + j)·step + off]`
                         // for `i < r`, `j0 + j < cols` (or, flat, the input of positions
                         // `r0·cols + j0 ..+ p`), below `inp.len()` (asserted by
                         // `product_planes`), and `wb` rows `t0..t1`, channels
@@ -354,17 +359,35 @@ impl Kernel for Planes<'_> {
                         // (two rows only when `p = cols`), and reads and writes
                         // `part[(q0 + k)·width + c0 + c]`, inside `plane · BLOCK`.
                         unsafe {
-                            let x = inp.add(r0 * pitch + j0);
+                            let x = inp.add(r0 * row + j0 * step);
                             let offs = &offs[t0..t1];
                             if flat {
                                 let shape = (cols, p, cols - j0);
                                 flat_planes::<S>(
-                                    x, pitch, offs, wc, width, shape, o, plane, sums, part,
+                                    x,
+                                    (row, step),
+                                    offs,
+                                    wc,
+                                    width,
+                                    shape,
+                                    o,
+                                    plane,
+                                    sums,
+                                    part,
                                 )
                             } else {
                                 let shape = (ch, p, r);
                                 tile_planes::<S>(
-                                    x, pitch, offs, wc, width, shape, o, plane, sums, part,
+                                    x,
+                                    (row, step),
+                                    offs,
+                                    wc,
+                                    width,
+                                    shape,
+                                    o,
+                                    plane,
+                                    sums,
+                                    part,
                                 )
                             }
                         };
@@ -414,14 +437,20 @@ pub fn conv2d_forward_packed(
     if out_grp == 0 {
         return;
     }
-    let layout = FwdLayout::new(g);
+    // at stride 2 a padded copy read at every second column (a row copy rather than a
+    // split into phases, which took a fifth of the stage-4 stride-2 forward)
+    let (layout, tag) = if g.stride == 2 {
+        (FwdLayout::unsplit(g), scratch::tag::FWD_INPUT_UNSPLIT)
+    } else {
+        (FwdLayout::new(g), scratch::tag::FWD_INPUT)
+    };
     // (an address only: prefetched, never read through)
     let y_at = y.as_ptr() as usize;
     y.par_chunks_mut(out_grp).enumerate().for_each(|(i, yg)| {
         let (n, grp) = (i / g.groups, i % g.groups);
         let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
         // keyed by the layout, so its zero padding is written once per thread
-        let key = layout.key(scratch::tag::FWD_INPUT, g, 1);
+        let key = layout.key(tag, g, 1);
         let mut buf = scratch::take_keyed(&key);
         layout.pack(g, xg, &mut buf);
         // the next (image, group)'s input follows this one's
@@ -434,7 +463,8 @@ pub fn conv2d_forward_packed(
             NO_PREFETCH
         };
         let (offs, w) = (&layout.offs, packed);
-        product_planes(&buf, layout.pitch, oh, ow, offs, w, grp, yg, next);
+        let at = (layout.row, layout.step);
+        product_planes(&buf, at, oh, ow, offs, w, grp, yg, next);
         scratch::give_keyed(key, buf);
         epilogue(n, grp * opg, yg);
     });
@@ -460,7 +490,12 @@ pub fn conv2d_backward(
     if out_grp == 0 || in_grp == 0 {
         return;
     }
-    let fwd = FwdLayout::new(g);
+    // the input unsplit at stride 2, as in the forward
+    let (fwd, xtag) = if g.stride == 2 {
+        (FwdLayout::unsplit(g), scratch::tag::FWD_INPUT_UNSPLIT)
+    } else {
+        (FwdLayout::new(g), scratch::tag::FWD_INPUT)
+    };
     let bwd = BwdLayout::new(g);
     let dx_groups = images_by_group(g, dx);
     let chunk = (WG_CHUNK_VALUES / fwd.len).clamp(1, g.batch);
@@ -471,7 +506,7 @@ pub fn conv2d_backward(
             let wg = &w[grp * opg * taps..(grp + 1) * opg * taps];
             // Weight gradient over chunks of images: their packed inputs side by side, the
             // output gradient position-major.
-            let xkey = fwd.key(scratch::tag::FWD_INPUT, g, chunk);
+            let xkey = fwd.key(xtag, g, chunk);
             let dykey = bwd.key(oh, ow);
             let (mut xbuf, mut dypad) = (scratch::take_keyed(&xkey), scratch::take_keyed(&dykey));
             let [mut dyt, mut sums, mut wk, mut planes] = scratch::take();
@@ -535,7 +570,7 @@ pub fn conv2d_backward(
                         let (rows, cols) = (ph.hi, ph.wj);
                         product_planes(
                             &dypad,
-                            bwd.pitch,
+                            (bwd.pitch, 1),
                             rows,
                             cols,
                             &ph.offs,
@@ -564,7 +599,7 @@ pub fn conv2d_backward(
 }
 
 /// `sums[t·outs + o] += Σ_{j<b, r<oh, c<ow} dyt[((j·oh + r)·ow + c)·outs + o] ·
-/// xbuf[j·len + r·pitch + c + offs[t]]`.
+/// xbuf[j·len + r·row + c·step + offs[t]]` (`row` and `step` the layout's).
 fn weight_grad(
     xbuf: &[f32],
     fwd: &FwdLayout,
@@ -586,12 +621,10 @@ fn weight_grad(
         return;
     }
     let max_off = fwd.offs.iter().copied().max().unwrap_or(0);
-    assert!(
-        (b - 1) * fwd.len + (oh - 1) * fwd.pitch + ow + max_off <= xbuf.len(),
-        "lanes weight grad: input"
-    );
-    let dims = (b, fwd.len, oh, fwd.pitch, ow);
-    // SAFETY: reads of `xbuf` stay below `(b−1)·len + (oh−1)·pitch + ow + max_off` and of
+    let last = (b - 1) * fwd.len + (oh - 1) * fwd.row + (ow - 1) * fwd.step;
+    assert!(last + 1 + max_off <= xbuf.len(), "lanes weight grad: input");
+    let dims = (b, fwd.len, oh, (fwd.row, fwd.step), ow);
+    // SAFETY: reads of `xbuf` stay below `(b−1)·len + (oh−1)·row + (ow−1)·step + 1 + max_off` and of
     // `dyt` below `b·oh·ow·outs` (both asserted), writes in `sums[..taps·outs]`.
     unsafe {
         simd::dispatch(WeightGrad {
@@ -609,7 +642,7 @@ fn weight_grad(
 struct WeightGrad<'a> {
     x: *const f32,
     offs: &'a [usize],
-    dims: (usize, usize, usize, usize, usize),
+    dims: (usize, usize, usize, (usize, usize), usize),
     dy: *const f32,
     outs: usize,
     sums: *mut f32,
@@ -655,11 +688,12 @@ impl Kernel for WeightGrad<'_> {
 /// `R ≤ 2` output rows of `P` positions (`R·P ≤ 14`) × `OV` vectors of channels (see
 /// [`product_planes`]), transposed in registers and stored as channel planes:
 /// `out[c·plane + r·P + j]` (two rows only when they are whole rows, so contiguous). Row
-/// `t` of the weights is at `w + t·wstride`.
+/// `t` of the weights is at `w + t·wstride`; the input of position `(r, j)` at
+/// `x + r·row + j·CS` (`CS` 2 for a stride-2 product on an unsplit input).
 #[inline(always)]
-unsafe fn run_planes<S: Simd, const P: usize, const R: usize, const OV: usize>(
+unsafe fn run_planes<S: Simd, const P: usize, const R: usize, const OV: usize, const CS: usize>(
     x: *const f32,
-    pitch: usize,
+    row: usize,
     offs: &[usize],
     w: *const f32,
     wstride: usize,
@@ -682,9 +716,9 @@ unsafe fn run_planes<S: Simd, const P: usize, const R: usize, const OV: usize>(
                 *wv = S::load(wt.add(v * S::LANES));
             }
             for r in 0..R {
-                let xr = xp.add(r * pitch);
+                let xr = xp.add(r * row);
                 for j in 0..P {
-                    let xv = S::splat(*xr.add(j));
+                    let xv = S::splat(*xr.add(j * CS));
                     for (a, &wv) in acc[r * P + j].iter_mut().zip(&wv) {
                         *a = S::fma(wv, xv, *a);
                     }
@@ -754,7 +788,7 @@ unsafe fn store_planes<S: Simd, const OV: usize>(acc: &[[S::V; OV]], out: *mut f
 #[inline(always)]
 unsafe fn tile_planes<S: Simd>(
     x: *const f32,
-    pitch: usize,
+    (row, step): (usize, usize),
     offs: &[usize],
     w: *const f32,
     wstride: usize,
@@ -766,7 +800,11 @@ unsafe fn tile_planes<S: Simd>(
 ) {
     macro_rules! run {
         ($p:literal, $r:literal, $ov:literal) => {
-            run_planes::<S, $p, $r, $ov>(x, pitch, offs, w, wstride, out, plane, sums, part)
+            if step == 1 {
+                run_planes::<S, $p, $r, $ov, 1>(x, row, offs, w, wstride, out, plane, sums, part)
+            } else {
+                run_planes::<S, $p, $r, $ov, 2>(x, row, offs, w, wstride, out, plane, sums, part)
+            }
         };
     }
     // Up to 14 positions (7 in each of two rows) with 16 lanes, 6 (3) with fewer.
@@ -809,12 +847,12 @@ unsafe fn tile_planes<S: Simd>(
 
 /// `P` consecutive positions of a plane `cols` wide × `OV` vectors of channels, the first
 /// `first ≤ cols` of them in the row `x` starts, the others on the rows below (input rows
-/// `pitch` apart), transposed in registers and stored as channel planes `out[c·plane + k]`
+/// `row` apart, positions `step` apart in a row), transposed in registers and stored as channel planes `out[c·plane + k]`
 /// for `k < P`. Row `t` of the weights is at `w + t·wstride`.
 #[inline(always)]
 unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
     x: *const f32,
-    pitch: usize,
+    (row, step): (usize, usize),
     (first, cols): (usize, usize),
     offs: &[usize],
     w: *const f32,
@@ -830,10 +868,11 @@ unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
         let mut rel = [0usize; P];
         for (k, rel) in rel.iter_mut().enumerate() {
             *rel = if k < first {
-                k
+                k * step
             } else {
+                // `row ≥ cols · step`, so the first difference is not negative
                 let q = k - first;
-                (q / cols + 1) * pitch + q % cols - (cols - first)
+                ((q / cols + 1) * row - (cols - first) * step) + (q % cols) * step
             };
         }
         let mut acc = [[S::zero(); OV]; P];
@@ -868,7 +907,7 @@ unsafe fn run_flat<S: Simd, const P: usize, const OV: usize>(
 #[inline(always)]
 unsafe fn flat_planes<S: Simd>(
     x: *const f32,
-    pitch: usize,
+    at: (usize, usize),
     offs: &[usize],
     w: *const f32,
     wstride: usize,
@@ -881,7 +920,7 @@ unsafe fn flat_planes<S: Simd>(
     let shape = (first, cols);
     macro_rules! run {
         ($p:literal, $ov:literal) => {
-            run_flat::<S, $p, $ov>(x, pitch, shape, offs, w, wstride, out, plane, sums, part)
+            run_flat::<S, $p, $ov>(x, at, shape, offs, w, wstride, out, plane, sums, part)
         };
     }
     macro_rules! by_p {
@@ -907,13 +946,13 @@ unsafe fn flat_planes<S: Simd>(
 }
 
 /// Up to [`wg_taps`] taps × `width` channels (16, or 32 on AVX-512) of the weight gradient,
-/// summed over every position of `b` images (`dims = (b, len, oh, pitch, ow)`); see
+/// summed over every position of `b` images (`dims = (b, len, oh, (row, step), ow)`); see
 /// [`weight_grad`].
 #[inline(always)]
 unsafe fn wg_tile<S: Simd>(
     x: *const f32,
     offs: &[usize],
-    dims: (usize, usize, usize, usize, usize),
+    dims: (usize, usize, usize, (usize, usize), usize),
     dy: *const f32,
     dstride: usize,
     width: usize,
@@ -947,7 +986,7 @@ unsafe fn wg_tile<S: Simd>(
 unsafe fn wg_run<S: Simd, const TB: usize, const OV: usize>(
     x: *const f32,
     offs: &[usize],
-    (b, len, oh, pitch, ow): (usize, usize, usize, usize, usize),
+    (b, len, oh, (rstep, step), ow): (usize, usize, usize, (usize, usize), usize),
     dy: *const f32,
     dstride: usize,
     sums: *mut f32,
@@ -962,8 +1001,8 @@ unsafe fn wg_run<S: Simd, const TB: usize, const OV: usize>(
         let mut d = dy;
         for j in 0..b {
             for r in 0..oh {
-                let row = j * len + r * pitch;
-                for c in row..row + ow {
+                let row = j * len + r * rstep;
+                for c in (row..row + ow * step).step_by(step) {
                     let mut dv = [S::zero(); OV];
                     for (v, dv) in dv.iter_mut().enumerate() {
                         *dv = S::load(d.add(v * S::LANES));

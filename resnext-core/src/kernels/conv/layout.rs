@@ -223,11 +223,18 @@ unsafe fn interleave2_add_at<S: Simd>(dst: &mut [f32], ev: &[f32], od: &[f32]) {
 }
 
 /// How one group's input is laid out for the forward product: zero-padded, split into
-/// `stride × stride` phase planes of `rows × pitch`, one set per channel.
+/// `stride × stride` phase planes of `rows × pitch`, one set per channel
+/// ([`FwdLayout::new`]); or, at stride 2, one padded plane per channel read at every
+/// second column and row ([`FwdLayout::unsplit`]).
 #[derive(Clone, Debug)]
 pub(super) struct FwdLayout {
     pub(super) pitch: usize,
     pub(super) rows: usize,
+    /// Distance in the buffer between output positions `(r, j)` and `(r, j + 1)`, and
+    /// between `(r, j)` and `(r + 1, j)`: 1 and `pitch` split into phases, `stride` and
+    /// `stride · pitch` unsplit.
+    pub(super) step: usize,
+    pub(super) row: usize,
     /// Values of the packed input, slack included.
     pub(super) len: usize,
     /// Offset of each tap `(c, ky, kx)`, in PyTorch's weight order.
@@ -255,7 +262,40 @@ impl FwdLayout {
         Self {
             pitch,
             rows,
+            step: 1,
+            row: pitch,
             len: ipg * s * s * plane + SLACK,
+            offs,
+            qpad: round_up(oh * pitch, LANES),
+        }
+    }
+
+    /// One zero-padded plane per channel, not split by phase (a copy of each row rather
+    /// than a split of it), for a product whose tiles step through the input `stride`
+    /// columns and rows at a time: the channel-in-lanes forward at stride 2. (Not for the
+    /// kernels with positions in the lanes, which need consecutive positions adjacent.)
+    pub(super) fn unsplit(g: &Conv2dGeom) -> Self {
+        let (s, k, p) = (g.stride, g.kernel, g.padding);
+        let (oh, ow) = (g.out_h(), g.out_w());
+        // the last output reads padded column (ow − 1)·s + k − 1 < in_w + 2p
+        let pitch = (g.in_w + 2 * p).max((ow.max(1) - 1) * s + k);
+        let rows = (g.in_h + 2 * p).max((oh.max(1) - 1) * s + k) + 1;
+        let plane = rows * pitch;
+        let ipg = g.in_per_group();
+        let mut offs = Vec::with_capacity(ipg * k * k);
+        for c in 0..ipg {
+            for ky in 0..k {
+                for kx in 0..k {
+                    offs.push(c * plane + ky * pitch + kx);
+                }
+            }
+        }
+        Self {
+            pitch,
+            rows,
+            step: s,
+            row: s * pitch,
+            len: ipg * plane + SLACK,
             offs,
             qpad: round_up(oh * pitch, LANES),
         }
@@ -298,7 +338,7 @@ impl FwdLayout {
         plane: usize,
     ) {
         let (s, p, h, w) = (g.stride, g.padding, g.in_h, g.in_w);
-        if s == 1 {
+        if s == 1 || self.step > 1 {
             // every row of every channel shifted by the padding: one call per channel
             for (c, xc) in x.chunks_exact(h * w).enumerate() {
                 let at = start + c * plane + p * self.pitch + p;
