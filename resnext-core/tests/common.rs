@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use dfdx::prelude::*;
+use proptest::prelude::*;
+use resnext_core::kernels::conv::Conv2dGeom;
 
 /// `len` values from few distinct ones (`cells[i % cells.len()]`: 0–3 map to −1..2, 4 to
 /// NaN): ties and NaNs everywhere, for max pooling's choice of input.
@@ -84,4 +86,37 @@ impl ConvCase {
             dw,
         }
     }
+}
+
+/// 3×3 stride-1 grouped convolutions with one of `chans` channels per group on each side
+/// (the Winograd shapes): `batches` images, 2–3 groups, paddings 0–2, odd and even sizes
+/// from 1 up to (not including) `hw` (tiles cut by the edge).
+pub fn winograd_geom(
+    batches: std::ops::Range<usize>,
+    chans: Vec<usize>,
+    hw: usize,
+) -> impl Strategy<Value = Conv2dGeom> {
+    (
+        (batches, 2usize..4),
+        prop::sample::select(chans.clone()),
+        prop::sample::select(chans),
+        (1usize..hw, 1usize..hw, 0usize..3),
+    )
+        .prop_filter_map(
+            "valid geometry",
+            |((batch, groups), ipg, opg, (in_h, in_w, padding))| {
+                let g = Conv2dGeom {
+                    batch,
+                    in_channels: groups * ipg,
+                    out_channels: groups * opg,
+                    in_h,
+                    in_w,
+                    kernel: 3,
+                    stride: 1,
+                    padding,
+                    groups,
+                };
+                g.validate().ok().map(|_| g)
+            },
+        )
 }

@@ -14,7 +14,7 @@ use resnext_core::kernels::conv::{self, Conv2dGeom};
 use resnext_core::kernels::isa;
 use resnext_core::kernels::{batchnorm as bn, elementwise as ew, pool};
 
-use crate::common::{rel_err, ties_and_nans, values, ConvCase};
+use crate::common::{rel_err, ties_and_nans, values, winograd_geom, ConvCase};
 
 /// Held by each test while it may switch the kernels.
 static SWITCH: Mutex<()> = Mutex::new(());
@@ -91,16 +91,11 @@ proptest! {
 
     #[test]
     fn winograd_grouped_conv_matches_reference(
-        (batch, groups) in (1usize..3, 2usize..4),
-        ipg in prop::sample::select(vec![16usize, 32, 48]),
-        opg in prop::sample::select(vec![16usize, 32, 48]),
-        // odd and even sizes (tiles cut by the edge), several register blocks of tiles
-        (h, w, padding) in (1usize..16, 1usize..16, 0usize..3),
+        // several register blocks of tiles
+        g in winograd_geom(1..3, vec![16, 32, 48], 16),
         level in prop::sample::select(isa::available()),
         seed in any::<u64>(),
     ) {
-        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel: 3, stride: 1, padding, groups };
-        prop_assume!(g.validate().is_ok());
         prop_assert!(conv::winograd::suits_shape(&g));
         let x = values(seed, g.input_len());
         let wt = values(seed ^ 1, g.weight_len());
@@ -120,15 +115,10 @@ proptest! {
 
     #[test]
     fn winograd_input_grad_matches_reference(
-        (batch, groups) in (1usize..3, 2usize..4),
-        ipg in prop::sample::select(vec![16usize, 32, 48]),
-        opg in prop::sample::select(vec![16usize, 32, 48]),
-        (h, w, padding) in (1usize..16, 1usize..16, 0usize..3),
+        g in winograd_geom(1..3, vec![16, 32, 48], 16),
         level in prop::sample::select(isa::available()),
         seed in any::<u64>(),
     ) {
-        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel: 3, stride: 1, padding, groups };
-        prop_assume!(g.validate().is_ok());
         prop_assert!(conv::winograd::suits_input_grad_shape(&g));
         let c = ConvCase::new(&g, seed);
         let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());

@@ -361,34 +361,26 @@ impl Kernel for Planes<'_> {
                         unsafe {
                             let x = inp.add(r0 * row + j0 * step);
                             let offs = &offs[t0..t1];
+                            macro_rules! tile {
+                                ($f:ident, $shape:expr) => {
+                                    $f::<S>(
+                                        x,
+                                        (row, step),
+                                        offs,
+                                        wc,
+                                        width,
+                                        $shape,
+                                        o,
+                                        plane,
+                                        sums,
+                                        part,
+                                    )
+                                };
+                            }
                             if flat {
-                                let shape = (cols, p, cols - j0);
-                                flat_planes::<S>(
-                                    x,
-                                    (row, step),
-                                    offs,
-                                    wc,
-                                    width,
-                                    shape,
-                                    o,
-                                    plane,
-                                    sums,
-                                    part,
-                                )
+                                tile!(flat_planes, (cols, p, cols - j0))
                             } else {
-                                let shape = (ch, p, r);
-                                tile_planes::<S>(
-                                    x,
-                                    (row, step),
-                                    offs,
-                                    wc,
-                                    width,
-                                    shape,
-                                    o,
-                                    plane,
-                                    sums,
-                                    part,
-                                )
+                                tile!(tile_planes, (ch, p, r))
                             }
                         };
                     }

@@ -222,6 +222,15 @@ unsafe fn interleave2_add_at<S: Simd>(dst: &mut [f32], ev: &[f32], od: &[f32]) {
     }
 }
 
+/// `off(c, ky, kx)` for every tap of `ipg` channels of a `k × k` kernel, in PyTorch's
+/// weight order.
+fn tap_offsets(ipg: usize, k: usize, off: impl Fn(usize, usize, usize) -> usize) -> Vec<usize> {
+    (0..ipg)
+        .flat_map(|c| (0..k * k).map(move |t| (c, t / k, t % k)))
+        .map(|(c, ky, kx)| off(c, ky, kx))
+        .collect()
+}
+
 /// How one group's input is laid out for the forward product: zero-padded, split into
 /// `stride × stride` phase planes of `rows × pitch`, one set per channel
 /// ([`FwdLayout::new`]); or, at stride 2, one padded plane per channel read at every
@@ -251,14 +260,9 @@ impl FwdLayout {
         let rows = (g.in_h + 2 * p).div_ceil(s).max(oh + (k - 1) / s) + 1;
         let plane = rows * pitch;
         let ipg = g.in_per_group();
-        let mut offs = Vec::with_capacity(ipg * k * k);
-        for c in 0..ipg {
-            for ky in 0..k {
-                for kx in 0..k {
-                    offs.push(((c * s + ky % s) * s + kx % s) * plane + (ky / s) * pitch + kx / s);
-                }
-            }
-        }
+        let offs = tap_offsets(ipg, k, |c, ky, kx| {
+            ((c * s + ky % s) * s + kx % s) * plane + (ky / s) * pitch + kx / s
+        });
         Self {
             pitch,
             rows,
@@ -282,14 +286,7 @@ impl FwdLayout {
         let rows = (g.in_h + 2 * p).max((oh.max(1) - 1) * s + k) + 1;
         let plane = rows * pitch;
         let ipg = g.in_per_group();
-        let mut offs = Vec::with_capacity(ipg * k * k);
-        for c in 0..ipg {
-            for ky in 0..k {
-                for kx in 0..k {
-                    offs.push(c * plane + ky * pitch + kx);
-                }
-            }
-        }
+        let offs = tap_offsets(ipg, k, |c, ky, kx| c * plane + ky * pitch + kx);
         Self {
             pitch,
             rows,
