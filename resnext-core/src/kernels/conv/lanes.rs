@@ -406,6 +406,17 @@ fn prefetch_line(prefetch: &Prefetch, l: usize) -> *const f32 {
     }
 }
 
+/// The layout the forward and the weight gradient read the input in, and the scratch tag
+/// of its buffers: at stride 2 one padded copy read at every second column (a row copy
+/// rather than a split into phases, which took a fifth of the stage-4 stride-2 forward).
+fn input_layout(g: &Conv2dGeom) -> (FwdLayout, usize) {
+    if g.stride == 2 {
+        (FwdLayout::unsplit(g), scratch::tag::FWD_INPUT_UNSPLIT)
+    } else {
+        (FwdLayout::new(g), scratch::tag::FWD_INPUT)
+    }
+}
+
 /// Forward, one task per (image, group), each group's output passed to
 /// `epilogue(image, first channel, values)` while still in cache. Overwrites `y`.
 pub fn conv2d_forward_packed(
@@ -429,13 +440,7 @@ pub fn conv2d_forward_packed(
     if out_grp == 0 {
         return;
     }
-    // at stride 2 a padded copy read at every second column (a row copy rather than a
-    // split into phases, which took a fifth of the stage-4 stride-2 forward)
-    let (layout, tag) = if g.stride == 2 {
-        (FwdLayout::unsplit(g), scratch::tag::FWD_INPUT_UNSPLIT)
-    } else {
-        (FwdLayout::new(g), scratch::tag::FWD_INPUT)
-    };
+    let (layout, tag) = input_layout(g);
     // (an address only: prefetched, never read through)
     let y_at = y.as_ptr() as usize;
     y.par_chunks_mut(out_grp).enumerate().for_each(|(i, yg)| {
@@ -455,7 +460,7 @@ pub fn conv2d_forward_packed(
             NO_PREFETCH
         };
         let (offs, w) = (&layout.offs, packed);
-        let at = (layout.row, layout.step);
+        let at = (layout.row(), layout.step);
         product_planes(&buf, at, oh, ow, offs, w, grp, yg, next);
         scratch::give_keyed(key, buf);
         epilogue(n, grp * opg, yg);
@@ -482,12 +487,7 @@ pub fn conv2d_backward(
     if out_grp == 0 || in_grp == 0 {
         return;
     }
-    // the input unsplit at stride 2, as in the forward
-    let (fwd, xtag) = if g.stride == 2 {
-        (FwdLayout::unsplit(g), scratch::tag::FWD_INPUT_UNSPLIT)
-    } else {
-        (FwdLayout::new(g), scratch::tag::FWD_INPUT)
-    };
+    let (fwd, xtag) = input_layout(g);
     let bwd = BwdLayout::new(g);
     let dx_groups = images_by_group(g, dx);
     let chunk = (WG_CHUNK_VALUES / fwd.len).clamp(1, g.batch);
@@ -613,9 +613,9 @@ fn weight_grad(
         return;
     }
     let max_off = fwd.offs.iter().copied().max().unwrap_or(0);
-    let last = (b - 1) * fwd.len + (oh - 1) * fwd.row + (ow - 1) * fwd.step;
+    let last = (b - 1) * fwd.len + (oh - 1) * fwd.row() + (ow - 1) * fwd.step;
     assert!(last + 1 + max_off <= xbuf.len(), "lanes weight grad: input");
-    let dims = (b, fwd.len, oh, (fwd.row, fwd.step), ow);
+    let dims = (b, fwd.len, oh, (fwd.row(), fwd.step), ow);
     // SAFETY: reads of `xbuf` stay below `(b−1)·len + (oh−1)·row + (ow−1)·step + 1 + max_off` and of
     // `dyt` below `b·oh·ow·outs` (both asserted), writes in `sums[..taps·outs]`.
     unsafe {

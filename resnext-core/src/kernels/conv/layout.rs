@@ -239,11 +239,9 @@ fn tap_offsets(ipg: usize, k: usize, off: impl Fn(usize, usize, usize) -> usize)
 pub(super) struct FwdLayout {
     pub(super) pitch: usize,
     pub(super) rows: usize,
-    /// Distance in the buffer between output positions `(r, j)` and `(r, j + 1)`, and
-    /// between `(r, j)` and `(r + 1, j)`: 1 and `pitch` split into phases, `stride` and
-    /// `stride · pitch` unsplit.
+    /// Distance in the buffer between output positions `(r, j)` and `(r, j + 1)`: 1 split
+    /// into phases, `stride` unsplit (and [`FwdLayout::row`] between rows).
     pub(super) step: usize,
-    pub(super) row: usize,
     /// Values of the packed input, slack included.
     pub(super) len: usize,
     /// Offset of each tap `(c, ky, kx)`, in PyTorch's weight order.
@@ -267,7 +265,6 @@ impl FwdLayout {
             pitch,
             rows,
             step: 1,
-            row: pitch,
             len: ipg * s * s * plane + SLACK,
             offs,
             qpad: round_up(oh * pitch, LANES),
@@ -291,11 +288,16 @@ impl FwdLayout {
             pitch,
             rows,
             step: s,
-            row: s * pitch,
             len: ipg * plane + SLACK,
             offs,
             qpad: round_up(oh * pitch, LANES),
         }
+    }
+
+    /// Distance in the buffer between output positions `(r, j)` and `(r + 1, j)`: `pitch`
+    /// split into phases, `stride · pitch` unsplit.
+    pub(super) fn row(&self) -> usize {
+        self.step * self.pitch
     }
 
     /// What identifies this layout's packed buffers of kind `tag` (a [`scratch::tag`]) for
