@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on a GPU machine (no cargo needed) what tools/gpu_check.sh built: the GPU parity
-# tests, eval of the embedded-digits model on the GPU against the CPU, and eval throughput
-# side by side with PyTorch. Writes OUT/report.md (OUT: the first argument, default .).
+# tests (ops, eval, training steps), the embedded-digits main job trained on the GPU and
+# evaluated on both devices, and eval and training throughput side by side with PyTorch.
+# Writes OUT/report.md (OUT: the first argument, default .).
 # Needs the NVIDIA driver and cuDNN, cuBLAS and NVRTC (PyTorch's wheels carry them: their
 # lib folders are put on LD_LIBRARY_PATH here).
 set -uo pipefail
@@ -18,9 +19,12 @@ for sp in site.getsitepackages():
 print(":".join(sorted(set(dirs))))
 PY
 )
-export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 bin=$(mktemp -d)
 trap 'rm -rf "$bin"' EXIT
+# the NCCL wheel has libnccl.so.2, a name cudarc does not look for: link it as libnccl.so
+nccl=$(IFS=:; for d in $libs; do ls "$d"/libnccl.so.2 2>/dev/null; done | head -1)
+[ -n "$nccl" ] && ln -s "$nccl" "$bin/libnccl.so"
+export LD_LIBRARY_PATH="${libs}:$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 for f in "$here"/bin/*.gz; do
     gunzip -c "$f" > "$bin/$(basename "$f" .gz)"
     chmod +x "$bin/$(basename "$f" .gz)"
@@ -38,48 +42,65 @@ done
     echo "exit: $?"
     echo '```'
     echo
-    echo "## Embedded digits: trained on the CPU, evaluated on the CPU and the GPU"
+    echo "## Embedded digits: trained on the GPU (the main job), evaluated on the CPU and the GPU"
     echo '```'
     run="$out/digits-run"
     rm -rf "$run"
-    timeout 900 "$bin/resnext-train" train --out-dir "$run" 2>&1 | tail -3
+    timeout 600 "$bin/resnext-train" train --device cuda --out-dir "$run" 2>&1 | tail -4
+    echo "exit: $?"
     for d in cpu cuda; do
         echo "--device $d:"
         "$bin/resnext-train" eval --weights "$run/model.safetensors" --device "$d" 2>&1 | tail -1
     done
     echo '```'
     echo
-    echo "## Eval throughput, resnext50_32x4d, 224x224, fp32 (img/s, median of 10)"
+    echo "## Throughput, resnext50_32x4d, 224x224, fp32 (img/s, median of 10)"
     echo
-    echo "| batch | resnext-rs | PyTorch (cudnn.benchmark, TF32 off) | PyTorch channels_last |"
-    echo "|---|---|---|---|"
-    for b in 64 256; do
-        ours=$("$bin/throughput" --device cuda --mode eval --batch "$b" --iters 10 2>&1 | awk '/^img\/s:/ {print $2}')
-        theirs=$($py - "$b" <<'PY' 2>&1 | tail -1
+    echo "Training step: forward, backward, SGD with momentum. bf16 is not implemented here yet."
+    echo
+    echo "| mode | batch | resnext-rs | PyTorch (cudnn.benchmark, TF32 off) | PyTorch channels_last |"
+    echo "|---|---|---|---|---|"
+    for mode in eval train; do
+        for b in 64 256; do
+            ours=$(timeout 240 "$bin/throughput" --device cuda --mode "$mode" --batch "$b" --iters 10 2>&1 | awk '/^img\/s:/ {print $2} /rror/ {print}' | tail -1)
+            theirs=$(timeout 240 $py - "$mode" "$b" <<'PY' 2>&1 | tail -1
 import sys, time, torch, torchvision
-b = int(sys.argv[1])
+mode, b = sys.argv[1], int(sys.argv[2])
 torch.backends.cudnn.benchmark = True
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 res = []
 for cl in (False, True):
-    m = torchvision.models.resnext50_32x4d().cuda().eval()
+    m = torchvision.models.resnext50_32x4d().cuda()
     x = torch.randn(b, 3, 224, 224, device="cuda")
+    y = torch.arange(b, device="cuda") % 1000
     if cl:
         m = m.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    m.train(mode == "train")
     ts = []
-    with torch.no_grad():
-        for i in range(13):
-            torch.cuda.synchronize(); t = time.time()
-            m(x).cpu()
-            torch.cuda.synchronize(); ts.append(time.time() - t)
+    for i in range(13):
+        torch.cuda.synchronize(); t = time.time()
+        if mode == "train":
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            loss.item()
+        else:
+            with torch.no_grad():
+                m(x).cpu()
+        torch.cuda.synchronize(); ts.append(time.time() - t)
     ts = sorted(ts[3:])
     res.append(f"{b / ts[len(ts) // 2]:.1f}")
+    del m, x, opt
+    torch.cuda.empty_cache()
 print(" | ".join(res))
 PY
 )
-        echo "| $b | ${ours:-failed} | $theirs |"
+            echo "| $mode | $b | ${ours:-failed} | $theirs |"
+        done
     done
 } > "$report" 2>&1
 cat "$report"

@@ -90,7 +90,7 @@ impl OptimConfig {
     }
 
     /// The state slots each trainable parameter has, as name prefixes of the saved state.
-    fn slots(&self) -> &'static [&'static str] {
+    pub(crate) fn slots(&self) -> &'static [&'static str] {
         match self.algorithm {
             Algorithm::Sgd if self.momentum != 0.0 => &["momentum"],
             Algorithm::Sgd => &[],
@@ -282,6 +282,25 @@ impl Optimizer {
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Counts a step taken elsewhere (on a GPU, with the state there): the new count.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn advance(&mut self) -> u64 {
+        self.steps += 1;
+        self.steps
+    }
+
+    /// The state `slot.name` (`momentum.layer1.0.conv1.weight`), if there is one.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn state(&self, key: &str) -> Option<&Vec<f32>> {
+        self.state.get(key)
+    }
+
+    /// Sets the state `slot.name` (copied back from a GPU).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn set_state(&mut self, key: String, values: Vec<f32>) {
+        self.state.insert(key, values);
     }
 
     /// Updates every trainable tensor of `model` from its gradient in `grads` (clipped first

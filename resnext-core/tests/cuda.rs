@@ -274,16 +274,56 @@ mod kernels {
     }
 }
 
+/// The GPUs' group: how rank 0's NCCL id reaches every rank through the group's own sum.
+mod group {
+    use proptest::prelude::*;
+    use resnext_core::backend::cuda::{id_as_values, id_from_values};
+    use std::ffi::c_char;
+
+    proptest! {
+        #[test]
+        fn an_nccl_id_survives_the_sum_over_the_group(
+            bytes in proptest::collection::vec(any::<u8>(), 128),
+            world in 1usize..9,
+        ) {
+            let mut id = [0 as c_char; 128];
+            for (c, &b) in id.iter_mut().zip(&bytes) {
+                *c = b as c_char;
+            }
+            // rank 0 gives the id, the others zeros: the sum is the id
+            let mut sum = id_as_values(Some(&id));
+            for _ in 1..world {
+                for (s, z) in sum.iter_mut().zip(vec![0.0f64; 128]) {
+                    *s += z;
+                }
+            }
+            prop_assert_eq!(id_from_values(&sum), Some(id));
+        }
+    }
+
+    #[test]
+    fn a_rank_0_without_an_id_fails_every_rank() {
+        assert_eq!(id_from_values(&id_as_values(None)), None);
+        assert_eq!(id_from_values(&[0.0; 127]), None);
+        assert_eq!(id_from_values(&[256.0; 128]), None);
+        assert_eq!(id_from_values(&[0.5; 128]), None);
+    }
+}
+
 /// The backend on a GPU against the CPU (skipped without one), and its errors without a driver.
 mod on_gpu {
     use dfdx::prelude::*;
     use resnext_core::backend::cuda::{device_count, driver_present, CudaAct, CudaLogits, Gpu};
     use resnext_core::backend::device::GpuError;
     use resnext_core::backend::Backend;
-    use resnext_core::builders::{ResNeXt29_8x64d, ResNeXt50_32x4d};
+    use resnext_core::builders::{ResNeXt11_8x8d, ResNeXt29_8x64d, ResNeXt50_32x4d};
     use resnext_core::error::Result;
+    use resnext_core::model::{train_step, Arch, Frozen};
     use resnext_core::nn::{BatchNorm2d, ConvLayer};
-    use resnext_core::ops::BnConfig;
+    use resnext_core::ops::{cross_entropy_mixed, Act, BnConfig, Targets};
+    use resnext_core::optim::{Algorithm, OptimConfig, Optimizer};
+    use resnext_core::params::{ParamKind, ParamVisitor, Params};
+    use std::collections::BTreeMap;
 
     /// The typed networks run on the GPU backend with their channel counts checked at
     /// compile time (type-checked here; run by the GPU tests below where a GPU is).
@@ -464,5 +504,343 @@ mod on_gpu {
             rel_err(&gpu.logits(&logits).unwrap(), &cpu) <= 1e-5,
             "classifier"
         );
+    }
+
+    /// What a visitor reads from each named tensor of a network, by name.
+    struct Read<F>(F, BTreeMap<String, Vec<f32>>);
+
+    /// What [`Read`] reads: a tensor's values, or its gradient (none for buffers).
+    trait Reader {
+        fn read<S: Shape>(&self, t: &Tensor<S, f32, Cpu>, kind: ParamKind) -> Option<Vec<f32>>;
+    }
+
+    impl<F: Reader> ParamVisitor for Read<F> {
+        type Error = std::convert::Infallible;
+        fn tensor<S: Shape>(
+            &mut self,
+            name: &str,
+            t: &Tensor<S, f32, Cpu>,
+            kind: ParamKind,
+        ) -> Result<(), Self::Error> {
+            if let Some(v) = self.0.read(t, kind) {
+                self.1.insert(name.to_string(), v);
+            }
+            Ok(())
+        }
+    }
+
+    /// Every tensor's values.
+    struct Values;
+    impl Reader for Values {
+        fn read<S: Shape>(&self, t: &Tensor<S, f32, Cpu>, _: ParamKind) -> Option<Vec<f32>> {
+            Some(t.as_vec())
+        }
+    }
+
+    /// Every trainable tensor's gradient on the CPU's tape.
+    struct CpuGrads<'a>(&'a Gradients<f32, Cpu>);
+    impl Reader for CpuGrads<'_> {
+        fn read<S: Shape>(&self, t: &Tensor<S, f32, Cpu>, kind: ParamKind) -> Option<Vec<f32>> {
+            (kind != ParamKind::Buffer).then(|| self.0.get(t).as_vec())
+        }
+    }
+
+    /// Every trainable tensor's gradient from the last step on the GPU.
+    struct GpuGrads<'a>(&'a Gpu);
+    impl Reader for GpuGrads<'_> {
+        fn read<S: Shape>(&self, t: &Tensor<S, f32, Cpu>, kind: ParamKind) -> Option<Vec<f32>> {
+            (kind != ParamKind::Buffer).then(|| self.0.gradient(t).unwrap().unwrap_or_default())
+        }
+    }
+
+    fn read<M: Params, F: Reader>(net: &M, f: F) -> BTreeMap<String, Vec<f32>> {
+        let mut r = Read(f, BTreeMap::new());
+        let Ok(()) = net.visit_params("", &mut r);
+        r.1
+    }
+
+    /// max |a − b| over max |b| (the error against the tensor's own scale).
+    fn scaled_err(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+        a.iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// One typed network's training step on the GPU against the CPU: the loss and logits,
+    /// every parameter's gradient, then (two SGD steps with Nesterov momentum and weight
+    /// decay on each side) every weight, running statistic and momentum buffer.
+    fn train_case<const C: usize, M>(
+        gpu: &Gpu,
+        net0: &M,
+        shape: [usize; 4],
+        classes: usize,
+        forward: impl Fn(&mut M, &Gpu, CudaAct<C>) -> Result<CudaLogits<Const<10>>> + Copy,
+    ) where
+        M: Clone
+            + Params
+            + ModuleMut<
+                Act<C, OwnedTape<f32, Cpu>>,
+                Output = Tensor<(usize, Const<10>), f32, Cpu, OwnedTape<f32, Cpu>>,
+                Error = resnext_core::Error,
+            >,
+    {
+        let dev = Cpu::seed_from_u64(0);
+        let [n, _, h, w] = shape;
+        let x = resnext_core::testing::values(11, shape.iter().product());
+        let labels: Vec<usize> = (0..n).map(|i| (i * 7) % classes).collect();
+        let targets = Targets::hard(&labels, 0.1);
+        let what = std::any::type_name::<M>();
+
+        // the CPU's gradients
+        let mut net_g = net0.clone();
+        let xt: Act<C> = dev.tensor_from_vec(x.clone(), (n, Const::<C>, h, w));
+        let logits = net_g.try_forward_mut(xt.trace(Gradients::leaky())).unwrap();
+        let cpu_logits = logits.as_vec();
+        let loss = cross_entropy_mixed(logits, targets).unwrap();
+        let cpu_loss = loss.array();
+        let grads = loss.backward();
+        let cpu_grads = read(&net_g, CpuGrads(&grads));
+
+        // the same step on the GPU
+        let cfg = OptimConfig {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            ..Default::default()
+        };
+        let mut net_gpu = net0.clone();
+        let mut opt_gpu = Optimizer::new(cfg.clone());
+        gpu.reset_training();
+        let step = |net: &mut M, opt: &mut Optimizer| {
+            let xg = gpu.input::<C>(&x, shape).unwrap();
+            gpu.train_step_by(net, xg, targets, opt, forward).unwrap()
+        };
+        let out = step(&mut net_gpu, &mut opt_gpu);
+        assert!(
+            (out.loss - cpu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0),
+            "{what}: loss {} against the CPU's {cpu_loss}",
+            out.loss
+        );
+        let e = rel_err(&out.logits, &cpu_logits);
+        assert!(e <= 1e-4, "{what}: logits, relative error {e}");
+        let gpu_grads = read(&net_gpu, GpuGrads(gpu));
+        assert_eq!(cpu_grads.len(), gpu_grads.len());
+        for (name, cg) in &cpu_grads {
+            let e = scaled_err(&gpu_grads[name], cg);
+            assert!(e <= 1e-3, "{what}: gradient of {name}, scaled error {e}");
+        }
+
+        // two steps each side, then everything the steps changed
+        let mut net_cpu = net0.clone();
+        let mut opt_cpu = Optimizer::new(cfg);
+        for _ in 0..2 {
+            let xt: Act<C> = dev.tensor_from_vec(x.clone(), (n, Const::<C>, h, w));
+            train_step(&mut net_cpu, xt, targets, &mut opt_cpu).unwrap();
+        }
+        step(&mut net_gpu, &mut opt_gpu);
+        gpu.sync_to_host(&mut net_gpu, Some(&mut opt_gpu)).unwrap();
+        let (cpu, on_gpu) = (read(&net_cpu, Values), read(&net_gpu, Values));
+        assert_eq!(cpu.len(), on_gpu.len());
+        for (name, c) in &cpu {
+            let e = rel_err(&on_gpu[name], c);
+            assert!(
+                e <= 1e-4,
+                "{what}: {name} after two steps, relative error {e}"
+            );
+        }
+        assert_eq!(opt_gpu.steps(), opt_cpu.steps());
+        let (a, b) = (
+            opt_gpu.state_bytes().unwrap(),
+            opt_cpu.state_bytes().unwrap(),
+        );
+        let (a, b) = (
+            safetensors::SafeTensors::deserialize(&a).unwrap(),
+            safetensors::SafeTensors::deserialize(&b).unwrap(),
+        );
+        assert_eq!(a.len(), b.len(), "{what}: optimiser state");
+        let floats = |v: safetensors::tensor::TensorView<'_>| -> Vec<f32> {
+            v.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        for (name, tb) in b.tensors() {
+            if name.starts_with("momentum.") {
+                let e = scaled_err(&floats(a.tensor(&name).unwrap()), &floats(tb));
+                assert!(e <= 1e-3, "{what}: {name}, scaled error {e}");
+            }
+        }
+    }
+
+    /// On a GPU: a training step of ResNeXt-11 (CIFAR layout) and of ResNeXt-50 against the
+    /// CPU's (fp32, TF32 off): loss, logits, every gradient, and after two SGD steps every
+    /// weight, running statistic and the optimiser's state.
+    #[test]
+    fn gpu_training_step_matches_the_cpu() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let dev = Cpu::seed_from_u64(21);
+        let net = dev.build_module::<ResNeXt11_8x8d<10>, f32>();
+        train_case::<3, _>(&gpu, &net, [4, 3, 20, 18], 10, |m, g, x| m.train_on(g, x));
+        let net = dev.build_module::<ResNeXt50_32x4d<10>, f32>();
+        train_case::<3, _>(&gpu, &net, [2, 3, 64, 72], 10, |m, g, x| m.train_on(g, x));
+        let s = gpu.memory();
+        assert!(s.in_use < 64 << 20, "{s:?}");
+    }
+
+    /// On a GPU, through the command line's API (runtime class count): frozen parts, mixed
+    /// targets, AdamW with clipping; the networks' eval-mode logits agree after the steps.
+    #[test]
+    fn gpu_training_through_the_registry_matches_the_cpu() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let dev = Cpu::seed_from_u64(4);
+        let arch: Arch = "resnext11_8x8d".parse().unwrap();
+        let shape = [4, 3, 16, 16];
+        let x = resnext_core::testing::values(3, shape.iter().product());
+        let (a, b) = ([1usize, 4, 2, 0], [3usize, 3, 1, 2]);
+        let targets = Targets {
+            labels: &a,
+            mixed: Some((&b, 0.7)),
+            label_smoothing: 0.05,
+        };
+        for (frozen, algorithm) in [
+            (Frozen::NONE, Algorithm::ADAMW),
+            (
+                Frozen {
+                    stem: true,
+                    stages: [true, false, false, false],
+                    head: false,
+                },
+                Algorithm::Sgd,
+            ),
+            (
+                Frozen {
+                    stem: false,
+                    stages: [false, true, false, false],
+                    head: false,
+                },
+                Algorithm::Sgd,
+            ),
+        ] {
+            let cfg = OptimConfig {
+                lr: 0.02,
+                algorithm,
+                clip_grad_norm: Some(0.5),
+                groups: vec![resnext_core::optim::ParamGroup {
+                    prefixes: frozen.prefixes(),
+                    lr_scale: 0.0,
+                }],
+                ..Default::default()
+            };
+            let mut cpu = arch.build(&dev, 3, 5).unwrap();
+            let mut on_gpu = arch.build(&dev, 3, 5).unwrap();
+            // the same weights on both
+            let file = std::env::temp_dir()
+                .join(format!("resnext-gpu-{}.safetensors", std::process::id()));
+            cpu.save_safetensors(&file).unwrap();
+            on_gpu.load_safetensors(&file).unwrap();
+            let _ = std::fs::remove_file(&file);
+            cpu.set_frozen(frozen);
+            on_gpu.set_frozen(frozen);
+            gpu.reset_training();
+            let (mut oc, mut og) = (Optimizer::new(cfg.clone()), Optimizer::new(cfg));
+            for _ in 0..2 {
+                let c = cpu
+                    .train_step_on(x.clone(), shape, targets, &mut oc)
+                    .unwrap();
+                let g = on_gpu
+                    .train_step_gpu(&gpu, &x, shape, targets, &mut og)
+                    .unwrap();
+                assert!(
+                    (c.loss - g.loss).abs() <= 1e-4,
+                    "{frozen:?}: loss {} vs {}",
+                    g.loss,
+                    c.loss
+                );
+                let (cn, gn) = (c.grad_norm.unwrap(), g.grad_norm.unwrap());
+                assert!(
+                    (cn - gn).abs() <= 1e-3 * cn,
+                    "{frozen:?}: gradient norm {gn} vs {cn}"
+                );
+            }
+            on_gpu.sync_from_gpu(&gpu, Some(&mut og)).unwrap();
+            let e = rel_err(
+                &on_gpu.forward_eval(x.clone(), shape).unwrap(),
+                &cpu.forward_eval(x.clone(), shape).unwrap(),
+            );
+            assert!(
+                e <= 1e-4,
+                "{frozen:?} {:?}: eval logits after two steps, relative error {e}",
+                og.cfg.algorithm
+            );
+            // and on the GPU itself
+            let e = rel_err(
+                &on_gpu.forward_eval_gpu(&gpu, &x, shape).unwrap(),
+                &cpu.forward_eval(x.clone(), shape).unwrap(),
+            );
+            assert!(
+                e <= 1e-4,
+                "{frozen:?}: GPU eval logits after two steps, relative error {e}"
+            );
+        }
+    }
+
+    /// On a GPU with NCCL: a GPU in a group of one (NCCL's communicator made from the
+    /// group's id, every gradient summed by NCCL) trains as one outside a group.
+    #[test]
+    fn gpu_in_a_group_of_one_trains_as_alone() {
+        let Some(alone) = gpu_or_skip() else { return };
+        let grouped = Gpu::open(0).unwrap();
+        grouped
+            .join_group(&resnext_core::dist::Single)
+            .unwrap_or_else(|e| panic!("joining a group of one: {e}"));
+        assert_eq!(grouped.group_world(), 1);
+        let dev = Cpu::seed_from_u64(8);
+        let arch: Arch = "resnext11_8x8d".parse().unwrap();
+        let shape = [4, 3, 16, 16];
+        let x = resnext_core::testing::values(3, shape.iter().product());
+        let labels = [1usize, 4, 2, 0];
+        let cfg = OptimConfig {
+            lr: 0.05,
+            clip_grad_norm: Some(1.0),
+            ..Default::default()
+        };
+        let mut nets = Vec::new();
+        for gpu in [&alone, &grouped] {
+            let mut net = arch.build(&dev, 3, 5).unwrap();
+            let file = std::env::temp_dir()
+                .join(format!("resnext-group-{}.safetensors", std::process::id()));
+            if nets.is_empty() {
+                net.save_safetensors(&file).unwrap();
+            } else {
+                net.load_safetensors(&file).unwrap();
+                let _ = std::fs::remove_file(&file);
+            }
+            let mut opt = Optimizer::new(cfg.clone());
+            let mut losses = Vec::new();
+            for _ in 0..2 {
+                let out = net
+                    .train_step_gpu(gpu, &x, shape, Targets::hard(&labels, 0.0), &mut opt)
+                    .unwrap();
+                losses.push((out.loss, out.grad_norm));
+            }
+            net.sync_from_gpu(gpu, None).unwrap();
+            nets.push((losses, net.forward_eval(x.clone(), shape).unwrap()));
+        }
+        // equal up to the order of cuDNN's atomic sums (its backward-filter algorithms are
+        // not all deterministic)
+        for ((la, na), (lb, nb)) in nets[0].0.iter().zip(&nets[1].0) {
+            assert!(
+                (la - lb).abs() <= 1e-5 * la.abs().max(1.0),
+                "loss {la} vs {lb}"
+            );
+            let (na, nb) = (na.unwrap(), nb.unwrap());
+            assert!((na - nb).abs() <= 1e-5 * na, "gradient norm {na} vs {nb}");
+        }
+        let e = rel_err(&nets[1].1, &nets[0].1);
+        assert!(e <= 1e-5, "eval logits after two steps, relative error {e}");
     }
 }

@@ -4,7 +4,9 @@
 
 use anyhow::Result;
 use resnext_core::backend::device::{DeviceSpec, GpuError};
-use resnext_core::model::Network;
+use resnext_core::model::{Network, TrainOutput};
+use resnext_core::ops::Targets;
+use resnext_core::optim::Optimizer;
 
 /// An opened device.
 pub enum Compute {
@@ -47,6 +49,80 @@ impl Compute {
             Compute::Gpu(g) => net.forward_eval_gpu(g, &x, shape),
         }
     }
+
+    /// Opens `spec` for this process of the group: in a group of several, `cuda:N` is the
+    /// GPU `N` + this process's [local rank](crate::dist::local_rank) (one process per
+    /// GPU), and a GPU joins the group as an NCCL communicator, so each training step
+    /// averages its gradients over the GPUs. `--sync-bn` has no GPU implementation yet.
+    pub fn open_in_group(spec: DeviceSpec, sync_bn: bool) -> Result<Self> {
+        let (_, world) = crate::dist::rank_world();
+        let spec = match spec {
+            DeviceSpec::Cuda(i) if world > 1 => DeviceSpec::Cuda(i + crate::dist::local_rank()),
+            s => s,
+        };
+        let c = Self::open(spec)?;
+        if world > 1 && c.is_gpu() {
+            if sync_bn {
+                return Err(GpuError::Unsupported("--sync-bn across GPUs").into());
+            }
+            c.join_group()?;
+        }
+        Ok(c)
+    }
+
+    /// Joins the installed process group as an NCCL communicator (a GPU in a group of
+    /// several); nothing otherwise.
+    fn join_group(&self) -> Result<()> {
+        match self {
+            Compute::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Compute::Gpu(g) => match resnext_core::dist::group() {
+                Some(c) if c.world() > 1 => Ok(g.join_group(c.as_ref())?),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Whether this is a GPU.
+    pub fn is_gpu(&self) -> bool {
+        !matches!(self, Compute::Cpu)
+    }
+
+    /// One training step of `net` on an `(n, C, h, w)` batch on this device. On a GPU the
+    /// weights and the optimiser state stay there between steps: [`Compute::sync`] copies
+    /// them back.
+    pub fn train_step(
+        &self,
+        net: &mut dyn Network,
+        x: Vec<f32>,
+        shape: [usize; 4],
+        targets: Targets<'_>,
+        opt: &mut Optimizer,
+    ) -> resnext_core::Result<TrainOutput> {
+        match self {
+            Compute::Cpu => net.train_step_on(x, shape, targets, opt),
+            #[cfg(feature = "cuda")]
+            Compute::Gpu(g) => net.train_step_gpu(g, &x, shape, targets, opt),
+        }
+    }
+
+    /// Copies what training on this device changed (weights, running statistics, and
+    /// `opt`'s state when given) into `net`, before it is saved, averaged or evaluated:
+    /// nothing to do on the CPU.
+    pub fn sync(
+        &self,
+        net: &mut dyn Network,
+        opt: Option<&mut Optimizer>,
+    ) -> resnext_core::Result<()> {
+        match self {
+            Compute::Cpu => {
+                let _ = (net, opt);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Compute::Gpu(g) => net.sync_from_gpu(g, opt),
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -57,15 +133,4 @@ fn open_gpu(index: usize) -> Result<Compute, GpuError> {
 #[cfg(not(feature = "cuda"))]
 fn open_gpu(_index: usize) -> Result<Compute, GpuError> {
     Err(GpuError::NotBuilt)
-}
-
-/// An error unless `spec` is the CPU, for work that has no GPU implementation yet: after
-/// opening the GPU, so that a missing driver or a build without CUDA is what is reported
-/// first.
-pub fn cpu_only(spec: DeviceSpec, what: &'static str) -> Result<()> {
-    if spec.is_cuda() {
-        Compute::open(spec)?;
-        return Err(GpuError::Unsupported(what).into());
-    }
-    Ok(())
 }

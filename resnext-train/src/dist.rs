@@ -9,6 +9,20 @@ pub fn rank_world() -> (usize, usize) {
     dist::group().map_or((0, 1), |g| (g.rank(), g.world()))
 }
 
+/// This process's index among the group's processes on this machine: what MPI launchers
+/// set (Open MPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, Slurm's
+/// `SLURM_LOCALID`), else the rank (every process on one machine).
+pub fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+    .unwrap_or(rank_world().0)
+}
+
 /// `--bucket-mb` (MiB, 0 to 1024) in bytes; out of range is an error naming the flag.
 pub fn bucket_bytes(mb: f32) -> anyhow::Result<usize> {
     if !(0.0..=1024.0).contains(&mb) {

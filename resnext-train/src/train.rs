@@ -23,6 +23,7 @@ use resnext_core::weights::LoadMode;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset};
+use crate::device::Compute;
 use crate::{curves, eval};
 
 /// Arguments of `train` (also the keys of a `--config` TOML file and of a run's saved config).
@@ -203,8 +204,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Where to compute: `cpu`; `cuda` / `cuda:N` is not available for training yet (eval
-    /// and predict run there in a build with `--features cuda`).
+    /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`): the
+    /// steps run on the GPU, the weights and optimiser state stay there between steps and
+    /// are copied back for each checkpoint and evaluation. Under `mpirun`, process k of a
+    /// machine takes GPU N + k and the gradients are averaged over the GPUs with NCCL.
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     #[serde(skip)]
     pub device: DeviceSpec,
@@ -846,8 +849,8 @@ fn remove_unnamed(dir: &Path, state: &State) {
 /// Trains with `args`; prints `final test_top1: X` last. `interrupted` is set by the
 /// Ctrl-C handler: the current step finishes and a checkpoint is written.
 pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
-    crate::device::cpu_only(args.device, "training")?;
-    let mut trainer = Trainer::new(args, interrupted)?;
+    let compute = Compute::open_in_group(args.device, args.sync_bn)?;
+    let mut trainer = Trainer::new(args, interrupted, compute)?;
     if trainer.args.resume.is_some() {
         trainer.resume()?;
     }
@@ -899,6 +902,8 @@ struct Trainer {
     classes: usize,
     net: Box<dyn Network>,
     opt: Optimizer,
+    /// Where the steps run (the weights stay there between steps: [`Trainer::sync`]).
+    compute: Compute,
     ema: Option<EmaRun>,
     /// The peak learning rate (--lr, times the processes with --lr-scale-with-world).
     base_lr: f32,
@@ -916,7 +921,7 @@ struct Trainer {
 
 impl Trainer {
     /// Checks the arguments, loads the data, creates the run folder and builds the model.
-    fn new(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<Self> {
+    fn new(args: TrainArgs, interrupted: Arc<AtomicBool>, compute: Compute) -> Result<Self> {
         let arch: Arch = args.arch.parse()?;
         args.validate()?;
         if args.threads > 0 {
@@ -1104,6 +1109,7 @@ impl Trainer {
             classes,
             net,
             opt,
+            compute,
             ema,
             state,
             train,
@@ -1259,8 +1265,8 @@ impl Trainer {
                 label_smoothing: self.args.label_smoothing,
             };
             let out = self
-                .net
-                .train_step_on(x, batch.shape, targets, &mut self.opt)
+                .compute
+                .train_step(self.net.as_mut(), x, batch.shape, targets, &mut self.opt)
                 .map_err(|e| {
                     anyhow!(
                         "training stopped at epoch {} step {} (global step {}): {e}; the last good checkpoint in `{}` is kept",
@@ -1288,6 +1294,7 @@ impl Trainer {
                 // torchvision: after the steps i = 0, k, 2k, … of each epoch; reset (so the
                 // next update copies) during the warm-up
                 if self.state.step_in_epoch.is_multiple_of(e.every) {
+                    self.compute.sync(self.net.as_mut(), None)?;
                     self.net.ema_update(&mut e.ema);
                     if (epoch as f32) < self.args.warmup_epochs {
                         e.ema.reset();
@@ -1321,6 +1328,7 @@ impl Trainer {
                 if !self.leader {
                     return Ok(Flow::Stopped);
                 }
+                self.compute.sync(self.net.as_mut(), Some(&mut self.opt))?;
                 checkpoint(
                     &self.dir,
                     self.net.as_ref(),
@@ -1363,7 +1371,8 @@ impl Trainer {
 
     /// Evaluates, records the epoch, writes the checkpoint and the run's artifacts.
     fn end_epoch(&mut self, lr: f32) -> Result<()> {
-        let ev = eval::evaluate(self.net.as_ref(), &self.test).with_context(|| {
+        self.compute.sync(self.net.as_mut(), Some(&mut self.opt))?;
+        let ev = eval::evaluate_on(&self.compute, self.net.as_ref(), &self.test).with_context(|| {
             format!(
                 "epoch {} ended with a model that cannot be evaluated; the checkpoint of the previous epoch in `{}` is kept",
                 self.state.epoch + 1,
@@ -1388,7 +1397,7 @@ impl Trainer {
         let mut rec = rec;
         if let Some(e) = &mut self.ema {
             e.net.ema_write(&e.ema)?;
-            let ev = eval::evaluate(e.net.as_ref(), &self.test)
+            let ev = eval::evaluate_on(&self.compute, e.net.as_ref(), &self.test)
                 .context("the moving average of the weights cannot be evaluated")?;
             rec.test_loss_ema = Some(ev.loss);
             rec.test_top1_ema = Some(ev.top1);

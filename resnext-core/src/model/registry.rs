@@ -101,6 +101,30 @@ pub trait Network {
         targets: Targets<'_>,
         opt: &mut Optimizer,
     ) -> Result<TrainOutput>;
+    /// [`Network::train_step_on`] on `gpu` (feature `cuda`): the weights, their gradients,
+    /// the running statistics and the optimiser state stay on the GPU between steps
+    /// (copied there from this network at the first step); the parts set by
+    /// [`Network::set_frozen`] are held fixed as on the CPU. Call
+    /// [`Network::sync_from_gpu`] before saving or evaluating the network, and
+    /// [`Gpu::reset_training`](crate::backend::cuda::Gpu::reset_training) after loading
+    /// weights into it mid-training.
+    #[cfg(feature = "cuda")]
+    fn train_step_gpu(
+        &mut self,
+        gpu: &crate::backend::cuda::Gpu,
+        x: &[f32],
+        shape: [usize; 4],
+        targets: Targets<'_>,
+        opt: &mut Optimizer,
+    ) -> Result<TrainOutput>;
+    /// Copies what training on `gpu` changed (weights, running statistics, and `opt`'s
+    /// state when given) into this network ([`Gpu::sync_to_host`](crate::backend::cuda::Gpu::sync_to_host)).
+    #[cfg(feature = "cuda")]
+    fn sync_from_gpu(
+        &mut self,
+        gpu: &crate::backend::cuda::Gpu,
+        opt: Option<&mut Optimizer>,
+    ) -> Result<()>;
 }
 
 struct Named<M> {
@@ -152,7 +176,8 @@ macro_rules! impl_network {
                 + ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>, Error = Error>
                 + Features<C>
                 + TrainFrozen<C, usize>
-                + super::GpuEval<C>,
+                + super::GpuEval<C>
+                + super::GpuTrain<C>,
             $($L: TensorCollection<f32, Cpu> + StageMeta,)+
         {
             fn arch(&self) -> Arch {
@@ -219,6 +244,19 @@ macro_rules! impl_network {
                 }
                 let frozen = self.frozen;
                 train_step_by(&mut self.net, x, targets, opt, |net, x| net.forward_frozen(x, frozen))
+            }
+            #[cfg(feature = "cuda")]
+            fn train_step_gpu(&mut self, gpu: &crate::backend::cuda::Gpu, x: &[f32], shape: [usize; 4], targets: Targets<'_>, opt: &mut Optimizer) -> Result<TrainOutput> {
+                check_input::<C>(self.arch, x.len(), shape)?;
+                self.folded.clear();
+                let x = gpu.input::<C>(x, shape)?;
+                let frozen = self.frozen;
+                gpu.train_step_by(&mut self.net, x, targets, opt, |net, gpu, x| super::GpuTrain::<C>::train_gpu(net, gpu, x, frozen))
+            }
+            #[cfg(feature = "cuda")]
+            fn sync_from_gpu(&mut self, gpu: &crate::backend::cuda::Gpu, opt: Option<&mut Optimizer>) -> Result<()> {
+                self.folded.clear();
+                gpu.sync_to_host(&mut self.net, opt)
             }
             fn ema_update(&self, ema: &mut Ema) {
                 ema.update(&self.net);

@@ -41,6 +41,43 @@ impl<'a> Targets<'a> {
         }
     }
 
+    /// An error unless these targets fit `n` rows of `k` classes: a label for each row,
+    /// each below `k`, a mixing weight in [0, 1] and a label smoothing in [0, 1).
+    pub fn validate(&self, n: usize, k: usize) -> Result<()> {
+        let rows = |t: &[usize], what: &str| -> Result<()> {
+            if t.len() != n {
+                return Err(shape_err(
+                    "cross_entropy",
+                    format!("{} {what} for a batch of {n}", t.len()),
+                ));
+            }
+            if let Some(c) = t.iter().find(|&&c| c >= k) {
+                return Err(shape_err(
+                    "cross_entropy",
+                    format!("target class {c} is out of range for {k} classes"),
+                ));
+            }
+            Ok(())
+        };
+        rows(self.labels, "targets")?;
+        if let Some((b, lam)) = self.mixed {
+            rows(b, "mixed targets")?;
+            if !(0.0..=1.0).contains(&lam) {
+                return Err(shape_err(
+                    "cross_entropy",
+                    format!("the mixing weight {lam} is not in [0, 1]"),
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(shape_err(
+                "cross_entropy",
+                format!("label smoothing {} is not in [0, 1)", self.label_smoothing),
+            ));
+        }
+        Ok(())
+    }
+
     /// The target probability of class `j` in row `row` of `k` classes.
     fn q(&self, row: usize, j: usize, k: usize) -> f64 {
         let eps = self.label_smoothing as f64;
@@ -65,37 +102,7 @@ pub fn cross_entropy_mixed<K: Dim, T: Tape<f32, Cpu>>(
     let &(n, k) = logits.shape();
     let k = k.size();
     let label_smoothing = targets.label_smoothing;
-    let rows = |t: &[usize], what: &str| -> Result<()> {
-        if t.len() != n {
-            return Err(shape_err(
-                "cross_entropy",
-                format!("{} {what} for a batch of {n}", t.len()),
-            ));
-        }
-        if let Some(c) = t.iter().find(|&&c| c >= k) {
-            return Err(shape_err(
-                "cross_entropy",
-                format!("target class {c} is out of range for {k} classes"),
-            ));
-        }
-        Ok(())
-    };
-    rows(targets.labels, "targets")?;
-    if let Some((b, lam)) = targets.mixed {
-        rows(b, "mixed targets")?;
-        if !(0.0..=1.0).contains(&lam) {
-            return Err(shape_err(
-                "cross_entropy",
-                format!("the mixing weight {lam} is not in [0, 1]"),
-            ));
-        }
-    }
-    if !(0.0..1.0).contains(&label_smoothing) {
-        return Err(shape_err(
-            "cross_entropy",
-            format!("label smoothing {label_smoothing} is not in [0, 1)"),
-        ));
-    }
+    targets.validate(n, k)?;
     let z = read(&logits);
     let mut probs = vec![0.0f32; z.len()];
     let mut loss = 0.0f64;

@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use std::ffi::c_int;
 use std::sync::Arc;
 
-use cudarc::cudnn::{sys, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor};
+use cudarc::cudnn::{
+    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
+    FilterDescriptor, TensorDescriptor,
+};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::gpu::call_err;
@@ -100,6 +103,10 @@ pub(super) struct Plan {
     conv: ConvDescriptor<f32>,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     workspace: usize,
+    /// The backward algorithms and their workspace sizes, chosen at the first backward
+    /// pass of the shape (an eval-only run never asks cuDNN for them).
+    data: Option<(sys::cudnnConvolutionBwdDataAlgo_t, usize)>,
+    filter: Option<(sys::cudnnConvolutionBwdFilterAlgo_t, usize)>,
 }
 
 impl Plan {
@@ -140,8 +147,33 @@ impl Plan {
             conv,
             algo,
             workspace,
+            data: None,
+            filter: None,
         })
     }
+
+    fn backward_data(&self) -> ConvBackwardData<'_, f32, f32, f32> {
+        ConvBackwardData {
+            conv: &self.conv,
+            dx: &self.x,
+            w: &self.w,
+            dy: &self.y,
+        }
+    }
+
+    fn backward_filter(&self) -> ConvBackwardFilter<'_, f32, f32, f32> {
+        ConvBackwardFilter {
+            conv: &self.conv,
+            x: &self.x,
+            dw: &self.w,
+            dy: &self.y,
+        }
+    }
+}
+
+/// cuDNN's (alpha, beta): overwrite the output, or add to what it holds.
+fn scaling(accumulate: bool) -> (f32, f32) {
+    (1.0, if accumulate { 1.0 } else { 0.0 })
 }
 
 /// Plans by shape, and the workspace they share.
@@ -160,6 +192,15 @@ impl Convs {
         }
     }
 
+    /// The plan of shape `d`, made on first use.
+    fn plan(&mut self, d: &ConvDims) -> Result<&mut Plan, GpuError> {
+        if !self.plans.contains_key(d) {
+            let plan = Plan::new(&self.cudnn, d)?;
+            self.plans.insert(*d, plan);
+        }
+        Ok(self.plans.get_mut(d).expect("plan just made"))
+    }
+
     /// `y = conv(x, w)` for the shape `d` (`y` overwritten).
     pub(super) fn forward(
         &mut self,
@@ -169,20 +210,9 @@ impl Convs {
         w: &impl DevicePtr<f32>,
         y: &mut impl DevicePtrMut<f32>,
     ) -> Result<(), GpuError> {
-        if !self.plans.contains_key(d) {
-            let plan = Plan::new(&self.cudnn, d)?;
-            self.plans.insert(*d, plan);
-        }
+        let need = self.plan(d)?.workspace;
+        let ws = grown(&mut self.workspace, stream, need)?;
         let plan = &self.plans[d];
-        let have = self.workspace.as_ref().map_or(0, |w| w.len());
-        let size = workspace_growth(have, plan.workspace);
-        if size > have {
-            self.workspace = None;
-            // SAFETY: the workspace is scratch cuDNN writes before it reads.
-            let ws = unsafe { stream.alloc::<u8>(size) }
-                .map_err(|e| super::gpu::driver_err(e, "a cuDNN workspace", size))?;
-            self.workspace = Some(ws);
-        }
         let op = ConvForward {
             conv: &plan.conv,
             x: &plan.x,
@@ -191,16 +221,96 @@ impl Convs {
         };
         // SAFETY: the buffers hold the descriptors' sizes (checked by the caller against
         // the same geometry), f32 NCHW as described.
-        unsafe {
-            op.launch(
-                plan.algo,
-                self.workspace.as_mut(),
-                (1.0f32, 0.0f32),
-                x,
-                w,
-                y,
-            )
-        }
-        .map_err(call_err("cuDNN convolution"))
+        unsafe { op.launch(plan.algo, ws, (1.0f32, 0.0f32), x, w, y) }
+            .map_err(call_err("cuDNN convolution"))
     }
+
+    /// `dx (+)= conv_transpose(dy, w)`, the input gradient of the shape `d`.
+    pub(super) fn backward_data(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        d: &ConvDims,
+        w: &impl DevicePtr<f32>,
+        dy: &impl DevicePtr<f32>,
+        dx: &mut impl DevicePtrMut<f32>,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let plan = self.plan(d)?;
+        let (algo, need) = match plan.data {
+            Some(a) => a,
+            None => {
+                let op = plan.backward_data();
+                let algo = op
+                    .pick_algorithm()
+                    .map_err(call_err("choosing a cuDNN backward-data algorithm"))?;
+                let need = op
+                    .get_workspace_size(algo)
+                    .map_err(call_err("cuDNN workspace size"))?;
+                plan.data = Some((algo, need));
+                (algo, need)
+            }
+        };
+        let ws = grown(&mut self.workspace, stream, need)?;
+        // SAFETY: as in `forward`; dx holds the input's size, dy the output's.
+        unsafe {
+            self.plans[d]
+                .backward_data()
+                .launch(algo, ws, scaling(accumulate), dx, w, dy)
+        }
+        .map_err(call_err("cuDNN convolution backward (data)"))
+    }
+
+    /// `dw (+)= the weight gradient of the shape `d` from its input `x` and `dy`.
+    pub(super) fn backward_filter(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        d: &ConvDims,
+        x: &impl DevicePtr<f32>,
+        dy: &impl DevicePtr<f32>,
+        dw: &mut impl DevicePtrMut<f32>,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let plan = self.plan(d)?;
+        let (algo, need) = match plan.filter {
+            Some(a) => a,
+            None => {
+                let op = plan.backward_filter();
+                let algo = op
+                    .pick_algorithm()
+                    .map_err(call_err("choosing a cuDNN backward-filter algorithm"))?;
+                let need = op
+                    .get_workspace_size(algo)
+                    .map_err(call_err("cuDNN workspace size"))?;
+                plan.filter = Some((algo, need));
+                (algo, need)
+            }
+        };
+        let ws = grown(&mut self.workspace, stream, need)?;
+        // SAFETY: as in `forward`; dw holds the weight's size.
+        unsafe {
+            self.plans[d]
+                .backward_filter()
+                .launch(algo, ws, scaling(accumulate), x, dw, dy)
+        }
+        .map_err(call_err("cuDNN convolution backward (filter)"))
+    }
+}
+
+/// The shared workspace `ws`, grown to at least `need` bytes
+/// ([`workspace_growth`]).
+fn grown<'a>(
+    ws: &'a mut Option<CudaSlice<u8>>,
+    stream: &Arc<CudaStream>,
+    need: usize,
+) -> Result<Option<&'a mut CudaSlice<u8>>, GpuError> {
+    let have = ws.as_ref().map_or(0, |w| w.len());
+    let size = workspace_growth(have, need);
+    if size > have {
+        *ws = None;
+        // SAFETY: the workspace is scratch cuDNN writes before it reads.
+        let fresh = unsafe { stream.alloc::<u8>(size) }
+            .map_err(|e| super::gpu::driver_err(e, "a cuDNN workspace", size))?;
+        *ws = Some(fresh);
+    }
+    Ok(ws.as_mut())
 }

@@ -17,6 +17,7 @@ use cudarc::driver::{
 use super::alloc::{CachingPool, PoolStats, RawAlloc};
 use super::conv::Convs;
 use super::kernels::Kernels;
+use super::train::{Tape, TrainParam};
 use crate::backend::device::GpuError;
 
 /// A driver error as a [`GpuError`]: out of memory named as such, with what the
@@ -51,7 +52,10 @@ pub fn driver_present() -> bool {
 
 /// Runs a call into the CUDA libraries with a panic inside them (a library that loads
 /// but lacks a symbol) turned into an error.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, GpuError>) -> Result<T, GpuError> {
+pub(super) fn guarded<T>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, GpuError>,
+) -> Result<T, GpuError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
         let msg = p
             .downcast_ref::<String>()
@@ -121,6 +125,13 @@ impl DevBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The whole block (the kernels take the length as an argument).
+    pub(super) fn slice(&self) -> &CudaSlice<f32> {
+        self.slice.as_ref().expect("live buffer")
+    }
+    pub(super) fn slice_mut(&mut self) -> &mut CudaSlice<f32> {
+        self.slice.as_mut().expect("live buffer")
+    }
     pub(super) fn view(&self) -> CudaView<'_, f32> {
         self.slice.as_ref().expect("live buffer").slice(..self.len)
     }
@@ -176,6 +187,14 @@ pub(super) struct Inner {
     pub(super) k: Kernels,
     pub(super) convs: RefCell<Convs>,
     pub(super) params: RefCell<Params>,
+    /// The training copies of parameters and buffers (weights the optimiser updates on
+    /// the GPU, their gradients and optimiser state; running statistics), by
+    /// [`param_key`](crate::backend::param_key).
+    pub(super) train: RefCell<HashMap<usize, Rc<TrainParam>>>,
+    /// The backward operations of the forward pass being recorded.
+    pub(super) tape: RefCell<Tape>,
+    /// The NCCL communicator of the GPUs' process group, once joined.
+    pub(super) group: RefCell<Option<cudarc::nccl::Comm>>,
     pool: Pool,
 }
 
@@ -252,6 +271,9 @@ impl Gpu {
                     k,
                     convs: RefCell::new(Convs::new(cudnn)),
                     params: RefCell::new(Params::default()),
+                    train: RefCell::new(HashMap::new()),
+                    tape: RefCell::new(Tape::default()),
+                    group: RefCell::new(None),
                     pool,
                 }),
             })

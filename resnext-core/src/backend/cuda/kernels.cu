@@ -73,3 +73,300 @@ extern "C" __global__ void add_bias_rows(float* __restrict__ y, const float* __r
         y[i] += b[i % cols];
     }
 }
+
+// ---- training ------------------------------------------------------------------------
+// Per-channel kernels loop over channels by block (one block a channel at a time) and
+// over the channel's n·plane values by thread; sums are taken in double, so a channel of
+// millions of values keeps its mean and variance to float precision.
+
+// The sum of v over the block, valid in thread 0. blockDim.x is a multiple of 32.
+__device__ double block_sum(double v, double* shared) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // the previous call's readers are done with `shared`
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < (blockDim.x >> 5)) ? shared[threadIdx.x] : 0.0;
+    if (warp == 0)
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// The index of the j-th value of channel c in an (n, channels, plane) tensor.
+__device__ __forceinline__ long long chan_index(long long j, int c, int channels,
+                                                long long plane) {
+    long long img = j / plane;
+    return (img * channels + c) * plane + (j - img * plane);
+}
+
+// Batch statistics of z (n, channels, plane): mean and 1/sqrt(biased var + eps) per
+// channel, and the running statistics updated as PyTorch does (momentum, unbiased var).
+extern "C" __global__ void bn_stats(const float* __restrict__ z, float* __restrict__ mean,
+                                    float* __restrict__ invstd, float* __restrict__ run_mean,
+                                    float* __restrict__ run_var, int n, int channels,
+                                    long long plane, double eps, double momentum) {
+    __shared__ double shared[32];
+    __shared__ double mu_shared;
+    const long long m = (long long)n * plane;
+    for (int c = blockIdx.x; c < channels; c += gridDim.x) {
+        double s = 0.0;
+        for (long long j = threadIdx.x; j < m; j += blockDim.x) s += z[chan_index(j, c, channels, plane)];
+        s = block_sum(s, shared);
+        if (threadIdx.x == 0) mu_shared = s / (double)m;
+        __syncthreads();
+        const double mu = mu_shared;
+        double q = 0.0;
+        for (long long j = threadIdx.x; j < m; j += blockDim.x) {
+            double d = (double)z[chan_index(j, c, channels, plane)] - mu;
+            q += d * d;
+        }
+        q = block_sum(q, shared);
+        if (threadIdx.x == 0) {
+            const double var = q / (double)m;
+            mean[c] = (float)mu;
+            invstd[c] = (float)(1.0 / sqrt(var + eps));
+            const double unbiased = m > 1 ? var * (double)m / (double)(m - 1) : var;
+            run_mean[c] = (float)((1.0 - momentum) * (double)run_mean[c] + momentum * mu);
+            run_var[c] = (float)((1.0 - momentum) * (double)run_var[c] + momentum * unbiased);
+        }
+        __syncthreads();  // mu_shared is rewritten for the next channel
+    }
+}
+
+// y = act(gamma (z - mean) invstd + beta + res): training-mode batch norm's output.
+extern "C" __global__ void bn_apply(const float* __restrict__ z, float* __restrict__ y,
+                                    const float* __restrict__ mean,
+                                    const float* __restrict__ invstd,
+                                    const float* __restrict__ gamma,
+                                    const float* __restrict__ beta,
+                                    const float* __restrict__ res, int relu, long long total,
+                                    int channels, long long plane) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int c = (int)((i / plane) % channels);
+        float v = (z[i] - mean[c]) * invstd[c] * gamma[c] + beta[c];
+        if (res != nullptr) v += res[i];
+        if (relu && v < 0.0f) v = 0.0f;
+        y[i] = v;
+    }
+}
+
+// The gradient reaching the batch norm: dy, through the ReLU when there is one (passed
+// where the output is positive, as PyTorch's threshold backward does).
+__device__ __forceinline__ float act_grad(const float* dy, const float* y, int relu,
+                                          long long i) {
+    return (relu && !(y[i] > 0.0f)) ? 0.0f : dy[i];
+}
+
+// Per channel: s1 = Σ g and s2 = Σ g·x̂ (g the gradient after the ReLU, x̂ the normalised
+// input), written to sums[c] and sums[channels + c] and added to β's and γ's gradients.
+extern "C" __global__ void bn_backward_reduce(const float* __restrict__ dy,
+                                              const float* __restrict__ y,
+                                              const float* __restrict__ z,
+                                              const float* __restrict__ mean,
+                                              const float* __restrict__ invstd, int relu,
+                                              float* __restrict__ sums,
+                                              float* __restrict__ dgamma,
+                                              float* __restrict__ dbeta, int n, int channels,
+                                              long long plane) {
+    __shared__ double shared[32];
+    const long long m = (long long)n * plane;
+    for (int c = blockIdx.x; c < channels; c += gridDim.x) {
+        const float mu = mean[c], is = invstd[c];
+        double s1 = 0.0, s2 = 0.0;
+        for (long long j = threadIdx.x; j < m; j += blockDim.x) {
+            long long i = chan_index(j, c, channels, plane);
+            float g = act_grad(dy, y, relu, i);
+            s1 += g;
+            s2 += (double)g * (double)((z[i] - mu) * is);
+        }
+        s1 = block_sum(s1, shared);
+        s2 = block_sum(s2, shared);
+        if (threadIdx.x == 0) {
+            sums[c] = (float)s1;
+            sums[channels + c] = (float)s2;
+            dbeta[c] += (float)s1;
+            dgamma[c] += (float)s2;
+        }
+    }
+}
+
+// dz = γ·invstd·(g − s1/m − x̂·s2/m), the batch norm's input gradient (m = n·plane), and
+// dres (+)= g, the residual's, when dres is not null.
+extern "C" __global__ void bn_backward_apply(const float* __restrict__ dy,
+                                             const float* __restrict__ y,
+                                             const float* __restrict__ z,
+                                             const float* __restrict__ mean,
+                                             const float* __restrict__ invstd,
+                                             const float* __restrict__ gamma,
+                                             const float* __restrict__ sums, int relu,
+                                             float* __restrict__ dz, float* __restrict__ dres,
+                                             int accumulate, long long total, int channels,
+                                             long long plane, long long m) {
+    const float inv_m = 1.0f / (float)m;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int c = (int)((i / plane) % channels);
+        float g = act_grad(dy, y, relu, i);
+        float xhat = (z[i] - mean[c]) * invstd[c];
+        dz[i] = gamma[c] * invstd[c] * (g - sums[c] * inv_m - xhat * sums[channels + c] * inv_m);
+        if (dres != nullptr) dres[i] = accumulate ? dres[i] + g : g;
+    }
+}
+
+// The eval-mode (frozen) convolution's epilogue backward: dz = g (the shift has no
+// gradient that is kept) and dres (+)= g when dres is not null.
+extern "C" __global__ void act_backward(const float* __restrict__ dy,
+                                        const float* __restrict__ y, int relu,
+                                        float* __restrict__ dz, float* __restrict__ dres,
+                                        int accumulate, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        float g = act_grad(dy, y, relu, i);
+        dz[i] = g;
+        if (dres != nullptr) dres[i] = accumulate ? dres[i] + g : g;
+    }
+}
+
+// Max pooling's backward: each output's gradient added to the input its window took
+// (the first maximum, as the forward picks it). dx must hold its previous gradient or 0.
+extern "C" __global__ void max_pool2d_backward(const float* __restrict__ x,
+                                               const float* __restrict__ dy,
+                                               float* __restrict__ dx, long long planes, int h,
+                                               int w, int oh, int ow, int k, int s, int p) {
+    long long total = planes * oh * ow;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int ox = (int)(i % ow);
+        int oy = (int)((i / ow) % oh);
+        long long plane = i / ((long long)oh * ow);
+        const float* src = x + plane * h * w;
+        float m = __int_as_float(0xff800000);  // -inf
+        int arg = -1;
+        for (int ky = 0; ky < k && !(m != m); ++ky) {
+            int iy = oy * s - p + ky;
+            if (iy < 0 || iy >= h) continue;
+            for (int kx = 0; kx < k; ++kx) {
+                int ix = ox * s - p + kx;
+                if (ix < 0 || ix >= w) continue;
+                float v = src[iy * w + ix];
+                if (arg < 0 || v > m || v != v) {
+                    m = v;
+                    arg = iy * w + ix;
+                }
+                if (m != m) break;
+            }
+        }
+        if (arg >= 0) atomicAdd(dx + plane * h * w + arg, dy[i]);
+    }
+}
+
+// Global average pooling's backward: dx[r][j] (+)= dp[r] / plane.
+extern "C" __global__ void avg_pool_backward(const float* __restrict__ dp,
+                                             float* __restrict__ dx, long long rows, int plane,
+                                             int accumulate) {
+    long long total = rows * plane;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        float g = dp[i / plane] / (float)plane;
+        dx[i] = accumulate ? dx[i] + g : g;
+    }
+}
+
+// out[c] += Σ_r d[r][c] for a row-major (rows, cols) matrix: the classifier bias's
+// gradient.
+extern "C" __global__ void col_sum_add(const float* __restrict__ d, float* __restrict__ out,
+                                       long long rows, int cols) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+        double s = 0.0;
+        for (long long r = 0; r < rows; ++r) s += d[r * cols + c];
+        out[c] += (float)s;
+    }
+}
+
+// Cross-entropy of row-major logits (rows, cols) against soft targets: class a[r] with
+// weight lam, class b[r] with 1 − lam (b null: lam is 1), smoothed by eps (the target of
+// class j is eps/cols + (1 − eps)·onehot). loss[r] is the row's loss; dlogits (softmax −
+// target) / rows, the mean loss's gradient. One warp a row.
+extern "C" __global__ void cross_entropy(const float* __restrict__ logits,
+                                         const int* __restrict__ a, const int* __restrict__ b,
+                                         float lam, float eps, long long rows, int cols,
+                                         float* __restrict__ loss,
+                                         float* __restrict__ dlogits) {
+    const int lane = threadIdx.x & 31;
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5; r < rows;
+         r += warps) {
+        const float* z = logits + r * cols;
+        float mx = __int_as_float(0xff800000);
+        for (int j = lane; j < cols; j += 32) mx = fmaxf(mx, z[j]);
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        double se = 0.0;
+        for (int j = lane; j < cols; j += 32) se += exp((double)z[j] - (double)mx);
+        for (int off = 16; off > 0; off >>= 1) se += __shfl_xor_sync(0xffffffffu, se, off);
+        const double lse = (double)mx + log(se);
+        const int ca = a[r], cb = b != nullptr ? b[r] : -1;
+        const double wa = b != nullptr ? (double)lam : 1.0;
+        double l = 0.0;
+        for (int j = lane; j < cols; j += 32) {
+            double q = (double)eps / cols;
+            if (j == ca) q += (1.0 - eps) * wa;
+            if (j == cb) q += (1.0 - eps) * (1.0 - wa);
+            double logp = (double)z[j] - lse;
+            l -= q * logp;
+            dlogits[r * cols + j] = (float)((exp(logp) - q) / (double)rows);
+        }
+        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+        if (lane == 0) loss[r] = (float)l;
+    }
+}
+
+// out += Σ g² over n values (the gradients' global norm, for clipping).
+extern "C" __global__ void sum_squares(const float* __restrict__ g, long long n,
+                                       double* __restrict__ out) {
+    double s = 0.0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        s += (double)g[i] * (double)g[i];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    if ((threadIdx.x & 31) == 0) atomicAdd(out, s);
+}
+
+// SGD as torch.optim.SGD: g = clip·grad + decay·p (clip scales the gradient: clipping by
+// the global norm, and 1/N for a gradient summed over N GPUs); with momentum mu, buf = g on the
+// first step (fresh) else mu·buf + g, and the step is g + mu·buf (Nesterov) or buf;
+// p -= lr·step. buf is null when mu is 0.
+extern "C" __global__ void sgd_step(float* __restrict__ p, const float* __restrict__ grad,
+                                    float* __restrict__ buf, long long n, float lr, float mu,
+                                    float decay, float clip, int nesterov, int fresh) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float pv = p[i];
+        float g = grad[i] * clip + decay * pv;
+        float step = g;
+        if (buf != nullptr) {
+            float b = fresh ? g : mu * buf[i] + g;
+            buf[i] = b;
+            step = nesterov ? g + mu * b : b;
+        }
+        p[i] = pv - lr * step;
+    }
+}
+
+// AdamW as torch.optim.AdamW: p *= shrink (1 − lr·decay); m = β1 m + (1 − β1) g;
+// v = β2 v + (1 − β2) g²; p -= step_size · m / (√v / bc2_sqrt + eps), g = clip·grad.
+extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ grad,
+                                      float* __restrict__ m, float* __restrict__ v, long long n,
+                                      float step_size, float bc2_sqrt, float beta1, float beta2,
+                                      float eps, float shrink, float clip) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float g = grad[i] * clip;
+        float pv = p[i] * shrink;
+        float mv = beta1 * m[i] + (1.0f - beta1) * g;
+        float vv = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mv;
+        v[i] = vv;
+        p[i] = pv - step_size * mv / (sqrtf(vv) / bc2_sqrt + eps);
+    }
+}

@@ -11,14 +11,6 @@ use crate::backend::device::GpuError;
 /// The CUDA C++ source of every kernel of the backend.
 pub const SOURCE: &str = include_str!("kernels.cu");
 
-/// The `extern "C"` kernels [`SOURCE`] defines, by name.
-pub const NAMES: [&str; 4] = [
-    "bias_residual_act",
-    "max_pool2d",
-    "global_avg_pool",
-    "add_bias_rows",
-];
-
 /// Whether NVRTC's library can be loaded (it is needed to compile [`SOURCE`]).
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to open the library by its usual names.
@@ -49,35 +41,56 @@ pub fn compile() -> Result<Ptx, GpuError> {
     })
 }
 
-/// The loaded kernels.
-#[derive(Debug)]
-pub(super) struct Kernels {
-    pub(super) bias_residual_act: CudaFunction,
-    pub(super) max_pool2d: CudaFunction,
-    pub(super) global_avg_pool: CudaFunction,
-    pub(super) add_bias_rows: CudaFunction,
+/// The loaded kernels, one field each, and [`NAMES`], from one list.
+macro_rules! kernels {
+    ($($name:ident),+ $(,)?) => {
+        /// The `extern "C"` kernels [`SOURCE`] defines, by name.
+        pub const NAMES: &[&str] = &[$(stringify!($name)),+];
+
+        /// The loaded kernels.
+        #[derive(Debug)]
+        pub(super) struct Kernels {
+            $(pub(super) $name: CudaFunction,)+
+        }
+
+        impl Kernels {
+            /// Compiles [`SOURCE`] and loads it into `ctx`.
+            pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Self, GpuError> {
+                let module = ctx.load_module(compile()?).map_err(|e| GpuError::Call {
+                    what: "loading the compiled kernels".into(),
+                    msg: e.to_string(),
+                })?;
+                let f = |name: &str| {
+                    module.load_function(name).map_err(|e| GpuError::Call {
+                        what: format!("kernel {name}"),
+                        msg: e.to_string(),
+                    })
+                };
+                Ok(Self {
+                    $($name: f(stringify!($name))?,)+
+                })
+            }
+        }
+    };
 }
 
-impl Kernels {
-    /// Compiles [`SOURCE`] and loads it into `ctx`.
-    pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Self, GpuError> {
-        let module = ctx.load_module(compile()?).map_err(|e| GpuError::Call {
-            what: "loading the compiled kernels".into(),
-            msg: e.to_string(),
-        })?;
-        let f = |name: &str| {
-            module.load_function(name).map_err(|e| GpuError::Call {
-                what: format!("kernel {name}"),
-                msg: e.to_string(),
-            })
-        };
-        Ok(Self {
-            bias_residual_act: f(NAMES[0])?,
-            max_pool2d: f(NAMES[1])?,
-            global_avg_pool: f(NAMES[2])?,
-            add_bias_rows: f(NAMES[3])?,
-        })
-    }
+kernels! {
+    bias_residual_act,
+    max_pool2d,
+    global_avg_pool,
+    add_bias_rows,
+    bn_stats,
+    bn_apply,
+    bn_backward_reduce,
+    bn_backward_apply,
+    act_backward,
+    max_pool2d_backward,
+    avg_pool_backward,
+    col_sum_add,
+    cross_entropy,
+    sum_squares,
+    sgd_step,
+    adamw_step,
 }
 
 /// Threads per block of the element-wise kernels.

@@ -9,7 +9,15 @@
 //! epilogue (shift, residual, ReLU), pooling and the classifier's bias in the backend's own
 //! kernels (`kernels.cu`, compiled by NVRTC when the GPU is opened), the classifier's
 //! product in cuBLAS. Activations stay on the GPU from the first layer to the logits, in
-//! buffers from a caching allocator. Training on the GPU is not implemented yet.
+//! buffers from a caching allocator.
+//!
+//! Training runs there too ([`Gpu::train_step_by`], `train_gpu` of the networks): the
+//! forward pass in training mode records its backward operations on a tape (batch norm
+//! with the batch's statistics in the backend's kernels, cuDNN's backward convolutions),
+//! and the cross-entropy, the backward pass and the optimiser's update (SGD with momentum,
+//! Nesterov and weight decay, or AdamW; clipping by the global norm) run on the GPU on
+//! training copies of the parameters, which [`Gpu::sync_to_host`] copies back to the host
+//! model.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,13 +36,16 @@
 mod alloc;
 mod conv;
 mod gpu;
+mod group;
 pub mod kernels;
+mod train;
 
 pub use alloc::{
     size_class, CachingPool, PoolStats, RawAlloc, LARGE_ROUND, SMALL_LIMIT, SMALL_ROUND,
 };
 pub use conv::{workspace_growth, ConvDims};
 pub use gpu::{device_count, driver_present, DevBuf, Gpu};
+pub use group::{id_as_values, id_from_values, nccl_present};
 
 use std::rc::Rc;
 
@@ -55,6 +66,9 @@ use crate::ops::{conv_geom, folded_weights, BnConfig};
 pub struct CudaAct<const C: usize> {
     buf: Rc<DevBuf>,
     dims: [usize; 3],
+    /// Which recorded operation made it (its gradient's key in a backward pass); 0 when
+    /// none did (an input, or made while not recording).
+    id: u64,
 }
 
 impl<const C: usize> CudaAct<C> {
@@ -71,6 +85,8 @@ pub struct CudaLogits<O: Dim> {
     buf: DevBuf,
     rows: usize,
     cols: O,
+    /// As [`CudaAct`]'s.
+    id: u64,
 }
 
 impl<O: Dim> CudaLogits<O> {
@@ -82,7 +98,7 @@ impl<O: Dim> CudaLogits<O> {
 
 /// An `i32` kernel argument from a size (the kernels take 32-bit sizes where CUDA's own
 /// limits are 32-bit; 64-bit totals are passed as `i64`).
-fn int(v: usize, what: &str) -> Result<i32> {
+pub(super) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v)
         .map_err(|_| shape_err("cuda", format!("{what} ({v}) does not fit a 32-bit size")))
 }
@@ -110,6 +126,7 @@ impl Gpu {
         Ok(CudaAct {
             buf: Rc::new(buf),
             dims: [n, h, w],
+            id: 0,
         })
     }
 
@@ -161,6 +178,24 @@ impl Gpu {
     }
 }
 
+/// An error unless `residual` (when there is one) has the output's `(n, oh, ow)`.
+pub(super) fn check_residual<const O: usize>(
+    op: &'static str,
+    residual: &Option<CudaAct<O>>,
+    [n, oh, ow]: [usize; 3],
+) -> Result<()> {
+    match residual {
+        Some(r) if r.dims != [n, oh, ow] => Err(shape_err(
+            op,
+            format!(
+                "residual of shape {:?} does not match the output ({n}, {O}, {oh}, {ow})",
+                r.shape()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Backend for Gpu {
     type Act<const C: usize> = CudaAct<C>;
     type Logits<O: Dim> = CudaLogits<O>;
@@ -179,6 +214,7 @@ impl Backend for Gpu {
         Ok(CudaAct {
             buf: x.buf,
             dims: x.dims,
+            id: x.id,
         })
     }
 
@@ -194,17 +230,7 @@ impl Backend for Gpu {
         let g = conv_geom::<I, O, _>(x.dims, conv.weight(), C::CONFIG)?;
         let d = ConvDims::of(&g)?;
         let (oh, ow) = (g.out_h(), g.out_w());
-        if let Some(r) = &residual {
-            if r.dims != [n, oh, ow] {
-                return Err(shape_err(
-                    "conv_bn_eval",
-                    format!(
-                        "residual of shape {:?} does not match the output ({n}, {O}, {oh}, {ow})",
-                        r.shape()
-                    ),
-                ));
-            }
-        }
+        check_residual("conv_bn_eval", &residual, [n, oh, ow])?;
         let f = self.folded(conv, bn)?;
         let mut y = self.alloc(
             g.output_len(),
@@ -217,7 +243,6 @@ impl Backend for Gpu {
             &f.w,
             &mut y.view_mut(),
         )?;
-        drop(x);
         let total = g.output_len() as i64;
         let (relu, channels, plane) = (i32::from(relu), int(O, "channels")?, (oh * ow) as i64);
         let stream = &self.inner.stream;
@@ -235,9 +260,27 @@ impl Backend for Gpu {
         // reads and writes only those.
         unsafe { launch.launch(grid_for(g.output_len())) }
             .map_err(call_err("the convolution epilogue kernel"))?;
+        let y = Rc::new(y);
+        let res_id = residual.as_ref().map_or(0, |r| r.id);
+        // a frozen convolution inside a trained network: its inputs' gradients only
+        let id = if x.id != 0 || res_id != 0 {
+            let saved = train::EvalConvSaved {
+                x_id: x.id,
+                x_len: x.buf.len(),
+                w: f,
+                y: y.clone(),
+                d,
+                relu: relu != 0,
+                res_id,
+            };
+            self.record(move |gpu, dy, grads| saved.backward(gpu, dy, grads))
+        } else {
+            0
+        };
         Ok(CudaAct {
-            buf: Rc::new(y),
+            buf: y,
             dims: [n, oh, ow],
+            id,
         })
     }
 
@@ -273,9 +316,22 @@ impl Backend for Gpu {
         launch.arg(&k).arg(&s).arg(&p);
         // SAFETY: x holds planes·h·w values, y planes·oh·ow.
         unsafe { launch.launch(grid_for(len)) }.map_err(call_err("the max-pool kernel"))?;
+        let id = if x.id != 0 {
+            let saved = train::MaxPoolSaved {
+                x_id: x.id,
+                x: x.buf.clone(),
+                planes: n * C,
+                hw: [h, w, oh, ow],
+                ksp: [K, S, P],
+            };
+            self.record(move |gpu, dy, grads| saved.backward(gpu, dy, grads))
+        } else {
+            0
+        };
         Ok(CudaAct {
             buf: Rc::new(y),
             dims: [n, oh, ow],
+            id,
         })
     }
 
@@ -298,6 +354,7 @@ impl Backend for Gpu {
             buf: y,
             rows: n,
             cols: Const,
+            id: 0,
         })
     }
 
@@ -306,9 +363,31 @@ impl Backend for Gpu {
         x: CudaAct<F>,
         fc: &Linear<F, O, f32, Cpu>,
     ) -> Result<CudaLogits<O>> {
-        let n = x.dims[0];
+        let [n, xh, xw] = x.dims;
+        let (x_id, x_len) = (x.id, x.buf.len());
         let pooled = self.avg_pool(x)?;
-        let l = self.linear(fc)?;
+        // training: the classifier's training copies (updated on the GPU), else its
+        // eval copies
+        let train = if self.recording() {
+            Some((
+                self.train_param(&fc.weight, true)?,
+                self.train_param(&fc.bias, true)?,
+            ))
+        } else {
+            None
+        };
+        let eval = match train {
+            None => Some(self.linear(fc)?),
+            Some(_) => None,
+        };
+        let refs = train
+            .as_ref()
+            .map(|(w, b)| (w.value.borrow(), b.value.borrow()));
+        let (lw, lb) = match (&refs, &eval) {
+            (Some((w, b)), _) => (&**w, &**b),
+            (None, Some(l)) => (&l.w, &l.b),
+            (None, None) => unreachable!("one of the two is made"),
+        };
         let cols = fc.weight.shape().0;
         let o = cols.size();
         let mut y = self.alloc(n * o, &format!("logits at batch {n}"))?;
@@ -330,7 +409,7 @@ impl Backend for Gpu {
         unsafe {
             self.inner
                 .blas
-                .gemm(cfg, &l.w, &pooled.buf.view(), &mut y.view_mut())
+                .gemm(cfg, lw, &pooled.buf.view(), &mut y.view_mut())
         }
         .map_err(call_err("the classifier's cuBLAS product"))?;
         let (rows, ncols) = (n as i64, int(o, "classes")?);
@@ -339,13 +418,30 @@ impl Backend for Gpu {
             .inner
             .stream
             .launch_builder(&self.inner.k.add_bias_rows);
-        launch.arg(&mut yv).arg(&l.b).arg(&rows).arg(&ncols);
+        launch.arg(&mut yv).arg(lb).arg(&rows).arg(&ncols);
         // SAFETY: y holds rows·cols values, b cols.
         unsafe { launch.launch(grid_for(n * o)) }.map_err(call_err("the bias kernel"))?;
+        drop(refs);
+        let id = match train {
+            Some((w, b)) => {
+                let saved = train::ClassifySaved {
+                    pooled: pooled.buf,
+                    x_id,
+                    x_len,
+                    plane: xh * xw,
+                    dims: [n, o, F],
+                    w,
+                    b,
+                };
+                self.record(move |gpu, dy, grads| saved.backward(gpu, dy, grads))
+            }
+            None => 0,
+        };
         Ok(CudaLogits {
             buf: y,
             rows: n,
             cols,
+            id,
         })
     }
 }
