@@ -89,6 +89,21 @@ impl OptimConfig {
         kind != ParamKind::Buffer && self.lr_scale(name) != 0.0
     }
 
+    /// The learning rate and weight decay of the tensor `name` of `kind`: none when the
+    /// optimiser leaves it alone ([`OptimConfig::updates`]).
+    pub(crate) fn rates(&self, name: &str, kind: ParamKind) -> Option<(f32, f32)> {
+        let scale = self.lr_scale(name);
+        if kind == ParamKind::Buffer || scale == 0.0 {
+            return None;
+        }
+        let decay = if kind == ParamKind::Weight || self.decay_vectors {
+            self.weight_decay
+        } else {
+            0.0
+        };
+        Some((self.lr * scale, decay))
+    }
+
     /// The state slots each trainable parameter has, as name prefixes of the saved state.
     pub(crate) fn slots(&self) -> &'static [&'static str] {
         match self.algorithm {
@@ -159,6 +174,30 @@ impl ParamVisitor for GradNorm<'_> {
     }
 }
 
+/// AdamW's per-step factors at step `t` (from 1): `p *= shrink`, then
+/// `p -= step_size · m / (√v / bc2_sqrt + eps)`.
+pub(crate) struct AdamScales {
+    /// `lr / (1 − β1^t)`.
+    pub(crate) step_size: f32,
+    /// `√(1 − β2^t)`.
+    pub(crate) bc2_sqrt: f32,
+    /// `1 − lr·λ` (decoupled weight decay).
+    pub(crate) shrink: f32,
+}
+
+impl AdamScales {
+    pub(crate) fn at(t: u64, lr: f32, decay: f32, beta1: f32, beta2: f32) -> Self {
+        let t = t.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (beta1 as f64).powi(t);
+        let bc2 = 1.0 - (beta2 as f64).powi(t);
+        Self {
+            step_size: (lr as f64 / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            shrink: 1.0 - lr * decay,
+        }
+    }
+}
+
 struct Step<'a> {
     cfg: &'a OptimConfig,
     state: &'a mut BTreeMap<String, Vec<f32>>,
@@ -194,10 +233,9 @@ impl ParamVisitorMut for Step<'_> {
         t: &mut Tensor<S, f32, Cpu>,
         kind: ParamKind,
     ) -> Result<()> {
-        let scale = self.cfg.lr_scale(name);
-        if kind == ParamKind::Buffer || scale == 0.0 {
+        let Some((lr, decay)) = self.cfg.rates(name, kind) else {
             return Ok(());
-        }
+        };
         let n = t.shape().num_elements();
         if self.scratch.len() < n {
             self.scratch.resize(n, 0.0);
@@ -205,12 +243,7 @@ impl ParamVisitorMut for Step<'_> {
         let p = &mut self.scratch[..n];
         t.copy_into(p);
         let grad = self.grads.get_or_alloc_mut(t)?;
-        let decay = if kind == ParamKind::Weight || self.cfg.decay_vectors {
-            self.cfg.weight_decay
-        } else {
-            0.0
-        };
-        let (lr, clip) = (self.cfg.lr * scale, self.clip);
+        let clip = self.clip;
         // chunks in parallel: the update streams 100 MB of weights, gradients and momentum
         // for ResNeXt-50, too much for one core's share of the memory bandwidth
         const CHUNK: usize = 1 << 14;
@@ -242,12 +275,11 @@ impl ParamVisitorMut for Step<'_> {
             Algorithm::AdamW { beta1, beta2, eps } => {
                 let (mut m, _) = take_slot(self.state, "exp_avg", name, p.len());
                 let (mut v, _) = take_slot(self.state, "exp_avg_sq", name, p.len());
-                let t = self.t.min(i32::MAX as u64) as i32;
-                let bc1 = 1.0 - (beta1 as f64).powi(t);
-                let bc2 = 1.0 - (beta2 as f64).powi(t);
-                let step_size = (lr as f64 / bc1) as f32;
-                let bc2_sqrt = bc2.sqrt() as f32;
-                let shrink = 1.0 - lr * decay;
+                let AdamScales {
+                    step_size,
+                    bc2_sqrt,
+                    shrink,
+                } = AdamScales::at(self.t, lr, decay, beta1, beta2);
                 p.par_chunks_mut(CHUNK)
                     .zip(grad.par_chunks(CHUNK))
                     .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::cudnn::Cudnn;
 use cudarc::driver::{
-    sys::CUresult, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError,
+    sys::CUresult, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DriverError,
 };
 
 use super::alloc::{CachingPool, PoolStats, RawAlloc};
@@ -365,4 +366,9 @@ impl Gpu {
             .clone_dtoh(&b.view())
             .map_err(call_err("copying from the GPU"))
     }
+}
+
+/// A buffer's device address as a kernel argument that may be null.
+pub(super) fn raw(gpu: &Gpu, b: Option<&DevBuf>) -> u64 {
+    b.map_or(0, |b| b.slice().device_ptr(&gpu.inner.stream).0)
 }

@@ -6,17 +6,12 @@
 
 use std::ffi::c_char;
 
-use cudarc::nccl::{group_end, group_start, Comm, Id, ReduceOp};
-use dfdx::prelude::*;
-
 use super::gpu::{call_err, guarded, Gpu};
-use super::train::TrainParam;
+use super::train::Trained;
 use crate::backend::device::GpuError;
-use crate::backend::param_key;
 use crate::dist::Collective;
-use crate::error::{Error, Result};
-use crate::optim::OptimConfig;
-use crate::params::{ParamKind, ParamVisitor, Params};
+use crate::error::Result;
+use cudarc::nccl::{group_end, group_start, Comm, Id, ReduceOp};
 
 /// Whether NCCL's library can be loaded.
 pub fn nccl_present() -> bool {
@@ -103,48 +98,15 @@ impl Gpu {
             .map_or(1, Comm::world_size)
     }
 
-    /// Sums over the group the gradient of every parameter of `net` that `cfg` updates
-    /// (in the order `net` visits them, the same on every rank): the group's size.
-    pub(super) fn sum_gradients<M: Params>(&self, net: &M, cfg: &OptimConfig) -> Result<usize> {
+    /// Sums over the group the gradients of `params` (every rank lists the same ones in the
+    /// same order: [`Gpu::trained`]): the group's size, 1 outside a group.
+    pub(super) fn sum_gradients(&self, params: &[Trained]) -> Result<usize> {
         let group = self.inner.group.borrow();
         // a group of one sums too: it is how a single GPU checks this path
         let Some(comm) = group.as_ref() else {
             return Ok(1);
         };
-        struct Collect<'a> {
-            gpu: &'a Gpu,
-            cfg: &'a OptimConfig,
-            params: Vec<std::rc::Rc<TrainParam>>,
-        }
-        impl ParamVisitor for Collect<'_> {
-            type Error = Error;
-            fn tensor<S: Shape>(
-                &mut self,
-                name: &str,
-                t: &Tensor<S, f32, Cpu>,
-                kind: ParamKind,
-            ) -> Result<()> {
-                if self.cfg.updates(name, kind) {
-                    if let Some(p) = self.gpu.inner.train.borrow().get(&param_key(t)) {
-                        if p.grad.is_some() {
-                            self.params.push(p.clone());
-                        }
-                    }
-                }
-                Ok(())
-            }
-        }
-        let mut c = Collect {
-            gpu: self,
-            cfg,
-            params: Vec::new(),
-        };
-        net.visit_params("", &mut c)?;
-        let mut grads: Vec<_> = c
-            .params
-            .iter()
-            .map(|p| p.grad.as_ref().expect("trainable").borrow_mut())
-            .collect();
+        let mut grads: Vec<_> = params.iter().map(|t| t.p.grad().borrow_mut()).collect();
         let err = call_err("summing the gradients over the GPUs (NCCL)");
         group_start().map_err(&err)?;
         let mut sent = Ok(());

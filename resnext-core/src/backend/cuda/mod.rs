@@ -33,6 +33,18 @@
 //! # Ok(()) }
 //! ```
 
+/// Launches kernel `$func` of `$gpu` over `$cfg` with the arguments listed; `$what` names
+/// it in an error. The callers' SAFETY notes say why every buffer holds what the kernel
+/// reads and writes.
+macro_rules! launch {
+    ($gpu:expr, $func:ident, $cfg:expr, $what:expr; $($arg:expr),* $(,)?) => {{
+        let mut l = $gpu.inner.stream.launch_builder(&$gpu.inner.k.$func);
+        $( l.arg($arg); )*
+        // SAFETY: see the caller.
+        unsafe { l.launch($cfg) }.map(drop).map_err(call_err($what))
+    }};
+}
+
 mod alloc;
 mod conv;
 mod gpu;
@@ -53,7 +65,7 @@ use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::PushKernelArg;
 use dfdx::prelude::*;
 
-use self::gpu::{call_err, FoldedConv, GpuLinear};
+use self::gpu::{call_err, raw, FoldedConv, GpuLinear};
 use self::kernels::grid_for;
 use super::{param_key, Backend};
 use crate::error::{shape_err, Result};
@@ -245,21 +257,10 @@ impl Backend for Gpu {
         )?;
         let total = g.output_len() as i64;
         let (relu, channels, plane) = (i32::from(relu), int(O, "channels")?, (oh * ow) as i64);
-        let stream = &self.inner.stream;
-        let mut launch = stream.launch_builder(&self.inner.k.bias_residual_act);
-        let mut yv = y.view_mut();
-        launch.arg(&mut yv).arg(&f.shift);
-        let rv = residual.as_ref().map(|r| r.buf.view());
-        let null = 0u64;
-        match &rv {
-            Some(r) => launch.arg(r),
-            None => launch.arg(&null),
-        };
-        launch.arg(&relu).arg(&total).arg(&channels).arg(&plane);
-        // SAFETY: y and the residual hold `total` values, shift `channels`; the kernel
-        // reads and writes only those.
-        unsafe { launch.launch(grid_for(g.output_len())) }
-            .map_err(call_err("the convolution epilogue kernel"))?;
+        let res_ptr = raw(self, residual.as_ref().map(|r| &*r.buf));
+        // SAFETY: y and the residual hold `total` values, shift `channels`.
+        launch!(self, bias_residual_act, grid_for(g.output_len()), "the convolution epilogue kernel";
+            y.slice_mut(), &f.shift, &res_ptr, &relu, &total, &channels, &plane)?;
         let y = Rc::new(y);
         let res_id = residual.as_ref().map_or(0, |r| r.id);
         // a frozen convolution inside a trained network: its inputs' gradients only
@@ -299,30 +300,24 @@ impl Backend for Gpu {
         let len = n * C * oh * ow;
         let mut y = self.alloc(len, &format!("a max-pool output at batch {n}"))?;
         let planes = (n * C) as i64;
-        let args = [
+        let hw = [
             int(h, "height")?,
             int(w, "width")?,
             int(oh, "height")?,
             int(ow, "width")?,
         ];
-        let (k, s, p) = (K as i32, S as i32, P as i32);
-        let xv = x.buf.view();
-        let mut yv = y.view_mut();
-        let mut launch = self.inner.stream.launch_builder(&self.inner.k.max_pool2d);
-        launch.arg(&xv).arg(&mut yv).arg(&planes);
-        for a in &args {
-            launch.arg(a);
-        }
-        launch.arg(&k).arg(&s).arg(&p);
+        let ksp = [int(K, "window")?, int(S, "stride")?, int(P, "padding")?];
+        let ([hi, wi, ohi, owi], [k, s, p]) = (&hw, &ksp);
         // SAFETY: x holds planes·h·w values, y planes·oh·ow.
-        unsafe { launch.launch(grid_for(len)) }.map_err(call_err("the max-pool kernel"))?;
+        launch!(self, max_pool2d, grid_for(len), "the max-pool kernel";
+            x.buf.slice(), y.slice_mut(), &planes, hi, wi, ohi, owi, k, s, p)?;
         let id = if x.id != 0 {
             let saved = train::MaxPoolSaved {
                 x_id: x.id,
                 x: x.buf.clone(),
-                planes: n * C,
-                hw: [h, w, oh, ow],
-                ksp: [K, S, P],
+                planes,
+                hw,
+                ksp,
             };
             self.record(move |gpu, dy, grads| saved.backward(gpu, dy, grads))
         } else {
@@ -340,16 +335,9 @@ impl Backend for Gpu {
         let rows = (n * F) as i64;
         let plane = int(h * w, "plane")?;
         let mut y = self.alloc(n * F, &format!("pooled features at batch {n}"))?;
-        let xv = x.buf.view();
-        let mut yv = y.view_mut();
-        let mut launch = self
-            .inner
-            .stream
-            .launch_builder(&self.inner.k.global_avg_pool);
-        launch.arg(&xv).arg(&mut yv).arg(&rows).arg(&plane);
         // SAFETY: x holds rows·plane values, y rows; one warp (32 threads) a row.
-        unsafe { launch.launch(grid_for(n * F * 32)) }
-            .map_err(call_err("the average-pool kernel"))?;
+        launch!(self, global_avg_pool, grid_for(n * F * 32), "the average-pool kernel";
+            x.buf.slice(), y.slice_mut(), &rows, &plane)?;
         Ok(CudaLogits {
             buf: y,
             rows: n,
@@ -413,14 +401,9 @@ impl Backend for Gpu {
         }
         .map_err(call_err("the classifier's cuBLAS product"))?;
         let (rows, ncols) = (n as i64, int(o, "classes")?);
-        let mut yv = y.view_mut();
-        let mut launch = self
-            .inner
-            .stream
-            .launch_builder(&self.inner.k.add_bias_rows);
-        launch.arg(&mut yv).arg(lb).arg(&rows).arg(&ncols);
         // SAFETY: y holds rows·cols values, b cols.
-        unsafe { launch.launch(grid_for(n * o)) }.map_err(call_err("the bias kernel"))?;
+        launch!(self, add_bias_rows, grid_for(n * o), "the bias kernel";
+            y.slice_mut(), lb, &rows, &ncols)?;
         drop(refs);
         let id = match train {
             Some((w, b)) => {

@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use dfdx::prelude::*;
 
-use super::gpu::{call_err, driver_err, DevBuf, FoldedConv, Gpu};
+use super::gpu::{call_err, driver_err, raw, DevBuf, FoldedConv, Gpu};
 use super::kernels::{grid_for, BLOCK};
 use super::{int, ConvDims, CudaAct, CudaLogits};
 use crate::backend::{param_key, TrainBackend};
@@ -22,20 +22,8 @@ use crate::error::{Error, Result};
 use crate::model::TrainOutput;
 use crate::nn::{BatchNorm2d, ConvLayer};
 use crate::ops::{conv_geom, BnConfig, Targets};
-use crate::optim::{Algorithm, Optimizer};
+use crate::optim::{AdamScales, Algorithm, OptimConfig, Optimizer};
 use crate::params::{ParamKind, ParamVisitor, ParamVisitorMut, Params};
-
-/// Launches kernel `$func` of `$gpu` over `$cfg` with the arguments listed; `$what` names
-/// it in an error. The callers' SAFETY notes say why every buffer holds what the kernel
-/// reads and writes.
-macro_rules! launch {
-    ($gpu:expr, $func:ident, $cfg:expr, $what:expr; $($arg:expr),* $(,)?) => {{
-        let mut l = $gpu.inner.stream.launch_builder(&$gpu.inner.k.$func);
-        $( l.arg($arg); )*
-        // SAFETY: see the caller.
-        unsafe { l.launch($cfg) }.map(drop).map_err(call_err($what))
-    }};
-}
 
 /// A launch of the per-channel kernels: a block of [`BLOCK`] threads a channel.
 pub(super) fn per_channel(channels: usize) -> LaunchConfig {
@@ -58,6 +46,13 @@ pub(crate) struct TrainParam {
     /// Whether the SGD momentum has not been set yet (it starts as the first gradient).
     fresh: Cell<bool>,
     len: usize,
+}
+
+impl TrainParam {
+    /// The gradient of a trainable parameter.
+    pub(super) fn grad(&self) -> &RefCell<CudaSlice<f32>> {
+        self.grad.as_ref().expect("a trainable parameter")
+    }
 }
 
 /// A backward operation: given the gradient of the activation it made, adds the
@@ -101,11 +96,17 @@ impl Grads {
         }
         Ok((self.map.get_mut(&id).expect("slot just made"), existed))
     }
-}
 
-/// A buffer's device address as a kernel argument that may be null.
-fn raw(gpu: &Gpu, b: Option<&DevBuf>) -> u64 {
-    b.map_or(0, |b| b.slice().device_ptr(&gpu.inner.stream).0)
+    /// The residual gradient a kernel writes or adds to, for the residual activation `id`
+    /// of `len` values: its device address (null for id 0, no residual) and whether to add
+    /// (1) or write (0).
+    fn residual(&mut self, gpu: &Gpu, id: u64, len: usize) -> Result<(u64, i32)> {
+        if id == 0 {
+            return Ok((0, 0));
+        }
+        let (slot, existed) = self.slot(gpu, id, len, false)?;
+        Ok((raw(gpu, Some(slot)), i32::from(existed)))
+    }
 }
 
 impl Gpu {
@@ -327,14 +328,16 @@ impl Gpu {
         Ok((loss, values, dlogits))
     }
 
-    /// `opt`'s update of every trainable parameter of `net` that has a training copy,
-    /// from its gradient; the gradients' global norm when the optimiser clips.
-    fn update<M: Params>(&self, net: &M, opt: &mut Optimizer) -> Result<Option<f32>> {
-        struct Visit<'a, F: FnMut(&str, ParamKind, &TrainParam) -> Result<()>> {
+    /// The parameters of `net` that `cfg` updates and that have a training copy here, with
+    /// their learning rate and weight decay, in the order `net` lists them (the same in
+    /// every process of a group).
+    pub(super) fn trained<M: Params>(&self, net: &M, cfg: &OptimConfig) -> Result<Vec<Trained>> {
+        struct Collect<'a> {
             gpu: &'a Gpu,
-            f: F,
+            cfg: &'a OptimConfig,
+            out: Vec<Trained>,
         }
-        impl<F: FnMut(&str, ParamKind, &TrainParam) -> Result<()>> ParamVisitor for Visit<'_, F> {
+        impl ParamVisitor for Collect<'_> {
             type Error = Error;
             fn tensor<S: Shape>(
                 &mut self,
@@ -342,40 +345,52 @@ impl Gpu {
                 t: &Tensor<S, f32, Cpu>,
                 kind: ParamKind,
             ) -> Result<()> {
-                let p = self.gpu.inner.train.borrow().get(&param_key(t)).cloned();
-                match p {
-                    Some(p) if p.grad.is_some() => (self.f)(name, kind, &p),
-                    _ => Ok(()),
+                let Some((lr, decay)) = self.cfg.rates(name, kind) else {
+                    return Ok(());
+                };
+                if let Some(p) = self.gpu.inner.train.borrow().get(&param_key(t)) {
+                    if p.grad.is_some() {
+                        self.out.push(Trained {
+                            name: name.to_string(),
+                            lr,
+                            decay,
+                            p: p.clone(),
+                        });
+                    }
                 }
+                Ok(())
             }
         }
+        let mut c = Collect {
+            gpu: self,
+            cfg,
+            out: Vec::new(),
+        };
+        net.visit_params("", &mut c)?;
+        Ok(c.out)
+    }
+
+    /// `opt`'s update of every trainable parameter of `net` that has a training copy,
+    /// from its gradient; the gradients' global norm when the optimiser clips.
+    fn update<M: Params>(&self, net: &M, opt: &mut Optimizer) -> Result<Option<f32>> {
         let cfg = opt.cfg.clone();
+        let params = self.trained(net, &cfg)?;
         let stream = &self.inner.stream;
         // in a group of GPUs: the gradients summed over it, divided by its size below (in
         // the update's gradient scale and in the norm)
-        let avg = 1.0 / self.sum_gradients(net, &cfg)? as f64;
-        let (clip, norm) = match cfg.clip_grad_norm {
+        let avg = 1.0 / self.sum_gradients(&params)? as f64;
+        let (scale, norm) = match cfg.clip_grad_norm {
             Some(max) => {
                 let mut sum = stream
                     .alloc_zeros::<f64>(1)
                     .map_err(|e| driver_err(e, "the gradient norm", 8))?;
-                net.visit_params(
-                    "",
-                    &mut Visit {
-                        gpu: self,
-                        f: |name: &str, kind, p: &TrainParam| {
-                            if !cfg.updates(name, kind) {
-                                return Ok(());
-                            }
-                            let g = p.grad.as_ref().expect("trainable").borrow();
-                            let len = p.len as i64;
-                            // SAFETY: g holds len values, sum one.
-                            launch!(self, sum_squares, grid_for(p.len), "the gradient-norm kernel";
-                                &*g, &len, &mut sum)?;
-                            Ok(())
-                        },
-                    },
-                )?;
+                for t in &params {
+                    let g = t.p.grad().borrow();
+                    let len = t.p.len as i64;
+                    // SAFETY: g holds len values, sum one.
+                    launch!(self, sum_squares, grid_for(t.p.len), "the gradient-norm kernel";
+                        &*g, &len, &mut sum)?;
+                }
                 let total = stream
                     .clone_dtoh(&sum)
                     .map_err(call_err("copying the gradient norm from the GPU"))?[0];
@@ -393,76 +408,60 @@ impl Gpu {
             }
             None => (avg, None),
         };
-        let clip = clip as f32;
-        let t = opt.advance();
-        let slots = cfg.slots().len();
-        net.visit_params(
-            "",
-            &mut Visit {
-                gpu: self,
-                f: |name: &str, kind, p: &TrainParam| {
-                    if !cfg.updates(name, kind) {
-                        return Ok(());
+        let scale = scale as f32;
+        let step = opt.advance();
+        for t in &params {
+            let (p, lr, decay) = (&t.p, t.lr, t.decay);
+            let mut st = p.slots.borrow_mut();
+            // the state a resumed optimiser brings, else zeros
+            for slot in &cfg.slots()[st.len().min(cfg.slots().len())..] {
+                let buf = match opt.state(&format!("{slot}.{}", t.name)) {
+                    Some(v) if v.len() == p.len => {
+                        p.fresh.set(false);
+                        stream.clone_htod(v)
                     }
-                    let lr = cfg.lr * cfg.lr_scale(name);
-                    let decay = if kind == ParamKind::Weight || cfg.decay_vectors {
-                        cfg.weight_decay
-                    } else {
-                        0.0
-                    };
-                    let mut st = p.slots.borrow_mut();
-                    if st.len() < slots {
-                        // the state a resumed optimiser brings, else zeros
-                        for slot in &cfg.slots()[st.len()..] {
-                            let buf = match opt.state(&format!("{slot}.{name}")) {
-                                Some(v) if v.len() == p.len => {
-                                    p.fresh.set(false);
-                                    stream.clone_htod(v)
-                                }
-                                _ => stream.alloc_zeros::<f32>(p.len),
-                            }
-                            .map_err(|e| driver_err(e, "optimiser state", p.len * 4))?;
-                            st.push(buf);
-                        }
-                    }
-                    let mut v = p.value.borrow_mut();
-                    let g = p.grad.as_ref().expect("trainable").borrow();
-                    let len = p.len as i64;
-                    let cfg_l = grid_for(p.len);
-                    // SAFETY (each): p, g and every state slot hold len values.
-                    match cfg.algorithm {
-                        Algorithm::Sgd if cfg.momentum != 0.0 => {
-                            let (nesterov, fresh) =
-                                (i32::from(cfg.nesterov), i32::from(p.fresh.replace(false)));
-                            launch!(self, sgd_step, cfg_l, "the SGD kernel";
-                                &mut *v, &*g, &mut st[0], &len, &lr, &cfg.momentum, &decay,
-                                &clip, &nesterov, &fresh)?;
-                        }
-                        Algorithm::Sgd => {
-                            let (null, zero) = (0u64, 0i32);
-                            launch!(self, sgd_step, cfg_l, "the SGD kernel";
-                                &mut *v, &*g, &null, &len, &lr, &0.0f32, &decay, &clip,
-                                &zero, &zero)?;
-                        }
-                        Algorithm::AdamW { beta1, beta2, eps } => {
-                            let t = t.min(i32::MAX as u64) as i32;
-                            let bc1 = 1.0 - (beta1 as f64).powi(t);
-                            let bc2 = 1.0 - (beta2 as f64).powi(t);
-                            let step_size = (lr as f64 / bc1) as f32;
-                            let bc2_sqrt = bc2.sqrt() as f32;
-                            let shrink = 1.0 - lr * decay;
-                            let (m, rest) = st.split_at_mut(1);
-                            launch!(self, adamw_step, cfg_l, "the AdamW kernel";
-                                &mut *v, &*g, &mut m[0], &mut rest[0], &len, &step_size,
-                                &bc2_sqrt, &beta1, &beta2, &eps, &shrink, &clip)?;
-                        }
-                    }
-                    Ok(())
-                },
-            },
-        )?;
+                    _ => stream.alloc_zeros::<f32>(p.len),
+                }
+                .map_err(|e| driver_err(e, "optimiser state", p.len * 4))?;
+                st.push(buf);
+            }
+            let mut v = p.value.borrow_mut();
+            let g = p.grad().borrow();
+            let (len, grid) = (p.len as i64, grid_for(p.len));
+            // SAFETY (each): p, g and every state slot hold len values.
+            match cfg.algorithm {
+                Algorithm::Sgd if cfg.momentum != 0.0 => {
+                    let (nesterov, fresh) =
+                        (i32::from(cfg.nesterov), i32::from(p.fresh.replace(false)));
+                    launch!(self, sgd_step, grid, "the SGD kernel";
+                        &mut *v, &*g, &mut st[0], &len, &lr, &cfg.momentum, &decay,
+                        &scale, &nesterov, &fresh)?;
+                }
+                Algorithm::Sgd => {
+                    let (null, zero) = (0u64, 0i32);
+                    launch!(self, sgd_step, grid, "the SGD kernel";
+                        &mut *v, &*g, &null, &len, &lr, &0.0f32, &decay, &scale,
+                        &zero, &zero)?;
+                }
+                Algorithm::AdamW { beta1, beta2, eps } => {
+                    let a = AdamScales::at(step, lr, decay, beta1, beta2);
+                    let (m, rest) = st.split_at_mut(1);
+                    launch!(self, adamw_step, grid, "the AdamW kernel";
+                        &mut *v, &*g, &mut m[0], &mut rest[0], &len, &a.step_size,
+                        &a.bc2_sqrt, &beta1, &beta2, &eps, &a.shrink, &scale)?;
+                }
+            }
+        }
         Ok(norm)
     }
+}
+
+/// A parameter the optimiser updates, with its training copy ([`Gpu::trained`]).
+pub(super) struct Trained {
+    name: String,
+    lr: f32,
+    decay: f32,
+    pub(super) p: Rc<TrainParam>,
 }
 
 /// What a training-mode convolution + batch norm keeps for its backward.
@@ -491,8 +490,8 @@ impl ConvBnSaved {
         let relu = i32::from(self.relu);
         let mut sums = gpu.alloc(2 * self.channels, "batch-norm gradient sums")?;
         {
-            let mut dgamma = self.gamma.grad.as_ref().expect("trainable").borrow_mut();
-            let mut dbeta = self.beta.grad.as_ref().expect("trainable").borrow_mut();
+            let mut dgamma = self.gamma.grad().borrow_mut();
+            let mut dbeta = self.beta.grad().borrow_mut();
             // SAFETY: dy, y and z hold n·channels·plane values; mean, invstd, dγ, dβ
             // `channels`; sums 2·channels.
             launch!(gpu, bn_backward_reduce, per_channel(self.channels), "the batch-norm backward kernel";
@@ -502,19 +501,8 @@ impl ConvBnSaved {
         }
         let mut dz = gpu.alloc(len, "a convolution's output gradient")?;
         {
-            let (res, accumulate) = match self.res_id {
-                0 => (None, false),
-                id => {
-                    let (slot, existed) = grads.slot(gpu, id, len, false)?;
-                    (Some(slot), existed)
-                }
-            };
-            let res_ptr = raw(gpu, res.map(|r| &*r));
-            let (acc, total, m) = (
-                i32::from(accumulate),
-                len as i64,
-                len as i64 / self.channels as i64,
-            );
+            let (res_ptr, acc) = grads.residual(gpu, self.res_id, len)?;
+            let (total, m) = (len as i64, len as i64 / self.channels as i64);
             let gamma = self.gamma.value.borrow();
             // SAFETY: as above; dz and the residual's gradient hold len values.
             launch!(gpu, bn_backward_apply, grid_for(len), "the batch-norm backward kernel";
@@ -526,7 +514,7 @@ impl ConvBnSaved {
         let stream = &gpu.inner.stream;
         let mut convs = gpu.inner.convs.borrow_mut();
         {
-            let mut dw = self.w.grad.as_ref().expect("trainable").borrow_mut();
+            let mut dw = self.w.grad().borrow_mut();
             convs.backward_filter(stream, &self.d, &self.x.view(), &dz.view(), &mut *dw, true)?;
         }
         if self.x_id != 0 {
@@ -650,15 +638,8 @@ impl EvalConvSaved {
         let len = dy.len();
         let mut dz = gpu.alloc(len, "a convolution's output gradient")?;
         {
-            let (res, accumulate) = match self.res_id {
-                0 => (None, false),
-                id => {
-                    let (slot, existed) = grads.slot(gpu, id, len, false)?;
-                    (Some(slot), existed)
-                }
-            };
-            let res_ptr = raw(gpu, res.map(|r| &*r));
-            let (relu, acc, total) = (i32::from(self.relu), i32::from(accumulate), len as i64);
+            let (res_ptr, acc) = grads.residual(gpu, self.res_id, len)?;
+            let (relu, total) = (i32::from(self.relu), len as i64);
             // SAFETY: dy, y, dz and the residual's gradient hold len values.
             launch!(gpu, act_backward, grid_for(len), "the activation backward kernel";
                 dy.slice(), self.y.slice(), &relu, dz.slice_mut(), &res_ptr, &acc, &total)?;
@@ -682,23 +663,20 @@ impl EvalConvSaved {
 pub(super) struct MaxPoolSaved {
     pub(super) x_id: u64,
     pub(super) x: Rc<DevBuf>,
-    pub(super) planes: usize,
+    pub(super) planes: i64,
     /// Input and output height and width.
-    pub(super) hw: [usize; 4],
+    pub(super) hw: [i32; 4],
     /// Window, stride, padding.
-    pub(super) ksp: [usize; 3],
+    pub(super) ksp: [i32; 3],
 }
 
 impl MaxPoolSaved {
     pub(super) fn backward(self, gpu: &Gpu, dy: DevBuf, grads: &mut Grads) -> Result<()> {
         let (dx, _) = grads.slot(gpu, self.x_id, self.x.len(), true)?;
-        let planes = self.planes as i64;
-        let [h, w, oh, ow] = self.hw.map(|v| v as i32);
-        let [k, s, p] = self.ksp.map(|v| v as i32);
-        // SAFETY: x and dx hold planes·h·w values (sizes checked 32-bit by the forward),
-        // dy planes·oh·ow.
+        let ([h, w, oh, ow], [k, s, p]) = (&self.hw, &self.ksp);
+        // SAFETY: x and dx hold planes·h·w values, dy planes·oh·ow.
         launch!(gpu, max_pool2d_backward, grid_for(dy.len()), "the max-pool backward kernel";
-            self.x.slice(), dy.slice(), dx.slice_mut(), &planes, &h, &w, &oh, &ow, &k, &s, &p)?;
+            self.x.slice(), dy.slice(), dx.slice_mut(), &self.planes, h, w, oh, ow, k, s, p)?;
         Ok(())
     }
 }
@@ -735,11 +713,11 @@ impl ClassifySaved {
                 beta: 1.0f32,
                 ldc: fi,
             };
-            let mut dw = self.w.grad.as_ref().expect("trainable").borrow_mut();
+            let mut dw = self.w.grad().borrow_mut();
             // SAFETY: pooled holds n·F values, dy n·o, dW o·F.
             unsafe { blas.gemm(cfg, &self.pooled.view(), &dy.view(), &mut *dw) }
                 .map_err(call_err("the classifier's weight gradient (cuBLAS)"))?;
-            let mut db = self.b.grad.as_ref().expect("trainable").borrow_mut();
+            let mut db = self.b.grad().borrow_mut();
             let rows = n as i64;
             // SAFETY: dy holds n·o values, db o.
             launch!(gpu, col_sum_add, grid_for(o), "the bias gradient kernel";
