@@ -12,6 +12,6 @@ mod train_step;
 pub use block::{Bottleneck, Downsample, Stage, StageMeta};
 pub use layer::Layer;
 pub use network::*;
-pub use on_gpu::{GpuEval, GpuTrain};
+pub use on_gpu::OnGpu;
 pub use registry::{Arch, BuildRuntime, Network, UnknownArch, MAX_CLASSES};
 pub use train_step::{train_step, train_step_by, TrainOutput};

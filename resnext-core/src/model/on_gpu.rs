@@ -1,24 +1,17 @@
-//! [`GpuEval`] and [`GpuTrain`]: the eval-mode forward pass and the recorded training-mode
-//! forward pass on a GPU for a network whose stage widths are not spelled out, what
-//! [`Network`](super::Network) calls. With the `cuda` feature off the traits are empty and
-//! every type has them, so the bounds cost a CPU-only build nothing.
+//! [`OnGpu`]: the eval-mode forward pass and the recorded training-mode forward pass on a
+//! GPU for a network whose stage widths are not spelled out, what
+//! [`Network`](super::Network) calls. With the `cuda` feature off the trait is empty and
+//! every type has it, so the bound costs a CPU-only build nothing.
 
 #[cfg(feature = "cuda")]
-pub use enabled::{GpuEval, GpuTrain};
+pub use enabled::OnGpu;
 
 #[cfg(not(feature = "cuda"))]
 /// Without the `cuda` feature: nothing to run, every type has it.
-pub trait GpuEval<const C: usize> {}
+pub trait OnGpu<const C: usize> {}
 
 #[cfg(not(feature = "cuda"))]
-impl<T, const C: usize> GpuEval<C> for T {}
-
-#[cfg(not(feature = "cuda"))]
-/// Without the `cuda` feature: nothing to run, every type has it.
-pub trait GpuTrain<const C: usize> {}
-
-#[cfg(not(feature = "cuda"))]
-impl<T, const C: usize> GpuTrain<C> for T {}
+impl<T, const C: usize> OnGpu<C> for T {}
 
 #[cfg(feature = "cuda")]
 mod enabled {
@@ -28,18 +21,15 @@ mod enabled {
     use crate::nn::Linear;
     use dfdx::prelude::*;
 
-    /// Eval-mode logits on `gpu` ([`ResNeXt::eval_on`] with the widths inferred).
-    pub trait GpuEval<const C: usize> {
+    /// A network's forward passes on `gpu` ([`ResNeXt::eval_on`] and
+    /// [`ResNeXt::train_with`] with the widths inferred).
+    pub trait OnGpu<const C: usize> {
         /// Eval-mode logits `(batch, classes)` of `x`.
         fn eval_gpu(&self, gpu: &Gpu, x: CudaAct<C>) -> Result<CudaLogits<usize>>;
-    }
 
-    /// Training-mode logits on `gpu`, recorded for the backward pass
-    /// ([`ResNeXt::train_with`] with the widths inferred): what
-    /// [`Gpu::train_step_by`](crate::backend::cuda::Gpu::train_step_by) is given.
-    pub trait GpuTrain<const C: usize> {
         /// Training-mode logits `(batch, classes)` of `x` with the parts in `frozen` held
-        /// fixed.
+        /// fixed, recorded for the backward pass: what
+        /// [`Gpu::train_step_by`](crate::backend::cuda::Gpu::train_step_by) is given.
         fn train_gpu(
             &mut self,
             gpu: &Gpu,
@@ -58,7 +48,7 @@ mod enabled {
             const F1: usize,
             const F2: usize,
             const F3: usize,
-        > GpuEval<C> for ResNeXt<C, L1, L2, L3, L4, Linear<F, usize, f32, Cpu>, f32, Cpu>
+        > OnGpu<C> for ResNeXt<C, L1, L2, L3, L4, Linear<F, usize, f32, Cpu>, f32, Cpu>
     where
         L1: Layer<Gpu, CudaAct<64>, Out = CudaAct<F1>>,
         L2: Layer<Gpu, CudaAct<F1>, Out = CudaAct<F2>>,
@@ -68,25 +58,7 @@ mod enabled {
         fn eval_gpu(&self, gpu: &Gpu, x: CudaAct<C>) -> Result<CudaLogits<usize>> {
             self.eval_on(gpu, x)
         }
-    }
 
-    impl<
-            const C: usize,
-            L1,
-            L2,
-            L3,
-            L4,
-            const F: usize,
-            const F1: usize,
-            const F2: usize,
-            const F3: usize,
-        > GpuTrain<C> for ResNeXt<C, L1, L2, L3, L4, Linear<F, usize, f32, Cpu>, f32, Cpu>
-    where
-        L1: Layer<Gpu, CudaAct<64>, Out = CudaAct<F1>>,
-        L2: Layer<Gpu, CudaAct<F1>, Out = CudaAct<F2>>,
-        L3: Layer<Gpu, CudaAct<F2>, Out = CudaAct<F3>>,
-        L4: Layer<Gpu, CudaAct<F3>, Out = CudaAct<F>>,
-    {
         fn train_gpu(
             &mut self,
             gpu: &Gpu,
@@ -106,7 +78,7 @@ mod enabled {
             const F: usize,
             const F1: usize,
             const F2: usize,
-        > GpuEval<C> for ResNeXtCifar<C, STEM, L1, L2, L3, Linear<F, usize, f32, Cpu>, f32, Cpu>
+        > OnGpu<C> for ResNeXtCifar<C, STEM, L1, L2, L3, Linear<F, usize, f32, Cpu>, f32, Cpu>
     where
         L1: Layer<Gpu, CudaAct<STEM>, Out = CudaAct<F1>>,
         L2: Layer<Gpu, CudaAct<F1>, Out = CudaAct<F2>>,
@@ -115,23 +87,7 @@ mod enabled {
         fn eval_gpu(&self, gpu: &Gpu, x: CudaAct<C>) -> Result<CudaLogits<usize>> {
             self.eval_on(gpu, x)
         }
-    }
 
-    impl<
-            const C: usize,
-            const STEM: usize,
-            L1,
-            L2,
-            L3,
-            const F: usize,
-            const F1: usize,
-            const F2: usize,
-        > GpuTrain<C> for ResNeXtCifar<C, STEM, L1, L2, L3, Linear<F, usize, f32, Cpu>, f32, Cpu>
-    where
-        L1: Layer<Gpu, CudaAct<STEM>, Out = CudaAct<F1>>,
-        L2: Layer<Gpu, CudaAct<F1>, Out = CudaAct<F2>>,
-        L3: Layer<Gpu, CudaAct<F2>, Out = CudaAct<F>>,
-    {
         fn train_gpu(
             &mut self,
             gpu: &Gpu,

@@ -176,8 +176,7 @@ macro_rules! impl_network {
                 + ModuleMut<Act<C, OwnedTape<f32, Cpu>>, Output = Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>, Error = Error>
                 + Features<C>
                 + TrainFrozen<C, usize>
-                + super::GpuEval<C>
-                + super::GpuTrain<C>,
+                + super::OnGpu<C>,
             $($L: TensorCollection<f32, Cpu> + StageMeta,)+
         {
             fn arch(&self) -> Arch {
@@ -204,7 +203,7 @@ macro_rules! impl_network {
                 check_input::<C>(self.arch, x.len(), shape)?;
                 gpu.use_model_state(self.folded.stamp());
                 let x = gpu.input::<C>(x, shape)?;
-                gpu.logits(&super::GpuEval::<C>::eval_gpu(&self.net, gpu, x)?)
+                gpu.logits(&super::OnGpu::<C>::eval_gpu(&self.net, gpu, x)?)
             }
             fn embed_dim(&self) -> usize {
                 self.net.embed_dim()
@@ -251,7 +250,7 @@ macro_rules! impl_network {
                 self.folded.clear();
                 let x = gpu.input::<C>(x, shape)?;
                 let frozen = self.frozen;
-                gpu.train_step_by(&mut self.net, x, targets, opt, |net, gpu, x| super::GpuTrain::<C>::train_gpu(net, gpu, x, frozen))
+                gpu.train_step_by(&mut self.net, x, targets, opt, |net, gpu, x| super::OnGpu::<C>::train_gpu(net, gpu, x, frozen))
             }
             #[cfg(feature = "cuda")]
             fn sync_from_gpu(&mut self, gpu: &crate::backend::cuda::Gpu, opt: Option<&mut Optimizer>) -> Result<()> {

@@ -20,8 +20,35 @@ extern "C" __global__ void bias_residual_act(float* __restrict__ y,
     }
 }
 
-// Max pooling, square window k, stride s, padding p (padding never wins: -inf). A NaN in
-// the window gives NaN, as in PyTorch.
+// The maximum of the k×k window (stride s, padding p) of output (oy, ox) in one h×w plane,
+// and in *at its index in the plane: the first maximum; a NaN wins (as in PyTorch), and
+// padding never does (-1 for a window of padding only, whose maximum is -inf).
+__device__ __forceinline__ float window_max(const float* __restrict__ src, int h, int w,
+                                            int oy, int ox, int k, int s, int p, int* at) {
+    float m = __int_as_float(0xff800000);  // -inf
+    int arg = -1;
+    for (int ky = 0; ky < k; ++ky) {
+        int iy = oy * s - p + ky;
+        if (iy < 0 || iy >= h) continue;
+        for (int kx = 0; kx < k; ++kx) {
+            int ix = ox * s - p + kx;
+            if (ix < 0 || ix >= w) continue;
+            float v = src[iy * w + ix];
+            if (arg < 0 || v > m || v != v) {
+                m = v;
+                arg = iy * w + ix;
+                if (v != v) {
+                    *at = arg;
+                    return m;
+                }
+            }
+        }
+    }
+    *at = arg;
+    return m;
+}
+
+// Max pooling, square window k, stride s, padding p.
 extern "C" __global__ void max_pool2d(const float* __restrict__ x, float* __restrict__ y,
                                       long long planes, int h, int w, int oh, int ow, int k,
                                       int s, int p) {
@@ -31,20 +58,8 @@ extern "C" __global__ void max_pool2d(const float* __restrict__ x, float* __rest
         int ox = (int)(i % ow);
         int oy = (int)((i / ow) % oh);
         long long plane = i / ((long long)oh * ow);
-        const float* src = x + plane * h * w;
-        float m = __int_as_float(0xff800000);  // -inf
-        for (int ky = 0; ky < k; ++ky) {
-            int iy = oy * s - p + ky;
-            if (iy < 0 || iy >= h) continue;
-            for (int kx = 0; kx < k; ++kx) {
-                int ix = ox * s - p + kx;
-                if (ix < 0 || ix >= w) continue;
-                float v = src[iy * w + ix];
-                if (v > m || v != v) m = v;
-                if (m != m) break;
-            }
-        }
-        y[i] = m;
+        int at;
+        y[i] = window_max(x + plane * h * w, h, w, oy, ox, k, s, p, &at);
     }
 }
 
@@ -229,7 +244,7 @@ extern "C" __global__ void act_backward(const float* __restrict__ dy,
 }
 
 // Max pooling's backward: each output's gradient added to the input its window took
-// (the first maximum, as the forward picks it). dx must hold its previous gradient or 0.
+// (window_max's, as the forward). dx must hold its previous gradient or 0.
 extern "C" __global__ void max_pool2d_backward(const float* __restrict__ x,
                                                const float* __restrict__ dy,
                                                float* __restrict__ dx, long long planes, int h,
@@ -240,24 +255,9 @@ extern "C" __global__ void max_pool2d_backward(const float* __restrict__ x,
         int ox = (int)(i % ow);
         int oy = (int)((i / ow) % oh);
         long long plane = i / ((long long)oh * ow);
-        const float* src = x + plane * h * w;
-        float m = __int_as_float(0xff800000);  // -inf
-        int arg = -1;
-        for (int ky = 0; ky < k && !(m != m); ++ky) {
-            int iy = oy * s - p + ky;
-            if (iy < 0 || iy >= h) continue;
-            for (int kx = 0; kx < k; ++kx) {
-                int ix = ox * s - p + kx;
-                if (ix < 0 || ix >= w) continue;
-                float v = src[iy * w + ix];
-                if (arg < 0 || v > m || v != v) {
-                    m = v;
-                    arg = iy * w + ix;
-                }
-                if (m != m) break;
-            }
-        }
-        if (arg >= 0) atomicAdd(dx + plane * h * w + arg, dy[i]);
+        int at;
+        window_max(x + plane * h * w, h, w, oy, ox, k, s, p, &at);
+        if (at >= 0) atomicAdd(dx + plane * h * w + at, dy[i]);
     }
 }
 
