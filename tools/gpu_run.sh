@@ -46,7 +46,7 @@ done
     echo '```'
     run="$out/digits-run"
     rm -rf "$run"
-    timeout 600 "$bin/resnext-train" train --device cuda --out-dir "$run" 2>&1 | tail -4
+    timeout 300 "$bin/resnext-train" train --device cuda --out-dir "$run" 2>&1 | tail -4
     echo "exit: $?"
     for d in cpu cuda; do
         echo "--device $d:"
@@ -62,8 +62,8 @@ done
     echo "|---|---|---|---|---|"
     for mode in eval train; do
         for b in 64 256; do
-            ours=$(timeout 240 "$bin/throughput" --device cuda --mode "$mode" --batch "$b" --iters 10 2>&1 | awk '/^img\/s:/ {print $2} /rror/ {print}' | tail -1)
-            theirs=$(timeout 240 $py - "$mode" "$b" <<'PY' 2>&1 | tail -1
+            ours=$(timeout 150 "$bin/throughput" --device cuda --mode "$mode" --batch "$b" --iters 10 2>&1 | awk '/^img\/s:/ {print $2} /rror/ {print}' | tail -1)
+            theirs=$(timeout 150 $py - "$mode" "$b" <<'PY' 2>&1 | tail -1
 import sys, time, torch, torchvision
 mode, b = sys.argv[1], int(sys.argv[2])
 torch.backends.cudnn.benchmark = True
