@@ -86,7 +86,7 @@ impl OptimConfig {
     /// Whether the optimiser updates (and keeps state for) the tensor `name` of `kind`: a
     /// trainable tensor outside every frozen group.
     pub fn updates(&self, name: &str, kind: ParamKind) -> bool {
-        kind != ParamKind::Buffer && self.lr_scale(name) != 0.0
+        self.rates(name, kind).is_some()
     }
 
     /// The learning rate and weight decay of the tensor `name` of `kind`: none when the

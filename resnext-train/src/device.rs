@@ -70,15 +70,15 @@ impl Compute {
         Ok(c)
     }
 
-    /// Joins the installed process group as an NCCL communicator (a GPU in a group of
-    /// several); nothing otherwise.
+    /// Joins the installed process group as an NCCL communicator (a GPU); nothing
+    /// otherwise.
     fn join_group(&self) -> Result<()> {
         match self {
             Compute::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
             Compute::Gpu(g) => match resnext_core::dist::group() {
-                Some(c) if c.world() > 1 => Ok(g.join_group(c.as_ref())?),
-                _ => Ok(()),
+                Some(c) => Ok(g.join_group(c.as_ref())?),
+                None => Ok(()),
             },
         }
     }

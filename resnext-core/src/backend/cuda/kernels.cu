@@ -20,23 +20,28 @@ extern "C" __global__ void bias_residual_act(float* __restrict__ y,
     }
 }
 
-// The maximum of the k×k window (stride s, padding p) of output (oy, ox) in one h×w plane,
-// and in *at its index in the plane: the first maximum; a NaN wins (as in PyTorch), and
-// padding never does (-1 for a window of padding only, whose maximum is -inf).
-__device__ __forceinline__ float window_max(const float* __restrict__ src, int h, int w,
-                                            int oy, int ox, int k, int s, int p, int* at) {
+// The maximum of the k×k window (stride s, padding p) of output i of max pooling planes
+// of h×w into oh×ow, and in *at the index in x it came from: the first maximum; a NaN
+// wins (as in PyTorch), and padding never does (-1 for a window of padding only, whose
+// maximum is -inf).
+__device__ __forceinline__ float window_max(const float* __restrict__ x, long long i, int h,
+                                            int w, int oh, int ow, int k, int s, int p,
+                                            long long* at) {
+    const int ox = (int)(i % ow);
+    const int oy = (int)((i / ow) % oh);
+    const long long base = i / ((long long)oh * ow) * h * w;
     float m = __int_as_float(0xff800000);  // -inf
-    int arg = -1;
+    long long arg = -1;
     for (int ky = 0; ky < k; ++ky) {
         int iy = oy * s - p + ky;
         if (iy < 0 || iy >= h) continue;
         for (int kx = 0; kx < k; ++kx) {
             int ix = ox * s - p + kx;
             if (ix < 0 || ix >= w) continue;
-            float v = src[iy * w + ix];
+            float v = x[base + iy * w + ix];
             if (arg < 0 || v > m || v != v) {
                 m = v;
-                arg = iy * w + ix;
+                arg = base + iy * w + ix;
                 if (v != v) {
                     *at = arg;
                     return m;
@@ -52,15 +57,10 @@ __device__ __forceinline__ float window_max(const float* __restrict__ src, int h
 extern "C" __global__ void max_pool2d(const float* __restrict__ x, float* __restrict__ y,
                                       long long planes, int h, int w, int oh, int ow, int k,
                                       int s, int p) {
-    long long total = planes * oh * ow;
+    long long total = planes * oh * ow, at;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        int ox = (int)(i % ow);
-        int oy = (int)((i / ow) % oh);
-        long long plane = i / ((long long)oh * ow);
-        int at;
-        y[i] = window_max(x + plane * h * w, h, w, oy, ox, k, s, p, &at);
-    }
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = window_max(x, i, h, w, oh, ow, k, s, p, &at);
 }
 
 // y[r] = mean of the `plane` values of row r (global average pooling: one row a channel
@@ -249,15 +249,11 @@ extern "C" __global__ void max_pool2d_backward(const float* __restrict__ x,
                                                const float* __restrict__ dy,
                                                float* __restrict__ dx, long long planes, int h,
                                                int w, int oh, int ow, int k, int s, int p) {
-    long long total = planes * oh * ow;
+    long long total = planes * oh * ow, at;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
-        int ox = (int)(i % ow);
-        int oy = (int)((i / ow) % oh);
-        long long plane = i / ((long long)oh * ow);
-        int at;
-        window_max(x + plane * h * w, h, w, oy, ox, k, s, p, &at);
-        if (at >= 0) atomicAdd(dx + plane * h * w + at, dy[i]);
+        window_max(x, i, h, w, oh, ow, k, s, p, &at);
+        if (at >= 0) atomicAdd(dx + at, dy[i]);
     }
 }
 

@@ -69,6 +69,7 @@ use self::gpu::{call_err, raw, FoldedConv, GpuLinear};
 use self::kernels::grid_for;
 use super::{param_key, Backend};
 use crate::error::{shape_err, Result};
+use crate::kernels::conv::Conv2dGeom;
 use crate::nn::{BatchNorm2d, ConvLayer, Linear};
 use crate::ops::{conv_geom, folded_weights, BnConfig};
 
@@ -190,21 +191,29 @@ impl Gpu {
     }
 }
 
-/// An error unless `residual` (when there is one) has the output's `(n, oh, ow)`.
-pub(super) fn check_residual<const O: usize>(
+/// The geometry of `conv` on `x` and its cuDNN dims: an error when they do not fit, or
+/// when `residual` (if there is one) is not of the output's shape.
+pub(super) fn conv_shape<const I: usize, const O: usize, C: ConvLayer<I, O>>(
     op: &'static str,
+    x: &CudaAct<I>,
+    conv: &C,
     residual: &Option<CudaAct<O>>,
-    [n, oh, ow]: [usize; 3],
-) -> Result<()> {
+) -> Result<(Conv2dGeom, ConvDims)> {
+    let g = conv_geom::<I, O, _>(x.dims, conv.weight(), C::CONFIG)?;
+    let d = ConvDims::of(&g)?;
+    let out = [x.dims[0], g.out_h(), g.out_w()];
     match residual {
-        Some(r) if r.dims != [n, oh, ow] => Err(shape_err(
+        Some(r) if r.dims != out => Err(shape_err(
             op,
             format!(
-                "residual of shape {:?} does not match the output ({n}, {O}, {oh}, {ow})",
-                r.shape()
+                "residual of shape {:?} does not match the output ({}, {O}, {}, {})",
+                r.shape(),
+                out[0],
+                out[1],
+                out[2]
             ),
         )),
-        _ => Ok(()),
+        _ => Ok((g, d)),
     }
 }
 
@@ -239,10 +248,8 @@ impl Backend for Gpu {
         residual: Option<CudaAct<O>>,
     ) -> Result<CudaAct<O>> {
         let [n, ..] = x.dims;
-        let g = conv_geom::<I, O, _>(x.dims, conv.weight(), C::CONFIG)?;
-        let d = ConvDims::of(&g)?;
+        let (g, d) = conv_shape("conv_bn_eval", &x, conv, &residual)?;
         let (oh, ow) = (g.out_h(), g.out_w());
-        check_residual("conv_bn_eval", &residual, [n, oh, ow])?;
         let f = self.folded(conv, bn)?;
         let mut y = self.alloc(
             g.output_len(),

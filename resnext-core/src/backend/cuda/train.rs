@@ -21,7 +21,7 @@ use crate::backend::{param_key, TrainBackend};
 use crate::error::{Error, Result};
 use crate::model::TrainOutput;
 use crate::nn::{BatchNorm2d, ConvLayer};
-use crate::ops::{conv_geom, BnConfig, Targets};
+use crate::ops::{BnConfig, Targets};
 use crate::optim::{AdamScales, Algorithm, OptimConfig, Optimizer};
 use crate::params::{ParamKind, ParamVisitor, ParamVisitorMut, Params};
 
@@ -543,10 +543,8 @@ impl TrainBackend for Gpu {
         residual: Option<CudaAct<O>>,
     ) -> Result<CudaAct<O>> {
         let [n, ..] = x.dims;
-        let g = conv_geom::<I, O, _>(x.dims, conv.weight(), C::CONFIG)?;
-        let d = ConvDims::of(&g)?;
+        let (g, d) = super::conv_shape("conv_bn_train", &x, conv, &residual)?;
         let (oh, ow) = (g.out_h(), g.out_w());
-        super::check_residual("conv_bn_train", &residual, [n, oh, ow])?;
         let w = self.train_param(conv.weight(), true)?;
         let gamma = self.train_param(&bn.weight, true)?;
         let beta = self.train_param(&bn.bias, true)?;
