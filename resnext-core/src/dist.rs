@@ -189,6 +189,15 @@ pub(crate) fn begin_backward() {
     BUCKETS.with_borrow_mut(|slot| *slot = Some(b));
 }
 
+/// The gradient bucket size of the installed group ([`GroupConfig::bucket_bytes`];
+/// DDP's default without one).
+#[cfg(feature = "cuda")]
+pub(crate) fn bucket_bytes() -> usize {
+    GROUP
+        .get()
+        .map_or(DEFAULT_BUCKET_BYTES, |g| g.cfg.bucket_bytes)
+}
+
 /// The group training averages over (two or more processes), and how.
 fn training_group() -> Option<(Arc<dyn Collective>, GroupConfig)> {
     #[cfg(test)]

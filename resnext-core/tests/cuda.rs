@@ -215,6 +215,7 @@ mod kernels {
     use resnext_core::backend::cuda::kernels::{
         compile, grid_for, nvrtc_present, BLOCK, NAMES, SOURCE,
     };
+    use resnext_core::backend::device::Precision;
 
     /// Every kernel compiles. Needs NVRTC's library (`nvidia-cuda-nvrtc` from PyPI is
     /// enough; no GPU): CI installs it and sets `RESNEXT_REQUIRE_NVRTC=1`, so there a
@@ -229,12 +230,21 @@ mod kernels {
             eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to test the kernels)");
             return;
         }
-        let ptx = compile().unwrap_or_else(|e| panic!("{e}"));
-        let text = ptx.to_src();
-        for name in NAMES {
-            assert!(
-                text.contains(&format!(".entry {name}(")),
-                "{name} missing from the PTX"
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let ptx = compile(precision).unwrap_or_else(|e| panic!("{precision}: {e}"));
+            let text = ptx.to_src();
+            for name in NAMES {
+                assert!(
+                    text.contains(&format!(".entry {name}(")),
+                    "{name} missing from the {precision} PTX"
+                );
+            }
+            // activations are stored as 16-bit values in bf16, as 32-bit floats in fp32
+            let sixteen = text.contains("st.global.u16") || text.contains("st.global.b16");
+            assert_eq!(
+                sixteen,
+                precision == Precision::Bf16,
+                "{precision}: 16-bit stores"
             );
         }
     }
@@ -277,7 +287,7 @@ mod kernels {
 /// The GPUs' group: how rank 0's NCCL id reaches every rank through the group's own sum.
 mod group {
     use proptest::prelude::*;
-    use resnext_core::backend::cuda::{id_as_values, id_from_values};
+    use resnext_core::backend::cuda::{id_as_values, id_from_values, BucketPlan};
     use std::ffi::c_char;
 
     proptest! {
@@ -301,6 +311,71 @@ mod group {
         }
     }
 
+    proptest! {
+        /// Gradient buckets: every parameter in one bucket, filled from the last back and
+        /// closed at the cap; whatever order the gradients are written in (repeated and
+        /// unknown keys included), each bucket is handed out once, in order, only after
+        /// all of its gradients are written.
+        #[test]
+        fn gradient_buckets_are_summed_in_order_once_complete(
+            sizes in proptest::collection::vec(1usize..5000, 1..40),
+            cap in prop_oneof![Just(0usize), 1usize..20_000],
+            order in proptest::collection::vec(0usize..50, 0..120),
+        ) {
+            // parameter i has key 1000 + i
+            let params: Vec<(usize, usize)> =
+                sizes.iter().enumerate().map(|(i, &b)| (1000 + i, b)).collect();
+            let mut plan = BucketPlan::new(&params, cap);
+            let buckets = plan.buckets().to_vec();
+            let flat: Vec<usize> = buckets.concat();
+            prop_assert_eq!(flat, (0..sizes.len()).rev().collect::<Vec<_>>());
+            if cap == 0 {
+                prop_assert_eq!(buckets.len(), 1);
+            }
+            for (b, m) in buckets.iter().enumerate() {
+                let bytes: usize = m.iter().map(|&i| sizes[i]).sum();
+                let last = sizes[*m.last().unwrap()];
+                if cap > 0 {
+                    prop_assert!(bytes - last < cap, "bucket {b} ran past the cap");
+                    if b + 1 < buckets.len() {
+                        prop_assert!(bytes >= cap, "bucket {b} closed below the cap");
+                    }
+                }
+            }
+            // writes in the drawn order (indices past the parameters are unknown keys),
+            // then every parameter
+            let writes = order.iter().copied().chain(0..sizes.len());
+            let (mut written, mut handed) = (vec![false; sizes.len()], 0);
+            for i in writes {
+                if i < sizes.len() {
+                    written[i] = true;
+                }
+                let ready = plan.written(&[1000 + i]);
+                prop_assert_eq!(ready.start, handed);
+                for b in ready.clone() {
+                    prop_assert!(buckets[b].iter().all(|&j| written[j]), "bucket {b} early");
+                }
+                handed = ready.end;
+                // nothing complete is held back
+                if handed < buckets.len() {
+                    prop_assert!(!buckets[handed].iter().all(|&j| written[j]));
+                }
+            }
+            prop_assert_eq!(handed, buckets.len());
+            prop_assert!(plan.rest().is_empty());
+        }
+    }
+
+    #[test]
+    fn unwritten_buckets_are_summed_at_the_end() {
+        let mut plan = BucketPlan::new(&[(1, 40), (2, 40), (3, 40)], 40);
+        assert_eq!(plan.buckets().len(), 3);
+        // the last parameter's bucket, then nothing until the first bucket's turn
+        assert_eq!(plan.written(&[3]), 0..1);
+        assert_eq!(plan.written(&[1]), 1..1);
+        assert_eq!(plan.rest(), 1..3);
+    }
+
     #[test]
     fn a_rank_0_without_an_id_fails_every_rank() {
         assert_eq!(id_from_values(&id_as_values(None)), None);
@@ -314,7 +389,7 @@ mod group {
 mod on_gpu {
     use dfdx::prelude::*;
     use resnext_core::backend::cuda::{device_count, driver_present, CudaAct, CudaLogits, Gpu};
-    use resnext_core::backend::device::GpuError;
+    use resnext_core::backend::device::{GpuError, Precision};
     use resnext_core::backend::Backend;
     use resnext_core::builders::{ResNeXt11_8x8d, ResNeXt29_8x64d, ResNeXt50_32x4d};
     use resnext_core::error::Result;
@@ -788,16 +863,134 @@ mod on_gpu {
         }
     }
 
+    /// The cosine of the angle between two vectors.
+    fn cosine(a: &[f32], b: &[f32]) -> f64 {
+        let dot = |x: &[f32], y: &[f32]| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| *p as f64 * *q as f64)
+                .sum::<f64>()
+        };
+        dot(a, b) / (dot(a, a) * dot(b, b)).sqrt().max(1e-30)
+    }
+
+    /// On a GPU in mixed precision: activations are stored in bf16 (rounded to nearest
+    /// even), and the eval logits, a training step's loss, and its gradients stay close to
+    /// the CPU's fp32 ones, within what bf16's 8-bit significand allows.
+    #[test]
+    fn gpu_bf16_stays_close_to_fp32() {
+        let Some(_) = gpu_or_skip() else { return };
+        let gpu = Gpu::open_with(0, Precision::Bf16).unwrap();
+        assert_eq!(gpu.precision(), Precision::Bf16);
+        // 1 + 2⁻¹⁰ is not a bf16 value: it rounds to 1; 1 + 3·2⁻⁸ rounds to even 1 + 2⁻⁶
+        let x = gpu
+            .input::<3>(&[1.0 + 1.0 / 1024.0, 1.0 + 3.0 / 256.0, -2.5], [1, 3, 1, 1])
+            .unwrap();
+        assert_eq!(gpu.activation(&x).unwrap(), [1.0, 1.0 + 1.0 / 64.0, -2.5]);
+
+        let dev = Cpu::seed_from_u64(9);
+        for (arch, shape) in [
+            ("resnext11_8x8d", [4, 3, 32, 32]),
+            ("resnext50_32x4d", [2, 3, 96, 96]),
+        ] {
+            let arch: Arch = arch.parse().unwrap();
+            let net = arch.build(&dev, 3, 10).unwrap();
+            let x = resnext_core::testing::values(2, shape.iter().product());
+            let cpu = net.forward_eval(x.clone(), shape).unwrap();
+            let half = net.forward_eval_gpu(&gpu, &x, shape).unwrap();
+            let e = scaled_err(&half, &cpu);
+            assert!(e <= 0.05, "{arch:?}: bf16 eval logits, scaled error {e}");
+            assert!(cosine(&half, &cpu) >= 0.999, "{arch:?}: bf16 eval logits");
+        }
+
+        // one training step of a typed ResNeXt-11: loss and gradients against the CPU's
+        let net0 = dev.build_module::<ResNeXt11_8x8d<10>, f32>();
+        let shape = [8, 3, 24, 24];
+        let x = resnext_core::testing::values(4, shape.iter().product());
+        let labels: Vec<usize> = (0..8).map(|i| (i * 3) % 10).collect();
+        let targets = Targets::hard(&labels, 0.0);
+        let mut net = net0.clone();
+        let xt: Act<3> = dev.tensor_from_vec(x.clone(), (8, Const::<3>, 24, 24));
+        let loss = cross_entropy_mixed(
+            net.try_forward_mut(xt.trace(Gradients::leaky())).unwrap(),
+            targets,
+        )
+        .unwrap();
+        let cpu_loss = loss.array();
+        let grads = loss.backward();
+        let cpu_grads = read(&net, CpuGrads(&grads));
+        let mut net_gpu = net0.clone();
+        let mut opt = Optimizer::new(OptimConfig {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            ..Default::default()
+        });
+        let xg = gpu.input::<3>(&x, shape).unwrap();
+        let out = gpu
+            .train_step_by(&mut net_gpu, xg, targets, &mut opt, |m, g, x| {
+                m.train_on(g, x)
+            })
+            .unwrap();
+        assert!(
+            (out.loss - cpu_loss).abs() <= 0.02 * cpu_loss,
+            "bf16 loss {} against the CPU's {cpu_loss}",
+            out.loss
+        );
+        let gpu_grads = read(&net_gpu, GpuGrads(&gpu));
+        let (mut all_c, mut all_g) = (Vec::new(), Vec::new());
+        for (name, c) in &cpu_grads {
+            let g = &gpu_grads[name];
+            assert!(
+                cosine(g, c) >= 0.95,
+                "{name}: bf16 gradient, cosine {}",
+                cosine(g, c)
+            );
+            all_c.extend_from_slice(c);
+            all_g.extend_from_slice(g);
+        }
+        assert!(
+            cosine(&all_g, &all_c) >= 0.99,
+            "bf16 gradients, cosine {}",
+            cosine(&all_g, &all_c)
+        );
+        // the update ran on the f32 weights: they moved as the CPU's SGD would move them
+        gpu.sync_to_host(&mut net_gpu, None).unwrap();
+        let (before, after) = (read(&net0, Values), read(&net_gpu, Values));
+        let name = "fc.weight";
+        let step: Vec<f32> = after[name]
+            .iter()
+            .zip(&before[name])
+            .map(|(a, b)| b - a)
+            .collect();
+        assert!(
+            cosine(&step, &cpu_grads[name]) >= 0.95,
+            "the SGD step of {name}"
+        );
+    }
+
     /// On a GPU with NCCL: a GPU in a group of one (NCCL's communicator made from the
-    /// group's id, every gradient summed by NCCL) trains as one outside a group.
+    /// group's id, every gradient summed by NCCL, in small buckets) trains as one outside
+    /// a group, and so does one with synchronised batch norm (the statistics and their
+    /// backward sums through NCCL too).
     #[test]
     fn gpu_in_a_group_of_one_trains_as_alone() {
         let Some(alone) = gpu_or_skip() else { return };
+        assert!(
+            alone.set_sync_bn(true).is_err(),
+            "synchronised batch norm outside a group"
+        );
         let grouped = Gpu::open(0).unwrap();
         grouped
             .join_group(&resnext_core::dist::Single)
             .unwrap_or_else(|e| panic!("joining a group of one: {e}"));
+        // many buckets (ResNeXt-11 has about 2 MiB of gradients), each summed on the
+        // communicator's stream while the backward pass goes on
+        grouped.set_bucket_bytes(64 << 10);
         assert_eq!(grouped.group_world(), 1);
+        let synced = Gpu::open(0).unwrap();
+        synced.join_group(&resnext_core::dist::Single).unwrap();
+        synced.set_sync_bn(true).unwrap();
         let dev = Cpu::seed_from_u64(8);
         let arch: Arch = "resnext11_8x8d".parse().unwrap();
         let shape = [4, 3, 16, 16];
@@ -809,7 +1002,7 @@ mod on_gpu {
             ..Default::default()
         };
         let mut nets = Vec::new();
-        for gpu in [&alone, &grouped] {
+        for gpu in [&alone, &grouped, &synced] {
             let mut net = arch.build(&dev, 3, 5).unwrap();
             let file = std::env::temp_dir()
                 .join(format!("resnext-group-{}.safetensors", std::process::id()));
@@ -832,15 +1025,23 @@ mod on_gpu {
         }
         // equal up to the order of cuDNN's atomic sums (its backward-filter algorithms are
         // not all deterministic)
-        for ((la, na), (lb, nb)) in nets[0].0.iter().zip(&nets[1].0) {
+        for (i, other) in nets[1..].iter().enumerate() {
+            for ((la, na), (lb, nb)) in nets[0].0.iter().zip(&other.0) {
+                assert!(
+                    (la - lb).abs() <= 1e-5 * la.abs().max(1.0),
+                    "case {i}: loss {la} vs {lb}"
+                );
+                let (na, nb) = (na.unwrap(), nb.unwrap());
+                assert!(
+                    (na - nb).abs() <= 1e-5 * na,
+                    "case {i}: gradient norm {na} vs {nb}"
+                );
+            }
+            let e = rel_err(&other.1, &nets[0].1);
             assert!(
-                (la - lb).abs() <= 1e-5 * la.abs().max(1.0),
-                "loss {la} vs {lb}"
+                e <= 1e-5,
+                "case {i}: eval logits after two steps, relative error {e}"
             );
-            let (na, nb) = (na.unwrap(), nb.unwrap());
-            assert!((na - nb).abs() <= 1e-5 * na, "gradient norm {na} vs {nb}");
         }
-        let e = rel_err(&nets[1].1, &nets[0].1);
-        assert!(e <= 1e-5, "eval logits after two steps, relative error {e}");
     }
 }

@@ -3,7 +3,7 @@
 //! build it).
 
 use anyhow::Result;
-use resnext_core::backend::device::{DeviceSpec, GpuError};
+use resnext_core::backend::device::{DeviceSpec, GpuError, Precision};
 use resnext_core::model::{Network, TrainOutput};
 use resnext_core::ops::Targets;
 use resnext_core::optim::Optimizer;
@@ -18,12 +18,15 @@ pub enum Compute {
 }
 
 impl Compute {
-    /// Opens `spec`: an error (never a panic) when it names a GPU this build or this
-    /// machine cannot use.
-    pub fn open(spec: DeviceSpec) -> Result<Self> {
+    /// Opens `spec` to compute in `precision`: an error (never a panic) when it names a
+    /// GPU this build or this machine cannot use, or mixed precision on the CPU.
+    pub fn open(spec: DeviceSpec, precision: Precision) -> Result<Self> {
         match spec {
+            DeviceSpec::Cpu if precision != Precision::Fp32 => Err(anyhow::anyhow!(
+                "--precision {precision} runs on a GPU only (--device cuda); the CPU computes in fp32"
+            )),
             DeviceSpec::Cpu => Ok(Compute::Cpu),
-            DeviceSpec::Cuda(index) => Ok(open_gpu(index)?),
+            DeviceSpec::Cuda(index) => Ok(open_gpu(index, precision)?),
         }
     }
 
@@ -32,7 +35,7 @@ impl Compute {
         match self {
             Compute::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
             #[cfg(feature = "cuda")]
-            Compute::Gpu(g) => format!("cuda:{} ({})", g.index(), g.name()),
+            Compute::Gpu(g) => format!("cuda:{} ({}, {})", g.index(), g.name(), g.precision()),
         }
     }
 
@@ -53,31 +56,35 @@ impl Compute {
     /// Opens `spec` for this process of the group: in a group of several, `cuda:N` is the
     /// GPU `N` + this process's [local rank](crate::dist::local_rank) (one process per
     /// GPU), and a GPU joins the group as an NCCL communicator, so each training step
-    /// averages its gradients over the GPUs. `--sync-bn` has no GPU implementation yet.
-    pub fn open_in_group(spec: DeviceSpec, sync_bn: bool) -> Result<Self> {
+    /// averages its gradients over the GPUs (and, with `sync_bn`, its batch norms use the
+    /// whole group's batch).
+    pub fn open_in_group(spec: DeviceSpec, precision: Precision, sync_bn: bool) -> Result<Self> {
         let (_, world) = crate::dist::rank_world();
         let spec = match spec {
             DeviceSpec::Cuda(i) if world > 1 => DeviceSpec::Cuda(i + crate::dist::local_rank()),
             s => s,
         };
-        let c = Self::open(spec)?;
+        let c = Self::open(spec, precision)?;
         if world > 1 && c.is_gpu() {
-            if sync_bn {
-                return Err(GpuError::Unsupported("--sync-bn across GPUs").into());
-            }
-            c.join_group()?;
+            c.join_group(sync_bn)?;
         }
         Ok(c)
     }
 
-    /// Joins the installed process group as an NCCL communicator (a GPU); nothing
-    /// otherwise.
-    fn join_group(&self) -> Result<()> {
+    /// Joins the installed process group as an NCCL communicator (a GPU), with
+    /// synchronised batch norm when `sync_bn`; nothing otherwise.
+    fn join_group(&self, sync_bn: bool) -> Result<()> {
         match self {
-            Compute::Cpu => Ok(()),
+            Compute::Cpu => {
+                let _ = sync_bn;
+                Ok(())
+            }
             #[cfg(feature = "cuda")]
             Compute::Gpu(g) => match resnext_core::dist::group() {
-                Some(c) => Ok(g.join_group(c.as_ref())?),
+                Some(c) => {
+                    g.join_group(c.as_ref())?;
+                    Ok(g.set_sync_bn(sync_bn)?)
+                }
                 None => Ok(()),
             },
         }
@@ -126,11 +133,11 @@ impl Compute {
 }
 
 #[cfg(feature = "cuda")]
-fn open_gpu(index: usize) -> Result<Compute, GpuError> {
-    resnext_core::backend::cuda::Gpu::open(index).map(Compute::Gpu)
+fn open_gpu(index: usize, precision: Precision) -> Result<Compute, GpuError> {
+    resnext_core::backend::cuda::Gpu::open_with(index, precision).map(Compute::Gpu)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_gpu(_index: usize) -> Result<Compute, GpuError> {
+fn open_gpu(_index: usize, _precision: Precision) -> Result<Compute, GpuError> {
     Err(GpuError::NotBuilt)
 }

@@ -10,7 +10,7 @@ use resnext_core::model::{Arch, Network};
 
 use crate::data::{self, Dataset};
 use crate::device::Compute;
-use resnext_core::backend::device::DeviceSpec;
+use resnext_core::backend::device::{DeviceSpec, Precision};
 
 /// Test-set numbers.
 pub struct EvalResult {
@@ -115,6 +115,11 @@ pub struct EvalArgs {
     /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     device: DeviceSpec,
+    /// GPU number format: `fp32` (the default; the CPU's numbers), or `bf16` (mixed
+    /// precision: bf16 activations and tensor-core convolutions, f32 weights, optimiser
+    /// and batch-norm statistics).
+    #[arg(long, default_value_t = Precision::Fp32)]
+    precision: Precision,
 }
 
 /// Prints top-1 and top-5; the last line is `top1: X top5: Y`. When the weights are a
@@ -122,7 +127,7 @@ pub struct EvalArgs {
 /// weights (`ema.safetensors` beside them), that one is evaluated and printed first.
 pub fn run(a: EvalArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
-    let device = Compute::open(a.device)?;
+    let device = Compute::open(a.device, a.precision)?;
     data::check_image_size(a.image_size)?;
     data::check_size("val-resize", a.val_resize)?;
     let size = a.image_size.unwrap_or(arch.default_size());

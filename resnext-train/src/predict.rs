@@ -12,7 +12,7 @@ use resnext_core::model::Arch;
 
 use crate::data::Dataset;
 use crate::device::Compute;
-use resnext_core::backend::device::DeviceSpec;
+use resnext_core::backend::device::{DeviceSpec, Precision};
 
 /// The largest `--classes` file read (one class name a line).
 const MAX_CLASSES_BYTES: u64 = 16 << 20;
@@ -49,6 +49,11 @@ pub struct PredictArgs {
     /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     device: DeviceSpec,
+    /// GPU number format: `fp32` (the default; the CPU's numbers), or `bf16` (mixed
+    /// precision: bf16 activations and tensor-core convolutions, f32 weights, optimiser
+    /// and batch-norm statistics).
+    #[arg(long, default_value_t = Precision::Fp32)]
+    precision: Precision,
 }
 
 /// The dataset a run folder was trained on (weights in `run/` or `run/checkpoint/`).
@@ -217,7 +222,7 @@ pub(crate) fn load_images_for(
 /// Runs the eval-mode forward and prints the top-k classes per input.
 pub fn run(a: PredictArgs) -> Result<()> {
     let arch: Arch = a.arch.parse()?;
-    let device = Compute::open(a.device)?;
+    let device = Compute::open(a.device, a.precision)?;
     crate::data::check_image_size(a.image_size)?;
     let (classes, in_channels) = weights_shape(&a.weights)?;
     let dataset = run_dataset(&a.weights);

@@ -14,7 +14,7 @@ use dfdx::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use resnext_core::backend::device::DeviceSpec;
+use resnext_core::backend::device::{DeviceSpec, Precision};
 use resnext_core::ema::Ema;
 use resnext_core::model::{Arch, Frozen, Network};
 use resnext_core::ops::Targets;
@@ -211,6 +211,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     #[serde(skip)]
     pub device: DeviceSpec,
+    /// GPU number format: `fp32` (the default; the CPU's numbers), or `bf16` (mixed
+    /// precision: bf16 activations and tensor-core convolutions, f32 weights, optimiser
+    /// and batch-norm statistics).
+    #[arg(long, default_value_t = Precision::Fp32)]
+    #[serde(skip)]
+    pub precision: Precision,
 }
 
 fn one() -> f32 {
@@ -849,7 +855,7 @@ fn remove_unnamed(dir: &Path, state: &State) {
 /// Trains with `args`; prints `final test_top1: X` last. `interrupted` is set by the
 /// Ctrl-C handler: the current step finishes and a checkpoint is written.
 pub fn run(args: TrainArgs, interrupted: Arc<AtomicBool>) -> Result<()> {
-    let compute = Compute::open_in_group(args.device, args.sync_bn)?;
+    let compute = Compute::open_in_group(args.device, args.precision, args.sync_bn)?;
     let mut trainer = Trainer::new(args, interrupted, compute)?;
     if trainer.args.resume.is_some() {
         trainer.resume()?;

@@ -312,3 +312,39 @@ fn device_cuda_without_a_gpu_is_a_one_line_error() {
     let (_, err) = text(&o);
     assert!(!o.status.success() && err.contains("cuda:N"), "{err}");
 }
+
+/// `--precision`: bf16 on the CPU is a one-line error saying it needs a GPU; an unknown
+/// precision names the valid ones; nothing is written either way.
+#[test]
+fn mixed_precision_on_the_cpu_is_a_one_line_error() {
+    let dir = TempDir::new("precision");
+    let out = dir.0.join("run");
+    let out = out.to_str().unwrap();
+    for args in [
+        vec!["train", "--precision", "bf16", "--out-dir", out],
+        vec![
+            "eval",
+            "--precision",
+            "bf16",
+            "--weights",
+            "none.safetensors",
+        ],
+    ] {
+        let o = bin(&args);
+        let (stdout, err) = text(&o);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains("--precision bf16") && err.contains("--device cuda"),
+            "{args:?}: {err}"
+        );
+    }
+    let o = bin(&["train", "--precision", "fp16", "--out-dir", out]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("`fp16`") && err.contains("bf16"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(out).exists(), "nothing is written");
+}

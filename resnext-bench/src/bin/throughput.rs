@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Parser;
 use dfdx::prelude::*;
-use resnext_core::backend::device::DeviceSpec;
+use resnext_core::backend::device::{DeviceSpec, Precision};
 use resnext_core::model::Arch;
 use resnext_core::ops::Targets;
 use resnext_core::optim::{OptimConfig, Optimizer};
@@ -42,6 +42,11 @@ struct Args {
     /// `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     device: DeviceSpec,
+    /// GPU number format: `fp32` (the default; the CPU's numbers), or `bf16` (mixed
+    /// precision: bf16 activations and tensor-core convolutions, f32 weights, optimiser
+    /// and batch-norm statistics).
+    #[arg(long, default_value_t = Precision::Fp32)]
+    precision: Precision,
     /// Under `mpirun` (`--mode train`): gradient bucket size in MiB, 0 to 1024; 0 sums
     /// every gradient after the backward pass.
     #[cfg(feature = "mpi")]
@@ -77,7 +82,7 @@ fn main() -> Result<()> {
     }
     let arch: Arch = a.arch.parse()?;
     // under mpirun with a GPU: one GPU a process, gradients averaged with NCCL
-    let device = Compute::open_in_group(a.device, false)?;
+    let device = Compute::open_in_group(a.device, a.precision, false)?;
     let dev = Cpu::seed_from_u64(0);
     let mut net = arch.build(&dev, 3, a.classes)?;
     let shape = [a.batch, 3, a.size, a.size];

@@ -57,6 +57,49 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// The number format of a GPU's computation (`--precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// float32 throughout, convolutions without TF32 rounding: the CPU's numbers.
+    #[default]
+    Fp32,
+    /// Mixed precision: activations and their gradients in bfloat16 and tensor-core
+    /// convolutions (accumulating in float32); weights, their gradients, the optimiser
+    /// and the batch-norm statistics in float32.
+    Bf16,
+}
+
+impl Precision {
+    /// Bytes an activation value takes.
+    pub fn act_bytes(self) -> usize {
+        match self {
+            Precision::Fp32 => 4,
+            Precision::Bf16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" | "f32" | "float32" => Ok(Precision::Fp32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(format!("precision `{s}`: expected `fp32` or `bf16`")),
+        }
+    }
+}
+
 /// Why a GPU could not be opened or could not run an operation. Every message says what
 /// to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -109,9 +152,6 @@ pub enum GpuError {
         /// The library's error.
         msg: String,
     },
-    /// The operation has no GPU implementation yet.
-    #[error("{0} does not run on the GPU yet; run it with --device cpu")]
-    Unsupported(&'static str),
 }
 
 impl GpuError {
@@ -153,6 +193,27 @@ mod tests {
             assert_eq!(s.parse::<DeviceSpec>(), Ok(d), "{s}");
             assert_eq!(d.to_string().parse::<DeviceSpec>(), Ok(d));
         }
+    }
+
+    #[test]
+    fn precisions_parse_and_print_back() {
+        for (s, p) in [
+            ("fp32", Precision::Fp32),
+            ("Float32", Precision::Fp32),
+            ("bf16", Precision::Bf16),
+            ("bfloat16", Precision::Bf16),
+        ] {
+            assert_eq!(s.parse::<Precision>(), Ok(p), "{s}");
+            assert_eq!(p.to_string().parse::<Precision>(), Ok(p));
+        }
+        for s in ["", "fp16", "bf", "tf32"] {
+            let e = s.parse::<Precision>().unwrap_err();
+            assert!(
+                e.contains(&format!("`{s}`")) && e.contains("bf16"),
+                "{s}: {e}"
+            );
+        }
+        assert_eq!(Precision::default(), Precision::Fp32);
     }
 
     #[test]

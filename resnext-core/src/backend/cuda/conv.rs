@@ -7,13 +7,16 @@ use std::ffi::c_int;
 use std::sync::Arc;
 
 use cudarc::cudnn::{
-    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
+    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
     FilterDescriptor, TensorDescriptor,
 };
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg,
+};
+use half::bf16;
 
-use super::gpu::call_err;
-use crate::backend::device::GpuError;
+use super::gpu::{call_err, DevBuf, Gpu};
+use crate::backend::device::{GpuError, Precision};
 use crate::kernels::conv::Conv2dGeom;
 
 /// The NCHW dims cuDNN is given for a convolution: input, filter `(O, I / groups, k, k)`,
@@ -95,11 +98,43 @@ pub fn workspace_growth(have: usize, need: usize) -> usize {
     }
 }
 
-/// One convolution shape made ready for cuDNN.
-pub(super) struct Plan {
-    x: TensorDescriptor<f32>,
-    w: FilterDescriptor<f32>,
-    y: TensorDescriptor<f32>,
+/// An element type of the convolutions' activations and weights: f32, or bf16 for mixed
+/// precision (computing in f32 either way).
+pub(super) trait Elem: CudnnDataType + DeviceRepr + Copy + 'static {
+    /// `v` in this type (cuDNN's scaling factors, 0 and 1, are exact in both).
+    fn of(v: f32) -> Self;
+    /// The cuDNN math type: fp32 means fp32 (no TF32 tensor-core rounding, so results
+    /// match the CPU's); bf16 runs on the tensor cores.
+    const MATH: sys::cudnnMathType_t;
+    /// The plans of this type.
+    fn plans(c: &mut Plans) -> &mut HashMap<ConvDims, Plan<Self>>;
+}
+
+impl Elem for f32 {
+    fn of(v: f32) -> Self {
+        v
+    }
+    const MATH: sys::cudnnMathType_t = sys::cudnnMathType_t::CUDNN_FMA_MATH;
+    fn plans(c: &mut Plans) -> &mut HashMap<ConvDims, Plan<Self>> {
+        &mut c.f32
+    }
+}
+
+impl Elem for bf16 {
+    fn of(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    const MATH: sys::cudnnMathType_t = sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH;
+    fn plans(c: &mut Plans) -> &mut HashMap<ConvDims, Plan<Self>> {
+        &mut c.bf16
+    }
+}
+
+/// One convolution shape made ready for cuDNN, with activations and weights of type `T`.
+pub(super) struct Plan<T: Elem> {
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
     conv: ConvDescriptor<f32>,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     workspace: usize,
@@ -109,13 +144,13 @@ pub(super) struct Plan {
     filter: Option<(sys::cudnnConvolutionBwdFilterAlgo_t, usize)>,
 }
 
-impl Plan {
+impl<T: Elem> Plan<T> {
     fn new(cudnn: &Arc<Cudnn>, d: &ConvDims) -> Result<Self, GpuError> {
         let e = call_err("cuDNN convolution descriptor");
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-        let x = cudnn.create_4d_tensor::<f32>(nchw, d.x).map_err(&e)?;
-        let y = cudnn.create_4d_tensor::<f32>(nchw, d.y).map_err(&e)?;
-        let w = cudnn.create_4d_filter::<f32>(nchw, d.w).map_err(&e)?;
+        let x = cudnn.create_4d_tensor::<T>(nchw, d.x).map_err(&e)?;
+        let y = cudnn.create_4d_tensor::<T>(nchw, d.y).map_err(&e)?;
+        let w = cudnn.create_4d_filter::<T>(nchw, d.w).map_err(&e)?;
         let mut conv = cudnn
             .create_conv2d::<f32>(
                 d.pad,
@@ -125,9 +160,7 @@ impl Plan {
             )
             .map_err(&e)?;
         conv.set_group_count(d.groups).map_err(&e)?;
-        // fp32 means fp32: no TF32 tensor-core rounding, so results match the CPU's
-        conv.set_math_type(sys::cudnnMathType_t::CUDNN_FMA_MATH)
-            .map_err(&e)?;
+        conv.set_math_type(T::MATH).map_err(&e)?;
         let op = ConvForward {
             conv: &conv,
             x: &x,
@@ -152,7 +185,7 @@ impl Plan {
         })
     }
 
-    fn backward_data(&self) -> ConvBackwardData<'_, f32, f32, f32> {
+    fn backward_data(&self) -> ConvBackwardData<'_, T, f32, T> {
         ConvBackwardData {
             conv: &self.conv,
             dx: &self.x,
@@ -161,7 +194,7 @@ impl Plan {
         }
     }
 
-    fn backward_filter(&self) -> ConvBackwardFilter<'_, f32, f32, f32> {
+    fn backward_filter(&self) -> ConvBackwardFilter<'_, T, f32, T> {
         ConvBackwardFilter {
             conv: &self.conv,
             x: &self.x,
@@ -172,14 +205,21 @@ impl Plan {
 }
 
 /// cuDNN's (alpha, beta): overwrite the output, or add to what it holds.
-fn scaling(accumulate: bool) -> (f32, f32) {
-    (1.0, if accumulate { 1.0 } else { 0.0 })
+fn scaling<T: Elem>(accumulate: bool) -> (T, T) {
+    (T::of(1.0), T::of(if accumulate { 1.0 } else { 0.0 }))
 }
 
-/// Plans by shape, and the workspace they share.
+/// Plans by element type and shape.
+#[derive(Default)]
+pub(super) struct Plans {
+    f32: HashMap<ConvDims, Plan<f32>>,
+    bf16: HashMap<ConvDims, Plan<bf16>>,
+}
+
+/// The plans, and the workspace they share.
 pub(super) struct Convs {
     cudnn: Arc<Cudnn>,
-    plans: HashMap<ConvDims, Plan>,
+    plans: Plans,
     workspace: Option<CudaSlice<u8>>,
 }
 
@@ -187,32 +227,32 @@ impl Convs {
     pub(super) fn new(cudnn: Arc<Cudnn>) -> Self {
         Self {
             cudnn,
-            plans: HashMap::new(),
+            plans: Plans::default(),
             workspace: None,
         }
     }
 
-    /// The plan of shape `d`, made on first use.
-    fn plan(&mut self, d: &ConvDims) -> Result<&mut Plan, GpuError> {
-        if !self.plans.contains_key(d) {
-            let plan = Plan::new(&self.cudnn, d)?;
-            self.plans.insert(*d, plan);
+    /// The plan of shape `d` for type `T`, made on first use.
+    fn plan<T: Elem>(&mut self, d: &ConvDims) -> Result<&mut Plan<T>, GpuError> {
+        let plans = T::plans(&mut self.plans);
+        if !plans.contains_key(d) {
+            plans.insert(*d, Plan::new(&self.cudnn, d)?);
         }
-        Ok(self.plans.get_mut(d).expect("plan just made"))
+        Ok(plans.get_mut(d).expect("plan just made"))
     }
 
     /// `y = conv(x, w)` for the shape `d` (`y` overwritten).
-    pub(super) fn forward(
+    pub(super) fn forward<T: Elem>(
         &mut self,
         stream: &Arc<CudaStream>,
         d: &ConvDims,
-        x: &impl DevicePtr<f32>,
-        w: &impl DevicePtr<f32>,
-        y: &mut impl DevicePtrMut<f32>,
+        x: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
     ) -> Result<(), GpuError> {
-        let need = self.plan(d)?.workspace;
+        let need = self.plan::<T>(d)?.workspace;
         let ws = grown(&mut self.workspace, stream, need)?;
-        let plan = &self.plans[d];
+        let plan = &T::plans(&mut self.plans)[d];
         let op = ConvForward {
             conv: &plan.conv,
             x: &plan.x,
@@ -220,22 +260,22 @@ impl Convs {
             y: &plan.y,
         };
         // SAFETY: the buffers hold the descriptors' sizes (checked by the caller against
-        // the same geometry), f32 NCHW as described.
-        unsafe { op.launch(plan.algo, ws, (1.0f32, 0.0f32), x, w, y) }
+        // the same geometry), NCHW of type T as described.
+        unsafe { op.launch(plan.algo, ws, scaling(false), x, w, y) }
             .map_err(call_err("cuDNN convolution"))
     }
 
     /// `dx (+)= conv_transpose(dy, w)`, the input gradient of the shape `d`.
-    pub(super) fn backward_data(
+    pub(super) fn backward_data<T: Elem>(
         &mut self,
         stream: &Arc<CudaStream>,
         d: &ConvDims,
-        w: &impl DevicePtr<f32>,
-        dy: &impl DevicePtr<f32>,
-        dx: &mut impl DevicePtrMut<f32>,
+        w: &impl DevicePtr<T>,
+        dy: &impl DevicePtr<T>,
+        dx: &mut impl DevicePtrMut<T>,
         accumulate: bool,
     ) -> Result<(), GpuError> {
-        let plan = self.plan(d)?;
+        let plan = self.plan::<T>(d)?;
         let (algo, need) = match plan.data {
             Some(a) => a,
             None => {
@@ -253,24 +293,29 @@ impl Convs {
         let ws = grown(&mut self.workspace, stream, need)?;
         // SAFETY: as in `forward`; dx holds the input's size, dy the output's.
         unsafe {
-            self.plans[d]
-                .backward_data()
-                .launch(algo, ws, scaling(accumulate), dx, w, dy)
+            T::plans(&mut self.plans)[d].backward_data().launch(
+                algo,
+                ws,
+                scaling(accumulate),
+                dx,
+                w,
+                dy,
+            )
         }
         .map_err(call_err("cuDNN convolution backward (data)"))
     }
 
     /// `dw (+)= the weight gradient of the shape `d` from its input `x` and `dy`.
-    pub(super) fn backward_filter(
+    pub(super) fn backward_filter<T: Elem>(
         &mut self,
         stream: &Arc<CudaStream>,
         d: &ConvDims,
-        x: &impl DevicePtr<f32>,
-        dy: &impl DevicePtr<f32>,
-        dw: &mut impl DevicePtrMut<f32>,
+        x: &impl DevicePtr<T>,
+        dy: &impl DevicePtr<T>,
+        dw: &mut impl DevicePtrMut<T>,
         accumulate: bool,
     ) -> Result<(), GpuError> {
-        let plan = self.plan(d)?;
+        let plan = self.plan::<T>(d)?;
         let (algo, need) = match plan.filter {
             Some(a) => a,
             None => {
@@ -288,9 +333,14 @@ impl Convs {
         let ws = grown(&mut self.workspace, stream, need)?;
         // SAFETY: as in `forward`; dw holds the weight's size.
         unsafe {
-            self.plans[d]
-                .backward_filter()
-                .launch(algo, ws, scaling(accumulate), x, dw, dy)
+            T::plans(&mut self.plans)[d].backward_filter().launch(
+                algo,
+                ws,
+                scaling(accumulate),
+                x,
+                dw,
+                dy,
+            )
         }
         .map_err(call_err("cuDNN convolution backward (filter)"))
     }
@@ -313,4 +363,136 @@ fn grown<'a>(
         *ws = Some(fresh);
     }
     Ok(ws.as_mut())
+}
+
+/// A convolution's weights as the convolutions read them.
+pub(super) enum ConvW<'a> {
+    /// In the activations' precision (folded eval-mode weights, the bf16 copy of a
+    /// training weight).
+    Act(&'a DevBuf),
+    /// An f32 training copy, read as it is in fp32.
+    F32(&'a CudaSlice<f32>),
+}
+
+impl ConvW<'_> {
+    /// The weights as `T`, the element type of the GPU's precision: an error for f32
+    /// weights given to a bf16 convolution (a bug of the backend, reported rather than
+    /// read as the wrong type).
+    fn typed<T: Elem>(&self) -> Result<CudaView<'_, T>, GpuError> {
+        match self {
+            ConvW::Act(b) => Ok(b.typed()),
+            // SAFETY: an f32 slice read as T only where T is f32 (checked by the size)
+            ConvW::F32(s) if std::mem::size_of::<T>() == 4 => {
+                Ok(unsafe { s.transmute::<T>(s.len()) }.expect("the slice holds len values"))
+            }
+            ConvW::F32(_) => Err(GpuError::Call {
+                what: "convolution".into(),
+                msg: "f32 weights given to a bf16 convolution".into(),
+            }),
+        }
+    }
+}
+
+impl Gpu {
+    /// `y = conv(x, w)` for the shape `d`, in the GPU's precision.
+    pub(super) fn conv_forward(
+        &self,
+        d: &ConvDims,
+        x: &DevBuf,
+        w: ConvW<'_>,
+        y: &mut DevBuf,
+    ) -> Result<(), GpuError> {
+        fn run<T: Elem>(
+            gpu: &Gpu,
+            d: &ConvDims,
+            x: &DevBuf,
+            w: ConvW<'_>,
+            y: &mut DevBuf,
+        ) -> Result<(), GpuError> {
+            let w = w.typed::<T>()?;
+            gpu.inner.convs.borrow_mut().forward::<T>(
+                &gpu.inner.stream,
+                d,
+                &x.typed(),
+                &w,
+                &mut y.typed_mut(),
+            )
+        }
+        match self.precision() {
+            Precision::Fp32 => run::<f32>(self, d, x, w, y),
+            Precision::Bf16 => run::<bf16>(self, d, x, w, y),
+        }
+    }
+
+    /// `dx (+)= conv_transpose(dy, w)`, the input gradient of the shape `d`.
+    pub(super) fn conv_backward_data(
+        &self,
+        d: &ConvDims,
+        w: ConvW<'_>,
+        dy: &DevBuf,
+        dx: &mut DevBuf,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        fn run<T: Elem>(
+            gpu: &Gpu,
+            d: &ConvDims,
+            w: ConvW<'_>,
+            dy: &DevBuf,
+            dx: &mut DevBuf,
+            acc: bool,
+        ) -> Result<(), GpuError> {
+            let w = w.typed::<T>()?;
+            gpu.inner.convs.borrow_mut().backward_data::<T>(
+                &gpu.inner.stream,
+                d,
+                &w,
+                &dy.typed(),
+                &mut dx.typed_mut(),
+                acc,
+            )
+        }
+        match self.precision() {
+            Precision::Fp32 => run::<f32>(self, d, w, dy, dx, accumulate),
+            Precision::Bf16 => run::<bf16>(self, d, w, dy, dx, accumulate),
+        }
+    }
+
+    /// `dw += the weight gradient of the shape `d` from its input `x` and `dy`: dw is the
+    /// f32 gradient of the weight; in bf16 cuDNN writes the gradient in bf16 to a scratch
+    /// buffer, which a kernel adds to it.
+    pub(super) fn conv_backward_filter(
+        &self,
+        d: &ConvDims,
+        x: &DevBuf,
+        dy: &DevBuf,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let stream = &self.inner.stream;
+        match self.precision() {
+            Precision::Fp32 => self.inner.convs.borrow_mut().backward_filter::<f32>(
+                stream,
+                d,
+                &x.typed(),
+                &dy.typed(),
+                dw,
+                true,
+            ),
+            Precision::Bf16 => {
+                let len = dw.len();
+                let mut part = self.alloc_act(len, "a weight gradient in bf16")?;
+                self.inner.convs.borrow_mut().backward_filter::<bf16>(
+                    stream,
+                    d,
+                    &x.typed(),
+                    &dy.typed(),
+                    &mut part.typed_mut(),
+                    false,
+                )?;
+                let n = len as i64;
+                // SAFETY: part and dw hold n values.
+                launch!(self, add_act_to_float, super::kernels::grid_for(len), "the weight-gradient kernel";
+                    part.slice(), dw, &n)
+            }
+        }
+    }
 }

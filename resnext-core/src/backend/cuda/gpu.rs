@@ -1,8 +1,8 @@
 //! [`Gpu`]: one opened CUDA device (context, stream, cuDNN, cuBLAS, the backend's kernels,
-//! the caching allocator and the parameters copied to it), and [`DevBuf`], an f32 buffer
-//! on it.
+//! the caching allocator and the parameters copied to it), and [`DevBuf`], a buffer of
+//! f32 or of activations on it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
@@ -14,12 +14,13 @@ use cudarc::driver::{
     sys::CUresult, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
     DriverError,
 };
+use half::bf16;
 
 use super::alloc::{CachingPool, PoolStats, RawAlloc};
 use super::conv::Convs;
 use super::kernels::Kernels;
 use super::train::{Tape, TrainParam};
-use crate::backend::device::GpuError;
+use crate::backend::device::{GpuError, Precision};
 
 /// A driver error as a [`GpuError`]: out of memory named as such, with what the
 /// allocation of `bytes` bytes was for.
@@ -109,11 +110,14 @@ impl RawAlloc for DriverAlloc {
 
 type Pool = Rc<RefCell<CachingPool<DriverAlloc>>>;
 
-/// `len` f32 values on the GPU, from the caching allocator (back to it when dropped).
+/// `len` values on the GPU, f32 or activations in the GPU's [`Precision`], from the
+/// caching allocator (back to it when dropped).
 pub struct DevBuf {
     slice: Option<CudaSlice<f32>>,
     class: usize,
     len: usize,
+    /// Bytes a value takes.
+    elem: usize,
     pool: Pool,
 }
 
@@ -126,19 +130,40 @@ impl DevBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// The whole block (the kernels take the length as an argument).
+    /// The whole block, whatever its values' type (the kernels take the length as an
+    /// argument).
     pub(super) fn slice(&self) -> &CudaSlice<f32> {
         self.slice.as_ref().expect("live buffer")
     }
     pub(super) fn slice_mut(&mut self) -> &mut CudaSlice<f32> {
         self.slice.as_mut().expect("live buffer")
     }
+    /// The `len` values of an f32 buffer.
     pub(super) fn view(&self) -> CudaView<'_, f32> {
-        self.slice.as_ref().expect("live buffer").slice(..self.len)
+        self.typed()
     }
     pub(super) fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+        self.typed_mut()
+    }
+    /// The `len` values as `T`, which must be the buffer's type (f32, or an activation's).
+    pub(super) fn typed<T>(&self) -> CudaView<'_, T> {
+        assert_eq!(
+            std::mem::size_of::<T>(),
+            self.elem,
+            "a buffer read as another type"
+        );
+        // SAFETY: the block holds len values of `elem` bytes, of type T as checked.
+        unsafe { self.slice().transmute::<T>(self.len) }.expect("the block holds len values")
+    }
+    pub(super) fn typed_mut<T>(&mut self) -> CudaViewMut<'_, T> {
+        assert_eq!(
+            std::mem::size_of::<T>(),
+            self.elem,
+            "a buffer written as another type"
+        );
         let len = self.len;
-        self.slice.as_mut().expect("live buffer").slice_mut(..len)
+        // SAFETY: as in `typed`.
+        unsafe { self.slice_mut().transmute_mut::<T>(len) }.expect("the block holds len values")
     }
 }
 
@@ -158,9 +183,10 @@ impl std::fmt::Debug for DevBuf {
     }
 }
 
-/// A convolution's weights with its eval-mode batch norm folded in, on the GPU.
+/// A convolution's weights with its eval-mode batch norm folded in, on the GPU: the
+/// weights in the activations' precision, the shift in f32.
 pub(super) struct FoldedConv {
-    pub(super) w: CudaSlice<f32>,
+    pub(super) w: DevBuf,
     pub(super) shift: CudaSlice<f32>,
 }
 
@@ -183,6 +209,7 @@ pub(super) struct Params {
 pub(super) struct Inner {
     pub(super) index: usize,
     pub(super) name: String,
+    pub(super) precision: Precision,
     pub(super) stream: Arc<CudaStream>,
     pub(super) blas: CudaBlas,
     pub(super) k: Kernels,
@@ -196,6 +223,10 @@ pub(super) struct Inner {
     pub(super) tape: RefCell<Tape>,
     /// The NCCL communicator of the GPUs' process group, once joined.
     pub(super) group: RefCell<Option<cudarc::nccl::Comm>>,
+    /// The size of the gradient buckets summed over the group.
+    pub(super) bucket_bytes: Cell<usize>,
+    /// Whether training-mode batch norms use the group's batch.
+    pub(super) sync_bn: Cell<bool>,
     pool: Pool,
 }
 
@@ -230,10 +261,18 @@ fn lib_names(lib: &str) -> String {
 }
 
 impl Gpu {
-    /// Opens GPU `index`: the driver, cuDNN, cuBLAS and NVRTC must load and the GPU must
-    /// exist; the backend's kernels are compiled for it. Every failure is an error naming
-    /// what is missing, never a panic.
+    /// Opens GPU `index` in fp32: the driver, cuDNN, cuBLAS and NVRTC must load and the
+    /// GPU must exist; the backend's kernels are compiled for it. Every failure is an error
+    /// naming what is missing, never a panic.
     pub fn open(index: usize) -> Result<Self, GpuError> {
+        Self::open_with(index, Precision::Fp32)
+    }
+
+    /// Opens GPU `index` (as [`Gpu::open`]) to compute in `precision`: with
+    /// [`Precision::Bf16`] every activation on it, and every activation's gradient, is
+    /// bfloat16 and the convolutions run on the tensor cores; weights, their gradients,
+    /// the optimiser and the batch-norm statistics stay f32.
+    pub fn open_with(index: usize, precision: Precision) -> Result<Self, GpuError> {
         let count = device_count()?;
         if index >= count {
             return Err(GpuError::NoDevice { index, count });
@@ -259,7 +298,7 @@ impl Gpu {
             let cudnn = Cudnn::new(stream.clone()).map_err(call_err("creating a cuDNN handle"))?;
             let blas =
                 CudaBlas::new(stream.clone()).map_err(call_err("creating a cuBLAS handle"))?;
-            let k = Kernels::load(&ctx)?;
+            let k = Kernels::load(&ctx, precision)?;
             let pool = Rc::new(RefCell::new(CachingPool::new(DriverAlloc {
                 stream: stream.clone(),
             })));
@@ -267,6 +306,7 @@ impl Gpu {
                 inner: Rc::new(Inner {
                     index,
                     name,
+                    precision,
                     stream,
                     blas,
                     k,
@@ -275,6 +315,8 @@ impl Gpu {
                     train: RefCell::new(HashMap::new()),
                     tape: RefCell::new(Tape::default()),
                     group: RefCell::new(None),
+                    bucket_bytes: Cell::new(crate::dist::DEFAULT_BUCKET_BYTES),
+                    sync_bn: Cell::new(false),
                     pool,
                 }),
             })
@@ -284,6 +326,11 @@ impl Gpu {
     /// The GPU's index.
     pub fn index(&self) -> usize {
         self.inner.index
+    }
+
+    /// The number format it computes in.
+    pub fn precision(&self) -> Precision {
+        self.inner.precision
     }
 
     /// The GPU's name as the driver reports it.
@@ -329,19 +376,32 @@ impl Gpu {
             .map_err(call_err("waiting for the GPU"))
     }
 
-    /// A buffer of `len` values, contents unset (the caller writes all of them). `what`
-    /// names it in an out-of-memory error.
-    pub(super) fn alloc(&self, len: usize, what: &str) -> Result<DevBuf, GpuError> {
-        let (slice, class) = self.inner.pool.borrow_mut().take(len * 4, what)?;
+    /// A buffer of `len` values of `elem` bytes, contents unset (the caller writes all of
+    /// them). `what` names it in an out-of-memory error.
+    fn alloc_elems(&self, len: usize, elem: usize, what: &str) -> Result<DevBuf, GpuError> {
+        // whole f32 words, so that the block is one f32 slice
+        let bytes = (len * elem).div_ceil(4) * 4;
+        let (slice, class) = self.inner.pool.borrow_mut().take(bytes, what)?;
         Ok(DevBuf {
             slice: Some(slice),
             class,
             len,
+            elem,
             pool: self.inner.pool.clone(),
         })
     }
 
-    /// `data` copied to a new buffer.
+    /// A buffer of `len` f32 values, contents unset (as [`Gpu::alloc_elems`]).
+    pub(super) fn alloc(&self, len: usize, what: &str) -> Result<DevBuf, GpuError> {
+        self.alloc_elems(len, 4, what)
+    }
+
+    /// A buffer of `len` activation values (the GPU's precision), contents unset.
+    pub(super) fn alloc_act(&self, len: usize, what: &str) -> Result<DevBuf, GpuError> {
+        self.alloc_elems(len, self.inner.precision.act_bytes(), what)
+    }
+
+    /// `data` copied to a new f32 buffer.
     pub(super) fn upload(&self, data: &[f32], what: &str) -> Result<DevBuf, GpuError> {
         let mut b = self.alloc(data.len(), what)?;
         self.inner
@@ -349,6 +409,38 @@ impl Gpu {
             .memcpy_htod(data, &mut b.view_mut())
             .map_err(|e| driver_err(e, what, data.len() * 4))?;
         Ok(b)
+    }
+
+    /// `data` copied to a new buffer of activations (rounded to bf16 on the host in
+    /// mixed precision).
+    pub(super) fn upload_act(&self, data: &[f32], what: &str) -> Result<DevBuf, GpuError> {
+        match self.inner.precision {
+            Precision::Fp32 => self.upload(data, what),
+            Precision::Bf16 => {
+                let half: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+                let mut b = self.alloc_act(data.len(), what)?;
+                self.inner
+                    .stream
+                    .memcpy_htod(&half, &mut b.typed_mut::<bf16>())
+                    .map_err(|e| driver_err(e, what, data.len() * 2))?;
+                Ok(b)
+            }
+        }
+    }
+
+    /// The values of a buffer of activations as f32, copied to the host.
+    pub(super) fn download_act(&self, b: &DevBuf) -> Result<Vec<f32>, GpuError> {
+        match self.inner.precision {
+            Precision::Fp32 => self.download(b),
+            Precision::Bf16 => Ok(self
+                .inner
+                .stream
+                .clone_dtoh(&b.typed::<bf16>())
+                .map_err(call_err("copying from the GPU"))?
+                .into_iter()
+                .map(bf16::to_f32)
+                .collect()),
+        }
     }
 
     /// `data` copied to a new plain device slice (parameters).

@@ -1,17 +1,20 @@
 //! Data parallelism across GPUs: the GPU joins a process group (one process per GPU, the
 //! group MPI's, say) as an NCCL communicator, and each training step then sums every
-//! gradient over the group on the GPU (one NCCL group call after the backward pass, on the
-//! GPU's stream) before the optimiser divides by the group's size, as DistributedDataParallel
-//! averages them.
+//! gradient over the group on the GPU, bucket by bucket while the backward pass goes on
+//! ([`GradSync`]), before the optimiser divides by the group's size, as
+//! DistributedDataParallel averages them.
 
+use std::collections::HashMap;
 use std::ffi::c_char;
+use std::ops::Range;
 
 use super::gpu::{call_err, guarded, Gpu};
 use super::train::Trained;
 use crate::backend::device::GpuError;
 use crate::dist::Collective;
 use crate::error::Result;
-use cudarc::nccl::{group_end, group_start, Comm, Id, ReduceOp};
+use cudarc::driver::DevicePtrMut;
+use cudarc::nccl::{group_end, group_start, Comm, Id, NcclType, ReduceOp};
 
 /// Whether NCCL's library can be loaded.
 pub fn nccl_present() -> bool {
@@ -80,12 +83,18 @@ impl Gpu {
                 msg: "rank 0 could not make an NCCL id".into(),
             });
         };
-        let stream = self.inner.stream.clone();
+        // the sums run on a stream of their own, beside the backward pass
+        let stream = self
+            .inner
+            .stream
+            .fork()
+            .map_err(call_err("creating the NCCL stream"))?;
         let comm = guarded("creating the NCCL communicator", || {
             Comm::from_rank(stream, rank, world, Id::uninit(internal))
                 .map_err(call_err("creating the NCCL communicator"))
         })?;
         *self.inner.group.borrow_mut() = Some(comm);
+        self.set_bucket_bytes(crate::dist::bucket_bytes());
         Ok(())
     }
 
@@ -98,15 +107,181 @@ impl Gpu {
             .map_or(1, Comm::world_size)
     }
 
-    /// Sums over the group the gradients of `params` (every rank lists the same ones in the
-    /// same order: [`Gpu::trained`]): the group's size, 1 outside a group.
-    pub(super) fn sum_gradients(&self, params: &[Trained]) -> Result<usize> {
+    /// The gradient sums of one training step over the group, for `params` (every rank
+    /// lists the same ones in the same order: [`Gpu::trained`]); nothing to do outside a
+    /// group.
+    pub(super) fn gradient_sync(&self, params: Vec<Trained>) -> GradSync<'_> {
+        let sizes: Vec<_> = params.iter().map(|t| (t.p.key, t.p.len * 4)).collect();
+        GradSync {
+            gpu: self,
+            joined: self.inner.group.borrow().is_some(),
+            world: self.group_world(),
+            plan: BucketPlan::new(&sizes, self.inner.bucket_bytes.get()),
+            params,
+        }
+    }
+
+    /// Makes training-mode batch norms use the whole group's batch (as `--sync-bn` on the
+    /// CPU and torch's SyncBatchNorm; every GPU's batch of the same size): the channel
+    /// sums of the statistics and of their backward are summed over the group. An error
+    /// before [`Gpu::join_group`].
+    pub fn set_sync_bn(&self, on: bool) -> Result<(), GpuError> {
+        if on && self.inner.group.borrow().is_none() {
+            return Err(GpuError::Call {
+                what: "synchronised batch norm".into(),
+                msg: "the GPU has not joined a group (Gpu::join_group)".into(),
+            });
+        }
+        self.inner.sync_bn.set(on);
+        Ok(())
+    }
+
+    /// Whether training-mode batch norms use the whole group's batch.
+    pub(super) fn syncs_bn(&self) -> bool {
+        self.inner.sync_bn.get()
+    }
+
+    /// Sums `buf` over the group in place, on the group's stream (the GPU's stream waits
+    /// for it through the buffer's events before it reads `buf` again).
+    pub(super) fn group_sum<T: NcclType>(&self, buf: &mut impl DevicePtrMut<T>) -> Result<()> {
         let group = self.inner.group.borrow();
-        // a group of one sums too: it is how a single GPU checks this path
         let Some(comm) = group.as_ref() else {
-            return Ok(1);
+            return Ok(());
         };
-        let mut grads: Vec<_> = params.iter().map(|t| t.p.grad().borrow_mut()).collect();
+        comm.all_reduce_in_place(buf, &ReduceOp::Sum)
+            .map(drop)
+            .map_err(call_err(
+                "summing batch-norm statistics over the GPUs (NCCL)",
+            ))?;
+        Ok(())
+    }
+
+    /// The size of the gradient buckets summed over a group of GPUs, in bytes (0: one
+    /// bucket, summed after the backward pass). [`Gpu::join_group`] sets the group's
+    /// ([`GroupConfig::bucket_bytes`](crate::dist::GroupConfig::bucket_bytes)).
+    pub fn set_bucket_bytes(&self, bytes: usize) {
+        self.inner.bucket_bytes.set(bytes);
+    }
+}
+
+/// Which gradients go in which bucket, and which buckets the backward pass has completed:
+/// DDP's buckets, filled from the last parameter back (the order the backward pass
+/// writes them) up to the cap, and handed out in order, so every rank sums the same
+/// buckets in the same order whatever order the gradients come in.
+#[derive(Debug)]
+pub struct BucketPlan {
+    /// Indices into the parameters, by bucket.
+    buckets: Vec<Vec<usize>>,
+    /// The bucket of each parameter not written yet, by key.
+    of: HashMap<usize, usize>,
+    /// Gradients each bucket still waits for.
+    pending: Vec<usize>,
+    /// The first bucket not handed out.
+    next: usize,
+}
+
+impl BucketPlan {
+    /// Buckets for parameters of `(key, bytes)`, in the model's order: a bucket is closed
+    /// once it holds `cap` bytes or more (0: one bucket).
+    pub fn new(params: &[(usize, usize)], cap: usize) -> Self {
+        let mut buckets: Vec<Vec<usize>> = Vec::new();
+        let mut bytes = 0;
+        for (i, &(_, size)) in params.iter().enumerate().rev() {
+            if buckets.is_empty() || (cap > 0 && bytes >= cap) {
+                buckets.push(Vec::new());
+                bytes = 0;
+            }
+            buckets.last_mut().expect("a bucket").push(i);
+            bytes += size;
+        }
+        let of = buckets
+            .iter()
+            .enumerate()
+            .flat_map(|(b, m)| m.iter().map(move |&i| (params[i].0, b)))
+            .collect();
+        let pending = buckets.iter().map(Vec::len).collect();
+        Self {
+            buckets,
+            of,
+            pending,
+            next: 0,
+        }
+    }
+
+    /// The buckets: indices into the parameters.
+    pub fn buckets(&self) -> &[Vec<usize>] {
+        &self.buckets
+    }
+
+    /// The gradients of the parameters with these keys are written (a key seen before,
+    /// or of no parameter, counts for nothing): the buckets now complete, in order.
+    pub fn written(&mut self, keys: &[usize]) -> Range<usize> {
+        for k in keys {
+            if let Some(b) = self.of.remove(k) {
+                self.pending[b] -= 1;
+            }
+        }
+        let first = self.next;
+        while self.next < self.buckets.len() && self.pending[self.next] == 0 {
+            self.next += 1;
+        }
+        first..self.next
+    }
+
+    /// Every bucket not handed out yet, in order (the backward pass is over).
+    pub fn rest(&mut self) -> Range<usize> {
+        let first = self.next;
+        self.next = self.buckets.len();
+        first..self.next
+    }
+}
+
+/// One training step's gradient sums over the GPUs' group, by the buckets of a
+/// [`BucketPlan`]: each bucket's NCCL sum is queued on the group's own stream as soon as
+/// the backward pass has written every gradient in it, so it runs while the GPU's stream
+/// goes on with the backward pass. (cudarc's event tracking orders the two streams: a sum
+/// waits for the kernels that wrote its gradients, the optimiser for the sum.)
+pub(super) struct GradSync<'a> {
+    gpu: &'a Gpu,
+    joined: bool,
+    world: usize,
+    plan: BucketPlan,
+    params: Vec<Trained>,
+}
+
+impl GradSync<'_> {
+    /// The backward operation that writes the gradients of the parameters with these keys
+    /// has run (or had nothing to do): sums the buckets that are now complete.
+    pub(super) fn written(&mut self, keys: &[usize]) -> Result<()> {
+        if self.joined {
+            for b in self.plan.written(keys) {
+                self.sum(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums the buckets left (gradients the backward pass did not reach are zeros), and
+    /// gives back the parameters and the group's size (1 outside a group).
+    pub(super) fn finish(mut self) -> Result<(Vec<Trained>, usize)> {
+        if self.joined {
+            for b in self.plan.rest() {
+                self.sum(b)?;
+            }
+        }
+        Ok((self.params, self.world))
+    }
+
+    /// Queues the sum of bucket `b`: one NCCL group call.
+    fn sum(&self, b: usize) -> Result<()> {
+        let group = self.gpu.inner.group.borrow();
+        let Some(comm) = group.as_ref() else {
+            return Ok(());
+        };
+        let mut grads: Vec<_> = self.plan.buckets[b]
+            .iter()
+            .map(|&i| self.params[i].p.grad().borrow_mut())
+            .collect();
         let err = call_err("summing the gradients over the GPUs (NCCL)");
         group_start().map_err(&err)?;
         let mut sent = Ok(());
@@ -120,6 +295,6 @@ impl Gpu {
         let ended = group_end();
         sent.map_err(&err)?;
         ended.map_err(&err)?;
-        Ok(comm.world_size())
+        Ok(())
     }
 }

@@ -1,22 +1,67 @@
 // The CUDA backend's own kernels, compiled by NVRTC when a GPU is opened (and in CI, so
-// an error here fails the build's tests). NCHW float32 throughout; every index that can
-// pass 2^31 is 64-bit. Each kernel is a grid-stride loop, so any grid size is correct.
+// an error here fails the build's tests). NCHW; every index that can pass 2^31 is 64-bit.
+// Each kernel is a grid-stride loop, so any grid size is correct.
+//
+// Activations and their gradients are `act_t`: float, or bfloat16 when compiled with
+// ACT_BF16 (mixed precision: the source is compiled once for the precision the GPU was
+// opened with). Parameters, their gradients, batch-norm statistics, pooled features and
+// logits are float in both, and every kernel computes in float.
+
+#ifdef ACT_BF16
+typedef unsigned short act_t;
+__device__ __forceinline__ float ld(act_t v) { return __uint_as_float(((unsigned)v) << 16); }
+// float -> bfloat16, rounded to nearest even; a NaN stays a (quiet) NaN
+__device__ __forceinline__ act_t st(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (act_t)((u >> 16) | 0x40u);
+    return (act_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#else
+typedef float act_t;
+__device__ __forceinline__ float ld(act_t v) { return v; }
+__device__ __forceinline__ act_t st(float f) { return f; }
+#endif
+
+// y = x in the activations' precision: a batch copied to the GPU as float.
+extern "C" __global__ void to_act(const float* __restrict__ x, act_t* __restrict__ y,
+                                  long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = st(x[i]);
+}
+
+// out += x: a weight's gradient from cuDNN's backward filter, in the activations'
+// precision, added to its float gradient.
+extern "C" __global__ void add_act_to_float(const act_t* __restrict__ x,
+                                            float* __restrict__ out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] += ld(x[i]);
+}
+// out = x, or out += x when accumulate: a float gradient (max pooling's, summed by
+// atomic adds) written to an activation's.
+extern "C" __global__ void float_to_act(const float* __restrict__ x, act_t* __restrict__ out,
+                                        long long n, int accumulate) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = st(accumulate ? ld(out[i]) + x[i] : x[i]);
+}
 
 // y[i] = act(y[i] + shift[channel of i] + (res ? res[i] : 0)): the epilogue of a
 // convolution whose batch norm is folded into its weights. act is a ReLU when relu != 0
 // (NaN passes through, as in PyTorch).
-extern "C" __global__ void bias_residual_act(float* __restrict__ y,
+extern "C" __global__ void bias_residual_act(act_t* __restrict__ y,
                                              const float* __restrict__ shift,
-                                             const float* __restrict__ res,
+                                             const act_t* __restrict__ res,
                                              int relu, long long total, int channels,
                                              long long plane) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         int c = (int)((i / plane) % channels);
-        float v = y[i] + shift[c];
-        if (res != nullptr) v += res[i];
+        float v = ld(y[i]) + shift[c];
+        if (res != nullptr) v += ld(res[i]);
         if (relu && v < 0.0f) v = 0.0f;
-        y[i] = v;
+        y[i] = st(v);
     }
 }
 
@@ -24,7 +69,7 @@ extern "C" __global__ void bias_residual_act(float* __restrict__ y,
 // of h×w into oh×ow, and in *at the index in x it came from: the first maximum; a NaN
 // wins (as in PyTorch), and padding never does (-1 for a window of padding only, whose
 // maximum is -inf).
-__device__ __forceinline__ float window_max(const float* __restrict__ x, long long i, int h,
+__device__ __forceinline__ float window_max(const act_t* __restrict__ x, long long i, int h,
                                             int w, int oh, int ow, int k, int s, int p,
                                             long long* at) {
     const int ox = (int)(i % ow);
@@ -38,7 +83,7 @@ __device__ __forceinline__ float window_max(const float* __restrict__ x, long lo
         for (int kx = 0; kx < k; ++kx) {
             int ix = ox * s - p + kx;
             if (ix < 0 || ix >= w) continue;
-            float v = x[base + iy * w + ix];
+            float v = ld(x[base + iy * w + ix]);
             if (arg < 0 || v > m || v != v) {
                 m = v;
                 arg = base + iy * w + ix;
@@ -54,26 +99,26 @@ __device__ __forceinline__ float window_max(const float* __restrict__ x, long lo
 }
 
 // Max pooling, square window k, stride s, padding p.
-extern "C" __global__ void max_pool2d(const float* __restrict__ x, float* __restrict__ y,
+extern "C" __global__ void max_pool2d(const act_t* __restrict__ x, act_t* __restrict__ y,
                                       long long planes, int h, int w, int oh, int ow, int k,
                                       int s, int p) {
     long long total = planes * oh * ow, at;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x)
-        y[i] = window_max(x, i, h, w, oh, ow, k, s, p, &at);
+        y[i] = st(window_max(x, i, h, w, oh, ow, k, s, p, &at));
 }
 
 // y[r] = mean of the `plane` values of row r (global average pooling: one row a channel
 // of an image). One warp a row.
-extern "C" __global__ void global_avg_pool(const float* __restrict__ x, float* __restrict__ y,
+extern "C" __global__ void global_avg_pool(const act_t* __restrict__ x, float* __restrict__ y,
                                            long long rows, int plane) {
     const int lane = threadIdx.x & 31;
     const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
     for (long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5; r < rows;
          r += warps) {
-        const float* src = x + r * plane;
+        const act_t* src = x + r * plane;
         float acc = 0.0f;
-        for (int j = lane; j < plane; j += 32) acc += src[j];
+        for (int j = lane; j < plane; j += 32) acc += ld(src[j]);
         for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
         if (lane == 0) y[r] = acc / (float)plane;
     }
@@ -116,7 +161,7 @@ __device__ __forceinline__ long long chan_index(long long j, int c, int channels
 
 // Batch statistics of z (n, channels, plane): mean and 1/sqrt(biased var + eps) per
 // channel, and the running statistics updated as PyTorch does (momentum, unbiased var).
-extern "C" __global__ void bn_stats(const float* __restrict__ z, float* __restrict__ mean,
+extern "C" __global__ void bn_stats(const act_t* __restrict__ z, float* __restrict__ mean,
                                     float* __restrict__ invstd, float* __restrict__ run_mean,
                                     float* __restrict__ run_var, int n, int channels,
                                     long long plane, double eps, double momentum) {
@@ -125,14 +170,14 @@ extern "C" __global__ void bn_stats(const float* __restrict__ z, float* __restri
     const long long m = (long long)n * plane;
     for (int c = blockIdx.x; c < channels; c += gridDim.x) {
         double s = 0.0;
-        for (long long j = threadIdx.x; j < m; j += blockDim.x) s += z[chan_index(j, c, channels, plane)];
+        for (long long j = threadIdx.x; j < m; j += blockDim.x) s += ld(z[chan_index(j, c, channels, plane)]);
         s = block_sum(s, shared);
         if (threadIdx.x == 0) mu_shared = s / (double)m;
         __syncthreads();
         const double mu = mu_shared;
         double q = 0.0;
         for (long long j = threadIdx.x; j < m; j += blockDim.x) {
-            double d = (double)z[chan_index(j, c, channels, plane)] - mu;
+            double d = (double)ld(z[chan_index(j, c, channels, plane)]) - mu;
             q += d * d;
         }
         q = block_sum(q, shared);
@@ -148,36 +193,77 @@ extern "C" __global__ void bn_stats(const float* __restrict__ z, float* __restri
     }
 }
 
+// Batch statistics over a group of GPUs (synchronised batch norm), in three steps with a
+// sum over the group after each of the first two. bn_moments: out[c] = Σ z over the
+// channel (sums null), or Σ (z − μ)² with μ = sums[c] / count (the group's mean).
+extern "C" __global__ void bn_moments(const act_t* __restrict__ z,
+                                      const double* __restrict__ sums, double count,
+                                      double* __restrict__ out, int n, int channels,
+                                      long long plane) {
+    __shared__ double shared[32];
+    const long long m = (long long)n * plane;
+    for (int c = blockIdx.x; c < channels; c += gridDim.x) {
+        const double mu = sums != nullptr ? sums[c] / count : 0.0;
+        double s = 0.0;
+        for (long long j = threadIdx.x; j < m; j += blockDim.x) {
+            double v = (double)ld(z[chan_index(j, c, channels, plane)]);
+            s += sums != nullptr ? (v - mu) * (v - mu) : v;
+        }
+        s = block_sum(s, shared);
+        if (threadIdx.x == 0) out[c] = s;
+    }
+}
+
+// bn_stats's results from the group's sums: the mean, 1/sqrt(biased var + eps) and the
+// running statistics (momentum, unbiased var) of `count` values a channel.
+extern "C" __global__ void bn_stats_finish(const double* __restrict__ sums,
+                                           const double* __restrict__ squares, double count,
+                                           float* __restrict__ mean,
+                                           float* __restrict__ invstd,
+                                           float* __restrict__ run_mean,
+                                           float* __restrict__ run_var, int channels,
+                                           double eps, double momentum) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < channels;
+         c += gridDim.x * blockDim.x) {
+        const double mu = sums[c] / count, var = squares[c] / count;
+        mean[c] = (float)mu;
+        invstd[c] = (float)(1.0 / sqrt(var + eps));
+        const double unbiased = count > 1.0 ? var * count / (count - 1.0) : var;
+        run_mean[c] = (float)((1.0 - momentum) * (double)run_mean[c] + momentum * mu);
+        run_var[c] = (float)((1.0 - momentum) * (double)run_var[c] + momentum * unbiased);
+    }
+}
+
 // y = act(gamma (z - mean) invstd + beta + res): training-mode batch norm's output.
-extern "C" __global__ void bn_apply(const float* __restrict__ z, float* __restrict__ y,
+extern "C" __global__ void bn_apply(const act_t* __restrict__ z, act_t* __restrict__ y,
                                     const float* __restrict__ mean,
                                     const float* __restrict__ invstd,
                                     const float* __restrict__ gamma,
                                     const float* __restrict__ beta,
-                                    const float* __restrict__ res, int relu, long long total,
+                                    const act_t* __restrict__ res, int relu, long long total,
                                     int channels, long long plane) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         int c = (int)((i / plane) % channels);
-        float v = (z[i] - mean[c]) * invstd[c] * gamma[c] + beta[c];
-        if (res != nullptr) v += res[i];
+        float v = (ld(z[i]) - mean[c]) * invstd[c] * gamma[c] + beta[c];
+        if (res != nullptr) v += ld(res[i]);
         if (relu && v < 0.0f) v = 0.0f;
-        y[i] = v;
+        y[i] = st(v);
     }
 }
 
 // The gradient reaching the batch norm: dy, through the ReLU when there is one (passed
 // where the output is positive, as PyTorch's threshold backward does).
-__device__ __forceinline__ float act_grad(const float* dy, const float* y, int relu,
+__device__ __forceinline__ float act_grad(const act_t* dy, const act_t* y, int relu,
                                           long long i) {
-    return (relu && !(y[i] > 0.0f)) ? 0.0f : dy[i];
+    return (relu && !(ld(y[i]) > 0.0f)) ? 0.0f : ld(dy[i]);
 }
 
 // Per channel: s1 = Σ g and s2 = Σ g·x̂ (g the gradient after the ReLU, x̂ the normalised
 // input), written to sums[c] and sums[channels + c] and added to β's and γ's gradients.
-extern "C" __global__ void bn_backward_reduce(const float* __restrict__ dy,
-                                              const float* __restrict__ y,
-                                              const float* __restrict__ z,
+extern "C" __global__ void bn_backward_reduce(const act_t* __restrict__ dy,
+                                              const act_t* __restrict__ y,
+                                              const act_t* __restrict__ z,
                                               const float* __restrict__ mean,
                                               const float* __restrict__ invstd, int relu,
                                               float* __restrict__ sums,
@@ -193,7 +279,7 @@ extern "C" __global__ void bn_backward_reduce(const float* __restrict__ dy,
             long long i = chan_index(j, c, channels, plane);
             float g = act_grad(dy, y, relu, i);
             s1 += g;
-            s2 += (double)g * (double)((z[i] - mu) * is);
+            s2 += (double)g * (double)((ld(z[i]) - mu) * is);
         }
         s1 = block_sum(s1, shared);
         s2 = block_sum(s2, shared);
@@ -208,14 +294,14 @@ extern "C" __global__ void bn_backward_reduce(const float* __restrict__ dy,
 
 // dz = γ·invstd·(g − s1/m − x̂·s2/m), the batch norm's input gradient (m = n·plane), and
 // dres (+)= g, the residual's, when dres is not null.
-extern "C" __global__ void bn_backward_apply(const float* __restrict__ dy,
-                                             const float* __restrict__ y,
-                                             const float* __restrict__ z,
+extern "C" __global__ void bn_backward_apply(const act_t* __restrict__ dy,
+                                             const act_t* __restrict__ y,
+                                             const act_t* __restrict__ z,
                                              const float* __restrict__ mean,
                                              const float* __restrict__ invstd,
                                              const float* __restrict__ gamma,
                                              const float* __restrict__ sums, int relu,
-                                             float* __restrict__ dz, float* __restrict__ dres,
+                                             act_t* __restrict__ dz, act_t* __restrict__ dres,
                                              int accumulate, long long total, int channels,
                                              long long plane, long long m) {
     const float inv_m = 1.0f / (float)m;
@@ -223,49 +309,49 @@ extern "C" __global__ void bn_backward_apply(const float* __restrict__ dy,
          i += (long long)gridDim.x * blockDim.x) {
         int c = (int)((i / plane) % channels);
         float g = act_grad(dy, y, relu, i);
-        float xhat = (z[i] - mean[c]) * invstd[c];
-        dz[i] = gamma[c] * invstd[c] * (g - sums[c] * inv_m - xhat * sums[channels + c] * inv_m);
-        if (dres != nullptr) dres[i] = accumulate ? dres[i] + g : g;
+        float xhat = (ld(z[i]) - mean[c]) * invstd[c];
+        dz[i] = st(gamma[c] * invstd[c] * (g - sums[c] * inv_m - xhat * sums[channels + c] * inv_m));
+        if (dres != nullptr) dres[i] = st(accumulate ? ld(dres[i]) + g : g);
     }
 }
 
 // The eval-mode (frozen) convolution's epilogue backward: dz = g (the shift has no
 // gradient that is kept) and dres (+)= g when dres is not null.
-extern "C" __global__ void act_backward(const float* __restrict__ dy,
-                                        const float* __restrict__ y, int relu,
-                                        float* __restrict__ dz, float* __restrict__ dres,
+extern "C" __global__ void act_backward(const act_t* __restrict__ dy,
+                                        const act_t* __restrict__ y, int relu,
+                                        act_t* __restrict__ dz, act_t* __restrict__ dres,
                                         int accumulate, long long total) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         float g = act_grad(dy, y, relu, i);
-        dz[i] = g;
-        if (dres != nullptr) dres[i] = accumulate ? dres[i] + g : g;
+        dz[i] = st(g);
+        if (dres != nullptr) dres[i] = st(accumulate ? ld(dres[i]) + g : g);
     }
 }
 
 // Max pooling's backward: each output's gradient added to the input its window took
-// (window_max's, as the forward). dx must hold its previous gradient or 0.
-extern "C" __global__ void max_pool2d_backward(const float* __restrict__ x,
-                                               const float* __restrict__ dy,
+// (window_max's, as the forward). dx, float (atomic adds), must hold 0 or what to add to.
+extern "C" __global__ void max_pool2d_backward(const act_t* __restrict__ x,
+                                               const act_t* __restrict__ dy,
                                                float* __restrict__ dx, long long planes, int h,
                                                int w, int oh, int ow, int k, int s, int p) {
     long long total = planes * oh * ow, at;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         window_max(x, i, h, w, oh, ow, k, s, p, &at);
-        if (at >= 0) atomicAdd(dx + at, dy[i]);
+        if (at >= 0) atomicAdd(dx + at, ld(dy[i]));
     }
 }
 
 // Global average pooling's backward: dx[r][j] (+)= dp[r] / plane.
 extern "C" __global__ void avg_pool_backward(const float* __restrict__ dp,
-                                             float* __restrict__ dx, long long rows, int plane,
+                                             act_t* __restrict__ dx, long long rows, int plane,
                                              int accumulate) {
     long long total = rows * plane;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         float g = dp[i / plane] / (float)plane;
-        dx[i] = accumulate ? dx[i] + g : g;
+        dx[i] = st(accumulate ? ld(dx[i]) + g : g);
     }
 }
 

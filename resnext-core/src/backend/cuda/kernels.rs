@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 
-use crate::backend::device::GpuError;
+use crate::backend::device::{GpuError, Precision};
 
 /// The CUDA C++ source of every kernel of the backend.
 pub const SOURCE: &str = include_str!("kernels.cu");
@@ -17,8 +17,9 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// [`SOURCE`] compiled to PTX by NVRTC. Needs no GPU, only NVRTC's library.
-pub fn compile() -> Result<Ptx, GpuError> {
+/// [`SOURCE`] compiled to PTX by NVRTC for activations in `precision`. Needs no GPU, only
+/// NVRTC's library.
+pub fn compile(precision: Precision) -> Result<Ptx, GpuError> {
     if !nvrtc_present() {
         return Err(GpuError::MissingLibrary {
             lib: "NVRTC",
@@ -31,6 +32,10 @@ pub fn compile() -> Result<Ptx, GpuError> {
         prec_div: Some(true),
         prec_sqrt: Some(true),
         name: Some("resnext_kernels.cu".into()),
+        options: match precision {
+            Precision::Fp32 => vec![],
+            Precision::Bf16 => vec!["-DACT_BF16".into()],
+        },
         ..Default::default()
     };
     compile_ptx_with_opts(SOURCE, opts).map_err(|e| GpuError::Compile {
@@ -54,9 +59,9 @@ macro_rules! kernels {
         }
 
         impl Kernels {
-            /// Compiles [`SOURCE`] and loads it into `ctx`.
-            pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Self, GpuError> {
-                let module = ctx.load_module(compile()?).map_err(|e| GpuError::Call {
+            /// Compiles [`SOURCE`] for `precision` and loads it into `ctx`.
+            pub(super) fn load(ctx: &Arc<CudaContext>, precision: Precision) -> Result<Self, GpuError> {
+                let module = ctx.load_module(compile(precision)?).map_err(|e| GpuError::Call {
                     what: "loading the compiled kernels".into(),
                     msg: e.to_string(),
                 })?;
@@ -75,11 +80,16 @@ macro_rules! kernels {
 }
 
 kernels! {
+    to_act,
+    add_act_to_float,
+    float_to_act,
     bias_residual_act,
     max_pool2d,
     global_avg_pool,
     add_bias_rows,
     bn_stats,
+    bn_moments,
+    bn_stats_finish,
     bn_apply,
     bn_backward_reduce,
     bn_backward_apply,

@@ -19,6 +19,13 @@
 //! training copies of the parameters, which [`Gpu::sync_to_host`] copies back to the host
 //! model.
 //!
+//! Mixed precision ([`Gpu::open_with`] and [`Precision::Bf16`]): the kernels are compiled
+//! with bf16 activations, so every activation and activation gradient takes half the
+//! memory and the convolutions run in cuDNN's bf16 configuration on the tensor cores
+//! (accumulating in f32); the batch-norm statistics, the weights, their gradients (cuDNN's
+//! bf16 weight gradient is added to the f32 one), the optimiser and the classifier stay
+//! f32, and each training weight is converted to bf16 for the convolution that reads it.
+//!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use dfdx::prelude::*;
@@ -52,12 +59,13 @@ mod group;
 pub mod kernels;
 mod train;
 
+pub use crate::backend::device::Precision;
 pub use alloc::{
     size_class, CachingPool, PoolStats, RawAlloc, LARGE_ROUND, SMALL_LIMIT, SMALL_ROUND,
 };
 pub use conv::{workspace_growth, ConvDims};
 pub use gpu::{device_count, driver_present, DevBuf, Gpu};
-pub use group::{id_as_values, id_from_values, nccl_present};
+pub use group::{id_as_values, id_from_values, nccl_present, BucketPlan};
 
 use std::rc::Rc;
 
@@ -65,6 +73,7 @@ use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::PushKernelArg;
 use dfdx::prelude::*;
 
+use self::conv::ConvW;
 use self::gpu::{call_err, raw, FoldedConv, GpuLinear};
 use self::kernels::grid_for;
 use super::{param_key, Backend};
@@ -135,7 +144,7 @@ impl Gpu {
                 ),
             ));
         }
-        let buf = self.upload(x, &format!("an input batch of {n}"))?;
+        let buf = self.upload_act(x, &format!("an input batch of {n}"))?;
         Ok(CudaAct {
             buf: Rc::new(buf),
             dims: [n, h, w],
@@ -143,9 +152,10 @@ impl Gpu {
         })
     }
 
-    /// The values of an activation, `(n, C, h, w)` row-major, copied to the host.
+    /// The values of an activation, `(n, C, h, w)` row-major, copied to the host (as f32
+    /// in either precision).
     pub fn activation<const C: usize>(&self, x: &CudaAct<C>) -> Result<Vec<f32>> {
-        Ok(self.download(&x.buf)?)
+        Ok(self.download_act(&x.buf)?)
     }
 
     /// The values of `(rows, cols)` logits, row-major, copied to the host.
@@ -165,7 +175,7 @@ impl Gpu {
         }
         let (w, shift) = folded_weights(conv.weight(), bn.eval_ref(), BnConfig::default().eps);
         let f = Rc::new(FoldedConv {
-            w: self.upload_param(&w)?,
+            w: self.upload_act(&w, "model parameters")?,
             shift: self.upload_param(&shift)?,
         });
         self.inner.params.borrow_mut().convs.insert(key, f.clone());
@@ -251,17 +261,11 @@ impl Backend for Gpu {
         let (g, d) = conv_shape("conv_bn_eval", &x, conv, &residual)?;
         let (oh, ow) = (g.out_h(), g.out_w());
         let f = self.folded(conv, bn)?;
-        let mut y = self.alloc(
+        let mut y = self.alloc_act(
             g.output_len(),
             &format!("a convolution output at batch {n}"),
         )?;
-        self.inner.convs.borrow_mut().forward(
-            &self.inner.stream,
-            &d,
-            &x.buf.view(),
-            &f.w,
-            &mut y.view_mut(),
-        )?;
+        self.conv_forward(&d, &x.buf, ConvW::Act(&f.w), &mut y)?;
         let total = g.output_len() as i64;
         let (relu, channels, plane) = (i32::from(relu), int(O, "channels")?, (oh * ow) as i64);
         let res_ptr = raw(self, residual.as_ref().map(|r| &*r.buf));
@@ -305,7 +309,7 @@ impl Backend for Gpu {
         }
         let (oh, ow) = ((h + 2 * P - K) / S + 1, (w + 2 * P - K) / S + 1);
         let len = n * C * oh * ow;
-        let mut y = self.alloc(len, &format!("a max-pool output at batch {n}"))?;
+        let mut y = self.alloc_act(len, &format!("a max-pool output at batch {n}"))?;
         let planes = (n * C) as i64;
         let hw = [
             int(h, "height")?,
@@ -414,6 +418,7 @@ impl Backend for Gpu {
         drop(refs);
         let id = match train {
             Some((w, b)) => {
+                let writes = vec![w.key, b.key];
                 let saved = train::ClassifySaved {
                     pooled: pooled.buf,
                     x_id,
@@ -423,7 +428,7 @@ impl Backend for Gpu {
                     w,
                     b,
                 };
-                self.record(move |gpu, dy, grads| saved.backward(gpu, dy, grads))
+                self.record_writing(writes, move |gpu, dy, grads| saved.backward(gpu, dy, grads))
             }
             None => 0,
         };

@@ -14,9 +14,11 @@ use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use dfdx::prelude::*;
 
+use super::conv::ConvW;
 use super::gpu::{call_err, driver_err, raw, DevBuf, FoldedConv, Gpu};
 use super::kernels::{grid_for, BLOCK};
 use super::{int, ConvDims, CudaAct, CudaLogits};
+use crate::backend::device::Precision;
 use crate::backend::{param_key, TrainBackend};
 use crate::error::{Error, Result};
 use crate::model::TrainOutput;
@@ -45,7 +47,9 @@ pub(crate) struct TrainParam {
     slots: RefCell<Vec<CudaSlice<f32>>>,
     /// Whether the SGD momentum has not been set yet (it starts as the first gradient).
     fresh: Cell<bool>,
-    len: usize,
+    pub(super) len: usize,
+    /// The host tensor's [`param_key`].
+    pub(super) key: usize,
 }
 
 impl TrainParam {
@@ -59,12 +63,16 @@ impl TrainParam {
 /// gradients of its inputs to `Grads` and of its parameters to theirs.
 type BackwardOp = Box<dyn FnOnce(&Gpu, DevBuf, &mut Grads) -> Result<()>>;
 
+/// A recorded backward operation: the id of the activation it takes the gradient of, the
+/// operation, and the keys of the parameters whose gradients it writes.
+type TapeOp = (u64, BackwardOp, Vec<usize>);
+
 /// The backward operations of a forward pass, in the order their forwards ran.
 #[derive(Default)]
 pub(crate) struct Tape {
     recording: bool,
     next_id: u64,
-    ops: Vec<(u64, BackwardOp)>,
+    ops: Vec<TapeOp>,
 }
 
 /// The gradients of the activations reached so far in a backward pass, by activation id.
@@ -85,11 +93,11 @@ impl Grads {
     ) -> Result<(&mut DevBuf, bool)> {
         let existed = self.map.contains_key(&id);
         if !existed {
-            let mut b = gpu.alloc(len, "an activation's gradient")?;
+            let mut b = gpu.alloc_act(len, "an activation's gradient")?;
             if zero {
                 gpu.inner
                     .stream
-                    .memset_zeros(&mut b.view_mut())
+                    .memset_zeros(b.slice_mut())
                     .map_err(call_err("zeroing a gradient"))?;
             }
             self.map.insert(id, b);
@@ -121,13 +129,23 @@ impl Gpu {
         &self,
         op: impl FnOnce(&Gpu, DevBuf, &mut Grads) -> Result<()> + 'static,
     ) -> u64 {
+        self.record_writing(Vec::new(), op)
+    }
+
+    /// [`Gpu::record`] for an op that writes the gradients of the parameters with these
+    /// [keys](TrainParam::key).
+    pub(super) fn record_writing(
+        &self,
+        keys: Vec<usize>,
+        op: impl FnOnce(&Gpu, DevBuf, &mut Grads) -> Result<()> + 'static,
+    ) -> u64 {
         let mut t = self.inner.tape.borrow_mut();
         if !t.recording {
             return 0;
         }
         t.next_id += 1;
         let id = t.next_id;
-        t.ops.push((id, Box::new(op)));
+        t.ops.push((id, Box::new(op), keys));
         id
     }
 
@@ -160,9 +178,26 @@ impl Gpu {
             slots: RefCell::new(Vec::new()),
             fresh: Cell::new(true),
             len: v.len(),
+            key,
         });
         self.inner.train.borrow_mut().insert(key, p.clone());
         Ok(p)
+    }
+
+    /// The weights of `p` in bf16 for a mixed-precision convolution (converted from the
+    /// f32 training copy at each use, so they follow its updates); none in fp32, where the
+    /// convolution reads the training copy itself.
+    fn act_weights(&self, p: &TrainParam) -> Result<Option<DevBuf>> {
+        if self.precision() == Precision::Fp32 {
+            return Ok(None);
+        }
+        let mut b = self.alloc_act(p.len, "a convolution's weights in bf16")?;
+        let (n, value) = (p.len as i64, p.value.borrow());
+        // SAFETY: the training copy and b hold n values.
+        launch!(self, to_act, grid_for(p.len), "the weight conversion kernel";
+            &*value, b.slice_mut(), &n)?;
+        drop(value);
+        Ok(Some(b))
     }
 
     /// The gradient of the parameter `t` from the last training step on this GPU (none
@@ -262,12 +297,17 @@ impl Gpu {
             grads.map.insert(logits.id, dlogits);
         }
         drop(logits);
-        for (id, op) in ops.into_iter().rev() {
+        // in a group of GPUs, each bucket of gradients is summed as soon as the backward
+        // pass has written it
+        let mut sync = self.gradient_sync(self.trained(net, &opt.cfg)?);
+        for (id, op, writes) in ops.into_iter().rev() {
             if let Some(dy) = grads.map.remove(&id) {
                 op(self, dy, &mut grads)?;
             }
+            sync.written(&writes)?;
         }
-        let grad_norm = self.update(net, opt)?;
+        let (params, world) = sync.finish()?;
+        let grad_norm = self.update(&params, world, opt)?;
         Ok(TrainOutput {
             loss,
             logits: values,
@@ -370,21 +410,19 @@ impl Gpu {
         Ok(c.out)
     }
 
-    /// `opt`'s update of every trainable parameter of `net` that has a training copy,
-    /// from its gradient; the gradients' global norm when the optimiser clips.
-    fn update<M: Params>(&self, net: &M, opt: &mut Optimizer) -> Result<Option<f32>> {
+    /// `opt`'s update of `params` from their gradients, summed over a group of `world`
+    /// GPUs (divided by it here, in the update's gradient scale and in the norm); the
+    /// gradients' global norm when the optimiser clips.
+    fn update(&self, params: &[Trained], world: usize, opt: &mut Optimizer) -> Result<Option<f32>> {
         let cfg = opt.cfg.clone();
-        let params = self.trained(net, &cfg)?;
         let stream = &self.inner.stream;
-        // in a group of GPUs: the gradients summed over it, divided by its size below (in
-        // the update's gradient scale and in the norm)
-        let avg = 1.0 / self.sum_gradients(&params)? as f64;
+        let avg = 1.0 / world as f64;
         let (scale, norm) = match cfg.clip_grad_norm {
             Some(max) => {
                 let mut sum = stream
                     .alloc_zeros::<f64>(1)
                     .map_err(|e| driver_err(e, "the gradient norm", 8))?;
-                for t in &params {
+                for t in params {
                     let g = t.p.grad().borrow();
                     let len = t.p.len as i64;
                     // SAFETY: g holds len values, sum one.
@@ -410,7 +448,7 @@ impl Gpu {
         };
         let scale = scale as f32;
         let step = opt.advance();
-        for t in &params {
+        for t in params {
             let (p, lr, decay) = (&t.p, t.lr, t.decay);
             let mut st = p.slots.borrow_mut();
             // the state a resumed optimiser brings, else zeros
@@ -473,6 +511,8 @@ struct ConvBnSaved {
     mean: DevBuf,
     invstd: DevBuf,
     w: Rc<TrainParam>,
+    /// The weights in bf16 the forward ran with (mixed precision only).
+    w_act: Option<DevBuf>,
     gamma: Rc<TrainParam>,
     beta: Rc<TrainParam>,
     d: ConvDims,
@@ -480,6 +520,10 @@ struct ConvBnSaved {
     res_id: u64,
     channels: usize,
     plane: usize,
+    /// Whether the statistics are the group's (synchronised batch norm), and over how
+    /// many GPUs' batches (1 otherwise).
+    synced: bool,
+    world: usize,
 }
 
 impl ConvBnSaved {
@@ -499,10 +543,15 @@ impl ConvBnSaved {
                 self.invstd.slice(), &relu, sums.slice_mut(), &mut *dgamma, &mut *dbeta,
                 &n, &channels, &plane)?;
         }
-        let mut dz = gpu.alloc(len, "a convolution's output gradient")?;
+        if self.synced {
+            // the input gradient needs the group's sums of g and g·x̂ (γ's and β's
+            // gradients above keep this GPU's share: the gradient sums add them up)
+            gpu.group_sum(&mut sums.view_mut())?;
+        }
+        let mut dz = gpu.alloc_act(len, "a convolution's output gradient")?;
         {
             let (res_ptr, acc) = grads.residual(gpu, self.res_id, len)?;
-            let (total, m) = (len as i64, len as i64 / self.channels as i64);
+            let (total, m) = (len as i64, (len / self.channels * self.world) as i64);
             let gamma = self.gamma.value.borrow();
             // SAFETY: as above; dz and the residual's gradient hold len values.
             launch!(gpu, bn_backward_apply, grid_for(len), "the batch-norm backward kernel";
@@ -511,23 +560,15 @@ impl ConvBnSaved {
                 &res_ptr, &acc, &total, &channels, &plane, &m)?;
         }
         drop((dy, self.z, self.y));
-        let stream = &gpu.inner.stream;
-        let mut convs = gpu.inner.convs.borrow_mut();
-        {
-            let mut dw = self.w.grad().borrow_mut();
-            convs.backward_filter(stream, &self.d, &self.x.view(), &dz.view(), &mut *dw, true)?;
-        }
+        gpu.conv_backward_filter(&self.d, &self.x, &dz, &mut self.w.grad().borrow_mut())?;
         if self.x_id != 0 {
             let (dx, existed) = grads.slot(gpu, self.x_id, self.x.len(), false)?;
             let w = self.w.value.borrow();
-            convs.backward_data(
-                stream,
-                &self.d,
-                &*w,
-                &dz.view(),
-                &mut dx.view_mut(),
-                existed,
-            )?;
+            let w = match &self.w_act {
+                Some(b) => ConvW::Act(b),
+                None => ConvW::F32(&w),
+            };
+            gpu.conv_backward_data(&self.d, w, &dz, dx, existed)?;
         }
         Ok(())
     }
@@ -552,26 +593,54 @@ impl TrainBackend for Gpu {
         let run_var = self.train_param(&bn.running_var, false)?;
         let len = g.output_len();
         let what = format!("a convolution output at batch {n}");
-        let mut z = self.alloc(len, &what)?;
-        self.inner.convs.borrow_mut().forward(
-            &self.inner.stream,
-            &d,
-            &x.buf.view(),
-            &*w.value.borrow(),
-            &mut z.view_mut(),
-        )?;
+        let mut z = self.alloc_act(len, &what)?;
+        let w_act = self.act_weights(&w)?;
+        {
+            let wv = w.value.borrow();
+            let wc = match &w_act {
+                Some(b) => ConvW::Act(b),
+                None => ConvW::F32(&wv),
+            };
+            self.conv_forward(&d, &x.buf, wc, &mut z)?;
+        }
         let mut mean = self.alloc(O, "batch-norm statistics")?;
         let mut invstd = self.alloc(O, "batch-norm statistics")?;
         let cfg = BnConfig::default();
         let (ni, channels, plane) = (int(n, "batch")?, int(O, "channels")?, (oh * ow) as i64);
+        // synchronised batch norm: the statistics of the whole group's batch (every GPU's
+        // of the same size, as on the CPU)
+        let synced = self.syncs_bn();
+        let world = if synced { self.group_world() } else { 1 };
         {
             let (mut rm, mut rv) = (run_mean.value.borrow_mut(), run_var.value.borrow_mut());
-            // SAFETY: z holds n·O·plane values; mean, invstd and the running statistics O.
-            launch!(self, bn_stats, per_channel(O), "the batch-norm statistics kernel";
-                z.slice(), mean.slice_mut(), invstd.slice_mut(), &mut *rm, &mut *rv,
-                &ni, &channels, &plane, &cfg.eps, &cfg.momentum)?;
+            if !synced {
+                // SAFETY: z holds n·O·plane values; mean, invstd and the running
+                // statistics O.
+                launch!(self, bn_stats, per_channel(O), "the batch-norm statistics kernel";
+                    z.slice(), mean.slice_mut(), invstd.slice_mut(), &mut *rm, &mut *rv,
+                    &ni, &channels, &plane, &cfg.eps, &cfg.momentum)?;
+            } else {
+                let count = (len / O * world) as f64;
+                let stream = &self.inner.stream;
+                let alloc = || {
+                    stream
+                        .alloc_zeros::<f64>(O)
+                        .map_err(|e| driver_err(e, "batch-norm statistics", O * 8))
+                };
+                let (mut sums, mut squares, null) = (alloc()?, alloc()?, 0u64);
+                // SAFETY (all three): z holds n·O·plane values, the sums O each.
+                launch!(self, bn_moments, per_channel(O), "the batch-norm statistics kernel";
+                    z.slice(), &null, &count, &mut sums, &ni, &channels, &plane)?;
+                self.group_sum(&mut sums)?;
+                launch!(self, bn_moments, per_channel(O), "the batch-norm statistics kernel";
+                    z.slice(), &sums, &count, &mut squares, &ni, &channels, &plane)?;
+                self.group_sum(&mut squares)?;
+                launch!(self, bn_stats_finish, grid_for(O), "the batch-norm statistics kernel";
+                    &sums, &squares, &count, mean.slice_mut(), invstd.slice_mut(), &mut *rm,
+                    &mut *rv, &channels, &cfg.eps, &cfg.momentum)?;
+            }
         }
-        let mut y = self.alloc(len, &what)?;
+        let mut y = self.alloc_act(len, &what)?;
         {
             let res_ptr = raw(self, residual.as_ref().map(|r| &*r.buf));
             let (relu_i, total) = (i32::from(relu), len as i64);
@@ -591,6 +660,7 @@ impl TrainBackend for Gpu {
             mean,
             invstd,
             w,
+            w_act,
             gamma,
             beta,
             d,
@@ -598,9 +668,12 @@ impl TrainBackend for Gpu {
             res_id: residual.as_ref().map_or(0, |r| r.id),
             channels: O,
             plane: oh * ow,
+            synced,
+            world,
         };
         drop(residual);
-        let id = self.record(move |gpu, dy, grads| saved.backward(gpu, dy, grads));
+        let writes = vec![saved.w.key, saved.gamma.key, saved.beta.key];
+        let id = self.record_writing(writes, move |gpu, dy, grads| saved.backward(gpu, dy, grads));
         Ok(CudaAct {
             buf: y,
             dims: [n, oh, ow],
@@ -634,7 +707,7 @@ pub(super) struct EvalConvSaved {
 impl EvalConvSaved {
     pub(super) fn backward(self, gpu: &Gpu, dy: DevBuf, grads: &mut Grads) -> Result<()> {
         let len = dy.len();
-        let mut dz = gpu.alloc(len, "a convolution's output gradient")?;
+        let mut dz = gpu.alloc_act(len, "a convolution's output gradient")?;
         {
             let (res_ptr, acc) = grads.residual(gpu, self.res_id, len)?;
             let (relu, total) = (i32::from(self.relu), len as i64);
@@ -644,14 +717,7 @@ impl EvalConvSaved {
         }
         if self.x_id != 0 {
             let (dx, existed) = grads.slot(gpu, self.x_id, self.x_len, false)?;
-            gpu.inner.convs.borrow_mut().backward_data(
-                &gpu.inner.stream,
-                &self.d,
-                &self.w.w,
-                &dz.view(),
-                &mut dx.view_mut(),
-                existed,
-            )?;
+            gpu.conv_backward_data(&self.d, ConvW::Act(&self.w.w), &dz, dx, existed)?;
         }
         Ok(())
     }
@@ -670,11 +736,37 @@ pub(super) struct MaxPoolSaved {
 
 impl MaxPoolSaved {
     pub(super) fn backward(self, gpu: &Gpu, dy: DevBuf, grads: &mut Grads) -> Result<()> {
-        let (dx, _) = grads.slot(gpu, self.x_id, self.x.len(), true)?;
         let ([h, w, oh, ow], [k, s, p]) = (&self.hw, &self.ksp);
-        // SAFETY: x and dx hold planes·h·w values, dy planes·oh·ow.
-        launch!(gpu, max_pool2d_backward, grid_for(dy.len()), "the max-pool backward kernel";
-            self.x.slice(), dy.slice(), dx.slice_mut(), &self.planes, h, w, oh, ow, k, s, p)?;
+        let len = self.x.len();
+        // the kernel adds in f32 (atomically): to the gradient itself in fp32, to a
+        // zeroed f32 scratch written to it after in bf16
+        let mut scratch = match gpu.precision() {
+            Precision::Fp32 => None,
+            Precision::Bf16 => {
+                let mut b = gpu.alloc(len, "max pooling's input gradient")?;
+                gpu.inner
+                    .stream
+                    .memset_zeros(b.slice_mut())
+                    .map_err(call_err("zeroing a gradient"))?;
+                Some(b)
+            }
+        };
+        let (dx, existed) = grads.slot(gpu, self.x_id, len, scratch.is_none())?;
+        {
+            let target = match &mut scratch {
+                Some(b) => b.slice_mut(),
+                None => dx.slice_mut(),
+            };
+            // SAFETY: x and the target hold planes·h·w values, dy planes·oh·ow.
+            launch!(gpu, max_pool2d_backward, grid_for(dy.len()), "the max-pool backward kernel";
+                self.x.slice(), dy.slice(), target, &self.planes, h, w, oh, ow, k, s, p)?;
+        }
+        if let Some(b) = scratch {
+            let (n, acc) = (len as i64, i32::from(existed));
+            // SAFETY: the scratch and dx hold len values.
+            launch!(gpu, float_to_act, grid_for(len), "the max-pool backward kernel";
+                b.slice(), dx.slice_mut(), &n, &acc)?;
+        }
         Ok(())
     }
 }
