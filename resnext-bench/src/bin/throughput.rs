@@ -28,8 +28,8 @@ struct Args {
     #[arg(long, default_value_t = 224)]
     size: usize,
     /// eval (forward with running statistics) or train (forward, backward, SGD update).
-    #[arg(long, default_value = "eval")]
-    mode: String,
+    #[arg(long, value_enum, default_value_t = Mode::Eval)]
+    mode: Mode,
     /// Timed iterations (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -54,8 +54,53 @@ struct Args {
     bucket_mb: f32,
 }
 
-fn main() -> Result<()> {
-    let a = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", resnext_train::error_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a step measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Mode {
+    /// The forward pass with running statistics.
+    Eval,
+    /// Forward, backward and an SGD update.
+    Train,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Eval => "eval",
+            Mode::Train => "train",
+        })
+    }
+}
+
+impl Args {
+    /// Every flag against its range; the error names the flag and the range.
+    fn validate(&self) -> Result<()> {
+        let within = |flag: &str, v: usize, lo: usize, hi: usize| {
+            if !(lo..=hi).contains(&v) {
+                bail!("--{flag} {v} is out of range: {lo} to {hi}");
+            }
+            Ok(())
+        };
+        within("batch", self.batch, 1, 65_536)?;
+        resnext_train::data::check_size("size", Some(self.size))?;
+        within("iters", self.iters, 1, 100_000)?;
+        within("threads", self.threads, 0, 1024)?;
+        Ok(())
+    }
+}
+
+fn run(a: Args) -> Result<()> {
+    a.validate()?;
     resnext_core::keep_freed_memory();
     // under mpirun: each training step averages its gradients over the group
     #[cfg(feature = "mpi")]
@@ -93,17 +138,16 @@ fn main() -> Result<()> {
         ..Default::default()
     });
     let mut step = || -> Result<()> {
-        match a.mode.as_str() {
+        match a.mode {
             // on a GPU the logits come back to the host: the time includes the copies
-            "eval" => {
+            Mode::Eval => {
                 device.forward_eval(&*net, x.clone(), shape)?;
             }
             // the loss comes back to the host each step, so a GPU's time is the whole step
-            "train" => {
+            Mode::Train => {
                 let targets = Targets::hard(&labels, 0.0);
                 device.train_step(net.as_mut(), x.clone(), shape, targets, &mut opt)?;
             }
-            m => bail!("unknown mode `{m}`; valid: eval, train"),
         }
         Ok(())
     };
