@@ -28,5 +28,5 @@ strip "$out"/bin/*
 # stripped they are still about 20 MiB each (cudarc's bindings, gemm's kernels): gzip
 # makes the folder a quarter of that; gpu_run.sh unpacks them
 gzip -9 "$out"/bin/*
-cp tools/gpu_run.sh "$out/"
+cp tools/gpu_run.sh tools/gpu_torch_throughput.py "$out/"
 du -sh "$out"

@@ -69,44 +69,7 @@ done
     for case in "fp32 eval 64" "fp32 eval 256" "fp32 train 64" "fp32 train 256" "bf16 eval 256" "bf16 train 256"; do
         read -r prec mode b <<< "$case"
         ours=$(timeout 150 "$bin/throughput" --device cuda --precision "$prec" --mode "$mode" --batch "$b" --iters 10 2>&1 | awk '/^img\/s:/ {print $2} /rror/ {print}' | tail -1)
-        theirs=$(timeout 150 $py - "$mode" "$b" "$prec" <<'PY' 2>&1 | tail -1
-import contextlib, sys, time, torch, torchvision
-mode, b, prec = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if prec == "bf16" else contextlib.nullcontext
-torch.backends.cudnn.benchmark = True
-torch.backends.cudnn.allow_tf32 = False
-torch.backends.cuda.matmul.allow_tf32 = False
-res = []
-for cl in (False, True):
-    m = torchvision.models.resnext50_32x4d().cuda()
-    x = torch.randn(b, 3, 224, 224, device="cuda")
-    y = torch.arange(b, device="cuda") % 1000
-    if cl:
-        m = m.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
-    m.train(mode == "train")
-    ts = []
-    for i in range(13):
-        torch.cuda.synchronize(); t = time.time()
-        if mode == "train":
-        opt.zero_grad(set_to_none=True)
-        with amp():
-            loss = torch.nn.functional.cross_entropy(m(x), y)
-        loss.backward()
-        opt.step()
-        loss.item()
-        else:
-        with torch.no_grad(), amp():
-            m(x).float().cpu()
-        torch.cuda.synchronize(); ts.append(time.time() - t)
-    ts = sorted(ts[3:])
-    res.append(f"{b / ts[len(ts) // 2]:.1f}")
-    del m, x, opt
-    torch.cuda.empty_cache()
-print(" | ".join(res))
-PY
-)
+        theirs=$(timeout 150 $py "$here/gpu_torch_throughput.py" "$mode" "$b" "$prec" 2>&1 | tail -1)
         echo "| $prec | $mode | $b | ${ours:-failed} | $theirs |"
     done
 } > "$report" 2>&1
