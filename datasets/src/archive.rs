@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use crate::DataError;
 
-fn read_err(path: &Path, source: std::io::Error) -> DataError {
+fn read_err(path: &Path, error: std::io::Error) -> DataError {
     DataError::Read {
         path: path.into(),
-        source,
+        error,
     }
 }
 

@@ -183,7 +183,7 @@ pub fn load(kind: Cifar, dir: &Path, split: Split) -> Result<InMemory, DataError
         if !archive.exists() {
             return Err(DataError::Read {
                 path: dir.join(kind.folder()),
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     format!(
                         "neither `{}` nor `{}` is here; pass --download to fetch it",

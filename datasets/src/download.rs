@@ -101,16 +101,16 @@ fn hex(bytes: &[u8]) -> String {
 
 /// MD5 of a file, hex.
 pub fn md5_file(path: &Path) -> Result<String, DataError> {
-    let mut f = std::fs::File::open(path).map_err(|source| DataError::Read {
+    let mut f = std::fs::File::open(path).map_err(|error| DataError::Read {
         path: path.into(),
-        source,
+        error,
     })?;
     let mut h = Md5::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f.read(&mut buf).map_err(|source| DataError::Read {
+        let n = f.read(&mut buf).map_err(|error| DataError::Read {
             path: path.into(),
-            source,
+            error,
         })?;
         if n == 0 {
             break;
@@ -123,9 +123,9 @@ pub fn md5_file(path: &Path) -> Result<String, DataError> {
 /// Downloads every file that is missing (or whose checksum is wrong) from `base` into `dir`.
 /// Returns how many files were fetched.
 pub fn fetch_all(base: &str, files: &[Remote], dir: &Path) -> Result<usize, DataError> {
-    std::fs::create_dir_all(dir).map_err(|source| DataError::Read {
+    std::fs::create_dir_all(dir).map_err(|error| DataError::Read {
         path: dir.into(),
-        source,
+        error,
     })?;
     let mut fetched = 0;
     for r in files {
@@ -207,9 +207,9 @@ pub fn fetch(url: &str, md5: &str, max_bytes: u64, dest: &Path) -> Result<(), Da
         Ok(())
     })
     .map_err(|stop| match stop {
-        Stop::Io(source) => DataError::Read {
+        Stop::Io(error) => DataError::Read {
             path: dest.into(),
-            source,
+            error,
         },
         Stop::Bad(e) => e,
     })

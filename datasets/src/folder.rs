@@ -36,7 +36,7 @@ impl ImageFolder {
     ) -> Result<Self, DataError> {
         let read = |p: &Path, e| DataError::Read {
             path: p.into(),
-            source: e,
+            error: e,
         };
         let mut dirs: Vec<String> = std::fs::read_dir(root)
             .map_err(|e| read(root, e))?
@@ -146,7 +146,7 @@ pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image, DataError> {
         .with_guessed_format()
         .map_err(|e| DataError::Read {
             path: path.into(),
-            source: e,
+            error: e,
         })?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);

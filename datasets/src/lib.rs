@@ -39,12 +39,12 @@ pub enum Split {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file could not be opened or read.
-    #[error("cannot read `{path}`: {source}")]
+    #[error("cannot read `{path}`: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, so not also given as the error's source).
+        error: std::io::Error,
     },
     /// A file's contents are not what its format requires.
     #[error("`{path}`: {msg}")]
@@ -68,9 +68,7 @@ impl From<resnext_fs::FileError> for DataError {
     fn from(e: resnext_fs::FileError) -> Self {
         use resnext_fs::FileError as F;
         match e {
-            F::Read { path, source } | F::Write { path, source } => {
-                DataError::Read { path, source }
-            }
+            F::Read { path, error } | F::Write { path, error } => DataError::Read { path, error },
             F::TooLarge { path, limit } => DataError::Format {
                 path,
                 msg: format!("larger than {limit} bytes, the most this reader accepts"),

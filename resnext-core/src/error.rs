@@ -19,7 +19,7 @@ pub enum Error {
     #[error("tensor backend: {0}")]
     Device(CpuError),
     /// The GPU could not be opened or failed ([`GpuError`]).
-    #[error("{0}")]
+    #[error(transparent)]
     Gpu(#[from] GpuError),
     /// A loss or activation became NaN or infinite.
     #[error("non-finite value: {0}")]

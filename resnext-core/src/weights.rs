@@ -488,7 +488,7 @@ pub fn to_bytes<M: Params>(model: &M) -> Result<Vec<u8>, WeightsError> {
 pub(crate) fn unwritable(path: &Path, e: WeightsError) -> WeightsError {
     WeightsError::File(FileError::Write {
         path: path.into(),
-        source: std::io::Error::other(e.to_string()),
+        error: std::io::Error::other(e.to_string()),
     })
 }
 

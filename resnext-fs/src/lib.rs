@@ -15,20 +15,20 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// The file could not be opened or read.
-    #[error("cannot read `{path}`: {source}")]
+    #[error("cannot read `{path}`: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: io::Error,
+        /// The OS error (in the message, so not also given as the error's source).
+        error: io::Error,
     },
     /// The file could not be written.
-    #[error("cannot write `{path}`: {source}")]
+    #[error("cannot write `{path}`: {error}")]
     Write {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: io::Error,
+        /// The OS error (in the message, so not also given as the error's source).
+        error: io::Error,
     },
     /// The file is larger than the reader accepts.
     #[error("`{path}` is larger than {limit} bytes, the most this reader accepts")]
@@ -42,9 +42,9 @@ pub enum FileError {
 
 /// The whole contents of `path`.
 pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
-    std::fs::read(path).map_err(|source| FileError::Read {
+    std::fs::read(path).map_err(|error| FileError::Read {
         path: path.into(),
-        source,
+        error,
     })
 }
 
@@ -53,9 +53,9 @@ pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
 /// refused too instead of filling memory.
 pub fn read_at_most(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     use std::io::Read;
-    let read_err = |source| FileError::Read {
+    let read_err = |error| FileError::Read {
         path: path.into(),
-        source,
+        error,
     };
     let file = File::open(path).map_err(read_err)?;
     let hint = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -80,9 +80,9 @@ pub fn read_at_most(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
 
 /// Writes `bytes` to `path` atomically ([`write_atomic`]).
 pub fn write(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    write_atomic(path, bytes).map_err(|source| FileError::Write {
+    write_atomic(path, bytes).map_err(|error| FileError::Write {
         path: path.into(),
-        source,
+        error,
     })
 }
 

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", resnext_train::error_line(&e));
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -94,10 +94,7 @@ fn train_with_ctrlc(args: train::TrainArgs, matches: &clap::ArgMatches) -> anyho
         let (rank, world) = resnext_train::dist::rank_world();
         if world > 1 {
             // the other processes wait in a collective: end them all
-            eprintln!(
-                "error on rank {rank} of {world}: {}; ending the job",
-                resnext_train::error_line(e)
-            );
+            eprintln!("error on rank {rank} of {world}: {e:#}; ending the job");
             resnext_train::dist::abort_group(1);
         }
     }

@@ -58,7 +58,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", resnext_train::error_line(&e));
+            eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
