@@ -75,3 +75,29 @@ fn a_small_run_reports_its_throughput() {
         );
     }
 }
+
+/// Whether the kernel refuses an allocation larger than memory and swap at once
+/// (`vm.overcommit_memory` 0, heuristic, or 2, strict). Under 1 it grants any size and the
+/// pages fault in later, so the run below would fill memory instead of failing.
+fn refuses_oversized_allocations() -> bool {
+    std::fs::read_to_string("/proc/sys/vm/overcommit_memory")
+        .is_ok_and(|mode| matches!(mode.trim(), "0" | "2"))
+}
+
+#[test]
+fn running_out_of_memory_is_a_one_line_error_naming_the_flags() {
+    if !refuses_oversized_allocations() {
+        eprintln!("skipped: this kernel grants any allocation (vm.overcommit_memory 1)");
+        return;
+    }
+    // 65536 inputs of 3×2048×2048 floats: 3 TiB for the input batch alone
+    let out = throughput(&["--batch", "65536", "--size", "2048", "--iters", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: out of memory: could not allocate 3.0 TiB while timing"),
+        "{err}"
+    );
+    assert!(err.contains("--batch 65536 and --size 2048"), "{err}");
+}

@@ -12,6 +12,7 @@ pub mod ops;
 pub use error::{Error, Result};
 pub mod model;
 pub mod nn;
+pub mod oom;
 pub mod optim;
 pub mod params;
 pub mod profile;

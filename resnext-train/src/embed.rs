@@ -119,6 +119,10 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             a.batch_size
         );
     }
+    resnext_core::oom::set_context(format!(
+        "embedding with {arch} at --batch-size {}: lower it",
+        a.batch_size
+    ));
     let (classes, in_channels) = predict::weights_shape(&a.weights)?;
     let dev = Cpu::default();
     let mut net = arch.build(&dev, in_channels, classes)?;

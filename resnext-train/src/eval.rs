@@ -12,6 +12,9 @@ use crate::data::{self, Dataset};
 use crate::device::Compute;
 use resnext_core::backend::device::{DeviceSpec, Precision};
 
+/// Test images a batch.
+const EVAL_BATCH: usize = 256;
+
 /// Test-set numbers.
 pub struct EvalResult {
     /// Mean cross-entropy.
@@ -131,6 +134,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     data::check_image_size(a.image_size)?;
     data::check_size("val-resize", a.val_resize)?;
     let size = a.image_size.unwrap_or(arch.default_size());
+    resnext_core::oom::set_context(format!(
+        "evaluating {arch} on {size}×{size} images, {EVAL_BATCH} at a time: lower --image-size"
+    ));
     let data = data::prepare(
         a.dataset,
         a.data_dir.as_deref(),
@@ -148,7 +154,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         data.test,
         data.test_pipeline,
         LoaderConfig {
-            batch_size: 256,
+            batch_size: EVAL_BATCH,
             shuffle: false,
             drop_last: false,
             seed: 0,

@@ -8,6 +8,10 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use resnext_train::{embed, eval, info, predict, train};
 
+/// Out of memory is an error line naming what was being done, and exit status 1.
+#[global_allocator]
+static ALLOCATOR: resnext_core::oom::ReportingAllocator = resnext_core::oom::ReportingAllocator;
+
 /// Train, evaluate, inspect and run ResNeXt models (Xie et al. 2017) on the CPU.
 /// Without a subcommand, trains the default model on the embedded digits dataset.
 #[derive(Parser, Debug)]

@@ -275,6 +275,10 @@ pub fn run(a: PredictArgs) -> Result<()> {
             data[i]
         );
     }
+    resnext_core::oom::set_context(format!(
+        "running {arch} on {} inputs of {}×{}×{} at once: give fewer or smaller inputs",
+        shape[0], shape[1], shape[2], shape[3]
+    ));
     let dev = Cpu::default();
     let mut net = arch.build(&dev, in_channels, classes)?;
     net.load_safetensors(&a.weights)?;

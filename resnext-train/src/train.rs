@@ -936,6 +936,12 @@ impl Trainer {
                 .build_global()
                 .context("cannot set up the thread pool")?;
         }
+        let size = args.image_size.unwrap_or(arch.default_size());
+        resnext_core::oom::set_context(format!(
+            "training {arch} at --batch-size {} on {size}×{size} images: lower --batch-size \
+             (or --image-size)",
+            args.batch_size
+        ));
         if args.recipe.is_some() && arch.is_cifar() {
             bail!("--recipe torchvision-v2 is the ImageNet networks' recipe; {arch} is a CIFAR network");
         }
@@ -943,7 +949,7 @@ impl Trainer {
             args.dataset,
             args.data_dir.as_deref(),
             args.download,
-            args.image_size.unwrap_or(arch.default_size()),
+            size,
             &args.augment(),
         )?;
         if args.class_subset.is_some() || args.train_per_class.is_some() {

@@ -54,6 +54,10 @@ struct Args {
     bucket_mb: f32,
 }
 
+/// Out of memory is an error line naming the batch and image size, and exit status 1.
+#[global_allocator]
+static ALLOCATOR: resnext_core::oom::ReportingAllocator = resnext_core::oom::ReportingAllocator;
+
 fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -126,6 +130,10 @@ fn run(a: Args) -> Result<()> {
             .build_global()?;
     }
     let arch: Arch = a.arch.parse()?;
+    resnext_core::oom::set_context(format!(
+        "timing {arch} ({}) at --batch {} and --size {}: lower them",
+        a.mode, a.batch, a.size
+    ));
     // under mpirun with a GPU: one GPU a process, gradients averaged with NCCL
     let device = Compute::open_in_group(a.device, a.precision, false)?;
     let dev = Cpu::seed_from_u64(0);
