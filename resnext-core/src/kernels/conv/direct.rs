@@ -206,10 +206,10 @@ mod tiles {
                 } else {
                     match self.ob {
                         8 => {
-                            run::<S, 8, 4, 3>(i, offs, wp, qpad, o);
-                            run::<S, 8, 4, 3>(i, offs, wp.add(4), qpad, o.add(4 * qpad));
+                            run::<S, 8, 4, 2>(i, offs, wp, qpad, o);
+                            run::<S, 8, 4, 2>(i, offs, wp.add(4), qpad, o.add(4 * qpad));
                         }
-                        4 => run::<S, 4, 4, 3>(i, offs, wp, qpad, o),
+                        4 => run::<S, 4, 4, 2>(i, offs, wp, qpad, o),
                         2 => run::<S, 2, 2, 5>(i, offs, wp, qpad, o),
                         _ => run::<S, 1, 1, 8>(i, offs, wp, qpad, o),
                     }
