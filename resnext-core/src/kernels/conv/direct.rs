@@ -8,7 +8,7 @@
 //! row-major grid reads input position `q + offset`. A convolution is then
 //! `out[o][q] = Σ_t W[o][t] · in[q + off[t]]`: a matrix product whose right-hand matrix is
 //! never materialised ("implicit GEMM"). The register-blocked kernel keeps up to 8 output
-//! channels × 3 vectors of positions in registers (4 × 3 where there are 16 registers)
+//! channels × 3 vectors of positions in registers (4 × 2 where there are 16 registers)
 //! and streams the taps; it is written once over [`super::simd`] and runs as AVX-512,
 //! AVX2 + FMA, NEON or plain code, as [`super::isa::level`] says.
 //!
@@ -192,7 +192,8 @@ mod tiles {
             let (i, o, wp) = (self.inp.as_ptr(), self.out.as_mut_ptr(), self.w.as_ptr());
             let (offs, qpad) = (self.offs, self.qpad);
             // OB × NT accumulators, NT input vectors and a broadcast in registers: 24 + 4
-            // of 32, or 12 + 4 of 16; eight channels on 16 registers as two halves.
+            // of 32, or 8 + 3 of 16 (4 × 3 would fill all 16, and LLVM then spills an
+            // accumulator on every tap); eight channels on 16 registers as two halves.
             // SAFETY (every arm): the caller's bounds; each half-block reads its own
             // weights (`w[t·8 + o0 + o]`) and writes its own rows of `out`.
             unsafe {
