@@ -40,20 +40,12 @@ pub struct ReportingAllocator;
 unsafe impl GlobalAlloc for ReportingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract is `System`'s.
-        let p = unsafe { System.alloc(layout) };
-        if p.is_null() {
-            out_of_memory(layout.size());
-        }
-        p
+        or_exit(unsafe { System.alloc(layout) }, layout.size())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract is `System`'s.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if p.is_null() {
-            out_of_memory(layout.size());
-        }
-        p
+        or_exit(unsafe { System.alloc_zeroed(layout) }, layout.size())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -63,12 +55,17 @@ unsafe impl GlobalAlloc for ReportingAllocator {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller's contract is `System`'s.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if p.is_null() {
-            out_of_memory(new_size);
-        }
-        p
+        or_exit(unsafe { System.realloc(ptr, layout, new_size) }, new_size)
     }
+}
+
+/// `p`, unless it is null (the system had no `size` bytes): then [`out_of_memory`].
+#[inline(always)]
+fn or_exit(p: *mut u8, size: usize) -> *mut u8 {
+    if p.is_null() {
+        out_of_memory(size);
+    }
+    p
 }
 
 /// Prints the message and exits with status 1, without allocating (the allocator just

@@ -119,46 +119,50 @@ pub(super) fn deinterleave2_rows(
     unsafe { dispatch(K(src, (h, w), dst, at)) }
 }
 
+/// One vector pair of [`deinterleave2_at`]: `src[i..i + 2·LANES]` to `ev`/`od` at
+/// `i/2..i/2 + LANES`, `i` even.
+///
+/// # Safety
+/// Those ranges are readable and writable.
+#[inline(always)]
+unsafe fn deinterleave2_step<S: Simd>(src: *const f32, i: usize, ev: *mut f32, od: *mut f32) {
+    // SAFETY: the caller's
+    unsafe {
+        let p = src.add(i);
+        let (e, o) = S::deinterleave(S::load(p), S::load(p.add(S::LANES)));
+        S::store(ev.add(i / 2), e);
+        S::store(od.add(i / 2), o);
+    }
+}
+
 /// `ev[j] = src[2j]`, `od[j] = src[2j + 1]` for `j < ⌈len/2⌉` and `j < ⌊len/2⌋`.
 #[inline(always)]
 unsafe fn deinterleave2_at<S: Simd>(src: *const f32, len: usize, ev: *mut f32, od: *mut f32) {
     let n = S::LANES;
     let mut i = 0;
     while i + 2 * n <= len {
-        // SAFETY: reads `src[i..i + 2n]`, writes `ev`/`od` at `i/2..i/2 + n`, both in the
-        // caller's bounds (`ev` and `od` hold half of `src`, rounded).
-        unsafe {
-            let p = src.add(i);
-            let (e, o) = S::deinterleave(S::load(p), S::load(p.add(n)));
-            S::store(ev.add(i / 2), e);
-            S::store(od.add(i / 2), o);
-        }
+        // SAFETY: `i + 2n ≤ len`, in the caller's bounds
+        unsafe { deinterleave2_step::<S>(src, i, ev, od) };
         i += 2 * n;
     }
-    let n = len - i;
-    if n > 0 && len >= 2 * S::LANES && len.is_multiple_of(2) {
-        // the last `2·LANES` values again, overlapping the ones done (they start at an
-        // even index, so they split the same way): cheaper than part vectors, whose
-        // masked stores are slow on AMD CPUs at AVX2
-        let i = len - 2 * S::LANES;
-        // SAFETY: reads `src[i..len]`, writes `ev`/`od` at `i/2..len/2`, in bounds.
+    let rest = len - i;
+    if rest > 0 && len >= 2 * n && len.is_multiple_of(2) {
+        // the last `2n` values again, overlapping the ones done (they start at an even
+        // index, so they split the same way): cheaper than part vectors, whose masked
+        // stores are slow on AMD CPUs at AVX2
+        // SAFETY: `2n ≤ len`, in the caller's bounds
+        unsafe { deinterleave2_step::<S>(src, len - 2 * n, ev, od) };
+    } else if rest > 0 {
+        // the last `rest < 2n` values, as part vectors
+        // SAFETY: reads `src[i..]`, writes `ev[i/2..]` (⌈rest/2⌉ values) and `od[i/2..]`
+        // (⌊rest/2⌋), all in bounds.
         unsafe {
             let p = src.add(i);
-            let (e, o) = S::deinterleave(S::load(p), S::load(p.add(S::LANES)));
-            S::store(ev.add(i / 2), e);
-            S::store(od.add(i / 2), o);
-        }
-    } else if n > 0 {
-        // the last `n < 2·LANES` values, as part vectors
-        // SAFETY: reads `src[i..]`, writes `ev[i/2..]` (⌈n/2⌉ values) and `od[i/2..]`
-        // (⌊n/2⌋), all in bounds.
-        unsafe {
-            let p = src.add(i);
-            let a = simd::load_n::<S>(p, n.min(S::LANES));
-            let b = simd::load_n::<S>(p.add(n.min(S::LANES)), n.saturating_sub(S::LANES));
+            let a = simd::load_n::<S>(p, rest.min(n));
+            let b = simd::load_n::<S>(p.add(rest.min(n)), rest.saturating_sub(n));
             let (e, o) = S::deinterleave(a, b);
-            simd::store_n::<S>(ev.add(i / 2), n.div_ceil(2), e);
-            simd::store_n::<S>(od.add(i / 2), n / 2, o);
+            simd::store_n::<S>(ev.add(i / 2), rest.div_ceil(2), e);
+            simd::store_n::<S>(od.add(i / 2), rest / 2, o);
         }
     }
 }
