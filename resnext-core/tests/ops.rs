@@ -125,26 +125,36 @@ proptest! {
         let wt = values(seed ^ 1, g.weight_len());
         let mut y_ref = vec![0.0; g.output_len()];
         conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
-        // per-call transform, and weights transformed once, with an epilogue that sees
-        // every (image, group) once with its own channels
+        // each tiling, per-call transform and weights transformed once, with an epilogue
+        // that sees every (image, group) once with its own channels
+        for tiling in conv::winograd::Tiling::ALL {
+            let mut y = vec![f32::NAN; g.output_len()];
+            conv::winograd::conv2d_forward_tiled(&g, tiling, &x, &wt, &mut y, |_, _, _| {});
+            prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y, {:?}", tiling);
+            let packed = conv::winograd::pack_forward_weights_tiled(&g, tiling, &wt);
+            let seen = std::sync::Mutex::new(Vec::new());
+            let mut y2 = vec![f32::NAN; g.output_len()];
+            conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |n, c0, v| {
+                v.iter_mut().for_each(|v| *v += 1.0);
+                seen.lock().unwrap().push((n, c0, v.len()));
+            });
+            let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+            prop_assert!(rel_err(&minus_one(y2), &y_ref) <= 1e-5, "y packed, {:?}", tiling);
+            let mut seen = seen.into_inner().unwrap();
+            seen.sort_unstable();
+            let want: Vec<_> = (0..batch)
+                .flat_map(|n| (0..groups).map(move |grp| (n, grp * opg, opg * g.out_h() * g.out_w())))
+                .collect();
+            prop_assert_eq!(seen, want);
+        }
+        // and the tiling the plain entry points pick
         let mut y = vec![f32::NAN; g.output_len()];
         conv::winograd::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
         let packed = conv::winograd::pack_forward_weights(&g, &wt);
-        let seen = std::sync::Mutex::new(Vec::new());
         let mut y2 = vec![f32::NAN; g.output_len()];
-        conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |n, c0, v| {
-            v.iter_mut().for_each(|v| *v += 1.0);
-            seen.lock().unwrap().push((n, c0, v.len()));
-        });
-        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
-        prop_assert!(rel_err(&minus_one(y2), &y_ref) <= 1e-5, "y packed");
-        let mut seen = seen.into_inner().unwrap();
-        seen.sort_unstable();
-        let want: Vec<_> = (0..batch)
-            .flat_map(|n| (0..groups).map(move |grp| (n, grp * opg, opg * g.out_h() * g.out_w())))
-            .collect();
-        prop_assert_eq!(seen, want);
+        conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |_, _, _| {});
+        prop_assert!(rel_err(&y2, &y_ref) <= 1e-5, "y packed");
     }
 
     #[test]
@@ -155,14 +165,19 @@ proptest! {
     ) {
         prop_assert!(conv::winograd::suits_input_grad_shape(&g));
         let ConvCase { x, w: wt, dy, dx: dx_ref, .. } = ConvCase::new(&g, seed);
-        // written over what was there, and added into it
+        // each tiling, written over what was there and added into it
+        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+        for tiling in conv::winograd::Tiling::ALL {
+            let mut dx = vec![f32::NAN; g.input_len()];
+            conv::winograd::conv2d_input_grad_tiled(&g, tiling, &wt, &dy, &mut dx, false);
+            prop_assert!(rel_err(&dx, &dx_ref) <= 1e-5, "dx written, {:?}", tiling);
+            let mut dx = vec![1.0; g.input_len()];
+            conv::winograd::conv2d_input_grad_tiled(&g, tiling, &wt, &dy, &mut dx, true);
+            prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx added, {:?}", tiling);
+        }
         let mut dx = vec![f32::NAN; g.input_len()];
         conv::winograd::conv2d_input_grad(&g, &wt, &dy, &mut dx, false);
-        prop_assert!(rel_err(&dx, &dx_ref) <= 1e-5, "dx written");
-        let mut dx = vec![1.0; g.input_len()];
-        conv::winograd::conv2d_input_grad(&g, &wt, &dy, &mut dx, true);
-        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
-        prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx added");
+        prop_assert!(rel_err(&dx, &dx_ref) <= 1e-5, "dx, the tiling picked");
         // and through the dispatch, which takes it where the transform pays
         let (mut dx, mut dw) = (vec![0.0; g.input_len()], vec![0.0; wt.len()]);
         conv::conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw);

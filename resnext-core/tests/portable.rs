@@ -103,14 +103,20 @@ proptest! {
         conv::conv2d_forward_ref(&g, &x, &wt, &mut y_ref);
         let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         isa::set_level(Some(level)).unwrap();
-        let mut y = vec![0.0; g.output_len()];
-        conv::winograd::conv2d_forward(&g, &x, &wt, &mut y, |_, _, _| {});
-        let packed = conv::winograd::pack_forward_weights(&g, &wt);
-        let mut y2 = vec![0.0; g.output_len()];
-        conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |_, _, _| {});
+        let mut ys = vec![];
+        for tiling in conv::winograd::Tiling::ALL {
+            let mut y = vec![0.0; g.output_len()];
+            conv::winograd::conv2d_forward_tiled(&g, tiling, &x, &wt, &mut y, |_, _, _| {});
+            let packed = conv::winograd::pack_forward_weights_tiled(&g, tiling, &wt);
+            let mut y2 = vec![0.0; g.output_len()];
+            conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |_, _, _| {});
+            ys.push((tiling, y, y2));
+        }
         isa::set_level(None).unwrap();
-        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}");
-        prop_assert!(rel_err(&y2, &y_ref) <= 1e-5, "y (packed) at {level}");
+        for (tiling, y, y2) in ys {
+            prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y at {level}, {:?}", tiling);
+            prop_assert!(rel_err(&y2, &y_ref) <= 1e-5, "y (packed) at {level}, {:?}", tiling);
+        }
     }
 
     #[test]
@@ -123,11 +129,16 @@ proptest! {
         let c = ConvCase::new(&g, seed);
         let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         isa::set_level(Some(level)).unwrap();
-        let mut dx = vec![1.0; g.input_len()];
-        conv::winograd::conv2d_input_grad(&g, &c.w, &c.dy, &mut dx, true);
+        let dxs = conv::winograd::Tiling::ALL.map(|tiling| {
+            let mut dx = vec![1.0; g.input_len()];
+            conv::winograd::conv2d_input_grad_tiled(&g, tiling, &c.w, &c.dy, &mut dx, true);
+            (tiling, dx)
+        });
         isa::set_level(None).unwrap();
         let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
-        prop_assert!(rel_err(&minus_one(dx), &c.dx) <= 1e-5, "dx at {level}");
+        for (tiling, dx) in dxs {
+            prop_assert!(rel_err(&minus_one(dx), &c.dx) <= 1e-5, "dx at {level}, {:?}", tiling);
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! [`PreparedWeights`]). Each algorithm is a leaf module that never imports another:
 //! [`reference`] (plain loops, what the tests compare against), [`im2col`] (+ GEMM, any
 //! convolution), [`pointwise`] (1×1 over the whole batch), [`direct`] (positions in the
-//! lanes), [`lanes`] (channels in the lanes) and [`winograd`] (F(2×2, 3×3)); the buffers
-//! the last three share are in `layout`. Instruction-set detection and the level switch
+//! lanes), [`lanes`] (channels in the lanes) and [`winograd`] (F(4×4, 3×3) and
+//! F(2×2, 3×3)); the buffers the last three share are in `layout`. Instruction-set detection and the level switch
 //! are [`super::isa`]; the vector abstraction they are written over, `super::simd`.
 
 pub mod direct;
@@ -173,8 +173,9 @@ impl Conv2dGeom {
 /// The algorithms a convolution runs on, each a leaf module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
-    /// Winograd F(2×2, 3×3), channels in the lanes ([`winograd`]; the forward, and the
-    /// input gradient at stride 1, which is a convolution of the output gradient).
+    /// Winograd F(4×4, 3×3) or F(2×2, 3×3), channels in the lanes ([`winograd`]; the
+    /// forward, and the input gradient at stride 1, which is a convolution of the output
+    /// gradient).
     Winograd,
     /// Direct, output channels in the lanes ([`lanes`]).
     Lanes,

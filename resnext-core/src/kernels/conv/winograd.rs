@@ -1,16 +1,20 @@
 //! Grouped 3×3 stride-1 convolution forward by Winograd's minimal filtering, F(2×2, 3×3)
-//! (Lavin & Gray 2016), with channels in the vector lanes at every instruction-set level
-//! ([`super::simd`]): for groups of 16 to 64 channels (ResNeXt-50's stages 3 and 4,
-//! ResNeXt-29's groups of 64).
+//! and F(4×4, 3×3) (Lavin & Gray 2016), with channels in the vector lanes at every
+//! instruction-set level ([`super::simd`]): for groups of 16 to 64 channels (ResNeXt-50's
+//! stages 3 and 4, ResNeXt-29's groups of 64).
 //!
-//! Each 2×2 block of outputs ("tile") comes from a 4×4 patch of input `d` as
-//! `Y = Aᵀ [Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B)] A`: 16 products per input channel instead of the
-//! direct convolution's 36, so the multiplications (which are the time) drop 2.25× at
-//! image sizes the tiles cover exactly (14×14) and 1.7× at 7×7 (whose 4×4 tiles cover 8×8).
-//! The element-wise products summed over channels are, for each of the 16 transform points
-//! `ξ`, one matrix product `M[ξ] = V[ξ] · U[ξ]` (tiles × input channels times input ×
-//! output channels), run with the same register tile as [`super::lanes`]: up to 14 tiles ×
-//! 32 output channels with AVX-512, 6 × 16 with AVX2 or NEON, one row of `U` and one
+//! Each `m×m` block of outputs ("tile", `m` = 2 or 4, [`Tiling`]) comes from an
+//! `(m+2)×(m+2)` patch of input `d` as `Y = Aᵀ [Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B)] A`:
+//! `(m+2)²` products per input channel and tile instead of the direct convolution's `9m²`,
+//! so the multiplications (which are the time) drop 2.25× (F(2×2)) or 4× (F(4×4)) at image
+//! sizes the tiles cover exactly. At 7×7, which either size covers as 8×8, that is 1.7× and
+//! 3.1×; at 14×14 (16×16 in tiles of 4) 2.25× and 3.1×. F(4×4)'s transforms have larger
+//! coefficients (up to 8 and 1/24), so it rounds a little more (still well inside 1e-5 of
+//! the largest output).
+//! The element-wise products summed over channels are, for each transform point `ξ`, one
+//! matrix product `M[ξ] = V[ξ] · U[ξ]` (tiles × input channels times input × output
+//! channels), run with the same register tile as [`super::lanes`]: up to 14 tiles × 32
+//! output channels with AVX-512, 6 × 16 with AVX2 or NEON, one row of `U` and one
 //! broadcast per tile per step.
 //!
 //! Data flow of one task (one group, a few images):
@@ -25,6 +29,8 @@
 //! with each group's weights transposed and turned by 180°), so [`conv2d_input_grad`] runs
 //! it through the same forward; the weight gradient stays on [`super::lanes`].
 
+use std::marker::PhantomData;
+
 use rayon::prelude::*;
 
 use super::layout::{lane_tile, transpose};
@@ -34,16 +40,72 @@ use crate::kernels::{isa, scratch};
 
 /// Channels of one run in `V` (see [`chunk_product`]); groups have a multiple of it.
 const UNIT: usize = super::LANE_CHANNELS;
-/// Transform points of F(2×2, 3×3): a 4×4 input patch per 2×2 output tile.
-const POINTS: usize = 16;
-/// Tiles the per-call weight transform must have to pay (two AVX-512 register blocks).
+/// F(2×2)-tiles the per-call weight transform must have to pay (two AVX-512 register
+/// blocks).
 const PAYS_TILES: usize = 28;
-/// Tiles per pass of transform, products and inverse transform, so that its `V` and `M`
-/// (16 points × tiles × channels each) stay in the L2 cache.
-const CHUNK_TILES: usize = 56;
+/// Transform points × tiles per pass of transform, products and inverse transform (56
+/// tiles of F(2×2)'s 16 points, 24 of F(4×4)'s 36), so that its `V` and `M` (points ×
+/// tiles × channels each) stay in the L2 cache.
+const CHUNK_POINTS: usize = 56 * 16;
 /// Values of transposed input and output one task aims for (256 KB), which sets how many
 /// images it takes.
 const TASK_VALUES: usize = 1 << 16;
+/// Values added to the distance between transform points in `U`, `V` and `M` (one cache
+/// line): a tile's transform reads or writes a vector at each of its 16 or 36 points, and
+/// at a distance of a power of two (2 or 4 KB at stage 4 of ResNeXt-50) those all fall in
+/// one set of the L1 cache, which holds 8 of them.
+const SKEW: usize = 16;
+
+/// The distance between transform points of `len` values each.
+fn point_stride(len: usize) -> usize {
+    len + SKEW
+}
+
+/// The size of Winograd's output tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiling {
+    /// F(2×2, 3×3): 2×2 outputs from 16 transform points.
+    F2,
+    /// F(4×4, 3×3): 4×4 outputs from 36 transform points.
+    F4,
+}
+
+impl Tiling {
+    /// Both, for tests and measurements.
+    pub const ALL: [Tiling; 2] = [Tiling::F2, Tiling::F4];
+
+    /// The tiling [`conv2d_forward`] uses for `g`: F(4×4) unless its tiles waste so much
+    /// more of the output at the edge than F(2×2)'s that it does more products (with a
+    /// quarter's margin for its larger transforms): 7×7 (both cover it as 8×8), 14×14
+    /// (16×16 against 14×14), 8×8, 16×16 and 32×32 take F(4×4); 5×5 and smaller odd
+    /// sizes F(2×2). On AMD Zen 4 (`opbench`, batch 8, both levels) the product phase
+    /// takes 0.55–0.75 of F(2×2)'s time at stages 3 and 4 of ResNeXt-50, the stage-4
+    /// forward runs 1.4× faster and the stage-3 one 1.0–1.2×.
+    pub fn for_geom(g: &Conv2dGeom) -> Tiling {
+        let (oh, ow) = (g.out_h(), g.out_w());
+        // outputs computed, whole tiles
+        let cover = |m: usize| oh.div_ceil(m) * m * ow.div_ceil(m) * m;
+        // products: F(2×2) 16 per 4 outputs, F(4×4) 36 per 16; F(4×4) with a 1.25 margin
+        if 45 * cover(4) <= 64 * cover(2) {
+            Tiling::F4
+        } else {
+            Tiling::F2
+        }
+    }
+
+    /// Outputs per tile side.
+    fn m(self) -> usize {
+        match self {
+            Tiling::F2 => 2,
+            Tiling::F4 => 4,
+        }
+    }
+
+    /// Transform points: `(m + 2)²`.
+    fn points(self) -> usize {
+        (self.m() + 2) * (self.m() + 2)
+    }
+}
 
 /// Whether [`conv2d_forward`] runs `g`: a 3×3 stride-1 grouped convolution that
 /// [`super::lanes::suits`] (16 to 64 channels per group); any instruction-set level.
@@ -71,10 +133,11 @@ pub fn suits_shape(g: &Conv2dGeom) -> bool {
 }
 
 /// A grouped 3×3 convolution's weights transformed for [`conv2d_forward_packed`]: per
-/// group, `U[ξ][c][o] = (G g_{o,c} Gᵀ)[ξ]` at `((ξ·ins + c)·outs + o)`.
+/// group, `U[ξ][c][o] = (G g_{o,c} Gᵀ)[ξ]` at `ξ·point_stride(ins·outs) + c·outs + o`.
 #[derive(Clone, Debug)]
 pub struct WinogradWeights {
     data: Vec<f32>,
+    tiling: Tiling,
     groups: usize,
     ins: usize,
     outs: usize,
@@ -83,23 +146,31 @@ pub struct WinogradWeights {
 impl WinogradWeights {
     /// Group `grp`'s values.
     fn group(&self, grp: usize) -> &[f32] {
-        let len = POINTS * self.ins * self.outs;
+        let len = self.tiling.points() * point_stride(self.ins * self.outs);
         &self.data[grp * len..][..len]
     }
 }
 
 /// Transforms `w` (PyTorch's `(out, in / groups, 3, 3)` layout) once for
-/// [`conv2d_forward_packed`]. ([`conv2d_forward`] transforms each group in its task instead.)
+/// [`conv2d_forward_packed`], for the tiling [`Tiling::for_geom`] picks. ([`conv2d_forward`]
+/// transforms each group in its task instead.)
 pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> WinogradWeights {
+    pack_forward_weights_tiled(g, Tiling::for_geom(g), w)
+}
+
+/// [`pack_forward_weights`] for a given tiling.
+pub fn pack_forward_weights_tiled(g: &Conv2dGeom, tiling: Tiling, w: &[f32]) -> WinogradWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     assert!(suits_shape(g), "winograd: unsuitable convolution");
     let (ins, outs) = (g.in_per_group(), g.out_per_group());
-    let mut buf = vec![0.0; g.groups * POINTS * ins * outs];
-    buf.par_chunks_exact_mut(POINTS * ins * outs)
+    let len = tiling.points() * point_stride(ins * outs);
+    let mut buf = vec![0.0; g.groups * len];
+    buf.par_chunks_exact_mut(len)
         .zip(w.par_chunks_exact(outs * ins * 9))
-        .for_each(|(u, wg)| transform_weights(wg, ins, outs, u));
+        .for_each(|(u, wg)| transform_weights(tiling, wg, ins, outs, u));
     WinogradWeights {
         data: buf,
+        tiling,
         groups: g.groups,
         ins,
         outs,
@@ -107,50 +178,65 @@ pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> WinogradWeights {
 }
 
 /// `u = U` of one group's weights `wg[o][c][ky][kx]`.
-fn transform_weights(wg: &[f32], ins: usize, outs: usize, u: &mut [f32]) {
+fn transform_weights(tiling: Tiling, wg: &[f32], ins: usize, outs: usize, u: &mut [f32]) {
     let taps = ins * 9;
     assert!(
-        wg.len() == outs * taps && u.len() == POINTS * ins * outs,
+        wg.len() == outs * taps && u.len() == tiling.points() * point_stride(ins * outs),
         "winograd weights: length"
     );
     // taps × outputs, so that the outputs of one tap are contiguous vectors
     let mut t = scratch::take_stale(taps * outs);
     transpose(wg, taps, outs, taps, &mut t, outs, false);
     // SAFETY: reads `t[(9c + k)·outs + o]` for `k < 9`, `o < outs`, `c < ins`, writes
-    // `u[(ξ·ins + c)·outs + o]` for `ξ < 16`: inside both lengths asserted above.
+    // `u[ξ·point_stride(ins·outs) + c·outs + o]` for `ξ < points`: inside both lengths
+    // asserted above.
     unsafe {
-        simd::dispatch(WeightTransform {
-            t: t.as_ptr(),
-            ins,
-            outs,
-            u: u.as_mut_ptr(),
-        })
+        let (t, u) = (t.as_ptr(), u.as_mut_ptr());
+        match tiling {
+            Tiling::F2 => simd::dispatch(WeightTransform::<tiles::F2> {
+                t,
+                ins,
+                outs,
+                u,
+                tiling: PhantomData,
+            }),
+            Tiling::F4 => simd::dispatch(WeightTransform::<tiles::F4> {
+                t,
+                ins,
+                outs,
+                u,
+                tiling: PhantomData,
+            }),
+        }
     };
     scratch::give([t]);
 }
 
 /// [`transform_weights`]' arguments, checked.
-struct WeightTransform {
+struct WeightTransform<T> {
     t: *const f32,
     ins: usize,
     outs: usize,
     u: *mut f32,
+    tiling: PhantomData<T>,
 }
 
-impl Kernel for WeightTransform {
+impl<T: tiles::Transforms> Kernel for WeightTransform<T> {
     type Output = ();
     #[inline(always)]
     unsafe fn run<S: Simd>(self) {
-        let WeightTransform { t, ins, outs, u } = self;
+        let WeightTransform {
+            t, ins, outs, u, ..
+        } = self;
         for c in 0..ins {
             for o0 in (0..outs).step_by(S::LANES) {
                 // SAFETY: `LANES` outputs of input channel `c` (outs a multiple of 16).
                 unsafe {
-                    tiles::weights::<S>(
+                    T::weights::<S>(
                         t.add(9 * c * outs + o0),
                         outs,
                         u.add(c * outs + o0),
-                        ins * outs,
+                        point_stride(ins * outs),
                     )
                 };
             }
@@ -177,8 +263,20 @@ pub fn conv2d_forward(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    conv2d_forward_tiled(g, Tiling::for_geom(g), x, w, y, epilogue);
+}
+
+/// [`conv2d_forward`] with a given tiling.
+pub fn conv2d_forward_tiled(
+    g: &Conv2dGeom,
+    tiling: Tiling,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    forward(g, x, Weights::Plain(w), y, false, epilogue);
+    forward(g, tiling, x, Weights::Plain(w), y, false, epilogue);
 }
 
 /// [`conv2d_forward`] with weights from [`pack_forward_weights`].
@@ -193,7 +291,7 @@ pub fn conv2d_forward_packed(
         w.groups == g.groups && w.ins == g.in_per_group() && w.outs == g.out_per_group(),
         "conv2d: packed weights do not match the geometry"
     );
-    forward(g, x, Weights::Packed(w), y, false, epilogue);
+    forward(g, w.tiling, x, Weights::Packed(w), y, false, epilogue);
 }
 
 /// The geometry whose forward is `g`'s input gradient at stride 1: output gradient in,
@@ -228,6 +326,19 @@ pub fn suits_input_grad(g: &Conv2dGeom) -> bool {
 /// gradient `dy` and `g`'s weights `w`: added into `dx` with `accumulate`, else written
 /// over it.
 pub fn conv2d_input_grad(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
+    let tiling = Tiling::for_geom(&transposed(g));
+    conv2d_input_grad_tiled(g, tiling, w, dy, dx, accumulate);
+}
+
+/// [`conv2d_input_grad`] with a given tiling.
+pub fn conv2d_input_grad_tiled(
+    g: &Conv2dGeom,
+    tiling: Tiling,
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) {
     assert!(
         suits_input_grad_shape(g),
         "winograd: unsuitable input gradient"
@@ -249,13 +360,24 @@ pub fn conv2d_input_grad(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: &mut [f32], 
                 }
             }
         });
-    forward(&t, dy, Weights::Plain(&wt), dx, accumulate, |_, _, _| {});
+    forward(
+        &t,
+        tiling,
+        dy,
+        Weights::Plain(&wt),
+        dx,
+        accumulate,
+        |_, _, _| {},
+    );
     scratch::give([wt]);
 }
 
 /// The sizes one task works with.
 #[derive(Clone, Copy, Debug)]
 struct Shape {
+    /// Outputs per tile side and transform points.
+    m: usize,
+    points: usize,
     /// Channels per group, in and out.
     ins: usize,
     outs: usize,
@@ -266,7 +388,7 @@ struct Shape {
     /// Output rows and columns.
     oh: usize,
     ow: usize,
-    /// Tile rows and columns (2×2 outputs each).
+    /// Tile rows and columns (`m×m` outputs each).
     th: usize,
     tw: usize,
     /// Rows and columns of the padded, transposed input: whole tiles' patches.
@@ -275,10 +397,13 @@ struct Shape {
 }
 
 impl Shape {
-    fn new(g: &Conv2dGeom) -> Self {
+    fn new(g: &Conv2dGeom, tiling: Tiling) -> Self {
         let (oh, ow) = (g.out_h(), g.out_w());
-        let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+        let m = tiling.m();
+        let (th, tw) = (oh.div_ceil(m), ow.div_ceil(m));
         Self {
+            m,
+            points: tiling.points(),
             ins: g.in_per_group(),
             outs: g.out_per_group(),
             h: g.in_h,
@@ -288,8 +413,8 @@ impl Shape {
             ow,
             th,
             tw,
-            hp: 2 * th + 2,
-            wp: 2 * tw + 2,
+            hp: m * th + 2,
+            wp: m * tw + 2,
         }
     }
 
@@ -315,6 +440,7 @@ impl Shape {
 /// each (image, group)'s part passed to `epilogue` after.
 fn forward(
     g: &Conv2dGeom,
+    tiling: Tiling,
     x: &[f32],
     w: Weights,
     y: &mut [f32],
@@ -324,7 +450,7 @@ fn forward(
     assert!(suits_shape(g), "winograd: unsuitable convolution");
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
-    let s = Shape::new(g);
+    let s = Shape::new(g, tiling);
     let out_grp = s.out_len();
     if out_grp == 0 || g.batch == 0 {
         return;
@@ -348,12 +474,15 @@ fn forward(
             Weights::Packed(p) => p.group(grp),
             Weights::Plain(w) => {
                 let len = s.outs * s.ins * 9;
-                let u = own.insert(scratch::take_stale(POINTS * s.ins * s.outs));
-                transform_weights(&w[grp * len..][..len], s.ins, s.outs, u);
+                let u = own.insert(scratch::take_stale(s.points * point_stride(s.ins * s.outs)));
+                transform_weights(tiling, &w[grp * len..][..len], s.ins, s.outs, u);
                 &u[..]
             }
         };
-        run_task(g, &s, x, grp, u, outs, accumulate, &epilogue);
+        match tiling {
+            Tiling::F2 => run_task::<tiles::F2>(g, &s, x, grp, u, outs, accumulate, &epilogue),
+            Tiling::F4 => run_task::<tiles::F4>(g, &s, x, grp, u, outs, accumulate, &epilogue),
+        }
         if let Some(u) = own {
             scratch::give([u]);
         }
@@ -361,7 +490,7 @@ fn forward(
 }
 
 /// One group's output for the images in `outs` (`(image, output)` pairs).
-fn run_task(
+fn run_task<T: tiles::Transforms>(
     g: &Conv2dGeom,
     s: &Shape,
     x: &[f32],
@@ -404,14 +533,14 @@ fn run_task(
         }
     }
     let tiles = images * s.th * s.tw;
-    let chunk = tiles.div_ceil(tiles.div_ceil(CHUNK_TILES));
+    let chunk = tiles.div_ceil(tiles.div_ceil(CHUNK_POINTS / s.points));
     // (all overwritten before they are read)
-    let mut v = scratch::take_stale(POINTS * chunk * ins);
-    let mut m = scratch::take_stale(POINTS * chunk * outs_c);
+    let mut v = scratch::take_stale(s.points * point_stride(chunk * ins));
+    let mut m = scratch::take_stale(s.points * point_stride(chunk * outs_c));
     let mut yt = scratch::take_stale(images * s.out_len());
     for t0 in (0..tiles).step_by(chunk) {
         let count = chunk.min(tiles - t0);
-        chunk_product(s, &xin, u, (t0, count), (&mut v, &mut m, &mut yt));
+        chunk_product::<T>(s, &xin, u, (t0, count), (&mut v, &mut m, &mut yt));
     }
     let plane = s.oh * s.ow;
     for (k, (n, yg)) in outs.iter_mut().enumerate() {
@@ -430,14 +559,14 @@ fn blocks(tiles: usize, pmax: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// Tiles `t0..t0 + count` of a task: input transform into `v`, the 16 products into `m`,
-/// output transform into the position × channel rows `yt`.
+/// output transform into the position × channel rows `yt`; `T` is `s`'s tiling.
 ///
 /// `v` holds, for point `ξ`, the chunk's tiles block by block; a block of `p` tiles
-/// starting at `tb` keeps its `ins × p` values at `(ξ·count + tb)·ins` as runs of 16
+/// starting at `tb` keeps its `ins × p` values at `ξ·point_stride(count·ins) + tb·ins` as runs of 16
 /// channels: channel `16q + l` of the block's tile `j` at `q·16p + 16j + l`, so that the
 /// product steps through one contiguous run of broadcasts per 16 channels. (Blocks are
 /// sized by the level's register tile, so `v` is laid out for the level that runs.)
-fn chunk_product(
+fn chunk_product<T: tiles::Transforms>(
     s: &Shape,
     xin: &[f32],
     u: &[f32],
@@ -447,9 +576,11 @@ fn chunk_product(
     let (ins, outs) = (s.ins, s.outs);
     let images = xin.len() / s.in_len();
     assert!(
-        u.len() == POINTS * ins * outs
-            && v.len() >= POINTS * count * ins
-            && m.len() >= POINTS * count * outs
+        s.m == T::M
+            && s.points == T::POINTS
+            && u.len() == T::POINTS * point_stride(ins * outs)
+            && v.len() >= T::POINTS * point_stride(count * ins)
+            && m.len() >= T::POINTS * point_stride(count * outs)
             && yt.len() == images * s.out_len()
             && t0 + count <= images * s.th * s.tw,
         "winograd: buffer sizes"
@@ -457,7 +588,7 @@ fn chunk_product(
     // SAFETY: the kernel's reads and writes are inside the lengths asserted above (see
     // `Chunk::run`).
     unsafe {
-        simd::dispatch(Chunk {
+        simd::dispatch(Chunk::<T> {
             s,
             xin: xin.as_ptr(),
             u: u.as_ptr(),
@@ -466,12 +597,13 @@ fn chunk_product(
             v: v.as_mut_ptr(),
             m: m.as_mut_ptr(),
             yt: yt.as_mut_ptr(),
+            tiling: PhantomData,
         })
     }
 }
 
 /// [`chunk_product`]'s arguments, checked.
-struct Chunk<'a> {
+struct Chunk<'a, T> {
     s: &'a Shape,
     xin: *const f32,
     u: *const f32,
@@ -480,9 +612,10 @@ struct Chunk<'a> {
     v: *mut f32,
     m: *mut f32,
     yt: *mut f32,
+    tiling: PhantomData<T>,
 }
 
-impl Kernel for Chunk<'_> {
+impl<T: tiles::Transforms> Kernel for Chunk<'_, T> {
     type Output = ();
     #[inline(always)]
     unsafe fn run<S: Simd>(self) {
@@ -495,47 +628,54 @@ impl Kernel for Chunk<'_> {
             v,
             m,
             yt,
+            ..
         } = self;
         let (ins, outs) = (s.ins, s.outs);
         let (channels, pmax) = lane_tile::<S>();
+        let (us, vs, ms) = (
+            point_stride(ins * outs),
+            point_stride(count * ins),
+            point_stride(count * outs),
+        );
         for (tb, p) in blocks(count, pmax) {
             for j in 0..p {
                 let (k, ty, tx) = s.tile(t0 + tb + j);
-                let at = k * s.in_len() + (2 * ty * s.wp + 2 * tx) * ins;
+                let at = k * s.in_len() + (T::M * ty * s.wp + T::M * tx) * ins;
                 for q in 0..ins / UNIT {
                     for l in (0..UNIT).step_by(S::LANES) {
-                        // SAFETY: reads the 4×4 patch of `LANES` channels at
-                        // `at + q·16 + l`: rows `2ty..2ty + 4 ≤ hp`, columns
-                        // `2tx..2tx + 4 ≤ wp` of image `k < images`, inside `xin`. Writes
-                        // 16 points at `(ξ·count + tb)·ins + q·16p + 16j + l`, `j < p`,
-                        // `q < ins/16`: inside the block's `ins·p` values of point `ξ < 16`.
+                        // SAFETY: reads the (m+2)×(m+2) patch of `LANES` channels at
+                        // `at + q·16 + l`: rows `m·ty..m·ty + m + 2 ≤ hp`, columns
+                        // `m·tx..m·tx + m + 2 ≤ wp` of image `k < images`, inside `xin`.
+                        // Writes the points at `ξ·vs + tb·ins + q·16p + 16j + l`,
+                        // `j < p`, `q < ins/16`: inside the block's `ins·p` values of
+                        // point `ξ < POINTS`.
                         unsafe {
-                            tiles::input_tile::<S>(
+                            T::input_tile::<S>(
                                 xin.add(at + q * UNIT + l),
                                 s.wp * ins,
                                 ins,
                                 v.add(tb * ins + q * UNIT * p + UNIT * j + l),
-                                count * ins,
+                                vs,
                             )
                         };
                     }
                 }
             }
         }
-        for xi in 0..POINTS {
+        for xi in 0..T::POINTS {
             for o0 in (0..outs).step_by(channels) {
                 let width = (outs - o0).min(channels);
                 for (tb, p) in blocks(count, pmax) {
                     // SAFETY: reads the block's `ins·p` values of point `xi` in `v` and
                     // rows `c < ins` of `U[xi]` at columns `o0..o0 + width ≤ outs`; writes
-                    // `m[(xi·count + tb + j)·outs + o0..][..width]` for `j < p`.
+                    // `m[xi·ms + (tb + j)·outs + o0..][..width]` for `j < p`.
                     unsafe {
                         tiles::product::<S>(
-                            v.add((xi * count + tb) * ins),
+                            v.add(xi * vs + tb * ins),
                             ins,
-                            u.add(xi * ins * outs + o0),
+                            u.add(xi * us + o0),
                             outs,
-                            m.add((xi * count + tb) * outs + o0),
+                            m.add(xi * ms + tb * outs + o0),
                             (p, width / S::LANES),
                         )
                     };
@@ -544,16 +684,16 @@ impl Kernel for Chunk<'_> {
         }
         for t in 0..count {
             let (k, ty, tx) = s.tile(t0 + t);
-            let (rows, cols) = ((s.oh - 2 * ty).min(2), (s.ow - 2 * tx).min(2));
-            let at = k * s.out_len() + (2 * ty * s.ow + 2 * tx) * outs;
+            let (rows, cols) = ((s.oh - T::M * ty).min(T::M), (s.ow - T::M * tx).min(T::M));
+            let at = k * s.out_len() + (T::M * ty * s.ow + T::M * tx) * outs;
             for o0 in (0..outs).step_by(S::LANES) {
-                // SAFETY: reads `m[(ξ·count + t)·outs + o0..]` (`LANES` values, ξ < 16);
-                // writes `LANES` channels of output rows `2ty + i < oh`, columns
-                // `2tx + j < ow` of image `k`, inside `yt`.
+                // SAFETY: reads `m[ξ·ms + t·outs + o0..]` (`LANES` values,
+                // ξ < POINTS); writes `LANES` channels of output rows `m·ty + i < oh`,
+                // columns `m·tx + j < ow` of image `k`, inside `yt`.
                 unsafe {
-                    tiles::output_tile::<S>(
+                    T::output_tile::<S>(
                         m.add(t * outs + o0),
-                        count * outs,
+                        ms,
                         yt.add(at + o0),
                         s.ow * outs,
                         outs,
@@ -571,110 +711,275 @@ impl Kernel for Chunk<'_> {
 mod tiles {
     use super::{Simd, UNIT};
 
-    /// `U = G g Gᵀ` for `LANES` outputs: `g` holds taps `k = 3ky + kx` at `g + k·gstride`,
-    /// `U[ξ]` goes to `u + ξ·ustride`. `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`.
-    #[inline(always)]
-    pub(super) unsafe fn weights<S: Simd>(
-        g: *const f32,
-        gstride: usize,
-        u: *mut f32,
-        ustride: usize,
-    ) {
-        let half = S::splat(0.5);
-        let mut w = [S::zero(); 9];
-        for (k, w) in w.iter_mut().enumerate() {
-            *w = S::load(g.add(k * gstride));
+    /// One tiling's transforms, for `LANES` channels at a time: the weights' `U = G g Gᵀ`
+    /// (`g` holds taps `k = 3ky + kx` at `g + k·gstride`, `U[ξ]` goes to `u + ξ·ustride`),
+    /// the input's `V = Bᵀ d B` (`d[i][j]` at `x + i·row + j·col`, `V[ξ]` to
+    /// `v + ξ·vstride`) and the output's `Y = Aᵀ M A` (`M[ξ]` at `m + ξ·mstride`, the first
+    /// `rows × cols` of the tile's outputs stored at `y + i·row + j·col`).
+    pub(super) trait Transforms {
+        /// Outputs per tile side.
+        const M: usize;
+        /// Transform points, `(M + 2)²`.
+        const POINTS: usize;
+        unsafe fn weights<S: Simd>(g: *const f32, gstride: usize, u: *mut f32, ustride: usize);
+        unsafe fn input_tile<S: Simd>(
+            x: *const f32,
+            row: usize,
+            col: usize,
+            v: *mut f32,
+            vstride: usize,
+        );
+        unsafe fn output_tile<S: Simd>(
+            m: *const f32,
+            mstride: usize,
+            y: *mut f32,
+            row: usize,
+            col: usize,
+            rows_cols: (usize, usize),
+        );
+    }
+
+    /// F(2×2, 3×3). `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`,
+    /// `Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]`, `Aᵀ = [1 1 1 0; 0 1 −1 −1]`.
+    pub(super) struct F2;
+
+    impl Transforms for F2 {
+        const M: usize = 2;
+        const POINTS: usize = 16;
+
+        #[inline(always)]
+        unsafe fn weights<S: Simd>(g: *const f32, gstride: usize, u: *mut f32, ustride: usize) {
+            let half = S::splat(0.5);
+            let mut w = [S::zero(); 9];
+            for (k, w) in w.iter_mut().enumerate() {
+                *w = S::load(g.add(k * gstride));
+            }
+            // h = G g: 4 rows × 3 columns
+            let mut h = [[S::zero(); 3]; 4];
+            for col in 0..3 {
+                let (g0, g1, g2) = (w[col], w[3 + col], w[6 + col]);
+                let even = S::add(g0, g2);
+                h[0][col] = g0;
+                h[1][col] = S::mul(S::add(even, g1), half);
+                h[2][col] = S::mul(S::sub(even, g1), half);
+                h[3][col] = g2;
+            }
+            // U = h Gᵀ
+            for (i, h) in h.iter().enumerate() {
+                let even = S::add(h[0], h[2]);
+                let row = [
+                    h[0],
+                    S::mul(S::add(even, h[1]), half),
+                    S::mul(S::sub(even, h[1]), half),
+                    h[2],
+                ];
+                for (j, &r) in row.iter().enumerate() {
+                    S::store(u.add((4 * i + j) * ustride), r);
+                }
+            }
         }
-        // h = G g: 4 rows × 3 columns
-        let mut h = [[S::zero(); 3]; 4];
-        for col in 0..3 {
-            let (g0, g1, g2) = (w[col], w[3 + col], w[6 + col]);
-            let even = S::add(g0, g2);
-            h[0][col] = g0;
-            h[1][col] = S::mul(S::add(even, g1), half);
-            h[2][col] = S::mul(S::sub(even, g1), half);
-            h[3][col] = g2;
+
+        #[inline(always)]
+        unsafe fn input_tile<S: Simd>(
+            x: *const f32,
+            row: usize,
+            col: usize,
+            v: *mut f32,
+            vstride: usize,
+        ) {
+            let mut d = [[S::zero(); 4]; 4];
+            for (i, d) in d.iter_mut().enumerate() {
+                for (j, d) in d.iter_mut().enumerate() {
+                    *d = S::load(x.add(i * row + j * col));
+                }
+            }
+            let mut t = [[S::zero(); 4]; 4];
+            for j in 0..4 {
+                t[0][j] = S::sub(d[0][j], d[2][j]);
+                t[1][j] = S::add(d[1][j], d[2][j]);
+                t[2][j] = S::sub(d[2][j], d[1][j]);
+                t[3][j] = S::sub(d[1][j], d[3][j]);
+            }
+            for (i, t) in t.iter().enumerate() {
+                let r = [
+                    S::sub(t[0], t[2]),
+                    S::add(t[1], t[2]),
+                    S::sub(t[2], t[1]),
+                    S::sub(t[1], t[3]),
+                ];
+                for (j, &r) in r.iter().enumerate() {
+                    S::store(v.add((4 * i + j) * vstride), r);
+                }
+            }
         }
-        // U = h Gᵀ
-        for (i, h) in h.iter().enumerate() {
-            let even = S::add(h[0], h[2]);
-            let row = [
-                h[0],
-                S::mul(S::add(even, h[1]), half),
-                S::mul(S::sub(even, h[1]), half),
-                h[2],
-            ];
-            for (j, &r) in row.iter().enumerate() {
-                S::store(u.add((4 * i + j) * ustride), r);
+
+        #[inline(always)]
+        unsafe fn output_tile<S: Simd>(
+            m: *const f32,
+            mstride: usize,
+            y: *mut f32,
+            row: usize,
+            col: usize,
+            (rows, cols): (usize, usize),
+        ) {
+            let mut mv = [S::zero(); 16];
+            for (xi, mv) in mv.iter_mut().enumerate() {
+                *mv = S::load(m.add(xi * mstride));
+            }
+            let mut s = [[S::zero(); 4]; 2];
+            for j in 0..4 {
+                let (m0, m1, m2, m3) = (mv[j], mv[4 + j], mv[8 + j], mv[12 + j]);
+                s[0][j] = S::add(S::add(m0, m1), m2);
+                s[1][j] = S::sub(S::sub(m1, m2), m3);
+            }
+            for (i, s) in s.iter().enumerate().take(rows) {
+                let r = [
+                    S::add(S::add(s[0], s[1]), s[2]),
+                    S::sub(S::sub(s[1], s[2]), s[3]),
+                ];
+                for (j, &r) in r.iter().enumerate().take(cols) {
+                    S::store(y.add(i * row + j * col), r);
+                }
             }
         }
     }
 
-    /// `V = Bᵀ d B` for `LANES` channels of one 4×4 patch (`d[i][j]` at `x + i·row + j·col`),
-    /// `V[ξ]` to `v + ξ·vstride`. `Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]`.
+    /// F(4×4, 3×3), interpolating at 0, −1, 1, 2, −½ and ∞, the points that round least
+    /// among the small ones (in a float32 simulation of 64 channels, a third of the error
+    /// of the usual 0, ±1, ±2):
+    /// `G = [1 0 0; ⅓ −⅓ ⅓; −⅓ −⅓ −⅓; 1⁄15 2⁄15 4⁄15; −16⁄15 8⁄15 −4⁄15; 0 0 1]`,
+    /// `Bᵀ = [1 3⁄2 −2 −3⁄2 1 0; 0 1 ½ −5⁄2 1 0; 0 −1 −5⁄2 −½ 1 0; 0 −½ −1 ½ 1 0;
+    /// 0 2 −1 −2 1 0; 0 1 3⁄2 −2 −3⁄2 1]`,
+    /// `Aᵀ = [1 1 1 1 1 0; 0 −1 1 2 −½ 0; 0 1 1 4 ¼ 0; 0 −1 1 8 −⅛ 1]`.
+    pub(super) struct F4;
+
+    /// `G` applied to one column of three values.
     #[inline(always)]
-    pub(super) unsafe fn input_tile<S: Simd>(
-        x: *const f32,
-        row: usize,
-        col: usize,
-        v: *mut f32,
-        vstride: usize,
-    ) {
-        let mut d = [[S::zero(); 4]; 4];
-        for (i, d) in d.iter_mut().enumerate() {
-            for (j, d) in d.iter_mut().enumerate() {
-                *d = S::load(x.add(i * row + j * col));
-            }
-        }
-        let mut t = [[S::zero(); 4]; 4];
-        for j in 0..4 {
-            t[0][j] = S::sub(d[0][j], d[2][j]);
-            t[1][j] = S::add(d[1][j], d[2][j]);
-            t[2][j] = S::sub(d[2][j], d[1][j]);
-            t[3][j] = S::sub(d[1][j], d[3][j]);
-        }
-        for (i, t) in t.iter().enumerate() {
-            let r = [
-                S::sub(t[0], t[2]),
-                S::add(t[1], t[2]),
-                S::sub(t[2], t[1]),
-                S::sub(t[1], t[3]),
-            ];
-            for (j, &r) in r.iter().enumerate() {
-                S::store(v.add((4 * i + j) * vstride), r);
-            }
-        }
+    unsafe fn g4<S: Simd>([g0, g1, g2]: [S::V; 3]) -> [S::V; 6] {
+        let even = S::add(g0, g2);
+        let third = S::splat(1.0 / 3.0);
+        let fifteenth = S::splat(1.0 / 15.0);
+        // g0 + 2 g1 + 4 g2 and −16 g0 + 8 g1 − 4 g2
+        let u3 = S::fma(g2, S::splat(4.0), S::fma(g1, S::splat(2.0), g0));
+        let u4 = S::fma(
+            g0,
+            S::splat(-16.0),
+            S::fma(g1, S::splat(8.0), S::mul(g2, S::splat(-4.0))),
+        );
+        [
+            g0,
+            S::mul(S::sub(even, g1), third),
+            S::mul(S::add(even, g1), S::splat(-1.0 / 3.0)),
+            S::mul(u3, fifteenth),
+            S::mul(u4, fifteenth),
+            g2,
+        ]
     }
 
-    /// `Y = Aᵀ M A` for `LANES` channels of one tile (`M[ξ]` at `m + ξ·mstride`), stored for the
-    /// first `rows × cols` of its 2×2 positions at `y + i·row + j·col`.
-    /// `Aᵀ = [1 1 1 0; 0 1 −1 −1]`.
+    /// `Bᵀ` applied to one column of six values.
     #[inline(always)]
-    pub(super) unsafe fn output_tile<S: Simd>(
-        m: *const f32,
-        mstride: usize,
-        y: *mut f32,
-        row: usize,
-        col: usize,
-        (rows, cols): (usize, usize),
-    ) {
-        let mut mv = [S::zero(); 16];
-        for (xi, mv) in mv.iter_mut().enumerate() {
-            *mv = S::load(m.add(xi * mstride));
+    unsafe fn b4<S: Simd>([d0, d1, d2, d3, d4, d5]: [S::V; 6]) -> [S::V; 6] {
+        let (c, e) = (S::sub(d4, d2), S::sub(d1, d3));
+        // the pair at ±1: (d4 − d2 − 3⁄2 d3) ± (d1 − d3 + 3⁄2 d2)
+        let even = S::fma(d3, S::splat(-1.5), c);
+        let odd = S::fma(d2, S::splat(1.5), e);
+        [
+            S::fma(e, S::splat(1.5), S::fma(d2, S::splat(-2.0), S::add(d0, d4))),
+            S::add(even, odd),
+            S::sub(even, odd),
+            S::fma(e, S::splat(-0.5), c),
+            S::fma(e, S::splat(2.0), c),
+            S::fma(
+                c,
+                S::splat(-1.5),
+                S::add(d5, S::fma(d3, S::splat(-2.0), d1)),
+            ),
+        ]
+    }
+
+    /// `Aᵀ` applied to one column of six values.
+    #[inline(always)]
+    unsafe fn a4<S: Simd>([m0, m1, m2, m3, m4, m5]: [S::V; 6]) -> [S::V; 4] {
+        let (a, b) = (S::add(m1, m2), S::sub(m2, m1));
+        [
+            S::add(S::add(m0, a), S::add(m3, m4)),
+            S::fma(m4, S::splat(-0.5), S::fma(m3, S::splat(2.0), b)),
+            S::fma(m4, S::splat(0.25), S::fma(m3, S::splat(4.0), a)),
+            S::add(
+                S::fma(m4, S::splat(-0.125), S::fma(m3, S::splat(8.0), b)),
+                m5,
+            ),
+        ]
+    }
+
+    impl Transforms for F4 {
+        const M: usize = 4;
+        const POINTS: usize = 36;
+
+        #[inline(always)]
+        unsafe fn weights<S: Simd>(g: *const f32, gstride: usize, u: *mut f32, ustride: usize) {
+            // h = G g: 6 rows × 3 columns
+            let mut h = [[S::zero(); 3]; 6];
+            for col in 0..3 {
+                let w = [0, 3, 6].map(|k| S::load(g.add((k + col) * gstride)));
+                for (h, v) in h.iter_mut().zip(g4::<S>(w)) {
+                    h[col] = v;
+                }
+            }
+            // U = h Gᵀ
+            for (i, &h) in h.iter().enumerate() {
+                for (j, r) in g4::<S>(h).into_iter().enumerate() {
+                    S::store(u.add((6 * i + j) * ustride), r);
+                }
+            }
         }
-        let mut s = [[S::zero(); 4]; 2];
-        for j in 0..4 {
-            let (m0, m1, m2, m3) = (mv[j], mv[4 + j], mv[8 + j], mv[12 + j]);
-            s[0][j] = S::add(S::add(m0, m1), m2);
-            s[1][j] = S::sub(S::sub(m1, m2), m3);
+
+        #[inline(always)]
+        unsafe fn input_tile<S: Simd>(
+            x: *const f32,
+            row: usize,
+            col: usize,
+            v: *mut f32,
+            vstride: usize,
+        ) {
+            // t = Bᵀ d, column by column
+            let mut t = [[S::zero(); 6]; 6];
+            for j in 0..6 {
+                let d = [0, 1, 2, 3, 4, 5].map(|i| S::load(x.add(i * row + j * col)));
+                for (t, v) in t.iter_mut().zip(b4::<S>(d)) {
+                    t[j] = v;
+                }
+            }
+            // V = t B, row by row
+            for (i, &t) in t.iter().enumerate() {
+                for (j, r) in b4::<S>(t).into_iter().enumerate() {
+                    S::store(v.add((6 * i + j) * vstride), r);
+                }
+            }
         }
-        for (i, s) in s.iter().enumerate().take(rows) {
-            let r = [
-                S::add(S::add(s[0], s[1]), s[2]),
-                S::sub(S::sub(s[1], s[2]), s[3]),
-            ];
-            for (j, &r) in r.iter().enumerate().take(cols) {
-                S::store(y.add(i * row + j * col), r);
+
+        #[inline(always)]
+        unsafe fn output_tile<S: Simd>(
+            m: *const f32,
+            mstride: usize,
+            y: *mut f32,
+            row: usize,
+            col: usize,
+            (rows, cols): (usize, usize),
+        ) {
+            // s = Aᵀ M, column by column
+            let mut s = [[S::zero(); 6]; 4];
+            for j in 0..6 {
+                let mc = [0, 1, 2, 3, 4, 5].map(|i| S::load(m.add((6 * i + j) * mstride)));
+                for (s, v) in s.iter_mut().zip(a4::<S>(mc)) {
+                    s[j] = v;
+                }
+            }
+            // Y = s A, row by row
+            for (i, &s) in s.iter().enumerate().take(rows) {
+                for (j, r) in a4::<S>(s).into_iter().enumerate().take(cols) {
+                    S::store(y.add(i * row + j * col), r);
+                }
             }
         }
     }
