@@ -74,19 +74,23 @@ impl Tiling {
     /// Both, for tests and measurements.
     pub const ALL: [Tiling; 2] = [Tiling::F2, Tiling::F4];
 
-    /// The tiling [`conv2d_forward`] uses for `g`: F(4×4) unless its tiles waste so much
-    /// more of the output at the edge than F(2×2)'s that it does more products (with a
-    /// quarter's margin for its larger transforms): 7×7 (both cover it as 8×8), 14×14
-    /// (16×16 against 14×14), 8×8, 16×16 and 32×32 take F(4×4); 5×5 and smaller odd
-    /// sizes F(2×2). On AMD Zen 4 (`opbench`, batch 8, both levels) the product phase
-    /// takes 0.55–0.75 of F(2×2)'s time at stages 3 and 4 of ResNeXt-50, the stage-4
-    /// forward runs 1.4× faster and the stage-3 one 1.0–1.2×.
+    /// The tiling [`conv2d_forward`] uses for `g`: F(4×4) where it does at most two thirds
+    /// of F(2×2)'s products once the tiles that stick out past the edge are counted. So
+    /// 7×7 (both tile it as 8×8: 144 against 256 products per channel pair), 8×8, 16×16
+    /// and 32×32 take F(4×4); 14×14 (16×16 in tiles of 4: 576 against 784 products) and
+    /// the other sizes below 25 whose last tiles of 4 are half padding (1, 2, 5, 6, 9, …)
+    /// F(2×2). Paired `opbench` runs on AMD Zen 4 (batch 8, GFLOP/s, F(2×2)
+    /// against F(4×4)): stage 4 of ResNeXt-50 forward 238–247 against 337–348 at
+    /// AVX-512 and 233–239 against 302–314 at AVX2, backward 197–204 against 228–232 and
+    /// 188–191 against 201–215; stage 3 level at AVX-512 (forward 239–257 against
+    /// 247–268) and F(2×2) ahead at AVX2 (236–243 against 214–232), where the 16×16
+    /// products are small beside the transforms.
     pub fn for_geom(g: &Conv2dGeom) -> Tiling {
         let (oh, ow) = (g.out_h(), g.out_w());
         // outputs computed, whole tiles
         let cover = |m: usize| oh.div_ceil(m) * m * ow.div_ceil(m) * m;
-        // products: F(2×2) 16 per 4 outputs, F(4×4) 36 per 16; F(4×4) with a 1.25 margin
-        if 45 * cover(4) <= 64 * cover(2) {
+        // products: F(2×2) 16 per 4 outputs, F(4×4) 36 per 16
+        if 3 * 36 * cover(4) <= 2 * 64 * cover(2) {
             Tiling::F4
         } else {
             Tiling::F2
