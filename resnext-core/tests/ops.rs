@@ -185,6 +185,26 @@ proptest! {
     }
 
     #[test]
+    fn winograd_weight_grad_matches_reference(
+        // past one chunk of tiles and one pass of images at the top
+        g in winograd_geom(1..4, vec![16, 32, 48, 64], qemu_or(26)),
+        seed in any::<u64>(),
+    ) {
+        prop_assert!(conv::winograd::suits_shape(&g));
+        let ConvCase { x, dy, dw: dw_ref, .. } = ConvCase::new(&g, seed);
+        // each tiling, added into what was there
+        for tiling in conv::winograd::Tiling::ALL {
+            let mut dw = vec![1.0; g.weight_len()];
+            conv::winograd::conv2d_weight_grad_tiled(&g, tiling, &x, &dy, &mut dw);
+            let dw: Vec<f32> = dw.into_iter().map(|v| v - 1.0).collect();
+            prop_assert!(rel_err(&dw, &dw_ref) <= 1e-5, "dw, {:?}", tiling);
+        }
+        let mut dw = vec![0.0; g.weight_len()];
+        conv::winograd::conv2d_weight_grad(&g, &x, &dy, &mut dw);
+        prop_assert!(rel_err(&dw, &dw_ref) <= 1e-5, "dw, the tiling picked");
+    }
+
+    #[test]
     fn pointwise_conv_matches_reference_per_image_and_batched(
         (batch, cin, cout, h, w) in (1usize..5, 1usize..20, 1usize..20, 1usize..13, 1usize..13),
         seed in any::<u64>(),

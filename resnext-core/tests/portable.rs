@@ -142,6 +142,33 @@ proptest! {
     }
 
     #[test]
+    fn winograd_weight_grad_matches_reference(
+        g in winograd_geom(1..3, vec![16, 32, 48], 16),
+        level in prop::sample::select(isa::available()),
+        seed in any::<u64>(),
+    ) {
+        prop_assert!(conv::winograd::suits_shape(&g));
+        let c = ConvCase::new(&g, seed);
+        let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        isa::set_level(Some(level)).unwrap();
+        let dws = conv::winograd::Tiling::ALL.map(|tiling| {
+            let mut dw = vec![1.0; g.weight_len()];
+            conv::winograd::conv2d_weight_grad_tiled(&g, tiling, &c.x, &c.dy, &mut dw);
+            (tiling, dw)
+        });
+        // and the backward through the dispatch, which takes it where it pays at this level
+        let (mut dx, mut dw) = (vec![0.0; g.input_len()], vec![0.0; g.weight_len()]);
+        conv::conv2d_backward(&g, &c.x, &c.w, &c.dy, Some(&mut dx), &mut dw);
+        isa::set_level(None).unwrap();
+        let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
+        for (tiling, dw) in dws {
+            prop_assert!(rel_err(&minus_one(dw), &c.dw) <= 1e-5, "dw at {level}, {:?}", tiling);
+        }
+        prop_assert!(rel_err(&dx, &c.dx) <= 1e-5, "dx through the dispatch at {level}");
+        prop_assert!(rel_err(&dw, &c.dw) <= 1e-5, "dw through the dispatch at {level}");
+    }
+
+    #[test]
     fn direct_forward_of_a_stem_conv_matches_reference(
         (batch, cin, cout) in (1usize..3, 1usize..5, prop_oneof![1usize..19, Just(64usize)]),
         (h, w, kernel, stride, padding) in (5usize..30, 5usize..30, 5usize..8, 1usize..4, 0usize..4),

@@ -96,7 +96,7 @@ fn main() -> Result<()> {
     let algorithm = match a.pass.as_str() {
         "fwd" => format!("{:?}", conv::Algorithm::forward(&g)),
         _ => match (
-            conv::Algorithm::backward(&g),
+            conv::Algorithm::weight_grad(&g),
             conv::Algorithm::input_grad(&g),
         ) {
             (w, x) if w == x => format!("{w:?}"),

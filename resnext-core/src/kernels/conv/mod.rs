@@ -174,8 +174,8 @@ impl Conv2dGeom {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
     /// Winograd F(4×4, 3×3) or F(2×2, 3×3), channels in the lanes ([`winograd`]; the
-    /// forward, and the input gradient at stride 1, which is a convolution of the output
-    /// gradient).
+    /// forward, the input gradient at stride 1, which is a convolution of the output
+    /// gradient, and the weight gradient, the forward's tiling run backwards).
     Winograd,
     /// Direct, output channels in the lanes ([`lanes`]).
     Lanes,
@@ -232,6 +232,16 @@ impl Algorithm {
     /// [`lanes`] where it suits, else [`Algorithm::backward`]'s.
     pub fn input_grad(g: &Conv2dGeom) -> Self {
         if lanes::suits(g) && winograd::suits_input_grad(g) {
+            Self::Winograd
+        } else {
+            Self::backward(g)
+        }
+    }
+
+    /// The weight gradient's algorithm for `g`: Winograd where its input gradient is on
+    /// Winograd and [`winograd::suits_weight_grad`], else [`Algorithm::backward`]'s.
+    pub fn weight_grad(g: &Conv2dGeom) -> Self {
+        if Self::input_grad(g) == Self::Winograd && winograd::suits_weight_grad(g) {
             Self::Winograd
         } else {
             Self::backward(g)
@@ -556,6 +566,15 @@ fn backward_with(
         }
         (dx, _) => dx,
     };
+    if Algorithm::weight_grad(g) == Algorithm::Winograd {
+        // (whose input gradient went through Winograd above)
+        assert!(
+            dx.is_none(),
+            "winograd weight gradient without its input gradient"
+        );
+        winograd::conv2d_weight_grad(g, x, dy, dw);
+        return;
+    }
     match Algorithm::backward(g) {
         Algorithm::Lanes => lanes::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),
         Algorithm::Direct => direct::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),

@@ -28,7 +28,10 @@
 //!
 //! The input gradient of a stride-1 convolution is itself one (of the output gradient,
 //! with each group's weights transposed and turned by 180°), so [`conv2d_input_grad`] runs
-//! it through the same forward; the weight gradient stays on [`super::lanes`].
+//! it through the same forward. The weight gradient ([`conv2d_weight_grad`]) runs the
+//! forward's tiling backwards: output-gradient tiles through the adjoint of the output
+//! transform, their products with the input tiles' transforms summed over every tile of
+//! the batch, once per group through the adjoint of the weight transform.
 
 use std::marker::PhantomData;
 
@@ -327,6 +330,16 @@ pub fn suits_input_grad(g: &Conv2dGeom) -> bool {
     suits_input_grad_shape(g) && pays_per_call(&transposed(g)) && !isa::wide_fma()
 }
 
+/// Whether [`conv2d_weight_grad`] pays off for `g` (given that the input gradient is on
+/// Winograd too, [`suits_input_grad`]): where F(4×4) tiles it ([`Tiling::for_geom`]) and the
+/// level's multiply-adds are not full-width AVX-512 ([`isa::wide_fma`]). At stage 4 of
+/// ResNeXt-50 (7×7, 32 channels per group, batch 8) on the 5th-generation Xeon forced to
+/// AVX2 it runs 1.5× the channel-in-lanes weight gradient; at stage 3 (14×14, F(2×2)) the
+/// two are level, and at full-width AVX-512 the lanes kernel is 5–10% ahead at both.
+pub fn suits_weight_grad(g: &Conv2dGeom) -> bool {
+    suits_input_grad(g) && Tiling::for_geom(g) == Tiling::F4
+}
+
 /// The input gradient of a convolution that [`suits_input_grad_shape`], from the output
 /// gradient `dy` and `g`'s weights `w`: added into `dx` with `accumulate`, else written
 /// over it.
@@ -375,6 +388,311 @@ pub fn conv2d_input_grad_tiled(
         |_, _, _| {},
     );
     scratch::give([wt]);
+}
+
+/// The weight gradient of a convolution that [`suits_shape`], added into `dw`, by the
+/// adjoint of the forward's tiling: each tile's output gradient goes back through the
+/// output transform (`D = A dy Aᵀ`), meets the tile's input transform `V = Bᵀ d B` at each
+/// point, and the products summed over every tile of every image (`M[ξ][o][c] = Σ_t
+/// D[ξ][t][o] · V[ξ][t][c]`, one long matrix product per point whose sums stay in
+/// registers) go back through the weight transform once per group (`Gᵀ M G`). Where the
+/// tiles cover the output exactly, F(2×2) does 16 products per 4 outputs where the direct
+/// method does 36, F(4×4) 36 per 16 where it does 144.
+pub fn conv2d_weight_grad(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    conv2d_weight_grad_tiled(g, Tiling::for_geom(g), x, dy, dw);
+}
+
+/// [`conv2d_weight_grad`] with a given tiling.
+pub fn conv2d_weight_grad_tiled(
+    g: &Conv2dGeom,
+    tiling: Tiling,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) {
+    assert!(suits_shape(g), "winograd: unsuitable convolution");
+    assert_eq!(x.len(), g.input_len(), "conv2d backward: input length");
+    assert_eq!(
+        dy.len(),
+        g.output_len(),
+        "conv2d backward: output-gradient length"
+    );
+    assert_eq!(
+        dw.len(),
+        g.weight_len(),
+        "conv2d backward: weight-gradient length"
+    );
+    let s = Shape::new(g, tiling);
+    if s.out_len() == 0 || g.batch == 0 {
+        return;
+    }
+    // one task per group, its images in order: the sums do not depend on the thread count
+    dw.par_chunks_exact_mut(s.outs * s.ins * 9)
+        .enumerate()
+        .for_each(|(grp, dwg)| match tiling {
+            Tiling::F2 => weight_grad_group::<tiles::F2>(g, &s, x, dy, grp, dwg),
+            Tiling::F4 => weight_grad_group::<tiles::F4>(g, &s, x, dy, grp, dwg),
+        });
+}
+
+/// Group `grp`'s weight gradient, added into `dwg` (`[o][c][ky][kx]`).
+fn weight_grad_group<T: tiles::Transforms>(
+    g: &Conv2dGeom,
+    s: &Shape,
+    x: &[f32],
+    dy: &[f32],
+    grp: usize,
+    dwg: &mut [f32],
+) {
+    let (ins, outs) = (s.ins, s.outs);
+    let out_grp = s.out_len();
+    // images per pass, so that the transposed input and output gradient stay near 256 KB
+    let per = (TASK_VALUES / (s.in_len() + out_grp)).clamp(1, g.batch);
+    let ms = point_stride(outs * ins);
+    let mut m = scratch::take_stale(T::POINTS * ms);
+    let mut dyt = scratch::take_stale(per * out_grp);
+    let tiles_max = per * s.th * s.tw;
+    let chunk = tiles_max.div_ceil(tiles_max.div_ceil(CHUNK_POINTS / s.points));
+    let mut v = scratch::take_stale(T::POINTS * point_stride(chunk * ins));
+    let mut d = scratch::take_stale(T::POINTS * point_stride(chunk * outs));
+    let plane = s.oh * s.ow;
+    let mut first = true;
+    for n0 in (0..g.batch).step_by(per) {
+        let images = per.min(g.batch - n0);
+        let (key, xin) = pack_input(g, s, x, grp, n0..n0 + images);
+        for k in 0..images {
+            let src = &dy[((n0 + k) * g.groups + grp) * out_grp..][..out_grp];
+            transpose(
+                src,
+                plane,
+                outs,
+                plane,
+                &mut dyt[k * out_grp..],
+                outs,
+                false,
+            );
+        }
+        let tiles = images * s.th * s.tw;
+        for t0 in (0..tiles).step_by(chunk) {
+            let count = chunk.min(tiles - t0);
+            let chunk = WeightGradChunk::<T> {
+                s,
+                xin: &xin,
+                dyt: &dyt[..images * out_grp],
+                t0,
+                count,
+                v: &mut v,
+                d: &mut d,
+                m: &mut m,
+                accumulate: !first,
+                tiling: PhantomData,
+            };
+            chunk.run();
+            first = false;
+        }
+        scratch::give_keyed(key, xin);
+    }
+    // dW = Gᵀ M G, taps of each output channel as rows of input channels, then to
+    // PyTorch's layout
+    let mut taps = scratch::take_stale(outs * 9 * ins);
+    // SAFETY: reads `m[ξ·ms + o·ins + c0..][..LANES]` for `ξ < POINTS`, `o < outs`,
+    // `c0 + LANES ≤ ins` (ins a multiple of 16); writes `taps[(9o + k)·ins + c0..][..LANES]`
+    // for `k < 9`: inside both (asserted).
+    assert!(m.len() >= T::POINTS * ms && taps.len() == outs * 9 * ins);
+    unsafe {
+        simd::dispatch(WeightAdjoint::<T> {
+            m: m.as_ptr(),
+            ms,
+            ins,
+            outs,
+            taps: taps.as_mut_ptr(),
+            tiling: PhantomData,
+        })
+    };
+    for (src, dst) in taps
+        .chunks_exact(9 * ins)
+        .zip(dwg.chunks_exact_mut(ins * 9))
+    {
+        transpose(src, ins, 9, ins, dst, 9, true);
+    }
+    scratch::give([m, dyt, v, d, taps]);
+}
+
+/// One chunk of tiles of [`weight_grad_group`]: the transforms into `v` and `d`, their
+/// products added into `m` (written over it unless `accumulate`).
+struct WeightGradChunk<'a, T> {
+    s: &'a Shape,
+    xin: &'a [f32],
+    dyt: &'a [f32],
+    t0: usize,
+    count: usize,
+    v: &'a mut [f32],
+    d: &'a mut [f32],
+    m: &'a mut [f32],
+    accumulate: bool,
+    tiling: PhantomData<T>,
+}
+
+impl<T: tiles::Transforms> WeightGradChunk<'_, T> {
+    fn run(self) {
+        let s = self.s;
+        let (ins, outs) = (s.ins, s.outs);
+        let images = self.xin.len() / s.in_len();
+        assert!(
+            s.m == T::M
+                && s.points == T::POINTS
+                && self.dyt.len() == images * s.out_len()
+                && self.v.len() >= T::POINTS * point_stride(self.count * ins)
+                && self.d.len() >= T::POINTS * point_stride(self.count * outs)
+                && self.m.len() >= T::POINTS * point_stride(outs * ins)
+                && self.t0 + self.count <= images * s.th * s.tw,
+            "winograd weight gradient: buffer sizes"
+        );
+        // SAFETY: the kernel's reads and writes are inside the lengths asserted above (see
+        // `WeightGradKernel::run`).
+        unsafe {
+            simd::dispatch(WeightGradKernel::<T> {
+                s,
+                xin: self.xin.as_ptr(),
+                dyt: self.dyt.as_ptr(),
+                t0: self.t0,
+                count: self.count,
+                v: self.v.as_mut_ptr(),
+                d: self.d.as_mut_ptr(),
+                m: self.m.as_mut_ptr(),
+                accumulate: self.accumulate,
+                tiling: PhantomData,
+            })
+        }
+    }
+}
+
+/// [`WeightGradChunk`]'s pointers, checked.
+struct WeightGradKernel<'a, T> {
+    s: &'a Shape,
+    xin: *const f32,
+    dyt: *const f32,
+    t0: usize,
+    count: usize,
+    v: *mut f32,
+    d: *mut f32,
+    m: *mut f32,
+    accumulate: bool,
+    tiling: PhantomData<T>,
+}
+
+impl<T: tiles::Transforms> Kernel for WeightGradKernel<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let WeightGradKernel {
+            s,
+            xin,
+            dyt,
+            t0,
+            count,
+            v,
+            d,
+            m,
+            accumulate,
+            ..
+        } = self;
+        let (ins, outs) = (s.ins, s.outs);
+        let (channels, pmax) = lane_tile::<S>();
+        let (vs, ds, ms) = (
+            point_stride(count * ins),
+            point_stride(count * outs),
+            point_stride(outs * ins),
+        );
+        for t in 0..count {
+            let (k, ty, tx) = s.tile(t0 + t);
+            let at = k * s.in_len() + (T::M * ty * s.wp + T::M * tx) * ins;
+            for c0 in (0..ins).step_by(S::LANES) {
+                // SAFETY: reads the (m+2)×(m+2) patch of `LANES` channels at `at + c0`
+                // inside image `k`'s padded rows; writes `v[ξ·vs + t·ins + c0..][..LANES]`.
+                unsafe {
+                    T::input_tile::<S>(xin.add(at + c0), s.wp * ins, ins, v.add(t * ins + c0), vs)
+                };
+            }
+            let (rows, cols) = ((s.oh - T::M * ty).min(T::M), (s.ow - T::M * tx).min(T::M));
+            let at = k * s.out_len() + (T::M * ty * s.ow + T::M * tx) * outs;
+            for o0 in (0..outs).step_by(S::LANES) {
+                // SAFETY: reads output-gradient rows `m·ty + i < oh`, columns `m·tx + j <
+                // ow` of image `k` (`LANES` channels at `o0`); writes
+                // `d[ξ·ds + t·outs + o0..][..LANES]`.
+                unsafe {
+                    T::output_adjoint::<S>(
+                        dyt.add(at + o0),
+                        s.ow * outs,
+                        outs,
+                        (rows, cols),
+                        d.add(t * outs + o0),
+                        ds,
+                    )
+                };
+            }
+        }
+        for xi in 0..T::POINTS {
+            for (o0, p) in blocks(outs, pmax) {
+                for c0 in (0..ins).step_by(channels) {
+                    let width = (ins - c0).min(channels);
+                    // SAFETY: reads `d[xi·ds + t·outs + o0 + j]` (`j < p`, `t < count`) and
+                    // `v[xi·vs + t·ins + c0..][..width]`; reads and writes
+                    // `m[xi·ms + (o0 + j)·ins + c0..][..width]`.
+                    unsafe {
+                        tiles::outer_sum::<S>(
+                            d.add(xi * ds + o0),
+                            outs,
+                            v.add(xi * vs + c0),
+                            ins,
+                            count,
+                            m.add(xi * ms + o0 * ins + c0),
+                            (p, width / S::LANES),
+                            accumulate,
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `taps[(9o + k)·ins + c] = (Gᵀ M[·][o][c] G)[k]` of one group's summed products.
+struct WeightAdjoint<T> {
+    m: *const f32,
+    ms: usize,
+    ins: usize,
+    outs: usize,
+    taps: *mut f32,
+    tiling: PhantomData<T>,
+}
+
+impl<T: tiles::Transforms> Kernel for WeightAdjoint<T> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let WeightAdjoint {
+            m,
+            ms,
+            ins,
+            outs,
+            taps,
+            ..
+        } = self;
+        for o in 0..outs {
+            for c0 in (0..ins).step_by(S::LANES) {
+                // SAFETY: see `weight_grad_group`.
+                unsafe {
+                    T::weights_adjoint::<S>(
+                        m.add(o * ins + c0),
+                        ms,
+                        taps.add(9 * o * ins + c0),
+                        ins,
+                    )
+                };
+            }
+        }
+    }
 }
 
 /// The sizes one task works with.
@@ -507,36 +825,7 @@ fn run_task<T: tiles::Transforms>(
 ) {
     let images = outs.len();
     let (ins, outs_c) = (s.ins, s.outs);
-    let in_grp = ins * s.h * s.w;
-    // inputs as padded rows of positions × channels; keyed, so the padding stays zero
-    let key = [
-        scratch::tag::WINOGRAD_INPUT,
-        s.hp,
-        s.wp,
-        ins,
-        s.pad,
-        s.h,
-        s.w,
-        images,
-        0,
-        0,
-    ];
-    let mut xin = scratch::take_keyed(&key);
-    if xin.len() != images * s.in_len() {
-        xin.clear();
-        xin.resize(images * s.in_len(), 0.0);
-    }
-    // (whole planes at a time: fewer, fuller 16×16 blocks than row by row)
-    let mut rows = scratch::take_stale(in_grp);
-    for (k, (n, _)) in outs.iter().enumerate() {
-        let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
-        transpose(xg, s.h * s.w, ins, s.h * s.w, &mut rows, ins, false);
-        let dst = &mut xin[k * s.in_len()..][..s.in_len()];
-        for (r, src) in rows.chunks_exact(s.w * ins).enumerate() {
-            let at = ((r + s.pad) * s.wp + s.pad) * ins;
-            dst[at..at + s.w * ins].copy_from_slice(src);
-        }
-    }
+    let (key, xin) = pack_input(g, s, x, grp, outs.iter().map(|(n, _)| *n));
     let tiles = images * s.th * s.tw;
     let chunk = tiles.div_ceil(tiles.div_ceil(CHUNK_POINTS / s.points));
     // (all overwritten before they are read)
@@ -553,8 +842,53 @@ fn run_task<T: tiles::Transforms>(
         transpose(src, outs_c, plane, outs_c, yg, plane, accumulate);
         epilogue(*n, grp * outs_c, yg);
     }
-    scratch::give([v, m, yt, rows]);
+    scratch::give([v, m, yt]);
     scratch::give_keyed(key, xin);
+}
+
+/// Group `grp`'s input planes of `images` transposed to padded rows of positions ×
+/// channels, one image after another (`s.in_len()` values each), in a keyed buffer (so the
+/// padding stays zero) to give back with its key.
+fn pack_input(
+    g: &Conv2dGeom,
+    s: &Shape,
+    x: &[f32],
+    grp: usize,
+    images: impl ExactSizeIterator<Item = usize>,
+) -> (scratch::Key, Vec<f32>) {
+    let count = images.len();
+    let ins = s.ins;
+    let in_grp = ins * s.h * s.w;
+    let key = [
+        scratch::tag::WINOGRAD_INPUT,
+        s.hp,
+        s.wp,
+        ins,
+        s.pad,
+        s.h,
+        s.w,
+        count,
+        0,
+        0,
+    ];
+    let mut xin = scratch::take_keyed(&key);
+    if xin.len() != count * s.in_len() {
+        xin.clear();
+        xin.resize(count * s.in_len(), 0.0);
+    }
+    // (whole planes at a time: fewer, fuller 16×16 blocks than row by row)
+    let mut rows = scratch::take_stale(in_grp);
+    for (k, n) in images.enumerate() {
+        let xg = &x[(n * g.groups + grp) * in_grp..][..in_grp];
+        transpose(xg, s.h * s.w, ins, s.h * s.w, &mut rows, ins, false);
+        let dst = &mut xin[k * s.in_len()..][..s.in_len()];
+        for (r, src) in rows.chunks_exact(s.w * ins).enumerate() {
+            let at = ((r + s.pad) * s.wp + s.pad) * ins;
+            dst[at..at + s.w * ins].copy_from_slice(src);
+        }
+    }
+    scratch::give([rows]);
+    (key, xin)
 }
 
 /// Blocks of at most `pmax` tiles splitting `tiles` as evenly as possible: `(first, count)`.
@@ -742,6 +1076,25 @@ mod tiles {
             col: usize,
             rows_cols: (usize, usize),
         );
+        /// The adjoint of `output_tile`: `D = A dy Aᵀ` of the first `rows × cols` values
+        /// of an output-gradient tile (`dy[i][j]` at `y + i·row + j·col`, the rest zero),
+        /// `D[ξ]` to `d + ξ·dstride`.
+        unsafe fn output_adjoint<S: Simd>(
+            y: *const f32,
+            row: usize,
+            col: usize,
+            rows_cols: (usize, usize),
+            d: *mut f32,
+            dstride: usize,
+        );
+        /// The adjoint of `weights`: the taps' `Gᵀ M G` (`M[ξ]` at `m + ξ·mstride`, tap
+        /// `k = 3ky + kx` to `g + k·gstride`).
+        unsafe fn weights_adjoint<S: Simd>(
+            m: *const f32,
+            mstride: usize,
+            g: *mut f32,
+            gstride: usize,
+        );
     }
 
     /// F(2×2, 3×3). `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`,
@@ -847,6 +1200,93 @@ mod tiles {
                 }
             }
         }
+
+        #[inline(always)]
+        unsafe fn output_adjoint<S: Simd>(
+            y: *const f32,
+            row: usize,
+            col: usize,
+            rows_cols: (usize, usize),
+            d: *mut f32,
+            dstride: usize,
+        ) {
+            Self::output_adjoint_::<S>(y, row, col, rows_cols, d, dstride)
+        }
+
+        #[inline(always)]
+        unsafe fn weights_adjoint<S: Simd>(
+            m: *const f32,
+            mstride: usize,
+            g: *mut f32,
+            gstride: usize,
+        ) {
+            Self::weights_adjoint_::<S>(m, mstride, g, gstride)
+        }
+    }
+
+    /// `A` applied to one column of two values (the adjoint of F(2×2)'s `Aᵀ`).
+    #[inline(always)]
+    unsafe fn a2t<S: Simd>([y0, y1]: [S::V; 2]) -> [S::V; 4] {
+        [y0, S::add(y0, y1), S::sub(y0, y1), S::sub(S::zero(), y1)]
+    }
+
+    /// `Gᵀ` applied to one column of four values (the adjoint of F(2×2)'s `G`).
+    #[inline(always)]
+    unsafe fn g2t<S: Simd>([u0, u1, u2, u3]: [S::V; 4]) -> [S::V; 3] {
+        let half = S::splat(0.5);
+        let (a, b) = (S::mul(S::add(u1, u2), half), S::mul(S::sub(u1, u2), half));
+        [S::add(u0, a), b, S::add(a, u3)]
+    }
+
+    impl F2 {
+        #[inline(always)]
+        unsafe fn output_adjoint_<S: Simd>(
+            y: *const f32,
+            row: usize,
+            col: usize,
+            (rows, cols): (usize, usize),
+            d: *mut f32,
+            dstride: usize,
+        ) {
+            let mut yv = [[S::zero(); 2]; 2];
+            for (i, yv) in yv.iter_mut().enumerate().take(rows) {
+                for (j, yv) in yv.iter_mut().enumerate().take(cols) {
+                    *yv = S::load(y.add(i * row + j * col));
+                }
+            }
+            // t = A dy (4 × 2), then D = t Aᵀ
+            let (c0, c1) = (
+                a2t::<S>([yv[0][0], yv[1][0]]),
+                a2t::<S>([yv[0][1], yv[1][1]]),
+            );
+            for i in 0..4 {
+                for (j, r) in a2t::<S>([c0[i], c1[i]]).into_iter().enumerate() {
+                    S::store(d.add((4 * i + j) * dstride), r);
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn weights_adjoint_<S: Simd>(
+            m: *const f32,
+            mstride: usize,
+            g: *mut f32,
+            gstride: usize,
+        ) {
+            // t = Gᵀ M (3 × 4), column by column, then Gᵀ of each row
+            let mut t = [[S::zero(); 4]; 3];
+            for j in 0..4 {
+                let mc = [0, 1, 2, 3].map(|i| S::load(m.add((4 * i + j) * mstride)));
+                for (t, v) in t.iter_mut().zip(g2t::<S>(mc)) {
+                    t[j] = v;
+                }
+            }
+            for (ky, &t) in t.iter().enumerate() {
+                for (kx, r) in g2t::<S>(t).into_iter().enumerate() {
+                    S::store(g.add((3 * ky + kx) * gstride), r);
+                }
+            }
+        }
     }
 
     /// F(4×4, 3×3), interpolating at 0, −1, 1, 2, −½ and ∞, the points that round least
@@ -913,6 +1353,50 @@ mod tiles {
             S::add(
                 S::fma(m4, S::splat(-0.125), S::fma(m3, S::splat(8.0), b)),
                 m5,
+            ),
+        ]
+    }
+
+    /// `A` applied to one column of four values (the adjoint of F(4×4)'s `Aᵀ`).
+    #[inline(always)]
+    unsafe fn a4t<S: Simd>([y0, y1, y2, y3]: [S::V; 4]) -> [S::V; 6] {
+        let (even, odd) = (S::add(y0, y2), S::add(y1, y3));
+        [
+            y0,
+            S::sub(even, odd),
+            S::add(even, odd),
+            S::fma(
+                y3,
+                S::splat(8.0),
+                S::fma(y2, S::splat(4.0), S::fma(y1, S::splat(2.0), y0)),
+            ),
+            S::fma(
+                y3,
+                S::splat(-0.125),
+                S::fma(y2, S::splat(0.25), S::fma(y1, S::splat(-0.5), y0)),
+            ),
+            y3,
+        ]
+    }
+
+    /// `Gᵀ` applied to one column of six values (the adjoint of F(4×4)'s `G`).
+    #[inline(always)]
+    unsafe fn g4t<S: Simd>([u0, u1, u2, u3, u4, u5]: [S::V; 6]) -> [S::V; 3] {
+        let third = S::splat(1.0 / 3.0);
+        let fifteenth = S::splat(1.0 / 15.0);
+        let (a, b) = (S::mul(S::sub(u1, u2), third), S::mul(S::add(u1, u2), third));
+        [
+            S::add(
+                S::add(u0, a),
+                S::mul(S::fma(u4, S::splat(-16.0), u3), fifteenth),
+            ),
+            S::sub(
+                S::mul(S::fma(u4, S::splat(8.0), S::add(u3, u3)), fifteenth),
+                b,
+            ),
+            S::add(
+                S::add(a, u5),
+                S::mul(S::mul(S::sub(u3, u4), S::splat(4.0)), fifteenth),
             ),
         ]
     }
@@ -984,6 +1468,58 @@ mod tiles {
             for (i, &s) in s.iter().enumerate().take(rows) {
                 for (j, r) in a4::<S>(s).into_iter().enumerate().take(cols) {
                     S::store(y.add(i * row + j * col), r);
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn output_adjoint<S: Simd>(
+            y: *const f32,
+            row: usize,
+            col: usize,
+            (rows, cols): (usize, usize),
+            d: *mut f32,
+            dstride: usize,
+        ) {
+            let mut yv = [[S::zero(); 4]; 4];
+            for (i, yv) in yv.iter_mut().enumerate().take(rows) {
+                for (j, yv) in yv.iter_mut().enumerate().take(cols) {
+                    *yv = S::load(y.add(i * row + j * col));
+                }
+            }
+            // t = A dy (6 × 4), column by column, then D = t Aᵀ row by row
+            let mut t = [[S::zero(); 4]; 6];
+            for j in 0..4 {
+                let c = a4t::<S>([yv[0][j], yv[1][j], yv[2][j], yv[3][j]]);
+                for (t, v) in t.iter_mut().zip(c) {
+                    t[j] = v;
+                }
+            }
+            for (i, &t) in t.iter().enumerate() {
+                for (j, r) in a4t::<S>(t).into_iter().enumerate() {
+                    S::store(d.add((6 * i + j) * dstride), r);
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn weights_adjoint<S: Simd>(
+            m: *const f32,
+            mstride: usize,
+            g: *mut f32,
+            gstride: usize,
+        ) {
+            // t = Gᵀ M (3 × 6), column by column, then Gᵀ of each row
+            let mut t = [[S::zero(); 6]; 3];
+            for j in 0..6 {
+                let mc = [0, 1, 2, 3, 4, 5].map(|i| S::load(m.add((6 * i + j) * mstride)));
+                for (t, v) in t.iter_mut().zip(g4t::<S>(mc)) {
+                    t[j] = v;
+                }
+            }
+            for (ky, &t) in t.iter().enumerate() {
+                for (kx, r) in g4t::<S>(t).into_iter().enumerate() {
+                    S::store(g.add((3 * ky + kx) * gstride), r);
                 }
             }
         }
@@ -1071,6 +1607,76 @@ mod tiles {
         for (j, acc) in acc.iter().enumerate() {
             for (k, &a) in acc.iter().enumerate() {
                 S::store(m.add(j * ustride + k * S::LANES), a);
+            }
+        }
+    }
+
+    /// `m[j·vstride + k·LANES..] (+)= Σ_{t < count} d[t·dstride + j] · v[t·vstride + k·LANES..]`
+    /// for `j < p` rows (14 with 16 lanes, 6 with fewer) and `k < ov` vectors (1 or 2 with
+    /// 16 lanes, 2 with 8, 4 with 4): a sum of rank-1 updates whose `p × ov` sums stay in
+    /// registers for all `count` steps; added to `m` with `accumulate`, else written.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn outer_sum<S: Simd>(
+        d: *const f32,
+        dstride: usize,
+        v: *const f32,
+        vstride: usize,
+        count: usize,
+        m: *mut f32,
+        (p, ov): (usize, usize),
+        accumulate: bool,
+    ) {
+        macro_rules! by_p {
+            ($ov:literal, $($p:literal)*) => {
+                match p {
+                    $($p => outer::<S, $p, $ov>(d, dstride, v, vstride, count, m, accumulate),)*
+                    _ => outer::<S, 1, $ov>(d, dstride, v, vstride, count, m, accumulate),
+                }
+            };
+        }
+        match (S::LANES, ov) {
+            (16, 2) => by_p!(2, 14 13 12 11 10 9 8 7 6 5 4 3 2),
+            (16, _) => by_p!(1, 14 13 12 11 10 9 8 7 6 5 4 3 2),
+            (8, _) => by_p!(2, 6 5 4 3 2),
+            _ => by_p!(4, 6 5 4 3 2),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn outer<S: Simd, const P: usize, const OV: usize>(
+        d: *const f32,
+        dstride: usize,
+        v: *const f32,
+        vstride: usize,
+        count: usize,
+        m: *mut f32,
+        accumulate: bool,
+    ) {
+        let mut acc = [[S::zero(); OV]; P];
+        if accumulate {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = S::load(m.add(j * vstride + k * S::LANES));
+                }
+            }
+        }
+        for t in 0..count {
+            let (dt, vt) = (d.add(t * dstride), v.add(t * vstride));
+            let mut xv = [S::zero(); OV];
+            for (k, xv) in xv.iter_mut().enumerate() {
+                *xv = S::load(vt.add(k * S::LANES));
+            }
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let b = S::splat(*dt.add(j));
+                for (a, &xv) in acc.iter_mut().zip(&xv) {
+                    *a = S::fma(xv, b, *a);
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for (k, &a) in acc.iter().enumerate() {
+                S::store(m.add(j * vstride + k * S::LANES), a);
             }
         }
     }
