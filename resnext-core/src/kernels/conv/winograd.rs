@@ -335,7 +335,8 @@ pub fn suits_input_grad(g: &Conv2dGeom) -> bool {
 /// level's multiply-adds are not full-width AVX-512 ([`isa::wide_fma`]). At stage 4 of
 /// ResNeXt-50 (7×7, 32 channels per group, batch 8) on the 5th-generation Xeon forced to
 /// AVX2 it runs 1.5× the channel-in-lanes weight gradient; at stage 3 (14×14, F(2×2)) the
-/// two are level, and at full-width AVX-512 the lanes kernel is 5–10% ahead at both.
+/// two are level; at full-width AVX-512 they are level at stage 3 and the lanes kernel is
+/// 5–15% ahead at stage 4.
 pub fn suits_weight_grad(g: &Conv2dGeom) -> bool {
     suits_input_grad(g) && Tiling::for_geom(g) == Tiling::F4
 }
