@@ -510,11 +510,16 @@ fn weight_grad_group<T: tiles::Transforms>(
             tiling: PhantomData,
         })
     };
+    // (nine rows, shorter than a square block of lanes: plainly)
     for (src, dst) in taps
         .chunks_exact(9 * ins)
         .zip(dwg.chunks_exact_mut(ins * 9))
     {
-        transpose(src, ins, 9, ins, dst, 9, true);
+        for (c, dst) in dst.chunks_exact_mut(9).enumerate() {
+            for (k, d) in dst.iter_mut().enumerate() {
+                *d += src[k * ins + c];
+            }
+        }
     }
     scratch::give([m, dyt, v, d, taps]);
 }
