@@ -476,19 +476,13 @@ fn weight_grad_group<T: tiles::Transforms>(
         let tiles = images * s.th * s.tw;
         for t0 in (0..tiles).step_by(chunk) {
             let count = chunk.min(tiles - t0);
-            let chunk = WeightGradChunk::<T> {
+            weight_grad_chunk::<T>(
                 s,
-                xin: &xin,
-                dyt: &dyt[..images * out_grp],
-                t0,
-                count,
-                v: &mut v,
-                d: &mut d,
-                m: &mut m,
-                accumulate: !first,
-                tiling: PhantomData,
-            };
-            chunk.run();
+                (&xin, &dyt[..images * out_grp]),
+                (t0, count),
+                (&mut v, &mut d, &mut m),
+                !first,
+            );
             first = false;
         }
         scratch::give_keyed(key, xin);
@@ -524,56 +518,46 @@ fn weight_grad_group<T: tiles::Transforms>(
     scratch::give([m, dyt, v, d, taps]);
 }
 
-/// One chunk of tiles of [`weight_grad_group`]: the transforms into `v` and `d`, their
-/// products added into `m` (written over it unless `accumulate`).
-struct WeightGradChunk<'a, T> {
-    s: &'a Shape,
-    xin: &'a [f32],
-    dyt: &'a [f32],
-    t0: usize,
-    count: usize,
-    v: &'a mut [f32],
-    d: &'a mut [f32],
-    m: &'a mut [f32],
+/// Tiles `t0..t0 + count` of [`weight_grad_group`]'s pass: the transforms into `v` and
+/// `d`, their products added into `m` (written over it unless `accumulate`).
+fn weight_grad_chunk<T: tiles::Transforms>(
+    s: &Shape,
+    (xin, dyt): (&[f32], &[f32]),
+    (t0, count): (usize, usize),
+    (v, d, m): (&mut [f32], &mut [f32], &mut [f32]),
     accumulate: bool,
-    tiling: PhantomData<T>,
-}
-
-impl<T: tiles::Transforms> WeightGradChunk<'_, T> {
-    fn run(self) {
-        let s = self.s;
-        let (ins, outs) = (s.ins, s.outs);
-        let images = self.xin.len() / s.in_len();
-        assert!(
-            s.m == T::M
-                && s.points == T::POINTS
-                && self.dyt.len() == images * s.out_len()
-                && self.v.len() >= T::POINTS * point_stride(self.count * ins)
-                && self.d.len() >= T::POINTS * point_stride(self.count * outs)
-                && self.m.len() >= T::POINTS * point_stride(outs * ins)
-                && self.t0 + self.count <= images * s.th * s.tw,
-            "winograd weight gradient: buffer sizes"
-        );
-        // SAFETY: the kernel's reads and writes are inside the lengths asserted above (see
-        // `WeightGradKernel::run`).
-        unsafe {
-            simd::dispatch(WeightGradKernel::<T> {
-                s,
-                xin: self.xin.as_ptr(),
-                dyt: self.dyt.as_ptr(),
-                t0: self.t0,
-                count: self.count,
-                v: self.v.as_mut_ptr(),
-                d: self.d.as_mut_ptr(),
-                m: self.m.as_mut_ptr(),
-                accumulate: self.accumulate,
-                tiling: PhantomData,
-            })
-        }
+) {
+    let (ins, outs) = (s.ins, s.outs);
+    let images = xin.len() / s.in_len();
+    assert!(
+        s.m == T::M
+            && s.points == T::POINTS
+            && dyt.len() == images * s.out_len()
+            && v.len() >= T::POINTS * point_stride(count * ins)
+            && d.len() >= T::POINTS * point_stride(count * outs)
+            && m.len() >= T::POINTS * point_stride(outs * ins)
+            && t0 + count <= images * s.th * s.tw,
+        "winograd weight gradient: buffer sizes"
+    );
+    // SAFETY: the kernel's reads and writes are inside the lengths asserted above (see
+    // `WeightGradKernel::run`).
+    unsafe {
+        simd::dispatch(WeightGradKernel::<T> {
+            s,
+            xin: xin.as_ptr(),
+            dyt: dyt.as_ptr(),
+            t0,
+            count,
+            v: v.as_mut_ptr(),
+            d: d.as_mut_ptr(),
+            m: m.as_mut_ptr(),
+            accumulate,
+            tiling: PhantomData,
+        })
     }
 }
 
-/// [`WeightGradChunk`]'s pointers, checked.
+/// [`weight_grad_chunk`]'s arguments, checked.
 struct WeightGradKernel<'a, T> {
     s: &'a Shape,
     xin: *const f32,
@@ -1107,6 +1091,20 @@ mod tiles {
     /// `Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]`, `Aᵀ = [1 1 1 0; 0 1 −1 −1]`.
     pub(super) struct F2;
 
+    /// `A` applied to one column of two values (the adjoint of F(2×2)'s `Aᵀ`).
+    #[inline(always)]
+    unsafe fn a2t<S: Simd>([y0, y1]: [S::V; 2]) -> [S::V; 4] {
+        [y0, S::add(y0, y1), S::sub(y0, y1), S::sub(S::zero(), y1)]
+    }
+
+    /// `Gᵀ` applied to one column of four values (the adjoint of F(2×2)'s `G`).
+    #[inline(always)]
+    unsafe fn g2t<S: Simd>([u0, u1, u2, u3]: [S::V; 4]) -> [S::V; 3] {
+        let half = S::splat(0.5);
+        let (a, b) = (S::mul(S::add(u1, u2), half), S::mul(S::sub(u1, u2), half));
+        [S::add(u0, a), b, S::add(a, u3)]
+    }
+
     impl Transforms for F2 {
         const M: usize = 2;
         const POINTS: usize = 16;
@@ -1212,44 +1210,6 @@ mod tiles {
             y: *const f32,
             row: usize,
             col: usize,
-            rows_cols: (usize, usize),
-            d: *mut f32,
-            dstride: usize,
-        ) {
-            Self::output_adjoint_::<S>(y, row, col, rows_cols, d, dstride)
-        }
-
-        #[inline(always)]
-        unsafe fn weights_adjoint<S: Simd>(
-            m: *const f32,
-            mstride: usize,
-            g: *mut f32,
-            gstride: usize,
-        ) {
-            Self::weights_adjoint_::<S>(m, mstride, g, gstride)
-        }
-    }
-
-    /// `A` applied to one column of two values (the adjoint of F(2×2)'s `Aᵀ`).
-    #[inline(always)]
-    unsafe fn a2t<S: Simd>([y0, y1]: [S::V; 2]) -> [S::V; 4] {
-        [y0, S::add(y0, y1), S::sub(y0, y1), S::sub(S::zero(), y1)]
-    }
-
-    /// `Gᵀ` applied to one column of four values (the adjoint of F(2×2)'s `G`).
-    #[inline(always)]
-    unsafe fn g2t<S: Simd>([u0, u1, u2, u3]: [S::V; 4]) -> [S::V; 3] {
-        let half = S::splat(0.5);
-        let (a, b) = (S::mul(S::add(u1, u2), half), S::mul(S::sub(u1, u2), half));
-        [S::add(u0, a), b, S::add(a, u3)]
-    }
-
-    impl F2 {
-        #[inline(always)]
-        unsafe fn output_adjoint_<S: Simd>(
-            y: *const f32,
-            row: usize,
-            col: usize,
             (rows, cols): (usize, usize),
             d: *mut f32,
             dstride: usize,
@@ -1273,7 +1233,7 @@ mod tiles {
         }
 
         #[inline(always)]
-        unsafe fn weights_adjoint_<S: Simd>(
+        unsafe fn weights_adjoint<S: Simd>(
             m: *const f32,
             mstride: usize,
             g: *mut f32,
