@@ -230,6 +230,45 @@ proptest! {
     }
 
     #[test]
+    fn dense_conv_below_one_image_per_thread_matches_reference(
+        (batch, cin, cout, hw) in (1usize..3, 1usize..24, prop::sample::select(vec![17usize, 32, 40, 70]), 1usize..12),
+        (kernel, stride) in prop::sample::select(vec![(1usize, 1usize), (1, 2), (3, 1), (3, 2)]),
+        threads in 2usize..4,
+        seed in any::<u64>(),
+    ) {
+        // Fewer images than threads: each image's output channels split over the threads,
+        // each part with its own epilogue (channel offset). Plain output, plane statistics
+        // and the fused eval epilogue (scale, shift, residual, ReLU) against the reference.
+        let g = Conv2dGeom { batch, in_channels: cin, out_channels: cout, in_h: hw, in_w: hw + 1, kernel, stride, padding: kernel / 2, groups: 1 };
+        let ConvCase { x, w, y: y_ref, .. } = ConvCase::new(&g, seed);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let ohw = g.out_h() * g.out_w();
+        let scale = values(seed ^ 5, cout);
+        let shift = values(seed ^ 7, cout);
+        let residual = values(seed ^ 9, g.output_len());
+        let (y, (y_stats, stats), fused) = pool.install(|| {
+            let prepared = conv::PreparedWeights::new(&g, w.clone());
+            (
+                conv::conv2d_forward_new(&g, &x, &w),
+                conv::conv2d_forward_plane_stats(&g, &x, &w),
+                conv::conv2d_forward_fused(&g, &x, &prepared, Some(&scale), &shift, Some(&residual), true),
+            )
+        });
+        prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
+        prop_assert_eq!(&y_stats, &y);
+        for (i, (plane, got)) in y.chunks(ohw).zip(&stats).enumerate() {
+            prop_assert_eq!(*got, bn::plane_stats(plane), "statistics of plane {}", i);
+        }
+        let want: Vec<f32> = y_ref
+            .iter()
+            .zip(&residual)
+            .enumerate()
+            .map(|(i, (&v, &r))| (v * scale[(i / ohw) % cout] + shift[(i / ohw) % cout] + r).max(0.0))
+            .collect();
+        prop_assert!(rel_err(&fused, &want) <= 1e-5, "fused: {}", rel_err(&fused, &want));
+    }
+
+    #[test]
     fn relu_bit_mask_matches_the_positive_test(len in prop::sample::select(vec![1usize, 63, 64, 65, 1000, 16384, 16384 + 70, 40000]), seed in any::<u64>()) {
         use resnext_core::kernels::elementwise as ew;
         let y: Vec<f32> = values(seed, len).iter().map(|&v| if v < -0.5 { 0.0 } else { v }).collect();

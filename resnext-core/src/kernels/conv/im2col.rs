@@ -119,6 +119,9 @@ pub fn conv2d_forward(
     }
     let direct = g.is_pointwise();
     let inner_parallel = g.batch < rayon::current_num_threads();
+    if inner_parallel && g.groups == 1 {
+        return forward_channels_split(g, x, w, y, epilogue);
+    }
     let col_len = if direct { 0 } else { rows * ohw };
     y.par_chunks_mut(out_img).enumerate().for_each_init(
         || vec![0.0f32; col_len],
@@ -148,6 +151,60 @@ pub fn conv2d_forward(
             epilogue(n, 0, unsafe { assume_init(yn) });
         },
     );
+}
+
+/// [`conv2d_forward`] of a dense convolution with fewer images than threads: image by
+/// image, its output channels split over the threads, each part one product (packing only
+/// its own rows of weights) followed by the epilogue on that part, while it is in cache.
+/// (One product over all channels, split inside `gemm`, leaves the epilogue of a whole
+/// image to one thread: ResNeXt-50's batch-1 eval ran 6–9% slower that way.)
+fn forward_channels_split(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let ohw = g.out_h() * g.out_w();
+    let rows = g.in_channels * g.kernel * g.kernel;
+    let in_img = g.in_channels * g.in_h * g.in_w;
+    let out_img = g.out_channels * ohw;
+    // (whole vectors of rows: 16)
+    let per = g
+        .out_channels
+        .div_ceil(rayon::current_num_threads())
+        .next_multiple_of(16);
+    let mut col = if g.is_pointwise() {
+        Vec::new()
+    } else {
+        vec![0.0f32; rows * ohw]
+    };
+    for (n, yn) in y.chunks_mut(out_img).enumerate() {
+        let xn = &x[n * in_img..(n + 1) * in_img];
+        let b = if g.is_pointwise() {
+            xn
+        } else {
+            im2col(g, xn, &mut col);
+            &col[..]
+        };
+        yn.par_chunks_mut(per * ohw)
+            .enumerate()
+            .for_each(|(part, yp)| {
+                let (o0, count) = (part * per, yp.len() / ohw);
+                sgemm_write(
+                    count,
+                    ohw,
+                    rows,
+                    MatRef::row_major(&w[o0 * rows..(o0 + count) * rows], rows),
+                    MatRef::row_major(b, ohw),
+                    yp,
+                    ohw,
+                    false,
+                );
+                // SAFETY: the product wrote all `count * ohw` values of `yp`.
+                epilogue(n, o0, unsafe { assume_init(yp) });
+            });
+    }
 }
 
 /// Backward on im2col matrices, one GEMM per image and group for each gradient: puts the
