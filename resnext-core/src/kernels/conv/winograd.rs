@@ -330,15 +330,15 @@ pub fn suits_input_grad(g: &Conv2dGeom) -> bool {
     suits_input_grad_shape(g) && pays_per_call(&transposed(g)) && !isa::wide_fma()
 }
 
-/// Whether [`conv2d_weight_grad`] pays off for `g` (given that the input gradient is on
-/// Winograd too, [`suits_input_grad`]): where F(4×4) tiles it ([`Tiling::for_geom`]) and the
-/// level's multiply-adds are not full-width AVX-512 ([`isa::wide_fma`]). At stage 4 of
-/// ResNeXt-50 (7×7, 32 channels per group, batch 8) on the 5th-generation Xeon forced to
-/// AVX2 it runs 1.5× the channel-in-lanes weight gradient; at stage 3 (14×14, F(2×2)) the
-/// two are level; at full-width AVX-512 they are level at stage 3 and the lanes kernel is
-/// 5–15% ahead at stage 4.
+/// Whether [`conv2d_weight_grad`] pays off for `g`: where the input gradient is on
+/// Winograd too ([`suits_input_grad`], so not at full-width AVX-512, [`isa::wide_fma`]). On
+/// the Xeon forced to AVX2, ResNeXt-50's stage 4 (7×7, 32 channels per group, batch 8,
+/// F(4×4)) runs 1.5× the channel-in-lanes weight gradient, and the whole stage-3 backward
+/// (14×14, 16 channels per group, F(2×2)) 15% faster (2.25 against 2.64 ms on the AMX
+/// Xeon; level on the 5th-generation one); at full-width AVX-512 the two are level at stage
+/// 3 and the lanes kernel is 5–15% ahead at stage 4.
 pub fn suits_weight_grad(g: &Conv2dGeom) -> bool {
-    suits_input_grad(g) && Tiling::for_geom(g) == Tiling::F4
+    suits_input_grad(g)
 }
 
 /// The input gradient of a convolution that [`suits_input_grad_shape`], from the output
