@@ -437,18 +437,8 @@ pub fn conv2d_forward_fused(
         let res = residual.map(|r| &r[n * out_img + c0 * ohw..][..yn.len()]);
         for (c, plane) in yn.chunks_mut(ohw.max(1)).enumerate() {
             let (a, b) = (scale.map_or(1.0, |s| s[c0 + c]), shift[c0 + c]);
-            match (res, relu) {
-                (Some(r), true) => plane
-                    .iter_mut()
-                    .zip(&r[c * ohw..(c + 1) * ohw])
-                    .for_each(|(v, &r)| *v = super::relu(*v * a + b + r)),
-                (Some(r), false) => plane
-                    .iter_mut()
-                    .zip(&r[c * ohw..(c + 1) * ohw])
-                    .for_each(|(v, &r)| *v = *v * a + b + r),
-                (None, true) => plane.iter_mut().for_each(|v| *v = super::relu(*v * a + b)),
-                (None, false) => plane.iter_mut().for_each(|v| *v = *v * a + b),
-            }
+            let r = res.map_or(&[][..], |r| &r[c * ohw..(c + 1) * ohw]);
+            scale_shift_plane(plane, a, b, r, relu);
         }
     };
     // (the packed form's algorithm can depend on the batch: a stem on `direct` when the
@@ -470,6 +460,22 @@ pub fn conv2d_forward_fused(
     };
     // SAFETY: every algorithm writes every value of its output.
     unsafe { super::written(g.output_len(), run) }
+}
+
+leveled! {
+    /// `y = relu?(y · a + b (+ r))` over one plane (`r` empty: no residual), at the level's
+    /// vector width.
+    fn scale_shift_plane(y: &mut [f32], a: f32, b: f32, r: &[f32], relu: bool) {
+        match (r.is_empty(), relu) {
+            (false, true) => y
+                .iter_mut()
+                .zip(r)
+                .for_each(|(v, &r)| *v = super::relu(*v * a + b + r)),
+            (false, false) => y.iter_mut().zip(r).for_each(|(v, &r)| *v = *v * a + b + r),
+            (true, true) => y.iter_mut().for_each(|v| *v = super::relu(*v * a + b)),
+            (true, false) => y.iter_mut().for_each(|v| *v = *v * a + b),
+        }
+    }
 }
 
 /// Where a backward pass puts the input gradient.
