@@ -437,7 +437,7 @@ pub fn conv2d_forward_fused(
         let res = residual.map(|r| &r[n * out_img + c0 * ohw..][..yn.len()]);
         for (c, plane) in yn.chunks_mut(ohw.max(1)).enumerate() {
             let (a, b) = (scale.map_or(1.0, |s| s[c0 + c]), shift[c0 + c]);
-            let r = res.map_or(&[][..], |r| &r[c * ohw..(c + 1) * ohw]);
+            let r = res.map(|r| &r[c * ohw..(c + 1) * ohw]);
             scale_shift_plane(plane, a, b, r, relu);
         }
     };
@@ -463,17 +463,16 @@ pub fn conv2d_forward_fused(
 }
 
 leveled! {
-    /// `y = relu?(y · a + b (+ r))` over one plane (`r` empty: no residual), at the level's
-    /// vector width.
-    fn scale_shift_plane(y: &mut [f32], a: f32, b: f32, r: &[f32], relu: bool) {
-        match (r.is_empty(), relu) {
-            (false, true) => y
+    /// `y = relu?(y · a + b (+ r))` over one plane, at the level's vector width.
+    fn scale_shift_plane(y: &mut [f32], a: f32, b: f32, r: Option<&[f32]>, relu: bool) {
+        match (r, relu) {
+            (Some(r), true) => y
                 .iter_mut()
                 .zip(r)
                 .for_each(|(v, &r)| *v = super::relu(*v * a + b + r)),
-            (false, false) => y.iter_mut().zip(r).for_each(|(v, &r)| *v = *v * a + b + r),
-            (true, true) => y.iter_mut().for_each(|v| *v = super::relu(*v * a + b)),
-            (true, false) => y.iter_mut().for_each(|v| *v = *v * a + b),
+            (Some(r), false) => y.iter_mut().zip(r).for_each(|(v, &r)| *v = *v * a + b + r),
+            (None, true) => y.iter_mut().for_each(|v| *v = super::relu(*v * a + b)),
+            (None, false) => y.iter_mut().for_each(|v| *v = *v * a + b),
         }
     }
 }
