@@ -47,6 +47,41 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 
 pub use resnext_core::testing::values;
 
+/// `max |a - b| / scale`: the error against the size of the terms that were summed rather
+/// than of the result, for sums that may cancel (a 1×1 output of two products of opposite
+/// sign is 1e-5 of its terms, and `rel_err` would count the terms' rounding as its own).
+pub fn err_in_scale(a: &[f32], b: &[f32], scale: f32) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale.max(f32::MIN_POSITIVE)
+}
+
+/// Whether `a` is within `tol` of `b`: by [`rel_err`], or failing that (a result that
+/// cancelled), by [`err_in_scale`] against `scale()`, computed only then. The same verdict
+/// as [`err_in_scale`] alone (its scale is at least `max |b|`), without the cost of the
+/// scale where the result is the larger of the two.
+pub fn close(a: &[f32], b: &[f32], tol: f32, scale: impl FnOnce() -> f32) -> bool {
+    rel_err(a, b) <= tol || err_in_scale(a, b, scale()) <= tol
+}
+
+/// The largest sum of absolute terms behind each of a convolution's results: the reference
+/// output, input gradient and weight gradient of `|x|`, `|w|` and `|dy|`, each's maximum.
+/// The scale for [`err_in_scale`].
+pub fn conv_term_scales(g: &Conv2dGeom, x: &[f32], w: &[f32], dy: &[f32]) -> (f32, f32, f32) {
+    use resnext_core::kernels::conv;
+    let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
+    let (x, w, dy) = (abs(x), abs(w), abs(dy));
+    let mut y = vec![0.0; g.output_len()];
+    conv::conv2d_forward_ref(g, &x, &w, &mut y);
+    let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+    conv::conv2d_backward_ref(g, &x, &w, &dy, &mut dx, &mut dw);
+    let max = |v: &[f32]| v.iter().fold(0.0f32, |m, &a| m.max(a));
+    (max(&y), max(&dx), max(&dw))
+}
+
 /// A convolution test case: inputs drawn from `seed` and what the reference kernels give
 /// for them (output, input gradient, weight gradient).
 pub struct ConvCase {
@@ -65,6 +100,11 @@ pub struct ConvCase {
 }
 
 impl ConvCase {
+    /// [`conv_term_scales`] of this case's inputs.
+    pub fn term_scales(&self, g: &Conv2dGeom) -> (f32, f32, f32) {
+        conv_term_scales(g, &self.x, &self.w, &self.dy)
+    }
+
     /// The case for `g` from `seed`.
     pub fn new(g: &resnext_core::kernels::conv::Conv2dGeom, seed: u64) -> Self {
         use resnext_core::kernels::conv;
