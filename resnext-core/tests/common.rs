@@ -26,6 +26,15 @@ pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// `n`, or 17 on aarch64 (run under qemu in CI, 10–45× slower than native).
+pub const fn qemu_or(n: usize) -> usize {
+    if cfg!(target_arch = "aarch64") {
+        17
+    } else {
+        n
+    }
+}
+
 /// A seeded CPU device.
 pub fn dev(seed: u64) -> Cpu {
     Cpu::seed_from_u64(seed)

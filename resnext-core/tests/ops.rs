@@ -12,7 +12,8 @@ use resnext_core::kernels::pool::{self, PoolGeom};
 use resnext_core::ops::{self, Act, BnConfig, ConvConfig};
 
 use crate::common::{
-    conv_term_scales, err_in_scale, rel_err, ties_and_nans, values, winograd_geom, ConvCase,
+    conv_term_scales, err_in_scale, qemu_or, rel_err, ties_and_nans, values, winograd_geom,
+    ConvCase,
 };
 
 fn conv_geom() -> impl Strategy<Value = Conv2dGeom> {
@@ -44,15 +45,6 @@ fn conv_geom() -> impl Strategy<Value = Conv2dGeom> {
                 g.validate().ok().map(|_| g)
             },
         )
-}
-
-/// `n`, or 17 on aarch64 (run under qemu in CI, 10–45× slower than native).
-const fn qemu_or(n: usize) -> usize {
-    if cfg!(target_arch = "aarch64") {
-        17
-    } else {
-        n
-    }
 }
 
 proptest! {

@@ -14,7 +14,7 @@ use resnext_core::kernels::conv::{self, Conv2dGeom};
 use resnext_core::kernels::isa;
 use resnext_core::kernels::{batchnorm as bn, elementwise as ew, pool};
 
-use crate::common::{close, rel_err, ties_and_nans, values, winograd_geom, ConvCase};
+use crate::common::{close, qemu_or, rel_err, ties_and_nans, values, winograd_geom, ConvCase};
 
 /// Held by each test while it may switch the kernels.
 static SWITCH: Mutex<()> = Mutex::new(());
@@ -177,6 +177,38 @@ proptest! {
         }
         prop_assert!(rel_err(&dx, &c.dx) <= 1e-5, "dx through the dispatch at {level}");
         prop_assert!(rel_err(&dw, &c.dw) <= 1e-5, "dw through the dispatch at {level}");
+    }
+
+    #[test]
+    fn paired_groups_match_reference(
+        // 8 channels per group (ResNeXt-50's stage 2) and 24: two groups run as one of 16
+        // or 48 through Winograd, wherever the level takes it (at least 2 groups after
+        // pairing, and images of enough tiles for the per-call weight transform to pay)
+        (batch, pairs) in (1usize..3, 2usize..4),
+        ipg in prop::sample::select(vec![8usize, 24]),
+        opg in prop::sample::select(vec![8usize, 24]),
+        (h, w, padding) in (13usize..qemu_or(24), 13usize..qemu_or(24), 0usize..3),
+        level in prop::sample::select(isa::available()),
+        seed in any::<u64>(),
+    ) {
+        let groups = 2 * pairs;
+        let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel: 3, stride: 1, padding, groups };
+        let c = ConvCase::new(&g, seed);
+        let (chosen, fused) = (std::cell::Cell::new(None), std::cell::RefCell::new(vec![]));
+        check_at(level, &g, &c, |y| {
+            chosen.set(Some((conv::Algorithm::prepared(&g), conv::Algorithm::weight_grad(&g), isa::wide_fma())));
+            conv::conv2d_forward(&g, &c.x, &c.w, y);
+            // with the weights packed once (inference), through the fused epilogue
+            let prepared = conv::PreparedWeights::new(&g, c.w.clone());
+            *fused.borrow_mut() = conv::conv2d_forward_fused(&g, &c.x, &prepared, None, &vec![0.0; g.out_channels], None, false);
+        }, |dx, dw| {
+            conv::conv2d_backward(&g, &c.x, &c.w, &c.dy, Some(dx), dw);
+        })?;
+        let (forward, weight_grad, wide) = chosen.get().expect("ran");
+        // (on full-width AVX-512 groups of 16 stay on the direct kernels)
+        prop_assert_eq!(forward == conv::Algorithm::WinogradPaired, !wide, "{:?} at {}", forward, level);
+        prop_assert_eq!(weight_grad == conv::Algorithm::WinogradPaired, !wide, "{:?} at {}", weight_grad, level);
+        prop_assert!(close(&fused.into_inner(), &c.y, 1e-5, || c.term_scales(&g).0), "fused at {level}");
     }
 
     #[test]
