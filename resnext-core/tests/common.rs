@@ -94,6 +94,8 @@ pub fn conv_term_scales(g: &Conv2dGeom, x: &[f32], w: &[f32], dy: &[f32]) -> (f3
 /// A convolution test case: inputs drawn from `seed` and what the reference kernels give
 /// for them (output, input gradient, weight gradient).
 pub struct ConvCase {
+    /// The geometry it was drawn for.
+    pub g: Conv2dGeom,
     /// Input.
     pub x: Vec<f32>,
     /// Weight.
@@ -110,12 +112,12 @@ pub struct ConvCase {
 
 impl ConvCase {
     /// [`conv_term_scales`] of this case's inputs.
-    pub fn term_scales(&self, g: &Conv2dGeom) -> (f32, f32, f32) {
-        conv_term_scales(g, &self.x, &self.w, &self.dy)
+    pub fn term_scales(&self) -> (f32, f32, f32) {
+        conv_term_scales(&self.g, &self.x, &self.w, &self.dy)
     }
 
     /// The case for `g` from `seed`.
-    pub fn new(g: &resnext_core::kernels::conv::Conv2dGeom, seed: u64) -> Self {
+    pub fn new(g: &Conv2dGeom, seed: u64) -> Self {
         use resnext_core::kernels::conv;
         let (x, w, dy) = (
             values(seed, g.input_len()),
@@ -127,6 +129,7 @@ impl ConvCase {
         let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
         conv::conv2d_backward_ref(g, &x, &w, &dy, &mut dx, &mut dw);
         ConvCase {
+            g: *g,
             x,
             w,
             dy,

@@ -52,7 +52,7 @@ proptest! {
 
     #[test]
     fn conv_fast_kernels_match_reference(g in conv_geom(), seed in any::<u64>()) {
-        let ConvCase { x, w, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
+        let ConvCase { x, w, dy, y: y_ref, dx: dx_ref, dw: dw_ref, .. } = ConvCase::new(&g, seed);
         // (few terms per result here, which may cancel: errors against the terms' size)
         let (y_scale, dx_scale, dw_scale) = conv_term_scales(&g, &x, &w, &dy);
         let mut y = vec![0.0; g.output_len()];
@@ -83,7 +83,7 @@ proptest! {
         let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel, stride, padding, groups };
         prop_assume!(g.validate().is_ok());
         prop_assert!(conv::lanes::suits(&g));
-        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
+        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref, .. } = ConvCase::new(&g, seed);
         let mut y = vec![0.0; g.output_len()];
         let packed = conv::lanes::pack_forward_weights(&g, &wt, Vec::new());
         conv::lanes::conv2d_forward_packed(&g, &x, &packed, &mut y, |_, _, _| {});
@@ -208,7 +208,7 @@ proptest! {
         // Up to 8×8 pixels the batch runs as one product (channels × batch·pixels), above
         // it one product per image; both must equal the reference.
         let g = Conv2dGeom { batch, in_channels: cin, out_channels: cout, in_h: h, in_w: w, kernel: 1, stride: 1, padding: 0, groups: 1 };
-        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref } = ConvCase::new(&g, seed);
+        let ConvCase { x, w: wt, dy, y: y_ref, dx: dx_ref, dw: dw_ref, .. } = ConvCase::new(&g, seed);
         // (a few channels and pixels: sums that may cancel, judged against their terms;
         // the gradients added into 0.5 against at least that)
         let scales = std::cell::OnceCell::new();

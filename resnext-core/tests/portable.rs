@@ -26,7 +26,6 @@ static SWITCH: Mutex<()> = Mutex::new(());
 /// were added to ones).
 fn check_at(
     level: isa::Level,
-    g: &Conv2dGeom,
     c: &ConvCase,
     fwd: impl FnOnce(&mut [f32]),
     bwd: impl FnOnce(&mut [f32], &mut [f32]),
@@ -39,7 +38,7 @@ fn check_at(
     bwd(&mut dx, &mut dw);
     isa::set_level(None).unwrap();
     let scales = std::cell::OnceCell::new();
-    let scales = || *scales.get_or_init(|| c.term_scales(g));
+    let scales = || *scales.get_or_init(|| c.term_scales());
     prop_assert!(close(&y, &c.y, 1e-5, || scales().0), "y at {level}");
     let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
     prop_assert!(
@@ -70,7 +69,7 @@ proptest! {
         prop_assume!(g.validate().is_ok());
         prop_assert!(conv::direct::suits(&g));
         let c = ConvCase::new(&g, seed);
-        check_at(level, &g, &c, |y| {
+        check_at(level, &c, |y| {
             conv::direct::conv2d_forward(&g, &c.x, &c.w, y, |_, _, _| {});
         }, |dx, dw| {
             conv::direct::conv2d_backward(&g, &c.x, &c.w, &c.dy, Some(dx), dw);
@@ -92,7 +91,7 @@ proptest! {
         prop_assume!(g.validate().is_ok());
         prop_assert!(conv::lanes::suits(&g));
         let c = ConvCase::new(&g, seed);
-        check_at(level, &g, &c, |y| {
+        check_at(level, &c, |y| {
             let packed = conv::lanes::pack_forward_weights(&g, &c.w, Vec::new());
             conv::lanes::conv2d_forward_packed(&g, &c.x, &packed, y, |_, _, _| {});
         }, |dx, dw| {
@@ -195,7 +194,7 @@ proptest! {
         let g = Conv2dGeom { batch, in_channels: groups * ipg, out_channels: groups * opg, in_h: h, in_w: w, kernel: 3, stride: 1, padding, groups };
         let c = ConvCase::new(&g, seed);
         let (chosen, fused) = (std::cell::Cell::new(None), std::cell::RefCell::new(vec![]));
-        check_at(level, &g, &c, |y| {
+        check_at(level, &c, |y| {
             chosen.set(Some((conv::Algorithm::prepared(&g), conv::Algorithm::weight_grad(&g), isa::wide_fma())));
             conv::conv2d_forward(&g, &c.x, &c.w, y);
             // with the weights packed once (inference), through the fused epilogue
@@ -204,11 +203,11 @@ proptest! {
         }, |dx, dw| {
             conv::conv2d_backward(&g, &c.x, &c.w, &c.dy, Some(dx), dw);
         })?;
-        let (forward, weight_grad, wide) = chosen.get().expect("ran");
+        let (prepared, weight_grad, wide) = chosen.get().expect("ran");
         // (on full-width AVX-512 groups of 16 stay on the direct kernels)
-        prop_assert_eq!(forward == conv::Algorithm::WinogradPaired, !wide, "{:?} at {}", forward, level);
+        prop_assert_eq!(prepared == conv::Algorithm::WinogradPaired, !wide, "{:?} at {}", prepared, level);
         prop_assert_eq!(weight_grad == conv::Algorithm::WinogradPaired, !wide, "{:?} at {}", weight_grad, level);
-        prop_assert!(close(&fused.into_inner(), &c.y, 1e-5, || c.term_scales(&g).0), "fused at {level}");
+        prop_assert!(close(&fused.into_inner(), &c.y, 1e-5, || c.term_scales().0), "fused at {level}");
     }
 
     #[test]

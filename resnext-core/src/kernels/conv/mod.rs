@@ -208,26 +208,27 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// The forward's algorithm for `g` with plain weights (packed, where the algorithm
-    /// packs, for this call only): Winograd where its per-call weight transform pays.
+    /// packs, for this call only): Winograd (paired or not) where its per-call weight
+    /// transform pays.
     pub fn forward(g: &Conv2dGeom) -> Self {
-        if winograd::pays_per_call(g) {
-            Self::Winograd
-        } else if g.paired().is_some_and(|p| winograd::pays_per_call(&p)) {
-            Self::WinogradPaired
-        } else {
-            Self::direct(g)
-        }
+        Self::winograd_for(g, winograd::pays_per_call).unwrap_or_else(|| Self::direct(g))
     }
 
     /// The forward's algorithm for `g` with weights packed once ([`PreparedWeights`]):
-    /// Winograd wherever it suits.
+    /// Winograd (paired or not) wherever it suits.
     pub fn prepared(g: &Conv2dGeom) -> Self {
-        if winograd::suits(g) {
-            Self::Winograd
-        } else if g.paired().is_some_and(|p| winograd::suits(&p)) {
-            Self::WinogradPaired
+        Self::winograd_for(g, winograd::suits).unwrap_or_else(|| Self::direct(g))
+    }
+
+    /// [`Algorithm::Winograd`] where `takes(g)`, else [`Algorithm::WinogradPaired`] where
+    /// `takes` `g`'s [`Conv2dGeom::paired`] geometry.
+    fn winograd_for(g: &Conv2dGeom, takes: impl Fn(&Conv2dGeom) -> bool) -> Option<Self> {
+        if takes(g) {
+            Some(Self::Winograd)
+        } else if g.paired().is_some_and(|p| takes(&p)) {
+            Some(Self::WinogradPaired)
         } else {
-            Self::direct(g)
+            None
         }
     }
 
@@ -258,30 +259,22 @@ impl Algorithm {
         }
     }
 
-    /// The input gradient's algorithm for `g`: Winograd for the stride-1 shapes of
-    /// [`lanes`] where it suits, else [`Algorithm::backward`]'s.
+    /// The input gradient's algorithm for `g`: Winograd (paired or not) for the stride-1
+    /// shapes of [`lanes`] where it suits, else [`Algorithm::backward`]'s.
     pub fn input_grad(g: &Conv2dGeom) -> Self {
-        if lanes::suits(g) && winograd::suits_input_grad(g) {
-            Self::Winograd
-        } else if g
-            .paired()
-            .is_some_and(|p| lanes::suits(&p) && winograd::suits_input_grad(&p))
-        {
-            Self::WinogradPaired
-        } else {
-            Self::backward(g)
-        }
+        Self::winograd_for(g, |g| lanes::suits(g) && winograd::suits_input_grad(g))
+            .unwrap_or_else(|| Self::backward(g))
     }
 
-    /// The weight gradient's algorithm for `g`: Winograd where its input gradient is on
-    /// Winograd and [`winograd::suits_weight_grad`], else [`Algorithm::backward`]'s.
+    /// The weight gradient's algorithm for `g`: Winograd (paired or not) where its input
+    /// gradient is on the same and [`winograd::suits_weight_grad`], else
+    /// [`Algorithm::backward`]'s.
     pub fn weight_grad(g: &Conv2dGeom) -> Self {
-        match Self::input_grad(g) {
-            Self::Winograd if winograd::suits_weight_grad(g) => Self::Winograd,
-            Self::WinogradPaired if g.paired().is_some_and(|p| winograd::suits_weight_grad(&p)) => {
-                Self::WinogradPaired
-            }
-            _ => Self::backward(g),
+        let input_grad = Self::input_grad(g);
+        if Self::winograd_for(g, winograd::suits_weight_grad) == Some(input_grad) {
+            input_grad
+        } else {
+            Self::backward(g)
         }
     }
 }
@@ -653,26 +646,20 @@ fn backward_with(
         }
         (dx, _) => dx,
     };
-    match Algorithm::weight_grad(g) {
-        // (whose input gradients went through Winograd above)
-        Algorithm::Winograd => {
-            assert!(
-                dx.is_none(),
-                "winograd weight gradient without its input gradient"
-            );
+    let weight_grad = Algorithm::weight_grad(g);
+    if matches!(weight_grad, Algorithm::Winograd | Algorithm::WinogradPaired) {
+        // (whose input gradient went through Winograd above)
+        assert!(
+            dx.is_none(),
+            "winograd weight gradient without its input gradient"
+        );
+        if weight_grad == Algorithm::Winograd {
             return winograd::conv2d_weight_grad(g, x, dy, dw);
         }
-        Algorithm::WinogradPaired => {
-            assert!(
-                dx.is_none(),
-                "winograd weight gradient without its input gradient"
-            );
-            let p = g.paired().expect("a paired geometry");
-            let mut dwp = vec![0.0; p.weight_len()];
-            winograd::conv2d_weight_grad(&p, x, dy, &mut dwp);
-            return add_unpaired(g, &p, &dwp, dw);
-        }
-        _ => {}
+        let p = g.paired().expect("a paired geometry");
+        let mut dwp = vec![0.0; p.weight_len()];
+        winograd::conv2d_weight_grad(&p, x, dy, &mut dwp);
+        return add_unpaired(g, &p, &dwp, dw);
     }
     match Algorithm::backward(g) {
         Algorithm::Lanes => lanes::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),
