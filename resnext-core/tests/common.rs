@@ -47,11 +47,17 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         .iter()
         .fold(0.0f32, |m, v| m.max(v.abs()))
         .max(f32::MIN_POSITIVE);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
+    a.iter().zip(b).map(abs_diff).fold(0.0, f32::max) / scale
+}
+
+/// `|x − y|`: 0 where both are NaN, infinite where one is (which `f32::max` would
+/// otherwise drop, passing a value never computed).
+fn abs_diff((x, y): (&f32, &f32)) -> f32 {
+    match (x.is_nan(), y.is_nan()) {
+        (true, true) => 0.0,
+        (false, false) => (x - y).abs(),
+        _ => f32::INFINITY,
+    }
 }
 
 pub use resnext_core::testing::values;
@@ -61,11 +67,7 @@ pub use resnext_core::testing::values;
 /// sign is 1e-5 of its terms, and `rel_err` would count the terms' rounding as its own).
 pub fn err_in_scale(a: &[f32], b: &[f32], scale: f32) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale.max(f32::MIN_POSITIVE)
+    a.iter().zip(b).map(abs_diff).fold(0.0, f32::max) / scale.max(f32::MIN_POSITIVE)
 }
 
 /// Whether `a` is within `tol` of `b`: by [`rel_err`], or failing that (a result that

@@ -6,11 +6,12 @@
 
 mod common;
 
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use resnext_core::kernels::conv::{self, Conv2dGeom};
+use resnext_core::kernels::conv::{self, Conv2dGeom, InputGrad};
 use resnext_core::kernels::isa;
 use resnext_core::kernels::{batchnorm as bn, elementwise as ew, pool};
 
@@ -20,23 +21,34 @@ use crate::common::{close, qemu_or, rel_err, ties_and_nans, values, winograd_geo
 static SWITCH: Mutex<()> = Mutex::new(());
 
 /// Runs a convolution's forward (`fwd(y)`) and backward (`bwd(dx, dw)`, which must add
-/// into the ones they hold, like every backward kernel) at `level`, and checks them
+/// into the ones `dw` holds, like every backward kernel) at `level`, and checks them
 /// against `c`'s reference results: relative to the largest result, or where that
 /// cancelled, to the largest sum of the terms' sizes (at least 1 for the gradients, which
-/// were added to ones).
+/// were added to ones). The backward runs twice: adding the input gradient into ones, and
+/// writing it into new memory (NaN here, so that a value left unwritten shows).
 fn check_at(
     level: isa::Level,
     c: &ConvCase,
     fwd: impl FnOnce(&mut [f32]),
-    bwd: impl FnOnce(&mut [f32], &mut [f32]),
+    bwd: impl Fn(InputGrad<'_>, &mut [f32]),
 ) -> Result<(), TestCaseError> {
     let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     isa::set_level(Some(level)).unwrap();
     let mut y = vec![0.0; c.y.len()];
     fwd(&mut y);
     let (mut dx, mut dw) = (vec![1.0; c.x.len()], vec![1.0; c.w.len()]);
-    bwd(&mut dx, &mut dw);
+    bwd(InputGrad::Add(&mut dx), &mut dw);
+    let (mut dx_new, mut dw_beside) = (
+        vec![MaybeUninit::new(f32::NAN); c.x.len()],
+        vec![1.0; c.w.len()],
+    );
+    bwd(InputGrad::Write(&mut dx_new), &mut dw_beside);
     isa::set_level(None).unwrap();
+    // SAFETY: every value was initialised (to NaN) before the call.
+    let dx_new: Vec<f32> = dx_new
+        .into_iter()
+        .map(|v| unsafe { v.assume_init() })
+        .collect();
     let scales = std::cell::OnceCell::new();
     let scales = || *scales.get_or_init(|| c.term_scales());
     prop_assert!(close(&y, &c.y, 1e-5, || scales().0), "y at {level}");
@@ -46,10 +58,29 @@ fn check_at(
         "dx at {level}"
     );
     prop_assert!(
-        close(&minus_one(dw), &c.dw, 1e-5, || scales().2.max(1.0)),
+        close(&minus_one(dw.clone()), &c.dw, 1e-5, || scales().2.max(1.0)),
         "dw at {level}"
     );
+    prop_assert!(
+        close(&dx_new, &c.dx, 1e-5, || scales().1),
+        "dx written into new memory at {level}"
+    );
+    prop_assert_eq!(dw_beside, dw, "dw beside a written dx at {}", level);
     Ok(())
+}
+
+/// `bwd` for the dispatching entry points: [`conv::conv2d_backward`] adding into `dx`, or
+/// [`conv::conv2d_backward_new`] copied into it.
+fn dispatched(g: &Conv2dGeom, c: &ConvCase, dx: InputGrad<'_>, dw: &mut [f32]) {
+    match dx {
+        InputGrad::Add(dx) => conv::conv2d_backward(g, &c.x, &c.w, &c.dy, Some(dx), dw),
+        InputGrad::Write(dx) => {
+            let new = conv::conv2d_backward_new(g, &c.x, &c.w, &c.dy, dw);
+            for (d, v) in dx.iter_mut().zip(new) {
+                d.write(v);
+            }
+        }
+    }
 }
 
 proptest! {
@@ -115,10 +146,11 @@ proptest! {
         isa::set_level(Some(level)).unwrap();
         let mut ys = vec![];
         for tiling in conv::winograd::Tiling::ALL {
-            let mut y = vec![0.0; g.output_len()];
+            // (NaN: every value must be written)
+            let mut y = vec![f32::NAN; g.output_len()];
             conv::winograd::conv2d_forward_tiled(&g, tiling, &x, &wt, &mut y, |_, _, _| {});
             let packed = conv::winograd::pack_forward_weights_tiled(&g, tiling, &wt);
-            let mut y2 = vec![0.0; g.output_len()];
+            let mut y2 = vec![f32::NAN; g.output_len()];
             conv::winograd::conv2d_forward_packed(&g, &x, &packed, &mut y2, |_, _, _| {});
             ys.push((tiling, y, y2));
         }
@@ -142,12 +174,16 @@ proptest! {
         let dxs = conv::winograd::Tiling::ALL.map(|tiling| {
             let mut dx = vec![1.0; g.input_len()];
             conv::winograd::conv2d_input_grad_tiled(&g, tiling, &c.w, &c.dy, &mut dx, true);
-            (tiling, dx)
+            // written over NaN: every value
+            let mut dx_written = vec![f32::NAN; g.input_len()];
+            conv::winograd::conv2d_input_grad_tiled(&g, tiling, &c.w, &c.dy, &mut dx_written, false);
+            (tiling, dx, dx_written)
         });
         isa::set_level(None).unwrap();
         let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
-        for (tiling, dx) in dxs {
+        for (tiling, dx, dx_written) in dxs {
             prop_assert!(rel_err(&minus_one(dx), &c.dx) <= 1e-5, "dx at {level}, {:?}", tiling);
+            prop_assert!(rel_err(&dx_written, &c.dx) <= 1e-5, "dx written at {level}, {:?}", tiling);
         }
     }
 
@@ -200,9 +236,7 @@ proptest! {
             // with the weights packed once (inference), through the fused epilogue
             let prepared = conv::PreparedWeights::new(&g, c.w.clone());
             *fused.borrow_mut() = conv::conv2d_forward_fused(&g, &c.x, &prepared, None, &vec![0.0; g.out_channels], None, false);
-        }, |dx, dw| {
-            conv::conv2d_backward(&g, &c.x, &c.w, &c.dy, Some(dx), dw);
-        })?;
+        }, |dx, dw| dispatched(&g, &c, dx, dw))?;
         let (prepared, weight_grad, wide) = chosen.get().expect("ran");
         // (on full-width AVX-512 groups of 16 stay on the direct kernels)
         prop_assert_eq!(prepared == conv::Algorithm::WinogradPaired, !wide, "{:?} at {}", prepared, level);

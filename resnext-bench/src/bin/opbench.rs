@@ -3,7 +3,10 @@
 //!
 //! `cargo run --release -p resnext-bench --bin opbench -- --op grouped3x3 --stage 1 --pass fwd`
 //! prints per-iteration times and, last, `GFLOP/s: X` (a multiply-add counts as 2 FLOPs; the
-//! backward pass, input and weight gradient, counts twice the forward's FLOPs).
+//! backward pass, input and weight gradient, counts twice the forward's FLOPs; `--pass wgrad`,
+//! the weight gradient alone, as many as the forward). The backward writes the input
+//! gradient into new memory, as the network's backward does where nothing was accumulated
+//! yet (and PyTorch's autograd always).
 
 use std::time::Instant;
 
@@ -26,7 +29,8 @@ struct Args {
     /// stage's spatial size).
     #[arg(long, default_value_t = 1)]
     stride: usize,
-    /// fwd or bwd (input and weight gradients).
+    /// fwd, bwd (input and weight gradients) or wgrad (the weight gradient alone; the
+    /// input gradient's time is bwd's less this).
     #[arg(long, default_value = "fwd")]
     pass: String,
     /// Batch size.
@@ -74,15 +78,17 @@ fn main() -> Result<()> {
     let w = values(2, g.weight_len());
     let dy = values(3, g.output_len());
     let mut y = vec![0.0; g.output_len()];
-    let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+    let mut dw = vec![0.0; w.len()];
     let flops = match a.pass.as_str() {
         "fwd" => 2.0 * g.macs() as f64,
         "bwd" => 4.0 * g.macs() as f64,
-        p => bail!("--pass {p}: valid passes are fwd, bwd"),
+        "wgrad" => 2.0 * g.macs() as f64,
+        p => bail!("--pass {p}: valid passes are fwd, bwd, wgrad"),
     };
     let mut run = || match a.pass.as_str() {
         "fwd" => conv::conv2d_forward(&g, &x, &w, &mut y),
-        _ => conv::conv2d_backward(&g, &x, &w, &dy, Some(&mut dx), &mut dw),
+        "wgrad" => conv::conv2d_backward(&g, &x, &w, &dy, None, &mut dw),
+        _ => drop(conv::conv2d_backward_new(&g, &x, &w, &dy, &mut dw)),
     };
     run();
     let mut times = Vec::new();
@@ -95,6 +101,7 @@ fn main() -> Result<()> {
     let median = times[times.len() / 2];
     let algorithm = match a.pass.as_str() {
         "fwd" => format!("{:?}", conv::Algorithm::forward(&g)),
+        "wgrad" => format!("{:?}", conv::Algorithm::weight_grad(&g)),
         _ => match (
             conv::Algorithm::weight_grad(&g),
             conv::Algorithm::input_grad(&g),

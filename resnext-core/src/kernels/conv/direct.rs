@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use super::layout::{
     copy, images_by_group, round_up, zeroed, BwdLayout, FwdLayout, LANES, SLACK, WG_CHUNK_VALUES,
 };
-use super::Conv2dGeom;
+use super::{Conv2dGeom, InputGrad};
 use crate::kernels::scratch;
 use crate::kernels::simd::dispatch;
 
@@ -474,18 +474,18 @@ pub fn conv2d_forward_packed(
     });
 }
 
-/// Backward of a grouped convolution: adds the input gradient into `dx` (when given) and
-/// the weight gradient into `dw`. One task per group, images in order inside it, so the
+/// Backward of a grouped convolution: adds the input gradient into `dx` (or writes it,
+/// every value, when new memory) when given, and the weight gradient into `dw`. One task per group, images in order inside it, so the
 /// weight gradient's summation order does not depend on the thread count.
 pub fn conv2d_backward(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<InputGrad<'_>>,
     dw: &mut [f32],
 ) {
-    g.check_backward(x, w, dy, dx.as_deref(), dw);
+    g.check_backward_into(x, w, dy, dx.as_ref(), dw);
     let (oh, ow) = (g.out_h(), g.out_w());
     let (ipg, opg, k) = (g.in_per_group(), g.out_per_group(), g.kernel);
     let taps = ipg * k * k;
@@ -568,10 +568,9 @@ pub fn conv2d_backward(
                 }
                 taps_weight_grad(&xbuf, &offs, &dybuf, opg, qtot, dwg);
             }
-            for n in 0..g.batch {
+            for (n, dxn) in std::mem::take(&mut dxg).into_iter().enumerate() {
                 let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
                 // Input gradient, one stride phase at a time.
-                let Some(dxn) = dxg.get_mut(n) else { continue };
                 bwd.pack(oh, ow, dyn_, &mut dypad);
                 for ((ph, pw), grid) in bwd.phases.iter().zip(&phase_w).zip(grids.iter_mut()) {
                     if !ph.taps.is_empty() {

@@ -24,9 +24,9 @@
 use rayon::prelude::*;
 
 use super::layout::{
-    add, images_by_group, lane_tile, transpose, zeroed, BwdLayout, FwdLayout, WG_CHUNK_VALUES,
+    images_by_group, lane_tile, put_all, transpose, zeroed, BwdLayout, FwdLayout, WG_CHUNK_VALUES,
 };
-use super::Conv2dGeom;
+use super::{Conv2dGeom, InputGrad};
 use crate::kernels::scratch;
 use crate::kernels::simd::{self, store_n, Kernel, Simd};
 
@@ -467,18 +467,18 @@ pub fn conv2d_forward_packed(
     });
 }
 
-/// Backward: adds the input gradient into `dx` (when given) and the weight gradient into
-/// `dw`. One task per group, images in order inside it, so the weight gradient's summation
+/// Backward: adds the input gradient into `dx` (or writes it, every value, when new
+/// memory) when given, and the weight gradient into `dw`. One task per group, images in order inside it, so the weight gradient's summation
 /// order does not depend on the thread count.
 pub fn conv2d_backward(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<InputGrad<'_>>,
     dw: &mut [f32],
 ) {
-    g.check_backward(x, w, dy, dx.as_deref(), dw);
+    g.check_backward_into(x, w, dy, dx.as_ref(), dw);
     let (oh, ow) = (g.out_h(), g.out_w());
     let (ipg, opg, k) = (g.in_per_group(), g.out_per_group(), g.kernel);
     let taps = ipg * k * k;
@@ -553,7 +553,7 @@ pub fn conv2d_backward(
                 at.push(at[at.len() - 1] + ph.hi * ph.wj * ipg);
             }
             planes.resize(at[bwd.phases.len()], 0.0);
-            for (n, dxn) in dxg.iter_mut().enumerate() {
+            for (n, dxn) in std::mem::take(&mut dxg).into_iter().enumerate() {
                 let dyn_ = &dy[(n * g.groups + grp) * out_grp..][..out_grp];
                 bwd.pack(oh, ow, dyn_, &mut dypad);
                 for (idx, (ph, pw)) in bwd.phases.iter().zip(&phase_w).enumerate() {
@@ -575,7 +575,7 @@ pub fn conv2d_backward(
                 }
                 if g.stride == 1 {
                     // one phase, whose planes are laid out as dx's: one pass
-                    add(dxn, &planes);
+                    put_all(dxn, &planes);
                     continue;
                 }
                 bwd.add_phases(g, dxn, |c, idx, i| {

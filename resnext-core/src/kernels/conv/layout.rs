@@ -4,7 +4,7 @@
 //! input-gradient products ([`BwdLayout`]), row copies and (de)interleaving, block
 //! transposes. No algorithm here: the kernels import this module, never each other.
 
-use super::Conv2dGeom;
+use super::{Conv2dGeom, InputGrad};
 use crate::kernels::scratch;
 use crate::kernels::simd::{self, dispatch, load_n, store_n, Kernel, Simd};
 
@@ -167,74 +167,97 @@ unsafe fn deinterleave2_at<S: Simd>(src: *const f32, len: usize, ev: *mut f32, o
     }
 }
 
-/// The inverse of [`deinterleave2_rows`], added: for row `i` of plane `c` of `dst` (planes
-/// of `h` rows of `w` values), `dst[(c·h + i)·w + 2j] += ev[j]` and
-/// `dst[(c·h + i)·w + 2j + 1] += od[j]`, where `(ev, od) = rows(c, i)` hold `⌈w/2⌉` and
-/// `⌊w/2⌋` values.
-pub(super) fn interleave2_add_rows<'a>(
-    dst: &mut [f32],
+/// The inverse of [`deinterleave2_rows`], added into or written: for row `i` of plane `c`
+/// of `dst` (planes of `h` rows of `w` values), `dst[(c·h + i)·w + 2j] (+)= ev[j]` and
+/// `dst[(c·h + i)·w + 2j + 1] (+)= od[j]`, where `(ev, od) = rows(c, i)` hold `⌈w/2⌉` and
+/// `⌊w/2⌋` values. Writes (or adds into) every value of `dst`.
+pub(super) fn interleave2_rows<'a>(
+    dst: InputGrad<'_>,
     (h, w): (usize, usize),
     rows: impl Fn(usize, usize) -> (&'a [f32], &'a [f32]),
 ) {
+    assert_eq!(dst.len() % (h * w).max(1), 0, "interleave2_rows: planes");
     if w == 0 || h == 0 {
         return;
     }
-    struct K<'b, F>(&'b mut [f32], (usize, usize), F);
-    impl<'a, F: Fn(usize, usize) -> (&'a [f32], &'a [f32])> Kernel for K<'_, F> {
+    struct K<F>(*mut f32, usize, bool, (usize, usize), F);
+    impl<'a, F: Fn(usize, usize) -> (&'a [f32], &'a [f32])> Kernel for K<F> {
         type Output = ();
         #[inline(always)]
         unsafe fn run<S: Simd>(self) {
-            let K(dst, (h, w), rows) = self;
-            for (c, plane) in dst.chunks_exact_mut(h * w).enumerate() {
-                for (i, d) in plane.chunks_exact_mut(w).enumerate() {
-                    let (ev, od) = rows(c, i);
-                    assert!(
-                        ev.len() == w.div_ceil(2) && od.len() == w / 2,
-                        "interleave2_add_rows: plane {c} row {i} lengths"
-                    );
-                    // SAFETY: the lengths asserted just above.
-                    unsafe { interleave2_add_at::<S>(d, ev, od) };
+            let K(dst, len, add, (h, w), rows) = self;
+            for r in 0..len / w {
+                let (ev, od) = rows(r / h, r % h);
+                assert!(
+                    ev.len() == w.div_ceil(2) && od.len() == w / 2,
+                    "interleave2_rows: plane {} row {} lengths",
+                    r / h,
+                    r % h
+                );
+                // SAFETY: row `r` of `dst`'s `len / w` rows; the lengths asserted above.
+                unsafe {
+                    let d = dst.add(r * w);
+                    if add {
+                        interleave2_at::<S, true>(d, w, ev, od)
+                    } else {
+                        interleave2_at::<S, false>(d, w, ev, od)
+                    }
                 }
             }
         }
     }
-    // SAFETY: as in the kernel.
-    unsafe { dispatch(K(dst, (h, w), rows)) }
+    let (ptr, len, add) = dst.raw();
+    // SAFETY: the kernel reads (when adding) and writes `dst`'s `len` values only.
+    unsafe { dispatch(K(ptr, len, add, (h, w), rows)) }
 }
 
-/// `dst[2j] += ev[j]`, `dst[2j + 1] += od[j]`, where `ev` holds `⌈n/2⌉` values and `od`
-/// `⌊n/2⌋`, `n = dst.len()`.
+/// `dst[2j] (+)= ev[j]`, `dst[2j + 1] (+)= od[j]` (added with `ADD`, else written, `dst`
+/// not read), where `ev` holds `⌈n/2⌉` values and `od` `⌊n/2⌋`; `n` values at `dst`.
 #[inline(always)]
-unsafe fn interleave2_add_at<S: Simd>(dst: &mut [f32], ev: &[f32], od: &[f32]) {
+unsafe fn interleave2_at<S: Simd, const ADD: bool>(
+    dst: *mut f32,
+    len: usize,
+    ev: &[f32],
+    od: &[f32],
+) {
     let n = S::LANES;
     let mut j = 0;
     while j + n <= od.len() {
-        // SAFETY: reads `ev`/`od[j..j + n]` (`od` is the shorter), reads and writes
-        // `dst[2j..2j + 2n]`, within `2·od.len() ≤ dst.len()`.
+        // SAFETY: reads `ev`/`od[j..j + n]` (`od` is the shorter), `dst[2j..2j + 2n]`,
+        // within `2·od.len() ≤ len`.
         unsafe {
             let (lo, hi) = S::interleave(S::load(ev.as_ptr().add(j)), S::load(od.as_ptr().add(j)));
-            let d = dst.as_mut_ptr().add(2 * j);
-            S::store(d, S::add(S::load(d), lo));
-            S::store(d.add(n), S::add(S::load(d.add(n)), hi));
+            let d = dst.add(2 * j);
+            put::<S, ADD>(d, n, lo);
+            put::<S, ADD>(d.add(n), n, hi);
         }
         j += n;
     }
-    let k = dst.len() - 2 * j;
+    let k = len - 2 * j;
     if k > 0 {
         // the last `k < 2·LANES` values, as part vectors
-        // SAFETY: reads `ev[j..]`, `od[j..]`, reads and writes `dst[2j..]`, each to its
-        // end only.
+        // SAFETY: reads `ev[j..]`, `od[j..]`, `dst[2j..]`, each to its end only.
         unsafe {
             let (lo, hi) = S::interleave(
                 simd::load_n::<S>(ev.as_ptr().add(j), ev.len() - j),
                 simd::load_n::<S>(od.as_ptr().add(j), od.len() - j),
             );
-            let d = dst.as_mut_ptr().add(2 * j);
+            let d = dst.add(2 * j);
             let (k0, k1) = (k.min(S::LANES), k.saturating_sub(S::LANES));
-            simd::store_n::<S>(d, k0, S::add(simd::load_n::<S>(d, k0), lo));
-            let d = d.add(k0);
-            simd::store_n::<S>(d, k1, S::add(simd::load_n::<S>(d, k1), hi));
+            put::<S, ADD>(d, k0, lo);
+            put::<S, ADD>(d.add(k0), k1, hi);
         }
+    }
+}
+
+/// The first `k ≤ LANES` lanes of `v` to `d`, added to its values with `ADD` (else `d` is
+/// not read).
+#[inline(always)]
+unsafe fn put<S: Simd, const ADD: bool>(d: *mut f32, k: usize, v: S::V) {
+    // SAFETY: `k` values at `d` (the caller's contract).
+    unsafe {
+        let v = if ADD { S::add(load_n::<S>(d, k), v) } else { v };
+        store_n::<S>(d, k, v)
     }
 }
 
@@ -532,39 +555,66 @@ impl BwdLayout {
 /// `dx` (when given) split per group: for each group, its slice of every image in order.
 pub(super) fn images_by_group<'a>(
     g: &Conv2dGeom,
-    dx: Option<&'a mut [f32]>,
-) -> Vec<Vec<&'a mut [f32]>> {
-    let mut groups: Vec<Vec<&mut [f32]>> = (0..g.groups).map(|_| Vec::new()).collect();
+    dx: Option<InputGrad<'a>>,
+) -> Vec<Vec<InputGrad<'a>>> {
+    let mut groups: Vec<Vec<InputGrad<'a>>> = (0..g.groups).map(|_| Vec::new()).collect();
     let in_grp = g.in_per_group() * g.in_h * g.in_w;
     if let (Some(dx), true) = (dx, in_grp > 0) {
-        for (i, part) in dx.chunks_exact_mut(in_grp).enumerate() {
+        for (i, part) in dx.chunks(in_grp).into_iter().enumerate() {
             groups[i % g.groups].push(part);
         }
     }
     groups
 }
 
+/// `dst (+)= src`: added into, or written.
+pub(super) fn put_all(dst: InputGrad<'_>, src: &[f32]) {
+    match dst {
+        InputGrad::Add(d) => add(d, src),
+        InputGrad::Write(d) => {
+            assert_eq!(d.len(), src.len(), "put_all: lengths");
+            for (d, &v) in d.iter_mut().zip(src) {
+                d.write(v);
+            }
+        }
+    }
+}
+
 impl BwdLayout {
-    /// Adds one image's input gradient for one group, computed per stride phase, into
-    /// `dxn` (channel planes of `in_h × in_w`): `row(c, phase, i)` is row `i` of phase
-    /// `phase`'s grid for channel `c`, `wj` values, whose entry `j` belongs at input row
-    /// `s·i + a`, column `s·j + b` (phase index `a · min(s, w) + b`). Phases that no tap
-    /// reaches are skipped.
+    /// Adds (or writes) one image's input gradient for one group, computed per stride
+    /// phase, into `dxn` (channel planes of `in_h × in_w`): `row(c, phase, i)` is row `i`
+    /// of phase `phase`'s grid for channel `c`, `wj` values, whose entry `j` belongs at
+    /// input row `s·i + a`, column `s·j + b` (phase index `a · min(s, w) + b`). Phases that
+    /// no tap reaches are skipped (a written `dxn` is zero-filled first where there are
+    /// any).
     pub(super) fn add_phases<'a>(
         &self,
         g: &Conv2dGeom,
-        dxn: &mut [f32],
+        mut dxn: InputGrad<'_>,
         row: impl Fn(usize, usize, usize) -> &'a [f32],
     ) {
         let (s, hw, sw) = (g.stride, g.in_h * g.in_w, g.stride.min(g.in_w));
-        if s == 2 && g.in_w >= 2 && self.phases.iter().all(|ph| !ph.taps.is_empty()) {
+        let every = self.phases.iter().all(|ph| !ph.taps.is_empty());
+        if s == 2 && g.in_w >= 2 && every {
             // every row of every channel in one call
-            interleave2_add_rows(dxn, (g.in_h, g.in_w), |c, iy| {
+            interleave2_rows(dxn, (g.in_h, g.in_w), |c, iy| {
                 let (a, i) = (iy & 1, iy >> 1);
                 (row(c, a * sw, i), row(c, a * sw + 1, i))
             });
             return;
         }
+        if s == 1 && every {
+            for c in 0..dxn.len() / hw.max(1) {
+                for i in 0..g.in_h {
+                    put_all(
+                        dxn.part((c * g.in_h + i) * g.in_w..(c * g.in_h + i + 1) * g.in_w),
+                        row(c, 0, i),
+                    );
+                }
+            }
+            return;
+        }
+        let dxn = dxn.init();
         for (c, dxc) in dxn.chunks_exact_mut(hw).enumerate() {
             for (iy, dst) in dxc.chunks_exact_mut(g.in_w).enumerate() {
                 let (a, i) = (iy % s, iy / s);
@@ -578,7 +628,9 @@ impl BwdLayout {
                     }
                 } else if s == 2 && g.in_w >= 2 {
                     match (row(0), row(1)) {
-                        (Some(e), Some(o)) => interleave2_add_rows(dst, (1, g.in_w), |_, _| (e, o)),
+                        (Some(e), Some(o)) => {
+                            interleave2_rows(InputGrad::Add(dst), (1, g.in_w), |_, _| (e, o))
+                        }
                         (e, o) => {
                             for (b, r) in [(0, e), (1, o)] {
                                 let Some(r) = r else { continue };
@@ -634,6 +686,41 @@ pub fn transpose(
             dstride,
             add,
         })
+    }
+}
+
+/// [`transpose`] of `rows × cols` values into all of `dst` (`cols` rows of `rows`), written
+/// or added into; returns `dst`, every value now initialised.
+pub(super) fn transpose_into<'a>(
+    src: &[f32],
+    sstride: usize,
+    rows: usize,
+    cols: usize,
+    dst: InputGrad<'a>,
+) -> &'a mut [f32] {
+    let (ptr, len, add) = dst.raw();
+    assert_eq!(len, rows * cols, "transpose_into: destination");
+    if len == 0 {
+        return &mut [];
+    }
+    assert!(
+        cols <= sstride && (rows - 1) * sstride + cols <= src.len(),
+        "transpose_into: source"
+    );
+    // SAFETY: the kernel reads `src[i·sstride + j]` and writes `dst[j·rows + i]` for
+    // `i < rows`, `j < cols`, in bounds by the asserts above; every value of `dst` once,
+    // so that all `len` values at `ptr` (`dst`'s, borrowed for `'a`) are initialised after.
+    unsafe {
+        simd::dispatch(Transpose {
+            src: src.as_ptr(),
+            sstride,
+            rows,
+            cols,
+            dst: ptr,
+            dstride: rows,
+            add,
+        });
+        std::slice::from_raw_parts_mut(ptr, len)
     }
 }
 
@@ -731,12 +818,14 @@ mod tests {
     use crate::kernels::isa;
     use crate::kernels::simd::run_at;
 
-    /// Splits `src` into `ev` and `od`, then adds them back into `sum` (one row each).
+    /// Splits `src` into `ev` and `od`, then adds them back into `sum` and writes them
+    /// into `out` (one row each; `out` one value longer).
     struct SplitJoin<'a> {
         src: &'a [f32],
         ev: &'a mut [f32],
         od: &'a mut [f32],
         sum: &'a mut [f32],
+        out: &'a mut [f32],
     }
 
     impl Kernel for SplitJoin<'_> {
@@ -746,11 +835,14 @@ mod tests {
             let n = self.src.len();
             assert!(self.ev.len() >= n.div_ceil(2) && self.od.len() >= n / 2);
             assert_eq!(self.sum.len(), n);
+            assert_eq!(self.out.len(), n + 1);
             // SAFETY: lengths asserted above
             unsafe {
                 let (ev, od) = (self.ev.as_mut_ptr(), self.od.as_mut_ptr());
                 deinterleave2_at::<S>(self.src.as_ptr(), n, ev, od);
-                interleave2_add_at::<S>(self.sum, &self.ev[..n.div_ceil(2)], &self.od[..n / 2]);
+                let (ev, od) = (&self.ev[..n.div_ceil(2)], &self.od[..n / 2]);
+                interleave2_at::<S, true>(self.sum.as_mut_ptr(), n, ev, od);
+                interleave2_at::<S, false>(self.out.as_mut_ptr(), n, ev, od);
             }
         }
     }
@@ -764,11 +856,14 @@ mod tests {
                 // one slot past each half, which must stay untouched
                 let (mut ev, mut od) = (vec![-1.0; n.div_ceil(2) + 1], vec![-1.0; n / 2 + 1]);
                 let mut sum: Vec<f32> = (0..n).map(|i| 1000.0 * i as f32).collect();
+                let mut out = vec![f32::NAN; n + 1];
+                out[n] = -1.0;
                 let k = SplitJoin {
                     src: &src,
                     ev: &mut ev,
                     od: &mut od,
                     sum: &mut sum,
+                    out: &mut out,
                 };
                 // SAFETY: an available level; the kernel asserts its lengths
                 unsafe { run_at(l, k) };
@@ -781,6 +876,8 @@ mod tests {
                     (-1.0, -1.0),
                     "{l}, {n}: past the end"
                 );
+                assert_eq!(out[..n], src[..], "{l}, {n} values: written back");
+                assert_eq!(out[n], -1.0, "{l}, {n} values: written past the end");
                 for (i, (&s, &x)) in sum.iter().zip(&src).enumerate() {
                     assert_eq!(
                         s,

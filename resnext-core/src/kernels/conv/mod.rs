@@ -359,6 +359,11 @@ impl<'a> Out<'a> {
         }
     }
 
+    /// As a destination that kernels write every value of, without reading any.
+    fn write_all(self) -> InputGrad<'a> {
+        InputGrad::Write(self.write_only())
+    }
+
     /// For kernels that take initialised values.
     fn init(self) -> &'a mut [f32] {
         match self {
@@ -380,11 +385,12 @@ fn forward_with(
 ) {
     match Algorithm::forward(g) {
         // (each task transforms its own group's weights)
-        Algorithm::Winograd => winograd::conv2d_forward(g, x, w, y.init(), epilogue),
+        Algorithm::Winograd => winograd::conv2d_forward_into(g, x, w, y.write_all(), epilogue),
         Algorithm::WinogradPaired => {
             // (the same output channels at the same places: the epilogue is unchanged)
             let p = g.paired().expect("a paired geometry");
-            winograd::conv2d_forward(&p, x, &paired_weights(g, &p, w), y.init(), epilogue)
+            let wp = paired_weights(g, &p, w);
+            winograd::conv2d_forward_into(&p, x, &wp, y.write_all(), epilogue)
         }
         Algorithm::Lanes => {
             // packed for this call only: in a buffer from this thread's pool, returned after
@@ -512,11 +518,11 @@ pub fn conv2d_forward_fused(
         let y = Out::New(y);
         match (&w.packed, Algorithm::prepared(g)) {
             (Some(ForwardWeights::Winograd(p)), Algorithm::Winograd) => {
-                winograd::conv2d_forward_packed(g, x, p, y.init(), epilogue)
+                winograd::conv2d_forward_packed_into(g, x, p, y.write_all(), epilogue)
             }
             (Some(ForwardWeights::Winograd(p)), Algorithm::WinogradPaired) => {
                 let pg = g.paired().expect("a paired geometry");
-                winograd::conv2d_forward_packed(&pg, x, p, y.init(), epilogue)
+                winograd::conv2d_forward_packed_into(&pg, x, p, y.write_all(), epilogue)
             }
             (Some(ForwardWeights::Lanes(p)), Algorithm::Lanes) => {
                 lanes::conv2d_forward_packed(g, x, p, y.init(), epilogue)
@@ -569,6 +575,14 @@ impl<'a> InputGrad<'a> {
         match self {
             Self::Add(d) => InputGrad::Add(&mut d[range]),
             Self::Write(d) => InputGrad::Write(&mut d[range]),
+        }
+    }
+
+    /// Its first value, its length, and whether it is added into (else written).
+    fn raw(self) -> (*mut f32, usize, bool) {
+        match self {
+            Self::Add(d) => (d.as_mut_ptr(), d.len(), true),
+            Self::Write(d) => (d.as_mut_ptr().cast(), d.len(), false),
         }
     }
 
@@ -629,10 +643,7 @@ fn backward_with(
     dx: Option<InputGrad<'_>>,
     dw: &mut [f32],
 ) {
-    let input_grad = |g: &Conv2dGeom, w: &[f32], dx: InputGrad<'_>| match dx {
-        InputGrad::Add(dx) => winograd::conv2d_input_grad(g, w, dy, dx, true),
-        dx @ InputGrad::Write(_) => winograd::conv2d_input_grad(g, w, dy, dx.init(), false),
-    };
+    let input_grad = |g: &Conv2dGeom, w: &[f32], dx| winograd::conv2d_input_grad_into(g, w, dy, dx);
     // the weight gradient below, the input gradient here
     let dx = match (dx, Algorithm::input_grad(g)) {
         (Some(dx), Algorithm::Winograd) => {
@@ -662,8 +673,8 @@ fn backward_with(
         return add_unpaired(g, &p, &dwp, dw);
     }
     match Algorithm::backward(g) {
-        Algorithm::Lanes => lanes::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),
-        Algorithm::Direct => direct::conv2d_backward(g, x, w, dy, dx.map(InputGrad::init), dw),
+        Algorithm::Lanes => lanes::conv2d_backward(g, x, w, dy, dx, dw),
+        Algorithm::Direct => direct::conv2d_backward(g, x, w, dy, dx, dw),
         Algorithm::Pointwise => pointwise::conv2d_backward(g, x, w, dy, dx, dw),
         Algorithm::Winograd | Algorithm::WinogradPaired | Algorithm::Im2col => {
             im2col::conv2d_backward(g, x, w, dy, dx, dw)

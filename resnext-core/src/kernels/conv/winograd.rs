@@ -37,10 +37,10 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::layout::{lane_tile, transpose};
-use super::Conv2dGeom;
+use super::layout::{lane_tile, transpose, transpose_into};
+use super::{Conv2dGeom, InputGrad};
 use crate::kernels::simd::{self, Kernel, Simd};
-use crate::kernels::{isa, scratch};
+use crate::kernels::{as_uninit, isa, scratch};
 
 /// Channels of one run in `V` (see [`chunk_product`]); groups have a multiple of it.
 const UNIT: usize = super::LANE_CHANNELS;
@@ -284,7 +284,20 @@ pub fn conv2d_forward_tiled(
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    forward(g, tiling, x, Weights::Plain(w), y, false, epilogue);
+    let y = InputGrad::Write(as_uninit(y));
+    forward(g, tiling, x, Weights::Plain(w), y, epilogue);
+}
+
+/// [`conv2d_forward`] into `y`: written, every value (new memory too), or added into.
+pub(super) fn conv2d_forward_into(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    y: InputGrad<'_>,
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
+    forward(g, Tiling::for_geom(g), x, Weights::Plain(w), y, epilogue);
 }
 
 /// [`conv2d_forward`] with weights from [`pack_forward_weights`].
@@ -295,11 +308,23 @@ pub fn conv2d_forward_packed(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    conv2d_forward_packed_into(g, x, w, InputGrad::Write(as_uninit(y)), epilogue)
+}
+
+/// [`conv2d_forward_packed`] into `y`: written, every value (new memory too), or added
+/// into.
+pub(super) fn conv2d_forward_packed_into(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &WinogradWeights,
+    y: InputGrad<'_>,
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     assert!(
         w.groups == g.groups && w.ins == g.in_per_group() && w.outs == g.out_per_group(),
         "conv2d: packed weights do not match the geometry"
     );
-    forward(g, w.tiling, x, Weights::Packed(w), y, false, epilogue);
+    forward(g, w.tiling, x, Weights::Packed(w), y, epilogue);
 }
 
 /// The geometry whose forward is `g`'s input gradient at stride 1: output gradient in,
@@ -345,8 +370,22 @@ pub fn suits_weight_grad(g: &Conv2dGeom) -> bool {
 /// gradient `dy` and `g`'s weights `w`: added into `dx` with `accumulate`, else written
 /// over it.
 pub fn conv2d_input_grad(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
+    conv2d_input_grad_into(g, w, dy, add_or_write(dx, accumulate));
+}
+
+/// [`conv2d_input_grad`] into `dx`: added into, or written, every value (new memory too).
+pub(super) fn conv2d_input_grad_into(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: InputGrad<'_>) {
     let tiling = Tiling::for_geom(&transposed(g));
-    conv2d_input_grad_tiled(g, tiling, w, dy, dx, accumulate);
+    input_grad(g, tiling, w, dy, dx);
+}
+
+/// `dx` to add into with `accumulate`, else to write over.
+fn add_or_write(dx: &mut [f32], accumulate: bool) -> InputGrad<'_> {
+    if accumulate {
+        InputGrad::Add(dx)
+    } else {
+        InputGrad::Write(as_uninit(dx))
+    }
 }
 
 /// [`conv2d_input_grad`] with a given tiling.
@@ -358,6 +397,11 @@ pub fn conv2d_input_grad_tiled(
     dx: &mut [f32],
     accumulate: bool,
 ) {
+    input_grad(g, tiling, w, dy, add_or_write(dx, accumulate));
+}
+
+/// [`conv2d_input_grad_tiled`] into `dx`.
+fn input_grad(g: &Conv2dGeom, tiling: Tiling, w: &[f32], dy: &[f32], dx: InputGrad<'_>) {
     assert!(
         suits_input_grad_shape(g),
         "winograd: unsuitable input gradient"
@@ -379,15 +423,7 @@ pub fn conv2d_input_grad_tiled(
                 }
             }
         });
-    forward(
-        &t,
-        tiling,
-        dy,
-        Weights::Plain(&wt),
-        dx,
-        accumulate,
-        |_, _, _| {},
-    );
+    forward(&t, tiling, dy, Weights::Plain(&wt), dx, |_, _, _| {});
     scratch::give([wt]);
 }
 
@@ -749,15 +785,14 @@ impl Shape {
     }
 }
 
-/// The forward of `g`, its output written over `y` (or added into it with `accumulate`),
-/// each (image, group)'s part passed to `epilogue` after.
+/// The forward of `g`, its output written (every value) or added into `y`, each
+/// (image, group)'s part passed to `epilogue` after.
 fn forward(
     g: &Conv2dGeom,
     tiling: Tiling,
     x: &[f32],
     w: Weights,
-    y: &mut [f32],
-    accumulate: bool,
+    y: InputGrad<'_>,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert!(suits_shape(g), "winograd: unsuitable convolution");
@@ -774,8 +809,9 @@ fn forward(
         .clamp(1, g.batch)
         .min((g.batch / min_tasks.div_ceil(g.groups)).max(1));
     let runs = g.batch.div_ceil(per_task);
-    let mut tasks: Vec<Vec<(usize, &mut [f32])>> = (0..g.groups * runs).map(|_| vec![]).collect();
-    for (i, yg) in y.chunks_mut(out_grp).enumerate() {
+    let mut tasks: Vec<Vec<(usize, InputGrad<'_>)>> =
+        (0..g.groups * runs).map(|_| vec![]).collect();
+    for (i, yg) in y.chunks(out_grp).into_iter().enumerate() {
         let (n, grp) = (i / g.groups, i % g.groups);
         tasks[grp * runs + n / per_task].push((n, yg));
     }
@@ -793,8 +829,8 @@ fn forward(
             }
         };
         match tiling {
-            Tiling::F2 => run_task::<tiles::F2>(g, &s, x, grp, u, outs, accumulate, &epilogue),
-            Tiling::F4 => run_task::<tiles::F4>(g, &s, x, grp, u, outs, accumulate, &epilogue),
+            Tiling::F2 => run_task::<tiles::F2>(g, &s, x, grp, u, outs, &epilogue),
+            Tiling::F4 => run_task::<tiles::F4>(g, &s, x, grp, u, outs, &epilogue),
         }
         if let Some(u) = own {
             scratch::give([u]);
@@ -809,8 +845,7 @@ fn run_task<T: tiles::Transforms>(
     x: &[f32],
     grp: usize,
     u: &[f32],
-    mut outs: Vec<(usize, &mut [f32])>,
-    accumulate: bool,
+    outs: Vec<(usize, InputGrad<'_>)>,
     epilogue: &(impl Fn(usize, usize, &mut [f32]) + Sync),
 ) {
     let images = outs.len();
@@ -827,10 +862,13 @@ fn run_task<T: tiles::Transforms>(
         chunk_product::<T>(s, &xin, u, (t0, count), (&mut v, &mut m, &mut yt));
     }
     let plane = s.oh * s.ow;
-    for (k, (n, yg)) in outs.iter_mut().enumerate() {
+    for (k, (n, yg)) in outs.into_iter().enumerate() {
         let src = &yt[k * s.out_len()..][..s.out_len()];
-        transpose(src, outs_c, plane, outs_c, yg, plane, accumulate);
-        epilogue(*n, grp * outs_c, yg);
+        epilogue(
+            n,
+            grp * outs_c,
+            transpose_into(src, outs_c, plane, outs_c, yg),
+        );
     }
     scratch::give([v, m, yt]);
     scratch::give_keyed(key, xin);
