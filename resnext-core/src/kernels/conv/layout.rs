@@ -667,26 +667,11 @@ pub fn transpose(
         return;
     }
     assert!(
-        cols <= sstride && (rows - 1) * sstride + cols <= src.len(),
-        "transpose: source"
-    );
-    assert!(
         rows <= dstride && (cols - 1) * dstride + rows <= dst.len(),
         "transpose: destination"
     );
-    // SAFETY: the kernel reads `src[i·sstride + j]` and writes `dst[j·dstride + i]` for
-    // `i < rows`, `j < cols` only, in bounds by the asserts above.
-    unsafe {
-        simd::dispatch(Transpose {
-            src: src.as_ptr(),
-            sstride,
-            rows,
-            cols,
-            dst: dst.as_mut_ptr(),
-            dstride,
-            add,
-        })
-    }
+    // SAFETY: `dst` holds the values asserted above.
+    unsafe { transpose_to(src, sstride, (rows, cols), dst.as_mut_ptr(), dstride, add) }
 }
 
 /// [`transpose`] of `rows × cols` values into all of `dst` (`cols` rows of `rows`), written
@@ -703,24 +688,44 @@ pub(super) fn transpose_into<'a>(
     if len == 0 {
         return &mut [];
     }
+    // SAFETY: `dst` holds `rows · cols` values (asserted), every one of them written (or
+    // added into) once, so that all `len` values at `ptr` (`dst`'s, borrowed for `'a`) are
+    // initialised after.
+    unsafe {
+        transpose_to(src, sstride, (rows, cols), ptr, rows, add);
+        std::slice::from_raw_parts_mut(ptr, len)
+    }
+}
+
+/// [`transpose`] into `dst`, with the source checked here.
+///
+/// # Safety
+/// `dst` is valid for `(cols − 1)·dstride + rows` values, `rows ≤ dstride`, `rows` and
+/// `cols` positive.
+unsafe fn transpose_to(
+    src: &[f32],
+    sstride: usize,
+    (rows, cols): (usize, usize),
+    dst: *mut f32,
+    dstride: usize,
+    add: bool,
+) {
     assert!(
         cols <= sstride && (rows - 1) * sstride + cols <= src.len(),
-        "transpose_into: source"
+        "transpose: source"
     );
-    // SAFETY: the kernel reads `src[i·sstride + j]` and writes `dst[j·rows + i]` for
-    // `i < rows`, `j < cols`, in bounds by the asserts above; every value of `dst` once,
-    // so that all `len` values at `ptr` (`dst`'s, borrowed for `'a`) are initialised after.
+    // SAFETY: the kernel reads `src[i·sstride + j]` and writes `dst[j·dstride + i]` for
+    // `i < rows`, `j < cols` only: the source asserted above, the destination the caller's.
     unsafe {
         simd::dispatch(Transpose {
             src: src.as_ptr(),
             sstride,
             rows,
             cols,
-            dst: ptr,
-            dstride: rows,
+            dst,
+            dstride,
             add,
-        });
-        std::slice::from_raw_parts_mut(ptr, len)
+        })
     }
 }
 
