@@ -88,7 +88,7 @@ proptest! {
         let packed = conv::lanes::pack_forward_weights(&g, &wt, Vec::new());
         conv::lanes::conv2d_forward_packed(&g, &x, &packed, &mut y, |_, _, _| {});
         let (mut dx, mut dw) = (vec![1.0; x.len()], vec![1.0; wt.len()]);
-        conv::lanes::conv2d_backward(&g, &x, &wt, &dy, Some(conv::InputGrad::Add(&mut dx)), &mut dw);
+        conv::lanes::conv2d_backward(&g, &x, &wt, &dy, Some(conv::Dest::Add(&mut dx)), &mut dw);
         prop_assert!(rel_err(&y, &y_ref) <= 1e-5, "y");
         let minus_one = |v: Vec<f32>| v.into_iter().map(|v| v - 1.0).collect::<Vec<_>>();
         prop_assert!(rel_err(&minus_one(dx), &dx_ref) <= 1e-5, "dx");

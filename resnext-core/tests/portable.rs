@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use resnext_core::kernels::conv::{self, Conv2dGeom, InputGrad};
+use resnext_core::kernels::conv::{self, Conv2dGeom, Dest};
 use resnext_core::kernels::isa;
 use resnext_core::kernels::{batchnorm as bn, elementwise as ew, pool};
 
@@ -30,19 +30,19 @@ fn check_at(
     level: isa::Level,
     c: &ConvCase,
     fwd: impl FnOnce(&mut [f32]),
-    bwd: impl Fn(InputGrad<'_>, &mut [f32]),
+    bwd: impl Fn(Dest<'_>, &mut [f32]),
 ) -> Result<(), TestCaseError> {
     let _one_at_a_time = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     isa::set_level(Some(level)).unwrap();
     let mut y = vec![0.0; c.y.len()];
     fwd(&mut y);
     let (mut dx, mut dw) = (vec![1.0; c.x.len()], vec![1.0; c.w.len()]);
-    bwd(InputGrad::Add(&mut dx), &mut dw);
+    bwd(Dest::Add(&mut dx), &mut dw);
     let (mut dx_new, mut dw_beside) = (
         vec![MaybeUninit::new(f32::NAN); c.x.len()],
         vec![1.0; c.w.len()],
     );
-    bwd(InputGrad::Write(&mut dx_new), &mut dw_beside);
+    bwd(Dest::Write(&mut dx_new), &mut dw_beside);
     isa::set_level(None).unwrap();
     // SAFETY: every value was initialised (to NaN) before the call.
     let dx_new: Vec<f32> = dx_new
@@ -71,10 +71,10 @@ fn check_at(
 
 /// `bwd` for the dispatching entry points: [`conv::conv2d_backward`] adding into `dx`, or
 /// [`conv::conv2d_backward_new`] copied into it.
-fn dispatched(g: &Conv2dGeom, c: &ConvCase, dx: InputGrad<'_>, dw: &mut [f32]) {
+fn dispatched(g: &Conv2dGeom, c: &ConvCase, dx: Dest<'_>, dw: &mut [f32]) {
     match dx {
-        InputGrad::Add(dx) => conv::conv2d_backward(g, &c.x, &c.w, &c.dy, Some(dx), dw),
-        InputGrad::Write(dx) => {
+        Dest::Add(dx) => conv::conv2d_backward(g, &c.x, &c.w, &c.dy, Some(dx), dw),
+        Dest::Write(dx) => {
             let new = conv::conv2d_backward_new(g, &c.x, &c.w, &c.dy, dw);
             for (d, v) in dx.iter_mut().zip(new) {
                 d.write(v);

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use super::layout::{
     copy, images_by_group, round_up, zeroed, BwdLayout, FwdLayout, LANES, SLACK, WG_CHUNK_VALUES,
 };
-use super::{Conv2dGeom, InputGrad};
+use super::{Conv2dGeom, Dest};
 use crate::kernels::scratch;
 use crate::kernels::simd::dispatch;
 
@@ -482,7 +482,7 @@ pub fn conv2d_backward(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    dx: Option<InputGrad<'_>>,
+    dx: Option<Dest<'_>>,
     dw: &mut [f32],
 ) {
     g.check_backward_into(x, w, dy, dx.as_ref(), dw);

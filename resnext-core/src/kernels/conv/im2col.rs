@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::{Conv2dGeom, InputGrad};
+use super::{Conv2dGeom, Dest};
 use crate::kernels::assume_init;
 use crate::kernels::gemm::{sgemm, sgemm_write, MatRef};
 
@@ -208,14 +208,14 @@ fn forward_channels_split(
 }
 
 /// Backward on im2col matrices, one GEMM per image and group for each gradient: puts the
-/// input gradient into `dx` (when given; [`InputGrad::Write`] writes every value) and adds
+/// input gradient into `dx` (when given; [`Dest::Write`] writes every value) and adds
 /// the weight gradient into `dw`.
 pub fn conv2d_backward(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    dx: Option<InputGrad<'_>>,
+    dx: Option<Dest<'_>>,
     dw: &mut [f32],
 ) {
     g.check_backward_into(x, w, dy, dx.as_ref(), dw);
@@ -235,7 +235,7 @@ pub fn conv2d_backward(
     let direct = g.is_pointwise();
     let inner_parallel = g.batch < rayon::current_num_threads();
     let col_len = if direct { 0 } else { rows * ohw };
-    let dx_chunks: Vec<Option<InputGrad<'_>>> = match dx {
+    let dx_chunks: Vec<Option<Dest<'_>>> = match dx {
         Some(dx) => dx.chunks(in_img).into_iter().map(Some).collect(),
         None => (0..g.batch).map(|_| None).collect(),
     };
@@ -245,7 +245,7 @@ pub fn conv2d_backward(
     let wlen = w.len();
     let chunks = rayon::current_num_threads().clamp(1, g.batch.max(1));
     let per = g.batch.div_ceil(chunks).max(1);
-    let mut jobs: Vec<Vec<(usize, Option<InputGrad<'_>>)>> = Vec::new();
+    let mut jobs: Vec<Vec<(usize, Option<Dest<'_>>)>> = Vec::new();
     for (n, dxn) in dx_chunks.into_iter().enumerate() {
         if n % per == 0 {
             jobs.push(Vec::new());
@@ -289,10 +289,10 @@ pub fn conv2d_backward(
                         let (wt, dym) = (MatRef::transposed(wg, rows), MatRef::row_major(dyg, ohw));
                         // dcol = W_g^T · dY_g
                         match dxn.part(grp * in_grp..(grp + 1) * in_grp) {
-                            InputGrad::Add(dxg) if direct => {
+                            Dest::Add(dxg) if direct => {
                                 sgemm(rows, ohw, opg, wt, dym, dxg, ohw, true, inner_parallel)
                             }
-                            InputGrad::Write(dxg) if direct => {
+                            Dest::Write(dxg) if direct => {
                                 sgemm_write(rows, ohw, opg, wt, dym, dxg, ohw, inner_parallel)
                             }
                             dxg => {

@@ -4,7 +4,7 @@
 //! input-gradient products ([`BwdLayout`]), row copies and (de)interleaving, block
 //! transposes. No algorithm here: the kernels import this module, never each other.
 
-use super::{Conv2dGeom, InputGrad};
+use super::{Conv2dGeom, Dest};
 use crate::kernels::scratch;
 use crate::kernels::simd::{self, dispatch, load_n, store_n, Kernel, Simd};
 
@@ -172,7 +172,7 @@ unsafe fn deinterleave2_at<S: Simd>(src: *const f32, len: usize, ev: *mut f32, o
 /// `dst[(c·h + i)·w + 2j + 1] (+)= od[j]`, where `(ev, od) = rows(c, i)` hold `⌈w/2⌉` and
 /// `⌊w/2⌋` values. Writes (or adds into) every value of `dst`.
 pub(super) fn interleave2_rows<'a>(
-    dst: InputGrad<'_>,
+    dst: Dest<'_>,
     (h, w): (usize, usize),
     rows: impl Fn(usize, usize) -> (&'a [f32], &'a [f32]),
 ) {
@@ -553,11 +553,8 @@ impl BwdLayout {
 }
 
 /// `dx` (when given) split per group: for each group, its slice of every image in order.
-pub(super) fn images_by_group<'a>(
-    g: &Conv2dGeom,
-    dx: Option<InputGrad<'a>>,
-) -> Vec<Vec<InputGrad<'a>>> {
-    let mut groups: Vec<Vec<InputGrad<'a>>> = (0..g.groups).map(|_| Vec::new()).collect();
+pub(super) fn images_by_group<'a>(g: &Conv2dGeom, dx: Option<Dest<'a>>) -> Vec<Vec<Dest<'a>>> {
+    let mut groups: Vec<Vec<Dest<'a>>> = (0..g.groups).map(|_| Vec::new()).collect();
     let in_grp = g.in_per_group() * g.in_h * g.in_w;
     if let (Some(dx), true) = (dx, in_grp > 0) {
         for (i, part) in dx.chunks(in_grp).into_iter().enumerate() {
@@ -568,10 +565,10 @@ pub(super) fn images_by_group<'a>(
 }
 
 /// `dst (+)= src`: added into, or written.
-pub(super) fn put_all(dst: InputGrad<'_>, src: &[f32]) {
+pub(super) fn put_all(dst: Dest<'_>, src: &[f32]) {
     match dst {
-        InputGrad::Add(d) => add(d, src),
-        InputGrad::Write(d) => {
+        Dest::Add(d) => add(d, src),
+        Dest::Write(d) => {
             assert_eq!(d.len(), src.len(), "put_all: lengths");
             for (d, &v) in d.iter_mut().zip(src) {
                 d.write(v);
@@ -590,7 +587,7 @@ impl BwdLayout {
     pub(super) fn add_phases<'a>(
         &self,
         g: &Conv2dGeom,
-        mut dxn: InputGrad<'_>,
+        mut dxn: Dest<'_>,
         row: impl Fn(usize, usize, usize) -> &'a [f32],
     ) {
         let (s, hw, sw) = (g.stride, g.in_h * g.in_w, g.stride.min(g.in_w));
@@ -629,7 +626,7 @@ impl BwdLayout {
                 } else if s == 2 && g.in_w >= 2 {
                     match (row(0), row(1)) {
                         (Some(e), Some(o)) => {
-                            interleave2_rows(InputGrad::Add(dst), (1, g.in_w), |_, _| (e, o))
+                            interleave2_rows(Dest::Add(dst), (1, g.in_w), |_, _| (e, o))
                         }
                         (e, o) => {
                             for (b, r) in [(0, e), (1, o)] {
@@ -681,7 +678,7 @@ pub(super) fn transpose_into<'a>(
     sstride: usize,
     rows: usize,
     cols: usize,
-    dst: InputGrad<'a>,
+    dst: Dest<'a>,
 ) -> &'a mut [f32] {
     let (ptr, len, add) = dst.raw();
     assert_eq!(len, rows * cols, "transpose_into: destination");

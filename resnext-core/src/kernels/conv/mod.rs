@@ -139,13 +139,13 @@ impl Conv2dGeom {
             );
         }
     }
-    /// [`Conv2dGeom::check_backward`] with the input gradient as an [`InputGrad`].
+    /// [`Conv2dGeom::check_backward`] with the input gradient as a [`Dest`].
     fn check_backward_into(
         &self,
         x: &[f32],
         w: &[f32],
         dy: &[f32],
-        dx: Option<&InputGrad<'_>>,
+        dx: Option<&Dest<'_>>,
         dw: &[f32],
     ) {
         self.check_backward(x, w, dy, None, dw);
@@ -360,8 +360,8 @@ impl<'a> Out<'a> {
     }
 
     /// As a destination that kernels write every value of, without reading any.
-    fn write_all(self) -> InputGrad<'a> {
-        InputGrad::Write(self.write_only())
+    fn write_all(self) -> Dest<'a> {
+        Dest::Write(self.write_only())
     }
 
     /// For kernels that take initialised values.
@@ -552,16 +552,17 @@ leveled! {
     }
 }
 
-/// Where a backward pass puts the input gradient.
+/// Where a kernel puts its result (a backward pass its input gradient, Winograd also its
+/// forward output): added into what is there, or written over new memory.
 #[derive(Debug)]
-pub enum InputGrad<'a> {
-    /// Added into: the gradient accumulated so far.
+pub enum Dest<'a> {
+    /// Added into: the values accumulated so far.
     Add(&'a mut [f32]),
-    /// Written: new memory, when nothing was accumulated yet.
+    /// Written, every value: new memory, when nothing was accumulated yet.
     Write(&'a mut [MaybeUninit<f32>]),
 }
 
-impl<'a> InputGrad<'a> {
+impl<'a> Dest<'a> {
     /// Its length.
     fn len(&self) -> usize {
         match self {
@@ -571,10 +572,10 @@ impl<'a> InputGrad<'a> {
     }
 
     /// Values `range` of it.
-    fn part(&mut self, range: std::ops::Range<usize>) -> InputGrad<'_> {
+    fn part(&mut self, range: std::ops::Range<usize>) -> Dest<'_> {
         match self {
-            Self::Add(d) => InputGrad::Add(&mut d[range]),
-            Self::Write(d) => InputGrad::Write(&mut d[range]),
+            Self::Add(d) => Dest::Add(&mut d[range]),
+            Self::Write(d) => Dest::Write(&mut d[range]),
         }
     }
 
@@ -587,10 +588,10 @@ impl<'a> InputGrad<'a> {
     }
 
     /// Consecutive parts of `len` values.
-    fn chunks(self, len: usize) -> Vec<InputGrad<'a>> {
+    fn chunks(self, len: usize) -> Vec<Dest<'a>> {
         match self {
-            Self::Add(d) => d.chunks_mut(len).map(InputGrad::Add).collect(),
-            Self::Write(d) => d.chunks_mut(len).map(InputGrad::Write).collect(),
+            Self::Add(d) => d.chunks_mut(len).map(Dest::Add).collect(),
+            Self::Write(d) => d.chunks_mut(len).map(Dest::Write).collect(),
         }
     }
 
@@ -613,12 +614,13 @@ pub fn conv2d_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
 ) {
-    backward_with(g, x, w, dy, dx.map(InputGrad::Add), dw)
+    backward_with(g, x, w, dy, dx.map(Dest::Add), dw)
 }
 
 /// [`conv2d_backward`] where no input gradient was accumulated yet: returns it as a new
-/// buffer, written once rather than zero-filled and added into where the algorithm
-/// allows (the GEMM ones; the others get it zero-filled, [`InputGrad::init`]).
+/// buffer, written once rather than zero-filled and added into (except where a stride
+/// phase of the direct or lanes kernel gets no tap: zero-filled there first,
+/// [`Dest::init`]).
 pub fn conv2d_backward_new(
     g: &Conv2dGeom,
     x: &[f32],
@@ -626,11 +628,11 @@ pub fn conv2d_backward_new(
     dy: &[f32],
     dw: &mut [f32],
 ) -> Vec<f32> {
-    // SAFETY: every algorithm writes every value of an `InputGrad::Write` (the GEMM ones
-    // directly, the others after `InputGrad::init` zero-fills it).
+    // SAFETY: every algorithm writes every value of a `Dest::Write` (directly, or after
+    // `Dest::init` zero-fills it).
     unsafe {
         super::written(g.input_len(), |dx| {
-            backward_with(g, x, w, dy, Some(InputGrad::Write(dx)), dw)
+            backward_with(g, x, w, dy, Some(Dest::Write(dx)), dw)
         })
     }
 }
@@ -640,7 +642,7 @@ fn backward_with(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    dx: Option<InputGrad<'_>>,
+    dx: Option<Dest<'_>>,
     dw: &mut [f32],
 ) {
     let input_grad = |g: &Conv2dGeom, w: &[f32], dx| winograd::conv2d_input_grad_into(g, w, dy, dx);

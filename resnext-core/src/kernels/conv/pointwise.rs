@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::{Conv2dGeom, InputGrad};
+use super::{Conv2dGeom, Dest};
 use crate::kernels::gemm::{sgemm, sgemm_new, MatRef};
 use crate::kernels::{assume_init, written};
 
@@ -41,7 +41,7 @@ fn write(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
 }
 
 /// `[c][n·hw]` → `[n][c][hw]`, added into `y` or written.
-fn from_channel_major(t: &[f32], n: usize, c: usize, hw: usize, y: InputGrad<'_>) {
+fn from_channel_major(t: &[f32], n: usize, c: usize, hw: usize, y: Dest<'_>) {
     let per_image = (c * hw).max(1);
     y.chunks(per_image)
         .into_par_iter()
@@ -50,8 +50,8 @@ fn from_channel_major(t: &[f32], n: usize, c: usize, hw: usize, y: InputGrad<'_>
             for ch in 0..c {
                 let src = &t[(ch * n + i) * hw..][..hw];
                 match yn.part(ch * hw..(ch + 1) * hw) {
-                    InputGrad::Add(dst) => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
-                    InputGrad::Write(dst) => write(dst, src),
+                    Dest::Add(dst) => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
+                    Dest::Write(dst) => write(dst, src),
                 }
             }
         });
@@ -86,13 +86,13 @@ pub fn conv2d_forward(
 }
 
 /// Backward as two products over the batch: puts the input gradient into `dx` (when
-/// given; [`InputGrad::Write`] writes every value) and adds the weight gradient into `dw`.
+/// given; [`Dest::Write`] writes every value) and adds the weight gradient into `dw`.
 pub fn conv2d_backward(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    dx: Option<InputGrad<'_>>,
+    dx: Option<Dest<'_>>,
     dw: &mut [f32],
 ) {
     g.check_backward_into(x, w, dy, dx.as_ref(), dw);

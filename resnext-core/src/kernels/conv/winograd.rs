@@ -38,7 +38,7 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::layout::{lane_tile, transpose, transpose_into};
-use super::{Conv2dGeom, InputGrad};
+use super::{Conv2dGeom, Dest};
 use crate::kernels::simd::{self, Kernel, Simd};
 use crate::kernels::{as_uninit, isa, scratch};
 
@@ -284,7 +284,7 @@ pub fn conv2d_forward_tiled(
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    let y = InputGrad::Write(as_uninit(y));
+    let y = Dest::Write(as_uninit(y));
     forward(g, tiling, x, Weights::Plain(w), y, epilogue);
 }
 
@@ -293,7 +293,7 @@ pub(super) fn conv2d_forward_into(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
-    y: InputGrad<'_>,
+    y: Dest<'_>,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
@@ -308,7 +308,7 @@ pub fn conv2d_forward_packed(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    conv2d_forward_packed_into(g, x, w, InputGrad::Write(as_uninit(y)), epilogue)
+    conv2d_forward_packed_into(g, x, w, Dest::Write(as_uninit(y)), epilogue)
 }
 
 /// [`conv2d_forward_packed`] into `y`: written, every value (new memory too), or added
@@ -317,7 +317,7 @@ pub(super) fn conv2d_forward_packed_into(
     g: &Conv2dGeom,
     x: &[f32],
     w: &WinogradWeights,
-    y: InputGrad<'_>,
+    y: Dest<'_>,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert!(
@@ -374,17 +374,17 @@ pub fn conv2d_input_grad(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: &mut [f32], 
 }
 
 /// [`conv2d_input_grad`] into `dx`: added into, or written, every value (new memory too).
-pub(super) fn conv2d_input_grad_into(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: InputGrad<'_>) {
+pub(super) fn conv2d_input_grad_into(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: Dest<'_>) {
     let tiling = Tiling::for_geom(&transposed(g));
     input_grad(g, tiling, w, dy, dx);
 }
 
 /// `dx` to add into with `accumulate`, else to write over.
-fn add_or_write(dx: &mut [f32], accumulate: bool) -> InputGrad<'_> {
+fn add_or_write(dx: &mut [f32], accumulate: bool) -> Dest<'_> {
     if accumulate {
-        InputGrad::Add(dx)
+        Dest::Add(dx)
     } else {
-        InputGrad::Write(as_uninit(dx))
+        Dest::Write(as_uninit(dx))
     }
 }
 
@@ -401,7 +401,7 @@ pub fn conv2d_input_grad_tiled(
 }
 
 /// [`conv2d_input_grad_tiled`] into `dx`.
-fn input_grad(g: &Conv2dGeom, tiling: Tiling, w: &[f32], dy: &[f32], dx: InputGrad<'_>) {
+fn input_grad(g: &Conv2dGeom, tiling: Tiling, w: &[f32], dy: &[f32], dx: Dest<'_>) {
     assert!(
         suits_input_grad_shape(g),
         "winograd: unsuitable input gradient"
@@ -792,7 +792,7 @@ fn forward(
     tiling: Tiling,
     x: &[f32],
     w: Weights,
-    y: InputGrad<'_>,
+    y: Dest<'_>,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert!(suits_shape(g), "winograd: unsuitable convolution");
@@ -809,8 +809,7 @@ fn forward(
         .clamp(1, g.batch)
         .min((g.batch / min_tasks.div_ceil(g.groups)).max(1));
     let runs = g.batch.div_ceil(per_task);
-    let mut tasks: Vec<Vec<(usize, InputGrad<'_>)>> =
-        (0..g.groups * runs).map(|_| vec![]).collect();
+    let mut tasks: Vec<Vec<(usize, Dest<'_>)>> = (0..g.groups * runs).map(|_| vec![]).collect();
     for (i, yg) in y.chunks(out_grp).into_iter().enumerate() {
         let (n, grp) = (i / g.groups, i % g.groups);
         tasks[grp * runs + n / per_task].push((n, yg));
@@ -845,7 +844,7 @@ fn run_task<T: tiles::Transforms>(
     x: &[f32],
     grp: usize,
     u: &[f32],
-    outs: Vec<(usize, InputGrad<'_>)>,
+    outs: Vec<(usize, Dest<'_>)>,
     epilogue: &(impl Fn(usize, usize, &mut [f32]) + Sync),
 ) {
     let images = outs.len();
