@@ -24,7 +24,7 @@
 use rayon::prelude::*;
 
 use super::layout::{
-    images_by_group, lane_tile, put_all, transpose, zeroed, BwdLayout, FwdLayout, WG_CHUNK_VALUES,
+    images_by_group, lane_tile, transpose, zeroed, BwdLayout, FwdLayout, WG_CHUNK_VALUES,
 };
 use super::{Conv2dGeom, Dest};
 use crate::kernels::scratch;
@@ -575,7 +575,7 @@ pub fn conv2d_backward(
                 }
                 if g.stride == 1 {
                     // one phase, whose planes are laid out as dx's: one pass
-                    put_all(dxn, &planes);
+                    dxn.put(&planes);
                     continue;
                 }
                 bwd.add_phases(g, dxn, |c, idx, i| {

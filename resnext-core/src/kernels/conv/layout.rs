@@ -564,19 +564,6 @@ pub(super) fn images_by_group<'a>(g: &Conv2dGeom, dx: Option<Dest<'a>>) -> Vec<V
     groups
 }
 
-/// `dst (+)= src`: added into, or written.
-pub(super) fn put_all(dst: Dest<'_>, src: &[f32]) {
-    match dst {
-        Dest::Add(d) => add(d, src),
-        Dest::Write(d) => {
-            assert_eq!(d.len(), src.len(), "put_all: lengths");
-            for (d, &v) in d.iter_mut().zip(src) {
-                d.write(v);
-            }
-        }
-    }
-}
-
 impl BwdLayout {
     /// Adds (or writes) one image's input gradient for one group, computed per stride
     /// phase, into `dxn` (channel planes of `in_h × in_w`): `row(c, phase, i)` is row `i`
@@ -603,10 +590,8 @@ impl BwdLayout {
         if s == 1 && every {
             for c in 0..dxn.len() / hw.max(1) {
                 for i in 0..g.in_h {
-                    put_all(
-                        dxn.part((c * g.in_h + i) * g.in_w..(c * g.in_h + i + 1) * g.in_w),
-                        row(c, 0, i),
-                    );
+                    dxn.part((c * g.in_h + i) * g.in_w..(c * g.in_h + i + 1) * g.in_w)
+                        .put(row(c, 0, i));
                 }
             }
             return;
@@ -619,11 +604,8 @@ impl BwdLayout {
                     let idx = a * sw + b;
                     (!self.phases[idx].taps.is_empty()).then(|| row(c, idx, i))
                 };
-                if s == 1 {
-                    if let Some(r) = row(0) {
-                        add(dst, r);
-                    }
-                } else if s == 2 && g.in_w >= 2 {
+                // (stride 1 has one phase, which every tap reaches: written above)
+                if s == 2 && g.in_w >= 2 {
                     match (row(0), row(1)) {
                         (Some(e), Some(o)) => {
                             interleave2_rows(Dest::Add(dst), (1, g.in_w), |_, _| (e, o))

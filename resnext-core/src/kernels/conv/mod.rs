@@ -579,6 +579,15 @@ impl<'a> Dest<'a> {
         }
     }
 
+    /// `self (+)= src`: added into, or written.
+    fn put(self, src: &[f32]) {
+        assert_eq!(self.len(), src.len(), "conv destination: length");
+        match self {
+            Self::Add(d) => layout::add(d, src),
+            Self::Write(d) => write(d, src),
+        }
+    }
+
     /// Its first value, its length, and whether it is added into (else written).
     fn raw(self) -> (*mut f32, usize, bool) {
         match self {
@@ -601,6 +610,13 @@ impl<'a> Dest<'a> {
             Self::Add(d) => d,
             Self::Write(d) => super::elementwise::zero_fill(d),
         }
+    }
+}
+
+/// Copies `src` into `dst` (equal lengths).
+fn write(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
     }
 }
 

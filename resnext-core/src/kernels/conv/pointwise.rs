@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::{Conv2dGeom, Dest};
+use super::{write, Conv2dGeom, Dest};
 use crate::kernels::gemm::{sgemm, sgemm_new, MatRef};
 use crate::kernels::{assume_init, written};
 
@@ -33,13 +33,6 @@ fn to_channel_major(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
     }
 }
 
-/// Copies `src` into `dst` (equal lengths).
-fn write(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        d.write(s);
-    }
-}
-
 /// `[c][n·hw]` → `[n][c][hw]`, added into `y` or written.
 fn from_channel_major(t: &[f32], n: usize, c: usize, hw: usize, y: Dest<'_>) {
     let per_image = (c * hw).max(1);
@@ -49,10 +42,7 @@ fn from_channel_major(t: &[f32], n: usize, c: usize, hw: usize, y: Dest<'_>) {
         .for_each(|(i, mut yn)| {
             for ch in 0..c {
                 let src = &t[(ch * n + i) * hw..][..hw];
-                match yn.part(ch * hw..(ch + 1) * hw) {
-                    Dest::Add(dst) => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
-                    Dest::Write(dst) => write(dst, src),
-                }
+                yn.part(ch * hw..(ch + 1) * hw).put(src);
             }
         });
 }
