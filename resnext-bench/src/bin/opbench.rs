@@ -12,14 +12,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use resnext_bench::{grouped3x3, pointwise, stage_width, values};
+use resnext_bench::{grouped3x3, pointwise, stage_size, stage_width, values};
 use resnext_core::kernels::conv::{self, Conv2dGeom};
 
 /// Measure one convolution, forward or backward.
 #[derive(Parser, Debug)]
 struct Args {
-    /// grouped3x3 (the block's 3×3 conv, 32 groups), 1x1 (the block's first 1×1 conv) or
-    /// 1x1-expand (its last).
+    /// grouped3x3 (the block's 3×3 conv, 32 groups), 1x1 (the block's first 1×1 conv),
+    /// 1x1-expand (its last) or bn (the training batch norm + ReLU after the block's 1×1
+    /// expansion, at 2 × width channels; reported in GB/s of the values it must move).
     #[arg(long, default_value = "grouped3x3")]
     op: String,
     /// Stage of resnext50_32x4d, 1 to 4 (56, 28, 14, 7 pixels; width 128 to 1024).
@@ -57,10 +58,72 @@ fn geometry(a: &Args) -> Result<Conv2dGeom> {
         "grouped3x3" => grouped3x3(a.stage, a.batch, a.stride),
         "1x1" => pointwise(a.stage, a.batch, 2 * width, width),
         "1x1-expand" => pointwise(a.stage, a.batch, width, 2 * width),
-        o => bail!("--op {o}: valid ops are grouped3x3, 1x1, 1x1-expand"),
+        o => bail!("--op {o}: valid ops are grouped3x3, 1x1, 1x1-expand, bn"),
     };
     g.validate().map_err(anyhow::Error::msg)?;
     Ok(g)
+}
+
+/// `--op bn`: the training-mode batch norm + ReLU at `2 × width` channels, forward
+/// (statistics and normalisation) or backward (in place, as the fused block runs it).
+/// Reports the bandwidth of the passes' minimal traffic: forward reads the input twice
+/// and writes the output; backward reads input and gradient twice and writes the gradient.
+fn batch_norm(a: &Args) -> Result<()> {
+    use resnext_core::kernels::batchnorm::{self as bn, BnChannels, BnGeom};
+    let (hw, width) = (stage_size(a.stage), stage_width(a.stage));
+    let g = BnGeom {
+        batch: a.batch,
+        channels: 2 * width,
+        spatial: hw * hw,
+    };
+    let x = values(4, g.len());
+    let dy = values(5, g.len());
+    let (gamma, beta) = (values(6, g.channels), values(7, g.channels));
+    let mut y = vec![0.0; g.len()];
+    let stats = bn::bn_train_forward(&g, &x, &gamma, &beta, 1e-5, true, &mut y);
+    let ch = BnChannels {
+        gamma: &gamma,
+        beta: &beta,
+        mean: &stats.mean,
+        inv_std: &stats.inv_std,
+        relu: true,
+    };
+    let (mut d, mut dg, mut db) = (dy.clone(), vec![0.0; g.channels], vec![0.0; g.channels]);
+    let bytes = match a.pass.as_str() {
+        "fwd" => 3 * 4 * g.len(),
+        "bwd" => 5 * 4 * g.len(),
+        p => bail!("--pass {p}: valid passes for --op bn are fwd, bwd"),
+    };
+    let mut times = Vec::new();
+    for i in 0..=a.iters.max(1) {
+        let t = Instant::now();
+        if a.pass == "fwd" {
+            bn::bn_train_forward(&g, &x, &gamma, &beta, 1e-5, true, &mut y);
+        } else {
+            bn::bn_backward_in_place(&g, &x, &ch, &mut d, &mut dg, &mut db);
+        }
+        let dt = t.elapsed().as_secs_f64();
+        if i > 0 {
+            times.push(dt);
+        }
+        if a.pass == "bwd" {
+            d.copy_from_slice(&dy);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "bn stage {} {} batch {} ({} x {} x {hw}x{hw}) threads {}: median {:.3} ms",
+        a.stage,
+        a.pass,
+        a.batch,
+        a.batch,
+        g.channels,
+        rayon::current_num_threads(),
+        median * 1e3
+    );
+    println!("GB/s: {:.2}", bytes as f64 / median / 1e9);
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -72,6 +135,9 @@ fn main() -> Result<()> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(a.threads)
             .build_global()?;
+    }
+    if a.op == "bn" {
+        return batch_norm(&a);
     }
     let g = geometry(&a)?;
     let x = values(1, g.input_len());

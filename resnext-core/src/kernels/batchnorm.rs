@@ -5,6 +5,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::simd::{dispatch, Kernel, Simd};
+
 /// The layout of one batch-norm call: `batch × channels × spatial` elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BnGeom {
@@ -455,16 +457,7 @@ fn grad_sums(
     // vectorise (the ReLU test becomes a select).
     let sums: Vec<(f64, f64)> = (0..g.channels)
         .into_par_iter()
-        .map(|c| {
-            let p = ch.plane(c);
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for r in channel_planes(g, c) {
-                let (a, b) = plane_grad_sums(&p, &x[r.clone()], &dy[r]);
-                sg += a;
-                sgx += b;
-            }
-            (sg, sgx)
-        })
+        .map(|c| channel_grad_sums(&ch.plane(c), g, c, x, dy))
         .collect();
     for (c, &(sg, sgx)) in sums.iter().enumerate() {
         dbeta[c] += sg as f32;
@@ -509,22 +502,117 @@ pub fn bn_backward_in_place(
         });
 }
 
-leveled! {
-    /// `d = gamma · inv_std · (relu_mask(d) − mg − xhat · mgx)` over one plane, in place.
-    fn plane_input_grad_in_place(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], d: &mut [f32]) {
-        let k = p.ga * p.is;
-        let mut dc = d.chunks_exact_mut(LANES);
-        let xc = x.chunks_exact(LANES);
-        let xr = xc.remainder();
-        for (ds, xs) in (&mut dc).zip(xc) {
-            for j in 0..LANES {
-                let xhat = (xs[j] - p.mu) * p.is;
-                ds[j] = k * (relu_mask(p, xhat, ds[j]) - mg - xhat * mgx);
+/// `d = gamma · inv_std · (relu_mask(d) − mg − xhat · mgx)` over one plane, in place.
+fn plane_input_grad_in_place(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], d: &mut [f32]) {
+    let k = PlaneInputGrad {
+        p,
+        mg,
+        mgx,
+        x,
+        dy: None,
+        out: d,
+    };
+    // SAFETY: the kernel checks its slices' lengths.
+    unsafe { dispatch(k) }
+}
+
+/// A batch norm's input gradient over one plane, `k · (relu_mask(d) − mg − xhat · mgx)`
+/// with `k = gamma · inv_std` and `xhat = (x − mean) · inv_std`: added into `out` with
+/// `d = dy`, or, without `dy`, written over `out` with `d` its old value.
+struct PlaneInputGrad<'a> {
+    p: &'a PlaneBn,
+    mg: f32,
+    mgx: f32,
+    x: &'a [f32],
+    dy: Option<&'a [f32]>,
+    out: &'a mut [f32],
+}
+
+impl Kernel for PlaneInputGrad<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let PlaneInputGrad {
+            p,
+            mg,
+            mgx,
+            x,
+            dy,
+            out,
+        } = self;
+        let n = x.len();
+        assert_eq!(out.len(), n, "batch norm backward: plane length");
+        if let Some(dy) = dy {
+            assert_eq!(dy.len(), n, "batch norm backward: plane length");
+        }
+        let whole = n - n % S::LANES;
+        // SAFETY: every vector lies in `0..whole`, inside the three slices (asserted).
+        unsafe {
+            let c = PlaneVectors::<S> {
+                mu: S::splat(p.mu),
+                is: S::splat(p.is),
+                ga: S::splat(p.ga),
+                be: S::splat(p.be),
+                k: S::splat(p.ga * p.is),
+                mg: S::splat(mg),
+                neg_mgx: S::splat(-mgx),
+                relu: p.relu,
+            };
+            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+            let mut i = 0;
+            while i < whole {
+                let xv = S::load(xp.add(i));
+                let v = match dy {
+                    Some(dy) => S::add(
+                        S::load(op.add(i)),
+                        c.input_grad(xv, S::load(dy.as_ptr().add(i))),
+                    ),
+                    None => c.input_grad(xv, S::load(op.add(i))),
+                };
+                S::store(op.add(i), v);
+                i += S::LANES;
             }
         }
-        for (o, &xv) in dc.into_remainder().iter_mut().zip(xr) {
+        // the tail, shorter than a vector (AVX2's masked store is slow on AMD CPUs)
+        let k = p.ga * p.is;
+        let f = |xv: f32, d: f32| {
             let xhat = (xv - p.mu) * p.is;
-            *o = k * (relu_mask(p, xhat, *o) - mg - xhat * mgx);
+            k * (relu_mask(p, xhat, d) - mg - xhat * mgx)
+        };
+        for j in whole..n {
+            out[j] = match dy {
+                Some(dy) => out[j] + f(x[j], dy[j]),
+                None => f(x[j], out[j]),
+            };
+        }
+    }
+}
+
+/// [`PlaneInputGrad`]'s constants as vectors.
+struct PlaneVectors<S: Simd> {
+    mu: S::V,
+    is: S::V,
+    ga: S::V,
+    be: S::V,
+    k: S::V,
+    mg: S::V,
+    neg_mgx: S::V,
+    relu: bool,
+}
+
+impl<S: Simd> PlaneVectors<S> {
+    /// `k · (relu_mask(d) − mg − xhat · mgx)` for one vector.
+    #[inline(always)]
+    unsafe fn input_grad(&self, x: S::V, d: S::V) -> S::V {
+        // SAFETY: run inside `dispatch` at level `S` (the caller's contract).
+        unsafe {
+            let xhat = S::mul(S::sub(x, self.mu), self.is);
+            let d = if self.relu {
+                S::keep_positive(S::fma(xhat, self.ga, self.be), d)
+            } else {
+                d
+            };
+            S::mul(self.k, S::fma(xhat, self.neg_mgx, S::sub(d, self.mg)))
         }
     }
 }
@@ -551,49 +639,47 @@ fn relu_mask(p: &PlaneBn, xhat: f32, d: f32) -> f32 {
 }
 
 leveled! {
-    /// `(Σ d, Σ d · xhat)` over one plane, `d` the ReLU-masked output gradient, accumulated in
-    /// `f64` lanes: the input gradient subtracts these means from `d`, where their rounding
-    /// error would be amplified.
-    fn plane_grad_sums(p: &PlaneBn, x: &[f32], dy: &[f32]) -> (f64, f64) {
+    /// `(Σ d, Σ d · xhat)` over channel `c`'s planes, `d` the ReLU-masked output gradient,
+    /// accumulated in `f64` lanes (summed across lanes once per channel): the input
+    /// gradient subtracts these means from `d`, where their rounding error would be
+    /// amplified.
+    fn channel_grad_sums(p: &PlaneBn, g: &BnGeom, c: usize, x: &[f32], dy: &[f32]) -> (f64, f64) {
         let (mut pg, mut pgx) = ([0.0f64; LANES], [0.0f64; LANES]);
-        let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
-        let (xr, dr) = (xc.remainder(), dc.remainder());
-        for (xs, ds) in xc.zip(dc) {
-            for k in 0..LANES {
-                let xhat = (xs[k] - p.mu) * p.is;
-                let d = relu_mask(p, xhat, ds[k]);
+        for r in channel_planes(g, c) {
+            let (x, dy) = (&x[r.clone()], &dy[r]);
+            let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
+            let (xr, dr) = (xc.remainder(), dc.remainder());
+            for (xs, ds) in xc.zip(dc) {
+                for k in 0..LANES {
+                    let xhat = (xs[k] - p.mu) * p.is;
+                    let d = relu_mask(p, xhat, ds[k]);
+                    pg[k] += d as f64;
+                    pgx[k] += d as f64 * xhat as f64;
+                }
+            }
+            for (k, (&xv, &dv)) in xr.iter().zip(dr).enumerate() {
+                let xhat = (xv - p.mu) * p.is;
+                let d = relu_mask(p, xhat, dv);
                 pg[k] += d as f64;
                 pgx[k] += d as f64 * xhat as f64;
             }
-        }
-        for (k, (&xv, &dv)) in xr.iter().zip(dr).enumerate() {
-            let xhat = (xv - p.mu) * p.is;
-            let d = relu_mask(p, xhat, dv);
-            pg[k] += d as f64;
-            pgx[k] += d as f64 * xhat as f64;
         }
         (pg.iter().sum(), pgx.iter().sum())
     }
 }
 
-leveled! {
-    /// `dx += gamma · inv_std · (d − mg − xhat · mgx)` over one plane.
-    fn plane_input_grad(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-        let k = p.ga * p.is;
-        let mut oc = dx.chunks_exact_mut(LANES);
-        let (xc, dc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
-        let (xr, dr) = (xc.remainder(), dc.remainder());
-        for ((os, xs), ds) in (&mut oc).zip(xc).zip(dc) {
-            for j in 0..LANES {
-                let xhat = (xs[j] - p.mu) * p.is;
-                os[j] += k * (relu_mask(p, xhat, ds[j]) - mg - xhat * mgx);
-            }
-        }
-        for ((o, &xv), &dv) in oc.into_remainder().iter_mut().zip(xr).zip(dr) {
-            let xhat = (xv - p.mu) * p.is;
-            *o += k * (relu_mask(p, xhat, dv) - mg - xhat * mgx);
-        }
-    }
+/// `dx += gamma · inv_std · (d − mg − xhat · mgx)` over one plane.
+fn plane_input_grad(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let k = PlaneInputGrad {
+        p,
+        mg,
+        mgx,
+        x,
+        dy: Some(dy),
+        out: dx,
+    };
+    // SAFETY: the kernel checks its slices' lengths.
+    unsafe { dispatch(k) }
 }
 
 /// Reference training forward in `f64`: returns `(y, mean, biased var)`.

@@ -39,6 +39,9 @@ pub trait Simd: Copy {
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     /// `a · b`.
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// The lanes of `v` where `c > 0`, zero where not (NaN in `c` is not above 0): a ReLU's
+    /// mask applied to a gradient.
+    unsafe fn keep_positive(c: Self::V, v: Self::V) -> Self::V;
     /// The sum of the lanes.
     unsafe fn reduce_add(v: Self::V) -> f32;
     /// Lanes `0, 2, 4, …` and `1, 3, 5, …` of the `2 · LANES` values `a ‖ b`.
@@ -172,6 +175,10 @@ impl Simd for Scalar {
         std::array::from_fn(|i| a[i] + b[i])
     }
     #[inline(always)]
+    unsafe fn keep_positive(c: [f32; 8], v: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| if c[i] > 0.0 { v[i] } else { 0.0 })
+    }
+    #[inline(always)]
     unsafe fn reduce_add(v: [f32; 8]) -> f32 {
         ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
     }
@@ -264,6 +271,13 @@ mod x86 {
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {
             unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn keep_positive(c: __m512, v: __m512) -> __m512 {
+            unsafe {
+                let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(c, _mm512_setzero_ps());
+                _mm512_maskz_mov_ps(above, v)
+            }
         }
         #[inline(always)]
         unsafe fn reduce_add(v: __m512) -> f32 {
@@ -388,6 +402,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
             unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn keep_positive(c: __m256, v: __m256) -> __m256 {
+            unsafe { _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(c, _mm256_setzero_ps()), v) }
         }
         #[inline(always)]
         unsafe fn reduce_add(v: __m256) -> f32 {
@@ -515,6 +533,10 @@ mod arm {
         #[inline(always)]
         unsafe fn add(a: float32x4_t, b: float32x4_t) -> float32x4_t {
             unsafe { vaddq_f32(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn keep_positive(c: float32x4_t, v: float32x4_t) -> float32x4_t {
+            unsafe { vreinterpretq_f32_u32(vandq_u32(vcgtzq_f32(c), vreinterpretq_u32_f32(v))) }
         }
         #[inline(always)]
         unsafe fn reduce_add(v: float32x4_t) -> f32 {
@@ -690,6 +712,45 @@ mod tests {
             assert!(src.len() >= len && dst.len() >= len);
             // SAFETY: lengths asserted above
             unsafe { copy::<S>(dst.as_mut_ptr(), src.as_ptr(), len) }
+        }
+    }
+
+    /// [`Simd::keep_positive`] on one vector of conditions and values.
+    struct KeepPositive<'a>(&'a [f32], &'a [f32], &'a mut [f32]);
+
+    impl Kernel for KeepPositive<'_> {
+        type Output = usize;
+        #[inline(always)]
+        unsafe fn run<S: Simd>(self) -> usize {
+            let KeepPositive(c, v, out) = self;
+            assert!(c.len() >= S::LANES && v.len() >= S::LANES && out.len() >= S::LANES);
+            // SAFETY: lengths asserted above
+            unsafe {
+                let k = S::keep_positive(S::load(c.as_ptr()), S::load(v.as_ptr()));
+                S::store(out.as_mut_ptr(), k);
+            }
+            S::LANES
+        }
+    }
+
+    #[test]
+    fn every_level_keeps_the_values_whose_condition_is_above_zero() {
+        let conds = [1.0, -1.0, 0.0, -0.0, f32::NAN, 1e-30, -1e-30, f32::INFINITY];
+        for l in isa::available() {
+            let c: Vec<f32> = (0..16).map(|i| conds[i % conds.len()]).collect();
+            let v: Vec<f32> = (0..16).map(|i| i as f32 - 7.5).collect();
+            let mut out = vec![f32::NAN; 16];
+            // SAFETY: an available level; the kernel asserts its lengths
+            let n = unsafe { run_at(l, KeepPositive(&c, &v, &mut out)) };
+            for i in 0..n {
+                let want = if c[i] > 0.0 { v[i] } else { 0.0 };
+                assert_eq!(
+                    out[i].to_bits(),
+                    want.to_bits(),
+                    "{l}: lane {i}, condition {}",
+                    c[i]
+                );
+            }
         }
     }
 
