@@ -22,7 +22,8 @@ pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
     let xg = x.ghost();
     let (wg, bg) = (ParamGrad::of(weight), ParamGrad::of(bias));
     record(&dev, y, (n, o), tape, Label::Linear, move |dy, grads| {
-        let (mut dw, mut db) = (vec![0.0f32; ws.len()], vec![0.0f32; bs.len()]);
+        // the weight gradient accumulates straight into its slot, moved out meanwhile
+        let (mut dw, mut db) = (wg.take(grads)?, vec![0.0f32; bs.len()]);
         ew::linear_backward(
             n,
             F,
@@ -34,7 +35,7 @@ pub fn linear<const F: usize, O: Dim, T: Tape<f32, Cpu>>(
             &mut dw,
             &mut db,
         );
-        wg.add(grads, &dw)?;
+        wg.put(grads, dw)?;
         bg.add(grads, &db)
     })
 }
