@@ -193,9 +193,67 @@ fn networks(c: &mut Criterion) {
     g.finish();
 }
 
+/// The training batch norm + ReLU (forward, and the in-place backward the fused block
+/// runs) at every instruction-set level this CPU has, at the expansion's `2 × width`
+/// channels: `norm_isa/train_bwd_in_place_avx2/stage1`.
+fn norm_isa(c: &mut Criterion) {
+    let mut g = c.benchmark_group("norm_isa");
+    g.sample_size(10);
+    for level in isa::available() {
+        isa::set_level(Some(level)).expect("an available level");
+        for stage in 1..=4 {
+            let geom = BnGeom {
+                batch: BATCH,
+                channels: 2 * stage_width(stage),
+                spatial: stage_size(stage) * stage_size(stage),
+            };
+            let x = values(4, geom.len());
+            let dy = values(5, geom.len());
+            let (gamma, beta) = (values(6, geom.channels), values(7, geom.channels));
+            let mut y = vec![0.0; geom.len()];
+            g.throughput(Throughput::Elements(geom.len() as u64));
+            g.bench_function(
+                BenchmarkId::new(format!("train_fwd_{level}"), format!("stage{stage}")),
+                |b| {
+                    b.iter(|| {
+                        batchnorm::bn_train_forward(&geom, &x, &gamma, &beta, 1e-5, true, &mut y)
+                    })
+                },
+            );
+            let stats = batchnorm::bn_train_forward(&geom, &x, &gamma, &beta, 1e-5, true, &mut y);
+            let ch = batchnorm::BnChannels {
+                gamma: &gamma,
+                beta: &beta,
+                mean: &stats.mean,
+                inv_std: &stats.inv_std,
+                relu: true,
+            };
+            let (mut d, mut dg, mut db) = (
+                dy.clone(),
+                vec![0.0; geom.channels],
+                vec![0.0; geom.channels],
+            );
+            g.bench_function(
+                BenchmarkId::new(
+                    format!("train_bwd_in_place_{level}"),
+                    format!("stage{stage}"),
+                ),
+                |b| {
+                    b.iter(|| {
+                        d.copy_from_slice(&dy); // (includes this copy: the pass overwrites its input)
+                        batchnorm::bn_backward_in_place(&geom, &x, &ch, &mut d, &mut dg, &mut db)
+                    })
+                },
+            );
+        }
+    }
+    isa::set_level(None).expect("back to the detected level");
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default();
-    targets = ops, conv_isa, block, networks
+    targets = ops, conv_isa, norm_isa, block, networks
 }
 criterion_main!(benches);
