@@ -61,58 +61,12 @@ fn ops(c: &mut Criterion) {
     let mut g = c.benchmark_group("batchnorm_relu");
     g.sample_size(10);
     for stage in 1..=4 {
-        let (hw, width) = (stage_size(stage), stage_width(stage));
         let geom = BnGeom {
             batch: BATCH,
-            channels: width,
-            spatial: hw * hw,
+            channels: stage_width(stage),
+            spatial: stage_size(stage) * stage_size(stage),
         };
-        let x = values(4, geom.len());
-        let dy = values(5, geom.len());
-        let (gamma, beta) = (vec![1.0; width], vec![0.0; width]);
-        let mut y = vec![0.0; geom.len()];
-        g.throughput(Throughput::Elements(geom.len() as u64));
-        g.bench_function(
-            BenchmarkId::new("train_fwd_cpu", format!("stage{stage}")),
-            |b| {
-                b.iter(|| batchnorm::bn_train_forward(&geom, &x, &gamma, &beta, 1e-5, true, &mut y))
-            },
-        );
-        let stats = batchnorm::bn_train_forward(&geom, &x, &gamma, &beta, 1e-5, true, &mut y);
-        let (mut dx, mut dg, mut db) = (vec![0.0; geom.len()], vec![0.0; width], vec![0.0; width]);
-        let ch = batchnorm::BnChannels {
-            gamma: &gamma,
-            beta: &beta,
-            mean: &stats.mean,
-            inv_std: &stats.inv_std,
-            relu: true,
-        };
-        g.bench_function(
-            BenchmarkId::new("train_bwd_cpu", format!("stage{stage}")),
-            |b| {
-                b.iter(|| {
-                    batchnorm::bn_backward(
-                        &geom,
-                        &x,
-                        &ch,
-                        true,
-                        &dy,
-                        Some(&mut dx),
-                        &mut dg,
-                        &mut db,
-                    )
-                })
-            },
-        );
-        g.bench_function(
-            BenchmarkId::new("train_bwd_in_place_cpu", format!("stage{stage}")),
-            |b| {
-                b.iter(|| {
-                    dx.copy_from_slice(&dy); // (includes this copy: the pass overwrites its input)
-                    batchnorm::bn_backward_in_place(&geom, &x, &ch, &mut dx, &mut dg, &mut db)
-                })
-            },
-        );
+        bench_bn(&mut g, "cpu", stage, &geom, true);
     }
     g.finish();
 }
@@ -193,6 +147,53 @@ fn networks(c: &mut Criterion) {
     g.finish();
 }
 
+/// The training batch norm + ReLU at `geom`: forward (`train_fwd_{suffix}`), the in-place
+/// backward the fused block runs (`train_bwd_in_place_{suffix}`) and, with `separate`,
+/// the backward into a separate buffer (`train_bwd_{suffix}`).
+fn bench_bn(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    suffix: &str,
+    stage: usize,
+    geom: &BnGeom,
+    separate: bool,
+) {
+    let x = values(4, geom.len());
+    let dy = values(5, geom.len());
+    let (gamma, beta) = (values(6, geom.channels), values(7, geom.channels));
+    let mut y = vec![0.0; geom.len()];
+    let id = |what: &str| BenchmarkId::new(format!("{what}_{suffix}"), format!("stage{stage}"));
+    g.throughput(Throughput::Elements(geom.len() as u64));
+    g.bench_function(id("train_fwd"), |b| {
+        b.iter(|| batchnorm::bn_train_forward(geom, &x, &gamma, &beta, 1e-5, true, &mut y))
+    });
+    let stats = batchnorm::bn_train_forward(geom, &x, &gamma, &beta, 1e-5, true, &mut y);
+    let ch = batchnorm::BnChannels {
+        gamma: &gamma,
+        beta: &beta,
+        mean: &stats.mean,
+        inv_std: &stats.inv_std,
+        relu: true,
+    };
+    let (mut d, mut dg, mut db) = (
+        dy.clone(),
+        vec![0.0; geom.channels],
+        vec![0.0; geom.channels],
+    );
+    if separate {
+        g.bench_function(id("train_bwd"), |b| {
+            b.iter(|| {
+                batchnorm::bn_backward(geom, &x, &ch, true, &dy, Some(&mut d), &mut dg, &mut db)
+            })
+        });
+    }
+    g.bench_function(id("train_bwd_in_place"), |b| {
+        b.iter(|| {
+            d.copy_from_slice(&dy); // (includes this copy: the pass overwrites its input)
+            batchnorm::bn_backward_in_place(geom, &x, &ch, &mut d, &mut dg, &mut db)
+        })
+    });
+}
+
 /// The training batch norm + ReLU (forward, and the in-place backward the fused block
 /// runs) at every instruction-set level this CPU has, at the expansion's `2 × width`
 /// channels: `norm_isa/train_bwd_in_place_avx2/stage1`.
@@ -207,44 +208,7 @@ fn norm_isa(c: &mut Criterion) {
                 channels: 2 * stage_width(stage),
                 spatial: stage_size(stage) * stage_size(stage),
             };
-            let x = values(4, geom.len());
-            let dy = values(5, geom.len());
-            let (gamma, beta) = (values(6, geom.channels), values(7, geom.channels));
-            let mut y = vec![0.0; geom.len()];
-            g.throughput(Throughput::Elements(geom.len() as u64));
-            g.bench_function(
-                BenchmarkId::new(format!("train_fwd_{level}"), format!("stage{stage}")),
-                |b| {
-                    b.iter(|| {
-                        batchnorm::bn_train_forward(&geom, &x, &gamma, &beta, 1e-5, true, &mut y)
-                    })
-                },
-            );
-            let stats = batchnorm::bn_train_forward(&geom, &x, &gamma, &beta, 1e-5, true, &mut y);
-            let ch = batchnorm::BnChannels {
-                gamma: &gamma,
-                beta: &beta,
-                mean: &stats.mean,
-                inv_std: &stats.inv_std,
-                relu: true,
-            };
-            let (mut d, mut dg, mut db) = (
-                dy.clone(),
-                vec![0.0; geom.channels],
-                vec![0.0; geom.channels],
-            );
-            g.bench_function(
-                BenchmarkId::new(
-                    format!("train_bwd_in_place_{level}"),
-                    format!("stage{stage}"),
-                ),
-                |b| {
-                    b.iter(|| {
-                        d.copy_from_slice(&dy); // (includes this copy: the pass overwrites its input)
-                        batchnorm::bn_backward_in_place(&geom, &x, &ch, &mut d, &mut dg, &mut db)
-                    })
-                },
-            );
+            bench_bn(&mut g, &level.to_string(), stage, &geom, false);
         }
     }
     isa::set_level(None).expect("back to the detected level");
