@@ -409,7 +409,6 @@ pub fn bn_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
-    let m = (g.per_channel() * if train { sync_world() } else { 1 }) as f64;
     assert_eq!(x.len(), g.len(), "batch norm backward: input length");
     assert_eq!(dy.len(), g.len(), "batch norm backward: gradient length");
     let sums = grad_sums(g, x, ch, dy, dgamma, dbeta, train);
@@ -422,21 +421,9 @@ pub fn bn_backward(
         g.len(),
         "batch norm backward: input-gradient length"
     );
-    dx.par_chunks_mut(g.spatial)
-        .zip(x.par_chunks(g.spatial))
-        .zip(dy.par_chunks(g.spatial))
-        .enumerate()
-        .for_each(|(plane, ((dxp, xp), dyp))| {
-            let c = plane % g.channels;
-            let p = ch.plane(c);
-            // train: dx = k (d − mean(d) − xhat · mean(d · xhat)); eval: dx = k d
-            let (mg, mgx) = if train {
-                ((sums[c].0 / m) as f32, (sums[c].1 / m) as f32)
-            } else {
-                (0.0, 0.0)
-            };
-            plane_input_grad(&p, mg, mgx, xp, dyp, dxp);
-        });
+    // batch statistics over the whole group's batch when batch norm is synchronised
+    let m = (g.per_channel() * sync_world()) as f64;
+    input_grad_planes(g, x, ch, train.then_some((&sums[..], m)), Some(dy), dx);
 }
 
 /// Per channel `(Σ d, Σ d · xhat)`, `d` the output gradient masked by the fused ReLU;
@@ -489,31 +476,44 @@ pub fn bn_backward_in_place(
     assert_eq!(d.len(), g.len(), "batch norm backward: gradient length");
     let m = (g.per_channel() * sync_world()) as f64;
     let sums = grad_sums(g, x, ch, d, dgamma, dbeta, true);
+    input_grad_planes(g, x, ch, Some((&sums, m)), None, d);
+}
+
+/// The input gradient plane by plane ([`PlaneInputGrad`]): from the channels'
+/// `(Σ d, Σ d · xhat)` over `m` values in training, `None` in eval mode (the statistics
+/// are constants there); added into `out` from `dy`, or, without `dy`, written over `out`
+/// from its own values.
+fn input_grad_planes(
+    g: &BnGeom,
+    x: &[f32],
+    ch: &BnChannels<'_>,
+    sums: Option<(&[(f64, f64)], f64)>,
+    dy: Option<&[f32]>,
+    out: &mut [f32],
+) {
     if g.spatial == 0 {
         return;
     }
-    d.par_chunks_mut(g.spatial)
+    out.par_chunks_mut(g.spatial)
         .zip(x.par_chunks(g.spatial))
         .enumerate()
-        .for_each(|(plane, (dp, xp))| {
+        .for_each(|(plane, (op, xp))| {
             let c = plane % g.channels;
-            let (mg, mgx) = ((sums[c].0 / m) as f32, (sums[c].1 / m) as f32);
-            plane_input_grad_in_place(&ch.plane(c), mg, mgx, xp, dp);
+            // train: k (d − mean(d) − xhat · mean(d · xhat)); eval: k d
+            let (mg, mgx) = sums.map_or((0.0, 0.0), |(s, m)| {
+                ((s[c].0 / m) as f32, (s[c].1 / m) as f32)
+            });
+            let k = PlaneInputGrad {
+                p: &ch.plane(c),
+                mg,
+                mgx,
+                x: xp,
+                dy: dy.map(|d| &d[plane * g.spatial..][..g.spatial]),
+                out: op,
+            };
+            // SAFETY: the kernel checks its slices' lengths.
+            unsafe { dispatch(k) }
         });
-}
-
-/// `d = gamma · inv_std · (relu_mask(d) − mg − xhat · mgx)` over one plane, in place.
-fn plane_input_grad_in_place(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], d: &mut [f32]) {
-    let k = PlaneInputGrad {
-        p,
-        mg,
-        mgx,
-        x,
-        dy: None,
-        out: d,
-    };
-    // SAFETY: the kernel checks its slices' lengths.
-    unsafe { dispatch(k) }
 }
 
 /// A batch norm's input gradient over one plane, `k · (relu_mask(d) − mg − xhat · mgx)`
@@ -666,20 +666,6 @@ leveled! {
         }
         (pg.iter().sum(), pgx.iter().sum())
     }
-}
-
-/// `dx += gamma · inv_std · (d − mg − xhat · mgx)` over one plane.
-fn plane_input_grad(p: &PlaneBn, mg: f32, mgx: f32, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    let k = PlaneInputGrad {
-        p,
-        mg,
-        mgx,
-        x,
-        dy: Some(dy),
-        out: dx,
-    };
-    // SAFETY: the kernel checks its slices' lengths.
-    unsafe { dispatch(k) }
 }
 
 /// Reference training forward in `f64`: returns `(y, mean, biased var)`.
