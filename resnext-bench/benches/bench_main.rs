@@ -9,7 +9,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dfdx::prelude::*;
-use resnext_bench::{grouped3x3, pointwise, stage_size, stage_width, values};
+use resnext_bench::{grouped3x3, pointwise, stage_size, stage_width, values, BnCase};
 use resnext_core::kernels::batchnorm::{self, BnGeom};
 use resnext_core::kernels::{conv, isa};
 use resnext_core::model::Arch;
@@ -157,23 +157,12 @@ fn bench_bn(
     geom: &BnGeom,
     separate: bool,
 ) {
-    let x = values(4, geom.len());
-    let dy = values(5, geom.len());
-    let (gamma, beta) = (values(6, geom.channels), values(7, geom.channels));
+    let case = BnCase::new(*geom);
+    let (x, dy, ch) = (&case.x, &case.dy, case.channels());
     let mut y = vec![0.0; geom.len()];
     let id = |what: &str| BenchmarkId::new(format!("{what}_{suffix}"), format!("stage{stage}"));
     g.throughput(Throughput::Elements(geom.len() as u64));
-    g.bench_function(id("train_fwd"), |b| {
-        b.iter(|| batchnorm::bn_train_forward(geom, &x, &gamma, &beta, 1e-5, true, &mut y))
-    });
-    let stats = batchnorm::bn_train_forward(geom, &x, &gamma, &beta, 1e-5, true, &mut y);
-    let ch = batchnorm::BnChannels {
-        gamma: &gamma,
-        beta: &beta,
-        mean: &stats.mean,
-        inv_std: &stats.inv_std,
-        relu: true,
-    };
+    g.bench_function(id("train_fwd"), |b| b.iter(|| case.forward(&mut y)));
     let (mut d, mut dg, mut db) = (
         dy.clone(),
         vec![0.0; geom.channels],
@@ -182,14 +171,14 @@ fn bench_bn(
     if separate {
         g.bench_function(id("train_bwd"), |b| {
             b.iter(|| {
-                batchnorm::bn_backward(geom, &x, &ch, true, &dy, Some(&mut d), &mut dg, &mut db)
+                batchnorm::bn_backward(geom, x, &ch, true, dy, Some(&mut d), &mut dg, &mut db)
             })
         });
     }
     g.bench_function(id("train_bwd_in_place"), |b| {
         b.iter(|| {
-            d.copy_from_slice(&dy); // (includes this copy: the pass overwrites its input)
-            batchnorm::bn_backward_in_place(geom, &x, &ch, &mut d, &mut dg, &mut db)
+            d.copy_from_slice(dy); // (includes this copy: the pass overwrites its input)
+            batchnorm::bn_backward_in_place(geom, x, &ch, &mut d, &mut dg, &mut db)
         })
     });
 }

@@ -11,6 +11,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub use resnext_core::testing::values;
 
+use resnext_core::kernels::batchnorm::{self as bn, BnChannels, BnGeom, BnStats};
 use resnext_core::kernels::conv::Conv2dGeom;
 
 /// Output size of stage `stage` (1 to 4) of `resnext50_32x4d` at 224×224: 56, 28, 14, 7.
@@ -53,5 +54,63 @@ pub fn pointwise(stage: usize, batch: usize, inp: usize, out: usize) -> Conv2dGe
         stride: 1,
         padding: 0,
         groups: 1,
+    }
+}
+
+/// PyTorch's default batch-norm epsilon, which [`BnCase`] runs with.
+const BN_EPS: f64 = 1e-5;
+
+/// A training batch norm + ReLU to measure: seeded input, output gradient, γ and β at
+/// `geom`, and the batch statistics of one forward pass over them.
+pub struct BnCase {
+    /// The layout.
+    pub geom: BnGeom,
+    /// Input.
+    pub x: Vec<f32>,
+    /// Output gradient.
+    pub dy: Vec<f32>,
+    /// Scale γ.
+    pub gamma: Vec<f32>,
+    /// Shift β.
+    pub beta: Vec<f32>,
+    /// The forward pass's batch statistics.
+    pub stats: BnStats,
+}
+
+impl BnCase {
+    /// The case at `geom`.
+    pub fn new(geom: BnGeom) -> Self {
+        let (x, gamma, beta) = (
+            values(4, geom.len()),
+            values(6, geom.channels),
+            values(7, geom.channels),
+        );
+        let mut y = vec![0.0; geom.len()];
+        let stats = bn::bn_train_forward(&geom, &x, &gamma, &beta, BN_EPS, true, &mut y);
+        Self {
+            geom,
+            x,
+            dy: values(5, geom.len()),
+            gamma,
+            beta,
+            stats,
+        }
+    }
+
+    /// The training forward (statistics, then the normalised output + ReLU into `y`).
+    pub fn forward(&self, y: &mut [f32]) -> BnStats {
+        let (g, x) = (&self.geom, &self.x);
+        bn::bn_train_forward(g, x, &self.gamma, &self.beta, BN_EPS, true, y)
+    }
+
+    /// What the backward pass needs (the ReLU fused).
+    pub fn channels(&self) -> BnChannels<'_> {
+        BnChannels {
+            gamma: &self.gamma,
+            beta: &self.beta,
+            mean: &self.stats.mean,
+            inv_std: &self.stats.inv_std,
+            relu: true,
+        }
     }
 }

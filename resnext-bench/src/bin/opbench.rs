@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use resnext_bench::{grouped3x3, pointwise, stage_size, stage_width, values};
+use resnext_bench::{grouped3x3, pointwise, stage_size, stage_width, values, BnCase};
 use resnext_core::kernels::conv::{self, Conv2dGeom};
 
 /// Measure one convolution, forward or backward.
@@ -69,49 +69,27 @@ fn geometry(a: &Args) -> Result<Conv2dGeom> {
 /// Reports the bandwidth of the passes' minimal traffic: forward reads the input twice
 /// and writes the output; backward reads input and gradient twice and writes the gradient.
 fn batch_norm(a: &Args) -> Result<()> {
-    use resnext_core::kernels::batchnorm::{self as bn, BnChannels, BnGeom};
+    use resnext_core::kernels::batchnorm::{self as bn, BnGeom};
     let (hw, width) = (stage_size(a.stage), stage_width(a.stage));
-    let g = BnGeom {
+    let case = BnCase::new(BnGeom {
         batch: a.batch,
         channels: 2 * width,
         spatial: hw * hw,
-    };
-    let x = values(4, g.len());
-    let dy = values(5, g.len());
-    let (gamma, beta) = (values(6, g.channels), values(7, g.channels));
-    let mut y = vec![0.0; g.len()];
-    let stats = bn::bn_train_forward(&g, &x, &gamma, &beta, 1e-5, true, &mut y);
-    let ch = BnChannels {
-        gamma: &gamma,
-        beta: &beta,
-        mean: &stats.mean,
-        inv_std: &stats.inv_std,
-        relu: true,
-    };
-    let (mut d, mut dg, mut db) = (dy.clone(), vec![0.0; g.channels], vec![0.0; g.channels]);
-    let bytes = match a.pass.as_str() {
-        "fwd" => 3 * 4 * g.len(),
-        "bwd" => 5 * 4 * g.len(),
+    });
+    let (g, ch) = (case.geom, case.channels());
+    let (mut y, mut d) = (vec![0.0; g.len()], case.dy.clone());
+    let (mut dg, mut db) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    let median = match a.pass.as_str() {
+        "fwd" => median_secs(a.iters, &mut y, |y| drop(case.forward(y)), |_| {}),
+        "bwd" => median_secs(
+            a.iters,
+            &mut d,
+            |d| bn::bn_backward_in_place(&g, &case.x, &ch, d, &mut dg, &mut db),
+            |d| d.copy_from_slice(&case.dy),
+        ),
         p => bail!("--pass {p}: valid passes for --op bn are fwd, bwd"),
     };
-    let mut times = Vec::new();
-    for i in 0..=a.iters.max(1) {
-        let t = Instant::now();
-        if a.pass == "fwd" {
-            bn::bn_train_forward(&g, &x, &gamma, &beta, 1e-5, true, &mut y);
-        } else {
-            bn::bn_backward_in_place(&g, &x, &ch, &mut d, &mut dg, &mut db);
-        }
-        let dt = t.elapsed().as_secs_f64();
-        if i > 0 {
-            times.push(dt);
-        }
-        if a.pass == "bwd" {
-            d.copy_from_slice(&dy);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let bytes = if a.pass == "fwd" { 3 } else { 5 } * 4 * g.len();
     println!(
         "bn stage {} {} batch {} ({} x {} x {hw}x{hw}) threads {}: median {:.3} ms",
         a.stage,
@@ -124,6 +102,29 @@ fn batch_norm(a: &Args) -> Result<()> {
     );
     println!("GB/s: {:.2}", bytes as f64 / median / 1e9);
     Ok(())
+}
+
+/// The median time in seconds of `iters` (at least 1) calls of `run` on `state` after one
+/// warm-up call, `reset` run on it untimed after each.
+fn median_secs<S>(
+    iters: usize,
+    state: &mut S,
+    mut run: impl FnMut(&mut S),
+    mut reset: impl FnMut(&mut S),
+) -> f64 {
+    run(state);
+    reset(state);
+    let mut times: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            run(state);
+            let dt = t.elapsed().as_secs_f64();
+            reset(state);
+            dt
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 fn main() -> Result<()> {
@@ -151,20 +152,12 @@ fn main() -> Result<()> {
         "wgrad" => 2.0 * g.macs() as f64,
         p => bail!("--pass {p}: valid passes are fwd, bwd, wgrad"),
     };
-    let mut run = || match a.pass.as_str() {
+    let run = |_: &mut ()| match a.pass.as_str() {
         "fwd" => conv::conv2d_forward(&g, &x, &w, &mut y),
         "wgrad" => conv::conv2d_backward(&g, &x, &w, &dy, None, &mut dw),
         _ => drop(conv::conv2d_backward_new(&g, &x, &w, &dy, &mut dw)),
     };
-    run();
-    let mut times = Vec::new();
-    for _ in 0..a.iters.max(1) {
-        let t = Instant::now();
-        run();
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = median_secs(a.iters, &mut (), run, |_| {});
     let algorithm = match a.pass.as_str() {
         "fwd" => format!("{:?}", conv::Algorithm::forward(&g)),
         "wgrad" => format!("{:?}", conv::Algorithm::weight_grad(&g)),
