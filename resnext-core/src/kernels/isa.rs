@@ -75,7 +75,11 @@ pub fn detected() -> Level {
     *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            // (VL: the 256-bit instructions with 32 registers; every AVX-512 CPU but the
+            // Xeon Phi has it)
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
                 return Level::Avx512;
             }
             if std::arch::is_x86_feature_detected!("avx2")

@@ -18,6 +18,10 @@ pub trait Simd: Copy {
     const REGS: usize;
     /// A vector of [`Simd::LANES`] values.
     type V: Copy;
+    /// The level's vector of at most 8 lanes, with all of the level's registers: AVX-512's
+    /// 256-bit one (32 registers with AVX-512VL), the level itself elsewhere. For products
+    /// whose natural width is 8 channels (a group of 8 in a paired group of 16).
+    type Narrow: Simd;
 
     /// All lanes 0.
     unsafe fn zero() -> Self::V;
@@ -99,9 +103,9 @@ pub(crate) unsafe fn run_at<K: Kernel>(l: super::isa::Level, k: K) -> K::Output 
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn at_avx512<K: Kernel>(k: K) -> K::Output {
-    // SAFETY: compiled for, and called on, a CPU with AVX-512F.
+    // SAFETY: compiled for, and called on, a CPU with AVX-512F and VL.
     unsafe { k.run::<Avx512>() }
 }
 
@@ -127,6 +131,7 @@ impl Simd for Scalar {
     const LANES: usize = 8;
     const REGS: usize = 16;
     type V = [f32; 8];
+    type Narrow = Self;
 
     #[inline(always)]
     unsafe fn zero() -> [f32; 8] {
@@ -231,6 +236,7 @@ mod x86 {
         const LANES: usize = 16;
         const REGS: usize = 32;
         type V = __m512;
+        type Narrow = Avx2<32>;
 
         #[inline(always)]
         unsafe fn zero() -> __m512 {
@@ -352,16 +358,18 @@ mod x86 {
         }
     }
 
-    /// AVX2 + FMA: `__m256`.
+    /// AVX2 + FMA: `__m256`, with `R` registers: 16, or 32 inside AVX-512 code (AVX-512VL
+    /// gives the 256-bit instructions registers 16–31; [`Avx512`]'s `Narrow`).
     #[derive(Clone, Copy, Debug)]
-    pub struct Avx2;
+    pub struct Avx2<const R: usize = 16>;
 
     // SAFETY (every method): called only in code compiled for AVX2 + FMA on a CPU that has
     // them (see `dispatch`); pointers as each method's contract says.
-    impl Simd for Avx2 {
+    impl<const R: usize> Simd for Avx2<R> {
         const LANES: usize = 8;
-        const REGS: usize = 16;
+        const REGS: usize = R;
         type V = __m256;
+        type Narrow = Self;
 
         #[inline(always)]
         unsafe fn zero() -> __m256 {
@@ -485,6 +493,7 @@ mod arm {
         const LANES: usize = 4;
         const REGS: usize = 32;
         type V = float32x4_t;
+        type Narrow = Self;
 
         #[inline(always)]
         unsafe fn zero() -> float32x4_t {

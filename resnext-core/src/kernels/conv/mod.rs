@@ -22,6 +22,7 @@ pub mod winograd;
 pub use reference::{conv2d_backward_ref, conv2d_forward_ref};
 
 use std::mem::MaybeUninit;
+use winograd::Pairs;
 
 /// Channels per group of the channel-in-lanes kernels ([`lanes`], [`winograd`]) come in
 /// multiples of this: the narrowest register tile, 16 channels.
@@ -329,7 +330,7 @@ impl ForwardWeights {
             Algorithm::Winograd => Some(Self::Winograd(winograd::pack_forward_weights(g, w))),
             Algorithm::WinogradPaired => {
                 let p = g.paired().expect("a paired geometry");
-                Some(Self::Winograd(winograd::pack_forward_weights(
+                Some(Self::Winograd(winograd::pack_forward_weights_paired(
                     &p,
                     &paired_weights(g, &p, w),
                 )))
@@ -385,12 +386,14 @@ fn forward_with(
 ) {
     match Algorithm::forward(g) {
         // (each task transforms its own group's weights)
-        Algorithm::Winograd => winograd::conv2d_forward_into(g, x, w, y.write_all(), epilogue),
+        Algorithm::Winograd => {
+            winograd::conv2d_forward_into(g, x, (w, Pairs::No), y.write_all(), epilogue)
+        }
         Algorithm::WinogradPaired => {
             // (the same output channels at the same places: the epilogue is unchanged)
             let p = g.paired().expect("a paired geometry");
             let wp = paired_weights(g, &p, w);
-            winograd::conv2d_forward_into(&p, x, &wp, y.write_all(), epilogue)
+            winograd::conv2d_forward_into(&p, x, (&wp, Pairs::Halves), y.write_all(), epilogue)
         }
         Algorithm::Lanes => {
             // packed for this call only: in a buffer from this thread's pool, returned after
@@ -661,16 +664,16 @@ fn backward_with(
     dx: Option<Dest<'_>>,
     dw: &mut [f32],
 ) {
-    let input_grad = |g: &Conv2dGeom, w: &[f32], dx| winograd::conv2d_input_grad_into(g, w, dy, dx);
+    let input_grad = |g: &Conv2dGeom, w, dx| winograd::conv2d_input_grad_into(g, w, dy, dx);
     // the weight gradient below, the input gradient here
     let dx = match (dx, Algorithm::input_grad(g)) {
         (Some(dx), Algorithm::Winograd) => {
-            input_grad(g, w, dx);
+            input_grad(g, (w, Pairs::No), dx);
             None
         }
         (Some(dx), Algorithm::WinogradPaired) => {
             let p = g.paired().expect("a paired geometry");
-            input_grad(&p, &paired_weights(g, &p, w), dx);
+            input_grad(&p, (&paired_weights(g, &p, w), Pairs::Halves), dx);
             None
         }
         (dx, _) => dx,

@@ -149,6 +149,7 @@ pub struct WinogradWeights {
     groups: usize,
     ins: usize,
     outs: usize,
+    pairs: Pairs,
 }
 
 impl WinogradWeights {
@@ -168,6 +169,15 @@ pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32]) -> WinogradWeights {
 
 /// [`pack_forward_weights`] for a given tiling.
 pub fn pack_forward_weights_tiled(g: &Conv2dGeom, tiling: Tiling, w: &[f32]) -> WinogradWeights {
+    pack(g, tiling, (w, Pairs::No))
+}
+
+/// [`pack_forward_weights`] of a paired group's weights ([`Pairs`]).
+pub(super) fn pack_forward_weights_paired(g: &Conv2dGeom, w: &[f32]) -> WinogradWeights {
+    pack(g, Tiling::for_geom(g), (w, Pairs::Halves))
+}
+
+fn pack(g: &Conv2dGeom, tiling: Tiling, (w, pairs): (&[f32], Pairs)) -> WinogradWeights {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     assert!(suits_shape(g), "winograd: unsuitable convolution");
     let (ins, outs) = (g.in_per_group(), g.out_per_group());
@@ -182,6 +192,7 @@ pub fn pack_forward_weights_tiled(g: &Conv2dGeom, tiling: Tiling, w: &[f32]) -> 
         groups: g.groups,
         ins,
         outs,
+        pairs,
     }
 }
 
@@ -256,9 +267,31 @@ impl<T: tiles::Transforms> Kernel for WeightTransform<T> {
 #[derive(Clone, Copy)]
 enum Weights<'a> {
     /// PyTorch's layout, transformed by each task for its group.
-    Plain(&'a [f32]),
+    Plain(&'a [f32], Pairs),
     /// Transformed once.
     Packed(&'a WinogradWeights),
+}
+
+impl Weights<'_> {
+    fn pairs(&self) -> Pairs {
+        match self {
+            Weights::Plain(_, pairs) => *pairs,
+            Weights::Packed(w) => w.pairs,
+        }
+    }
+}
+
+/// Whether a group is two groups taken as one ([`super::Conv2dGeom::paired`]): its
+/// weights zero where one half's input channels meet the other half's outputs. Groups of
+/// 16 made of two of 8 (ResNeXt-50's stage 2) then run a product over each half's 8
+/// channels ([`tiles::product_pairs`], on [`Simd::Narrow`]) that skips those zeros: half
+/// the multiply-adds. (Groups of 48 made of two of 24 multiply the zeros.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Pairs {
+    /// One group.
+    No,
+    /// Two groups of half the channels each, in the first and second half.
+    Halves,
 }
 
 /// Forward of a 3×3 stride-1 grouped convolution that [`suits`], with PyTorch-layout
@@ -285,19 +318,26 @@ pub fn conv2d_forward_tiled(
 ) {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
     let y = Dest::Write(as_uninit(y));
-    forward(g, tiling, x, Weights::Plain(w), y, epilogue);
+    forward(g, tiling, x, Weights::Plain(w, Pairs::No), y, epilogue);
 }
 
 /// [`conv2d_forward`] into `y`: written, every value (new memory too), or added into.
 pub(super) fn conv2d_forward_into(
     g: &Conv2dGeom,
     x: &[f32],
-    w: &[f32],
+    (w, pairs): (&[f32], Pairs),
     y: Dest<'_>,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    forward(g, Tiling::for_geom(g), x, Weights::Plain(w), y, epilogue);
+    forward(
+        g,
+        Tiling::for_geom(g),
+        x,
+        Weights::Plain(w, pairs),
+        y,
+        epilogue,
+    );
 }
 
 /// [`conv2d_forward`] with weights from [`pack_forward_weights`].
@@ -370,13 +410,18 @@ pub fn suits_weight_grad(g: &Conv2dGeom) -> bool {
 /// gradient `dy` and `g`'s weights `w`: added into `dx` with `accumulate`, else written
 /// over it.
 pub fn conv2d_input_grad(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
-    conv2d_input_grad_into(g, w, dy, add_or_write(dx, accumulate));
+    conv2d_input_grad_into(g, (w, Pairs::No), dy, add_or_write(dx, accumulate));
 }
 
 /// [`conv2d_input_grad`] into `dx`: added into, or written, every value (new memory too).
-pub(super) fn conv2d_input_grad_into(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: Dest<'_>) {
+pub(super) fn conv2d_input_grad_into(
+    g: &Conv2dGeom,
+    (w, pairs): (&[f32], Pairs),
+    dy: &[f32],
+    dx: Dest<'_>,
+) {
     let tiling = Tiling::for_geom(&transposed(g));
-    input_grad(g, tiling, w, dy, dx);
+    input_grad(g, tiling, (w, pairs), dy, dx);
 }
 
 /// `dx` to add into with `accumulate`, else to write over.
@@ -397,11 +442,17 @@ pub fn conv2d_input_grad_tiled(
     dx: &mut [f32],
     accumulate: bool,
 ) {
-    input_grad(g, tiling, w, dy, add_or_write(dx, accumulate));
+    input_grad(g, tiling, (w, Pairs::No), dy, add_or_write(dx, accumulate));
 }
 
 /// [`conv2d_input_grad_tiled`] into `dx`.
-fn input_grad(g: &Conv2dGeom, tiling: Tiling, w: &[f32], dy: &[f32], dx: Dest<'_>) {
+fn input_grad(
+    g: &Conv2dGeom,
+    tiling: Tiling,
+    (w, pairs): (&[f32], Pairs),
+    dy: &[f32],
+    dx: Dest<'_>,
+) {
     assert!(
         suits_input_grad_shape(g),
         "winograd: unsuitable input gradient"
@@ -423,7 +474,8 @@ fn input_grad(g: &Conv2dGeom, tiling: Tiling, w: &[f32], dy: &[f32], dx: Dest<'_
                 }
             }
         });
-    forward(&t, tiling, dy, Weights::Plain(&wt), dx, |_, _, _| {});
+    // (a pair's transposed weights are zero between the same halves)
+    forward(&t, tiling, dy, Weights::Plain(&wt, pairs), dx, |_, _, _| {});
     scratch::give([wt]);
 }
 
@@ -459,7 +511,7 @@ pub fn conv2d_weight_grad_tiled(
         g.weight_len(),
         "conv2d backward: weight-gradient length"
     );
-    let s = Shape::new(g, tiling);
+    let s = Shape::new(g, tiling, Pairs::No);
     if s.out_len() == 0 || g.batch == 0 {
         return;
     }
@@ -743,10 +795,13 @@ struct Shape {
     /// Rows and columns of the padded, transposed input: whole tiles' patches.
     hp: usize,
     wp: usize,
+    /// Two groups of 8 taken as one of 16 ([`super::Conv2dGeom::paired`]): `U` is zero
+    /// between the halves, and the product skips those zeros.
+    pairs: bool,
 }
 
 impl Shape {
-    fn new(g: &Conv2dGeom, tiling: Tiling) -> Self {
+    fn new(g: &Conv2dGeom, tiling: Tiling, pairs: Pairs) -> Self {
         let (oh, ow) = (g.out_h(), g.out_w());
         let m = tiling.m();
         let (th, tw) = (oh.div_ceil(m), ow.div_ceil(m));
@@ -764,6 +819,7 @@ impl Shape {
             tw,
             hp: m * th + 2,
             wp: m * tw + 2,
+            pairs: pairs == Pairs::Halves && g.in_per_group() == UNIT && g.out_per_group() == UNIT,
         }
     }
 
@@ -798,7 +854,7 @@ fn forward(
     assert!(suits_shape(g), "winograd: unsuitable convolution");
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
-    let s = Shape::new(g, tiling);
+    let s = Shape::new(g, tiling, w.pairs());
     let out_grp = s.out_len();
     if out_grp == 0 || g.batch == 0 {
         return;
@@ -820,7 +876,7 @@ fn forward(
         let mut own = None;
         let u = match w {
             Weights::Packed(p) => p.group(grp),
-            Weights::Plain(w) => {
+            Weights::Plain(w, _) => {
                 let len = s.outs * s.ins * 9;
                 let u = own.insert(scratch::take_stale(s.points * point_stride(s.ins * s.outs)));
                 transform_weights(tiling, &w[grp * len..][..len], s.ins, s.outs, u);
@@ -1031,6 +1087,21 @@ impl<T: tiles::Transforms> Kernel for Chunk<'_, T> {
         for xi in 0..T::POINTS {
             for o0 in (0..outs).step_by(channels) {
                 let width = (outs - o0).min(channels);
+                if s.pairs {
+                    for (tb, p) in blocks(count, pmax) {
+                        // SAFETY: as below, with `ins = outs = width = 16`.
+                        unsafe {
+                            tiles::product_pairs::<S::Narrow>(
+                                v.add(xi * vs + tb * ins),
+                                u.add(xi * us),
+                                outs,
+                                m.add(xi * ms + tb * outs),
+                                p,
+                            )
+                        };
+                    }
+                    continue;
+                }
                 for (tb, p) in blocks(count, pmax) {
                     // SAFETY: reads the block's `ins·p` values of point `xi` in `v` and
                     // rows `c < ins` of `U[xi]` at columns `o0..o0 + width ≤ outs`; writes
@@ -1579,6 +1650,67 @@ mod tiles {
             (16, _) => by_p!(1),
             (8, _) => narrow!(2),
             _ => narrow!(4),
+        }
+    }
+
+    /// [`product`] for a paired group (`ins = outs = 16`, `U` zero where an input channel
+    /// of one half meets an output channel of the other): each half's 8 outputs from its
+    /// own 8 inputs, on the level's vector of at most 8 lanes ([`Simd::Narrow`]), so none of
+    /// the multiply-adds is with a zero.
+    #[inline(always)]
+    pub(super) unsafe fn product_pairs<S: Simd>(
+        v: *const f32,
+        u: *const f32,
+        ustride: usize,
+        m: *mut f32,
+        p: usize,
+    ) {
+        macro_rules! by_p {
+            ($ov:literal, $($p:literal)*) => {
+                match p {
+                    $($p => pairs::<S, $p, $ov>(v, u, ustride, m),)*
+                    _ => pairs::<S, 1, $ov>(v, u, ustride, m),
+                }
+            };
+        }
+        match (S::LANES, S::REGS) {
+            (8, 32) => by_p!(1, 14 13 12 11 10 9 8 7 6 5 4 3 2),
+            (8, _) => by_p!(1, 6 5 4 3 2),
+            _ => by_p!(2, 6 5 4 3 2),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pairs<S: Simd, const P: usize, const OV: usize>(
+        v: *const f32,
+        u: *const f32,
+        ustride: usize,
+        m: *mut f32,
+    ) {
+        const HALF: usize = UNIT / 2;
+        let mut acc = [[[S::zero(); OV]; 2]; P];
+        for c in 0..HALF {
+            let mut wv = [[S::zero(); OV]; 2];
+            for (h, wv) in wv.iter_mut().enumerate() {
+                for (k, wv) in wv.iter_mut().enumerate() {
+                    *wv = S::load(u.add((HALF * h + c) * ustride + HALF * h + k * S::LANES));
+                }
+            }
+            for (j, acc) in acc.iter_mut().enumerate() {
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let xv = S::splat(*v.add(j * UNIT + HALF * h + c));
+                    for (a, &wv) in acc.iter_mut().zip(&wv[h]) {
+                        *a = S::fma(wv, xv, *a);
+                    }
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for (h, acc) in acc.iter().enumerate() {
+                for (k, &a) in acc.iter().enumerate() {
+                    S::store(m.add(j * ustride + HALF * h + k * S::LANES), a);
+                }
+            }
         }
     }
 
