@@ -19,7 +19,8 @@
 use rayon::prelude::*;
 
 use super::layout::{
-    copy, images_by_group, round_up, zeroed, BwdLayout, FwdLayout, LANES, SLACK, WG_CHUNK_VALUES,
+    copy, images_by_group, prefetch_l2, round_up, zeroed, BwdLayout, FwdLayout, CACHE_LINE, LANES,
+    SLACK, WG_CHUNK_VALUES,
 };
 use super::{Conv2dGeom, Dest};
 use crate::kernels::scratch;
@@ -89,7 +90,9 @@ impl PackedWeights {
 /// `out[o·qpad + q] = Σ_t W[o][t] · inp[q + offs[t]]` for every output channel `o` and
 /// `q < qpad` (`qpad` a multiple of [`LANES`]). `inp` must hold `max(offs) + qpad` values.
 /// With `parallel`, the blocks of output channels are tasks of their own (for a call that
-/// is the only task, as an image's stem at batch 1).
+/// is the only task, as an image's stem at batch 1). Else `prefetch` (the next task's
+/// input) is pulled into the L2 cache along the first block's tiles, so that its reads
+/// from memory overlap the products rather than follow them.
 fn taps_product(
     inp: &[f32],
     offs: &[usize],
@@ -97,13 +100,14 @@ fn taps_product(
     qpad: usize,
     out: &mut [f32],
     parallel: bool,
+    prefetch: &[f32],
 ) {
     assert_eq!(offs.len(), w.taps, "taps_product: tap count");
     assert!(qpad.is_multiple_of(LANES), "taps_product: padded grid");
     assert!(out.len() >= w.outs * qpad, "taps_product: output buffer");
     let max_off = offs.iter().copied().max().unwrap_or(0);
     assert!(max_off + qpad <= inp.len(), "taps_product: input buffer");
-    let block = |&(_, ob, at): &(usize, usize, usize), ob_out: &mut [f32]| {
+    let block = |&(_, ob, at): &(usize, usize, usize), ob_out: &mut [f32], prefetch: &[f32]| {
         let wb = &w.data[at..at + ob * w.taps];
         // SAFETY: the asserts above bound every read of `inp` (`q + off < qpad + max_off`);
         // the kernel reads `wb[t·ob + o]` and writes `ob_out[o·qpad + q]` for `o < ob`,
@@ -116,6 +120,7 @@ fn taps_product(
                 ob,
                 qpad,
                 out: ob_out,
+                prefetch,
             })
         };
     };
@@ -130,9 +135,11 @@ fn taps_product(
     if parallel {
         pieces
             .into_par_iter()
-            .for_each(|(b, piece)| block(b, piece));
+            .for_each(|(b, piece)| block(b, piece, &[]));
     } else {
-        pieces.into_iter().for_each(|(b, piece)| block(b, piece));
+        for (k, (b, piece)) in pieces.into_iter().enumerate() {
+            block(b, piece, if k == 0 { prefetch } else { &[] });
+        }
     }
 }
 
@@ -171,6 +178,7 @@ fn taps_weight_grad(
 /// The register tiles of the two products, written once over [`Simd`]: the tile shapes
 /// follow the level's vector width and register count.
 mod tiles {
+    use super::{prefetch_l2, CACHE_LINE};
     use crate::kernels::simd::{Kernel, Simd};
 
     /// One block of `ob ∈ {1, 2, 4, 8}` output channels over the whole grid: see
@@ -182,6 +190,8 @@ mod tiles {
         pub ob: usize,
         pub qpad: usize,
         pub out: &'a mut [f32],
+        /// Values to pull into the L2 cache along the tiles (a hint: any slice).
+        pub prefetch: &'a [f32],
     }
 
     impl Kernel for ProductBlock<'_> {
@@ -190,7 +200,7 @@ mod tiles {
         #[inline(always)]
         unsafe fn run<S: Simd>(self) {
             let (i, o, wp) = (self.inp.as_ptr(), self.out.as_mut_ptr(), self.w.as_ptr());
-            let (offs, qpad) = (self.offs, self.qpad);
+            let (offs, qpad, pf) = (self.offs, self.qpad, self.prefetch);
             // OB × NT accumulators, NT input vectors and a broadcast in registers: 24 + 4
             // of 32, or 8 + 3 of 16 (4 × 3 would fill all 16, and LLVM then spills an
             // accumulator on every tap); eight channels on 16 registers as two halves.
@@ -199,20 +209,20 @@ mod tiles {
             unsafe {
                 if S::REGS >= 32 {
                     match self.ob {
-                        8 => run::<S, 8, 8, 3>(i, offs, wp, qpad, o),
-                        4 => run::<S, 4, 4, 5>(i, offs, wp, qpad, o),
-                        2 => run::<S, 2, 2, 8>(i, offs, wp, qpad, o),
-                        _ => run::<S, 1, 1, 8>(i, offs, wp, qpad, o),
+                        8 => run::<S, 8, 8, 3>(i, offs, wp, qpad, o, pf),
+                        4 => run::<S, 4, 4, 5>(i, offs, wp, qpad, o, pf),
+                        2 => run::<S, 2, 2, 8>(i, offs, wp, qpad, o, pf),
+                        _ => run::<S, 1, 1, 8>(i, offs, wp, qpad, o, pf),
                     }
                 } else {
                     match self.ob {
                         8 => {
-                            run::<S, 8, 4, 2>(i, offs, wp, qpad, o);
-                            run::<S, 8, 4, 2>(i, offs, wp.add(4), qpad, o.add(4 * qpad));
+                            run::<S, 8, 4, 2>(i, offs, wp, qpad, o, pf);
+                            run::<S, 8, 4, 2>(i, offs, wp.add(4), qpad, o.add(4 * qpad), &[]);
                         }
-                        4 => run::<S, 4, 4, 2>(i, offs, wp, qpad, o),
-                        2 => run::<S, 2, 2, 5>(i, offs, wp, qpad, o),
-                        _ => run::<S, 1, 1, 8>(i, offs, wp, qpad, o),
+                        4 => run::<S, 4, 4, 2>(i, offs, wp, qpad, o, pf),
+                        2 => run::<S, 2, 2, 5>(i, offs, wp, qpad, o, pf),
+                        _ => run::<S, 1, 1, 8>(i, offs, wp, qpad, o, pf),
                     }
                 }
             }
@@ -221,7 +231,8 @@ mod tiles {
 
     /// Tiles of `NT` vectors over the grid; the last few vectors in tiles as even as
     /// possible (4 left over as 2 + 2, not 3 + 1: a one-vector tile is load-bound). `WS`
-    /// is the row stride of the packed weights, `OB ≤ WS` the channels of this pass.
+    /// is the row stride of the packed weights, `OB ≤ WS` the channels of this pass. The
+    /// cache lines of `prefetch` are hinted into the L2 cache, as many after each tile.
     #[inline(always)]
     unsafe fn run<S: Simd, const WS: usize, const OB: usize, const NT: usize>(
         i: *const f32,
@@ -229,7 +240,11 @@ mod tiles {
         w: *const f32,
         qpad: usize,
         o: *mut f32,
+        prefetch: &[f32],
     ) {
+        let lines = prefetch.len().div_ceil(CACHE_LINE);
+        let per_tile = lines.div_ceil(qpad.div_ceil(NT * S::LANES).max(1));
+        let mut next_line = 0;
         let mut q = 0;
         while q < qpad {
             let left = (qpad - q) / S::LANES;
@@ -254,6 +269,10 @@ mod tiles {
                 }
             }
             q += nt.min(NT) * S::LANES;
+            for line in next_line..(next_line + per_tile).min(lines) {
+                prefetch_l2(prefetch[line * CACHE_LINE..].as_ptr());
+            }
+            next_line += per_tile;
         }
     }
 
@@ -461,6 +480,9 @@ pub fn conv2d_forward_packed(
             layout.qpad,
             &mut grid,
             few_tasks,
+            // the input of the task likely next on this thread (rayon runs a thread's
+            // share of the range in order)
+            x.get((i + 1) * in_grp..(i + 2) * in_grp).unwrap_or(&[]),
         );
         for (o, yo) in yg.chunks_exact_mut(oh * ow).enumerate() {
             let src = &grid[o * layout.qpad..];
@@ -575,7 +597,7 @@ pub fn conv2d_backward(
                 for ((ph, pw), grid) in bwd.phases.iter().zip(&phase_w).zip(grids.iter_mut()) {
                     if !ph.taps.is_empty() {
                         zeroed(grid, ipg * ph.qpad);
-                        taps_product(&dypad, &ph.offs, pw, ph.qpad, grid, false);
+                        taps_product(&dypad, &ph.offs, pw, ph.qpad, grid, false, &[]);
                     }
                 }
                 bwd.add_phases(g, dxn, |c, idx, i| {

@@ -24,7 +24,8 @@
 use rayon::prelude::*;
 
 use super::layout::{
-    images_by_group, lane_tile, transpose, zeroed, BwdLayout, FwdLayout, WG_CHUNK_VALUES,
+    images_by_group, lane_tile, prefetch_l2, transpose, zeroed, BwdLayout, FwdLayout, CACHE_LINE,
+    WG_CHUNK_VALUES,
 };
 use super::{Conv2dGeom, Dest};
 use crate::kernels::scratch;
@@ -152,23 +153,6 @@ pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32], mut buf: Vec<f32>) -> Lan
     let taps = g.in_per_group() * g.kernel * g.kernel;
     buf.resize(w.len(), 0.0);
     LaneWeights::from_rows(buf, g.groups, g.out_per_group(), taps, w)
-}
-
-/// `f32` values per cache line.
-const CACHE_LINE: usize = 16;
-
-/// A hint to bring `v`'s cache line into the L2 cache.
-#[inline]
-fn prefetch_l2(v: *const f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint, not an access: it has no architectural effect and
-    // cannot fault, whatever the address.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        _mm_prefetch::<_MM_HINT_T1>(v.cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
 }
 
 /// Memory to pull into cache while a product runs: `(first value, values)` ranges.

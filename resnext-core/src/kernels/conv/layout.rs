@@ -796,6 +796,23 @@ pub(super) fn lane_tile<S: Simd>() -> (usize, usize) {
     }
 }
 
+/// `f32` values per cache line.
+pub(super) const CACHE_LINE: usize = 16;
+
+/// A hint to bring `v`'s cache line into the L2 cache.
+#[inline]
+pub(super) fn prefetch_l2(v: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint, not an access: it has no architectural effect and
+    // cannot fault, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        _mm_prefetch::<_MM_HINT_T1>(v.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
