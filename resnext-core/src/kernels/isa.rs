@@ -21,7 +21,7 @@ pub enum Level {
     Neon,
     /// x86-64 AVX2 + FMA: 8 `f32` lanes, 16 registers.
     Avx2,
-    /// x86-64 AVX-512F: 16 `f32` lanes, 32 registers, masks.
+    /// x86-64 AVX-512F with VL: 16 `f32` lanes, 32 registers (for 256-bit vectors too), masks.
     Avx512,
 }
 
