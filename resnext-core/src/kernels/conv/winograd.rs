@@ -1085,23 +1085,25 @@ impl<T: tiles::Transforms> Kernel for Chunk<'_, T> {
             }
         }
         for xi in 0..T::POINTS {
+            if s.pairs {
+                for (tb, p) in blocks(count, pmax) {
+                    // SAFETY (`ins = outs = 16`): reads the block's `16·p` values of point
+                    // `xi` in `v` and the two diagonal 8 × 8 blocks of `U[xi]`; writes
+                    // `m[xi·ms + (tb + j)·16..][..16]` for `j < p`.
+                    unsafe {
+                        tiles::product_pairs::<S::Narrow>(
+                            v.add(xi * vs + tb * ins),
+                            u.add(xi * us),
+                            outs,
+                            m.add(xi * ms + tb * outs),
+                            p,
+                        )
+                    };
+                }
+                continue;
+            }
             for o0 in (0..outs).step_by(channels) {
                 let width = (outs - o0).min(channels);
-                if s.pairs {
-                    for (tb, p) in blocks(count, pmax) {
-                        // SAFETY: as below, with `ins = outs = width = 16`.
-                        unsafe {
-                            tiles::product_pairs::<S::Narrow>(
-                                v.add(xi * vs + tb * ins),
-                                u.add(xi * us),
-                                outs,
-                                m.add(xi * ms + tb * outs),
-                                p,
-                            )
-                        };
-                    }
-                    continue;
-                }
                 for (tb, p) in blocks(count, pmax) {
                     // SAFETY: reads the block's `ins·p` values of point `xi` in `v` and
                     // rows `c < ins` of `U[xi]` at columns `o0..o0 + width ≤ outs`; writes
@@ -1656,7 +1658,8 @@ mod tiles {
     /// [`product`] for a paired group (`ins = outs = 16`, `U` zero where an input channel
     /// of one half meets an output channel of the other): each half's 8 outputs from its
     /// own 8 inputs, on the level's vector of at most 8 lanes ([`Simd::Narrow`]), so none of
-    /// the multiply-adds is with a zero.
+    /// the multiply-adds is with a zero. `p` tiles, at most 14 with 8 lanes and 32
+    /// registers (AVX-512's narrow vector: 28 accumulators), else 6 (AVX2, NEON, plain).
     #[inline(always)]
     pub(super) unsafe fn product_pairs<S: Simd>(
         v: *const f32,
@@ -1673,6 +1676,13 @@ mod tiles {
                 }
             };
         }
+        debug_assert!(
+            p <= if (S::LANES, S::REGS) == (8, 32) {
+                14
+            } else {
+                6
+            }
+        );
         match (S::LANES, S::REGS) {
             (8, 32) => by_p!(1, 14 13 12 11 10 9 8 7 6 5 4 3 2),
             (8, _) => by_p!(1, 6 5 4 3 2),
