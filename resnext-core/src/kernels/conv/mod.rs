@@ -170,7 +170,7 @@ impl Conv2dGeom {
             .all(|&c| c.is_multiple_of(LANE_CHANNELS) && (1..=LANE_CHANNELS_MAX).contains(&c))
     }
     /// The same convolution with each two neighbouring groups taken as one, whose weights
-    /// are zero between the halves ([`paired_weights`]), where that turns channels per group
+    /// are zero between the halves (`winograd::pair_weights`), where that turns channels per group
     /// the channel-in-lanes kernels cannot take (8, 24: ResNeXt-50's stage 2) into ones
     /// they can (16, 48). Input and output, channel order included, are the same.
     fn paired(&self) -> Option<Conv2dGeom> {
@@ -267,6 +267,16 @@ impl Algorithm {
             .unwrap_or_else(|| Self::backward(g))
     }
 
+    /// How a Winograd algorithm runs the groups: [`Pairs::Halves`] for
+    /// [`Algorithm::WinogradPaired`].
+    fn pairs(self) -> Pairs {
+        if self == Self::WinogradPaired {
+            Pairs::Halves
+        } else {
+            Pairs::No
+        }
+    }
+
     /// The weight gradient's algorithm for `g`: Winograd (paired or not) where its input
     /// gradient is on the same and [`winograd::suits_weight_grad`], else
     /// [`Algorithm::backward`]'s.
@@ -276,36 +286,6 @@ impl Algorithm {
             input_grad
         } else {
             Self::backward(g)
-        }
-    }
-}
-
-/// `g`'s weights as those of [`Conv2dGeom::paired`]`(g)` = `p`: each two neighbouring
-/// groups' filters side by side, zeros where one group's output channel meets the other's
-/// input channel.
-fn paired_weights(g: &Conv2dGeom, p: &Conv2dGeom, w: &[f32]) -> Vec<f32> {
-    let (ipg, opg, taps) = (g.in_per_group(), g.out_per_group(), g.kernel * g.kernel);
-    let mut wp = vec![0.0; p.weight_len()];
-    // output channel `o` (global in both) keeps its filter, at the half of its group
-    for (o, row) in wp.chunks_exact_mut(p.in_per_group() * taps).enumerate() {
-        let half = (o / opg) % 2;
-        row[half * ipg * taps..][..ipg * taps].copy_from_slice(&w[o * ipg * taps..][..ipg * taps]);
-    }
-    wp
-}
-
-/// Adds the part of [`Conv2dGeom::paired`]`(g)` = `p`'s weight gradient `dwp` that is
-/// `g`'s (each filter's half of its own group) into `dw`.
-fn add_unpaired(g: &Conv2dGeom, p: &Conv2dGeom, dwp: &[f32], dw: &mut [f32]) {
-    let (ipg, opg, taps) = (g.in_per_group(), g.out_per_group(), g.kernel * g.kernel);
-    for (o, (row, d)) in dwp
-        .chunks_exact(p.in_per_group() * taps)
-        .zip(dw.chunks_exact_mut(ipg * taps))
-        .enumerate()
-    {
-        let half = (o / opg) % 2;
-        for (d, v) in d.iter_mut().zip(&row[half * ipg * taps..][..ipg * taps]) {
-            *d += v;
         }
     }
 }
@@ -327,14 +307,9 @@ impl ForwardWeights {
     /// which read the plain weights.
     pub fn pack(g: &Conv2dGeom, w: &[f32]) -> Option<Self> {
         match Algorithm::prepared(g) {
-            Algorithm::Winograd => Some(Self::Winograd(winograd::pack_forward_weights(g, w))),
-            Algorithm::WinogradPaired => {
-                let p = g.paired().expect("a paired geometry");
-                Some(Self::Winograd(winograd::pack_forward_weights_paired(
-                    &p,
-                    &paired_weights(g, &p, w),
-                )))
-            }
+            a @ (Algorithm::Winograd | Algorithm::WinogradPaired) => Some(Self::Winograd(
+                winograd::pack_forward_weights_as(g, a.pairs(), w),
+            )),
             Algorithm::Lanes => Some(Self::Lanes(lanes::pack_forward_weights(g, w, Vec::new()))),
             Algorithm::Direct => Some(Self::Direct(direct::pack_forward_weights(g, w))),
             Algorithm::Pointwise | Algorithm::Im2col => None,
@@ -386,14 +361,8 @@ fn forward_with(
 ) {
     match Algorithm::forward(g) {
         // (each task transforms its own group's weights)
-        Algorithm::Winograd => {
-            winograd::conv2d_forward_into(g, x, (w, Pairs::No), y.write_all(), epilogue)
-        }
-        Algorithm::WinogradPaired => {
-            // (the same output channels at the same places: the epilogue is unchanged)
-            let p = g.paired().expect("a paired geometry");
-            let wp = paired_weights(g, &p, w);
-            winograd::conv2d_forward_into(&p, x, (&wp, Pairs::Halves), y.write_all(), epilogue)
+        a @ (Algorithm::Winograd | Algorithm::WinogradPaired) => {
+            winograd::conv2d_forward_into(g, x, w, a.pairs(), y.write_all(), epilogue)
         }
         Algorithm::Lanes => {
             // packed for this call only: in a buffer from this thread's pool, returned after
@@ -520,13 +489,10 @@ pub fn conv2d_forward_fused(
     let run = |y: &mut [MaybeUninit<f32>]| {
         let y = Out::New(y);
         match (&w.packed, Algorithm::prepared(g)) {
-            (Some(ForwardWeights::Winograd(p)), Algorithm::Winograd) => {
-                winograd::conv2d_forward_packed_into(g, x, p, y.write_all(), epilogue)
-            }
-            (Some(ForwardWeights::Winograd(p)), Algorithm::WinogradPaired) => {
-                let pg = g.paired().expect("a paired geometry");
-                winograd::conv2d_forward_packed_into(&pg, x, p, y.write_all(), epilogue)
-            }
+            (
+                Some(ForwardWeights::Winograd(p)),
+                Algorithm::Winograd | Algorithm::WinogradPaired,
+            ) => winograd::conv2d_forward_packed_into(g, x, p, y.write_all(), epilogue),
             (Some(ForwardWeights::Lanes(p)), Algorithm::Lanes) => {
                 lanes::conv2d_forward_packed(g, x, p, y.init(), epilogue)
             }
@@ -664,16 +630,10 @@ fn backward_with(
     dx: Option<Dest<'_>>,
     dw: &mut [f32],
 ) {
-    let input_grad = |g: &Conv2dGeom, w, dx| winograd::conv2d_input_grad_into(g, w, dy, dx);
     // the weight gradient below, the input gradient here
     let dx = match (dx, Algorithm::input_grad(g)) {
-        (Some(dx), Algorithm::Winograd) => {
-            input_grad(g, (w, Pairs::No), dx);
-            None
-        }
-        (Some(dx), Algorithm::WinogradPaired) => {
-            let p = g.paired().expect("a paired geometry");
-            input_grad(&p, (&paired_weights(g, &p, w), Pairs::Halves), dx);
+        (Some(dx), a @ (Algorithm::Winograd | Algorithm::WinogradPaired)) => {
+            winograd::conv2d_input_grad_into(g, w, a.pairs(), dy, dx);
             None
         }
         (dx, _) => dx,
@@ -685,13 +645,7 @@ fn backward_with(
             dx.is_none(),
             "winograd weight gradient without its input gradient"
         );
-        if weight_grad == Algorithm::Winograd {
-            return winograd::conv2d_weight_grad(g, x, dy, dw);
-        }
-        let p = g.paired().expect("a paired geometry");
-        let mut dwp = vec![0.0; p.weight_len()];
-        winograd::conv2d_weight_grad(&p, x, dy, &mut dwp);
-        return add_unpaired(g, &p, &dwp, dw);
+        return winograd::conv2d_weight_grad_as(g, weight_grad.pairs(), x, dy, dw);
     }
     match Algorithm::backward(g) {
         Algorithm::Lanes => lanes::conv2d_backward(g, x, w, dy, dx, dw),

@@ -33,6 +33,7 @@
 //! transform, their products with the input tiles' transforms summed over every tile of
 //! the batch, once per group through the adjoint of the weight transform.
 
+use std::borrow::Cow;
 use std::marker::PhantomData;
 
 use rayon::prelude::*;
@@ -172,9 +173,11 @@ pub fn pack_forward_weights_tiled(g: &Conv2dGeom, tiling: Tiling, w: &[f32]) -> 
     pack(g, tiling, (w, Pairs::No))
 }
 
-/// [`pack_forward_weights`] of a paired group's weights ([`Pairs`]).
-pub(super) fn pack_forward_weights_paired(g: &Conv2dGeom, w: &[f32]) -> WinogradWeights {
-    pack(g, Tiling::for_geom(g), (w, Pairs::Halves))
+/// [`pack_forward_weights`] of `g`'s weights `w` for its groups run as `pairs` say.
+pub(super) fn pack_forward_weights_as(g: &Conv2dGeom, pairs: Pairs, w: &[f32]) -> WinogradWeights {
+    assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
+    let p = run_geom(g, pairs);
+    pack(&p, Tiling::for_geom(&p), (&pair_weights(g, &p, w), pairs))
 }
 
 fn pack(g: &Conv2dGeom, tiling: Tiling, (w, pairs): (&[f32], Pairs)) -> WinogradWeights {
@@ -281,17 +284,62 @@ impl Weights<'_> {
     }
 }
 
-/// Whether a group is two groups taken as one ([`super::Conv2dGeom::paired`]): its
-/// weights zero where one half's input channels meet the other half's outputs. Groups of
-/// 16 made of two of 8 (ResNeXt-50's stage 2) then run a product over each half's 8
-/// channels ([`tiles::product_pairs`], on [`Simd::Narrow`]) that skips those zeros: half
-/// the multiply-adds. (Groups of 48 made of two of 24 multiply the zeros.)
+/// Whether a convolution's groups run one by one or two at a time: each two neighbouring
+/// groups taken as one ([`Conv2dGeom::paired`]), whose weights are zero where one half's
+/// input channels meet the other half's outputs ([`pair_weights`]). The entry points
+/// taking a `Pairs` take the convolution's own geometry and weights and do the pairing
+/// (and the weight gradient's unpairing, [`add_unpaired`]) themselves. Groups of 16 made
+/// of two of 8 (ResNeXt-50's stage 2) run a product over each half's 8 channels
+/// ([`tiles::product_pairs`], on [`Simd::Narrow`]) that skips those zeros: half the
+/// multiply-adds. (Groups of 48 made of two of 24 multiply the zeros, as does the weight
+/// gradient.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Pairs {
-    /// One group.
+    /// Each group on its own.
     No,
-    /// Two groups of half the channels each, in the first and second half.
+    /// Two groups as one, in its first and second half.
     Halves,
+}
+
+/// The geometry that runs `g` for `pairs`: `g`, or [`Conv2dGeom::paired`]`(g)`.
+fn run_geom(g: &Conv2dGeom, pairs: Pairs) -> Conv2dGeom {
+    match pairs {
+        Pairs::No => *g,
+        Pairs::Halves => g.paired().expect("winograd: groups that do not pair"),
+    }
+}
+
+/// `g`'s weights `w` for `p = `[`run_geom`]`(g, pairs)`: as they are, or each two
+/// neighbouring groups' filters side by side, zeros where one group's output channel
+/// meets the other's input channel.
+fn pair_weights<'a>(g: &Conv2dGeom, p: &Conv2dGeom, w: &'a [f32]) -> Cow<'a, [f32]> {
+    if p.groups == g.groups {
+        return Cow::Borrowed(w);
+    }
+    let (ipg, opg, taps) = (g.in_per_group(), g.out_per_group(), g.kernel * g.kernel);
+    let mut wp = vec![0.0; p.weight_len()];
+    // output channel `o` (global in both) keeps its filter, at the half of its group
+    for (o, row) in wp.chunks_exact_mut(p.in_per_group() * taps).enumerate() {
+        let half = (o / opg) % 2;
+        row[half * ipg * taps..][..ipg * taps].copy_from_slice(&w[o * ipg * taps..][..ipg * taps]);
+    }
+    Cow::Owned(wp)
+}
+
+/// Adds the part of `p = `[`Conv2dGeom::paired`]`(g)`'s weight gradient `dwp` that is
+/// `g`'s (each filter's half of its own group) into `dw`.
+fn add_unpaired(g: &Conv2dGeom, p: &Conv2dGeom, dwp: &[f32], dw: &mut [f32]) {
+    let (ipg, opg, taps) = (g.in_per_group(), g.out_per_group(), g.kernel * g.kernel);
+    for (o, (row, d)) in dwp
+        .chunks_exact(p.in_per_group() * taps)
+        .zip(dw.chunks_exact_mut(ipg * taps))
+        .enumerate()
+    {
+        let half = (o / opg) % 2;
+        for (d, v) in d.iter_mut().zip(&row[half * ipg * taps..][..ipg * taps]) {
+            *d += v;
+        }
+    }
 }
 
 /// Forward of a 3×3 stride-1 grouped convolution that [`suits`], with PyTorch-layout
@@ -321,23 +369,20 @@ pub fn conv2d_forward_tiled(
     forward(g, tiling, x, Weights::Plain(w, Pairs::No), y, epilogue);
 }
 
-/// [`conv2d_forward`] into `y`: written, every value (new memory too), or added into.
+/// [`conv2d_forward`] into `y` (written, every value, new memory too, or added into), its
+/// groups run as `pairs` say (the output and the epilogue's channels are `g`'s either way).
 pub(super) fn conv2d_forward_into(
     g: &Conv2dGeom,
     x: &[f32],
-    (w, pairs): (&[f32], Pairs),
+    w: &[f32],
+    pairs: Pairs,
     y: Dest<'_>,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(w.len(), g.weight_len(), "conv2d: weight length");
-    forward(
-        g,
-        Tiling::for_geom(g),
-        x,
-        Weights::Plain(w, pairs),
-        y,
-        epilogue,
-    );
+    let p = run_geom(g, pairs);
+    let w = Weights::Plain(&pair_weights(g, &p, w), pairs);
+    forward(&p, Tiling::for_geom(&p), x, w, y, epilogue);
 }
 
 /// [`conv2d_forward`] with weights from [`pack_forward_weights`].
@@ -352,7 +397,7 @@ pub fn conv2d_forward_packed(
 }
 
 /// [`conv2d_forward_packed`] into `y`: written, every value (new memory too), or added
-/// into.
+/// into. (Weights packed for paired groups, [`pack_forward_weights_as`], run `g` paired.)
 pub(super) fn conv2d_forward_packed_into(
     g: &Conv2dGeom,
     x: &[f32],
@@ -360,6 +405,7 @@ pub(super) fn conv2d_forward_packed_into(
     y: Dest<'_>,
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    let g = &run_geom(g, w.pairs);
     assert!(
         w.groups == g.groups && w.ins == g.in_per_group() && w.outs == g.out_per_group(),
         "conv2d: packed weights do not match the geometry"
@@ -410,18 +456,22 @@ pub fn suits_weight_grad(g: &Conv2dGeom) -> bool {
 /// gradient `dy` and `g`'s weights `w`: added into `dx` with `accumulate`, else written
 /// over it.
 pub fn conv2d_input_grad(g: &Conv2dGeom, w: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
-    conv2d_input_grad_into(g, (w, Pairs::No), dy, add_or_write(dx, accumulate));
+    conv2d_input_grad_into(g, w, Pairs::No, dy, add_or_write(dx, accumulate));
 }
 
-/// [`conv2d_input_grad`] into `dx`: added into, or written, every value (new memory too).
+/// [`conv2d_input_grad`] into `dx` (added into, or written, every value, new memory too),
+/// its groups run as `pairs` say.
 pub(super) fn conv2d_input_grad_into(
     g: &Conv2dGeom,
-    (w, pairs): (&[f32], Pairs),
+    w: &[f32],
+    pairs: Pairs,
     dy: &[f32],
     dx: Dest<'_>,
 ) {
-    let tiling = Tiling::for_geom(&transposed(g));
-    input_grad(g, tiling, (w, pairs), dy, dx);
+    assert_eq!(w.len(), g.weight_len(), "conv2d backward: weight length");
+    let p = run_geom(g, pairs);
+    let tiling = Tiling::for_geom(&transposed(&p));
+    input_grad(&p, tiling, (&pair_weights(g, &p, w), pairs), dy, dx);
 }
 
 /// `dx` to add into with `accumulate`, else to write over.
@@ -489,6 +539,28 @@ fn input_grad(
 /// method does 36, F(4×4) 36 per 16 where it does 144.
 pub fn conv2d_weight_grad(g: &Conv2dGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     conv2d_weight_grad_tiled(g, Tiling::for_geom(g), x, dy, dw);
+}
+
+/// [`conv2d_weight_grad`] with `g`'s groups run as `pairs` say.
+pub(super) fn conv2d_weight_grad_as(
+    g: &Conv2dGeom,
+    pairs: Pairs,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) {
+    if pairs == Pairs::No {
+        return conv2d_weight_grad(g, x, dy, dw);
+    }
+    assert_eq!(
+        dw.len(),
+        g.weight_len(),
+        "conv2d backward: weight-gradient length"
+    );
+    let p = run_geom(g, pairs);
+    let mut dwp = vec![0.0; p.weight_len()];
+    conv2d_weight_grad(&p, x, dy, &mut dwp);
+    add_unpaired(g, &p, &dwp, dw);
 }
 
 /// [`conv2d_weight_grad`] with a given tiling.
