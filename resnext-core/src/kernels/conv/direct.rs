@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::layout::{
-    copy, images_by_group, prefetch_l2, round_up, zeroed, BwdLayout, FwdLayout, CACHE_LINE, LANES,
+    copy, images_by_group, round_up, zeroed, BwdLayout, FwdLayout, Prefetcher, LANES, NO_PREFETCH,
     SLACK, WG_CHUNK_VALUES,
 };
 use super::{Conv2dGeom, Dest};
@@ -178,7 +178,7 @@ fn taps_weight_grad(
 /// The register tiles of the two products, written once over [`Simd`]: the tile shapes
 /// follow the level's vector width and register count.
 mod tiles {
-    use super::{prefetch_l2, CACHE_LINE};
+    use super::{Prefetcher, NO_PREFETCH};
     use crate::kernels::simd::{Kernel, Simd};
 
     /// One block of `ob ∈ {1, 2, 4, 8}` output channels over the whole grid: see
@@ -242,9 +242,8 @@ mod tiles {
         o: *mut f32,
         prefetch: &[f32],
     ) {
-        let lines = prefetch.len().div_ceil(CACHE_LINE);
-        let per_tile = lines.div_ceil(qpad.div_ceil(NT * S::LANES).max(1));
-        let mut next_line = 0;
+        let ranges = [(prefetch.as_ptr(), prefetch.len()), NO_PREFETCH[1]];
+        let mut prefetch = Prefetcher::new(ranges, qpad.div_ceil(NT * S::LANES));
         let mut q = 0;
         while q < qpad {
             let left = (qpad - q) / S::LANES;
@@ -269,10 +268,7 @@ mod tiles {
                 }
             }
             q += nt.min(NT) * S::LANES;
-            for line in next_line..(next_line + per_tile).min(lines) {
-                prefetch_l2(prefetch[line * CACHE_LINE..].as_ptr());
-            }
-            next_line += per_tile;
+            prefetch.step();
         }
     }
 

@@ -24,8 +24,8 @@
 use rayon::prelude::*;
 
 use super::layout::{
-    images_by_group, lane_tile, prefetch_l2, transpose, zeroed, BwdLayout, FwdLayout, CACHE_LINE,
-    WG_CHUNK_VALUES,
+    images_by_group, lane_tile, transpose, zeroed, BwdLayout, FwdLayout, Prefetch, Prefetcher,
+    NO_PREFETCH, WG_CHUNK_VALUES,
 };
 use super::{Conv2dGeom, Dest};
 use crate::kernels::scratch;
@@ -154,12 +154,6 @@ pub fn pack_forward_weights(g: &Conv2dGeom, w: &[f32], mut buf: Vec<f32>) -> Lan
     buf.resize(w.len(), 0.0);
     LaneWeights::from_rows(buf, g.groups, g.out_per_group(), taps, w)
 }
-
-/// Memory to pull into cache while a product runs: `(first value, values)` ranges.
-type Prefetch = [(*const f32, usize); 2];
-
-/// No prefetching.
-const NO_PREFETCH: Prefetch = [(std::ptr::null(), 0); 2];
 
 /// `out[o·rows·cols + r·cols + j] = Σ_t W[o][t] · inp[r·row + j·step + offs[t]]` for
 /// `r < rows`, `j < cols` and every output `o` of `w`'s group `grp` (`step` 1, or 2 for a
@@ -308,14 +302,12 @@ impl Kernel for Planes<'_> {
         } else {
             rows.div_ceil(if two_rows { 2 } else { 1 }) * cols.div_ceil(chunk)
         };
-        let lines = prefetch[0].1.div_ceil(CACHE_LINE) + prefetch[1].1.div_ceil(CACHE_LINE);
         let chunks: usize = w
             .blocks
             .iter()
             .map(|&(_, width, _)| w.taps.div_ceil(tap_chunk(width)))
             .sum();
-        let per_tile = lines.div_ceil(chunks * count);
-        let mut next_line = 0;
+        let mut prefetch = Prefetcher::new(prefetch, chunks * count);
         for &(o0, width, at) in &w.blocks {
             let wb = &w.group(grp)[at..at + w.taps * width];
             // Taps in chunks whose weights stay in the L1 cache across the tiles, the sums
@@ -368,25 +360,10 @@ impl Kernel for Planes<'_> {
                             }
                         };
                     }
-                    for line in next_line..(next_line + per_tile).min(lines) {
-                        prefetch_l2(prefetch_line(&prefetch, line));
-                    }
-                    next_line += per_tile;
+                    prefetch.step();
                 }
             }
         }
-    }
-}
-
-/// Line `l` of the ranges in `prefetch`, counted through both.
-fn prefetch_line(prefetch: &Prefetch, l: usize) -> *const f32 {
-    let first = prefetch[0].1.div_ceil(CACHE_LINE);
-    if l < first {
-        prefetch[0].0.wrapping_add(l * CACHE_LINE)
-    } else {
-        prefetch[1]
-            .0
-            .wrapping_add(((l - first) * CACHE_LINE).min(prefetch[1].1))
     }
 }
 

@@ -799,9 +799,66 @@ pub(super) fn lane_tile<S: Simd>() -> (usize, usize) {
 /// `f32` values per cache line.
 pub(super) const CACHE_LINE: usize = 16;
 
+/// Memory to pull into the L2 cache while a kernel runs (the next task's input, or the
+/// output it will write): up to two `(first value, values)` ranges. Addresses only: hinted,
+/// never read through.
+pub(super) type Prefetch = [(*const f32, usize); 2];
+
+/// No prefetching.
+pub(super) const NO_PREFETCH: Prefetch = [(std::ptr::null(), 0); 2];
+
+/// A [`Prefetch`]'s cache lines spread evenly over a kernel's steps (its register tiles),
+/// as many hinted after each: early enough to arrive before the next task, few enough at
+/// a time not to queue behind the kernel's own loads.
+pub(super) struct Prefetcher {
+    ranges: Prefetch,
+    /// Lines of the first range, and of both.
+    first: usize,
+    lines: usize,
+    per_step: usize,
+    next: usize,
+}
+
+impl Prefetcher {
+    /// `ranges` over `steps` steps.
+    #[inline(always)]
+    pub(super) fn new(ranges: Prefetch, steps: usize) -> Self {
+        let first = ranges[0].1.div_ceil(CACHE_LINE);
+        let lines = first + ranges[1].1.div_ceil(CACHE_LINE);
+        Self {
+            ranges,
+            first,
+            lines,
+            per_step: lines.div_ceil(steps.max(1)),
+            next: 0,
+        }
+    }
+
+    /// Hints the next step's share of the lines.
+    #[inline(always)]
+    pub(super) fn step(&mut self) {
+        let end = (self.next + self.per_step).min(self.lines);
+        for l in self.next..end {
+            prefetch_l2(self.line(l));
+        }
+        self.next = end;
+    }
+
+    /// Line `l`, counted through both ranges.
+    #[inline(always)]
+    fn line(&self, l: usize) -> *const f32 {
+        let [(a, _), (b, len_b)] = self.ranges;
+        if l < self.first {
+            a.wrapping_add(l * CACHE_LINE)
+        } else {
+            b.wrapping_add(((l - self.first) * CACHE_LINE).min(len_b))
+        }
+    }
+}
+
 /// A hint to bring `v`'s cache line into the L2 cache.
 #[inline]
-pub(super) fn prefetch_l2(v: *const f32) {
+fn prefetch_l2(v: *const f32) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint, not an access: it has no architectural effect and
     // cannot fault, whatever the address.
