@@ -16,15 +16,17 @@
 //! stride phase of the input), and the weight gradient is
 //! `dW[o][t] = Σ_q dY[o][q] · in[q + off[t]]`.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::layout::{
-    copy, images_by_group, round_up, zeroed, BwdLayout, FwdLayout, Prefetcher, LANES, NO_PREFETCH,
-    SLACK, WG_CHUNK_VALUES,
+    copy, copy_uninit, images_by_group, round_up, zeroed, BwdLayout, FwdLayout, Prefetcher, LANES,
+    NO_PREFETCH, SLACK, WG_CHUNK_VALUES,
 };
 use super::{Conv2dGeom, Dest};
-use crate::kernels::scratch;
 use crate::kernels::simd::dispatch;
+use crate::kernels::{as_uninit, assume_init, scratch};
 
 /// Grid positions below which the weight gradient batches images into one product: with
 /// grids this short (7×7 images) the per-weight reduction across lanes costs more than the
@@ -431,8 +433,20 @@ pub fn conv2d_forward(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    conv2d_forward_into(g, x, w, as_uninit(y), epilogue);
+}
+
+/// [`conv2d_forward`] into `y`, whose every value it writes without reading any (new
+/// memory needs no zero-filling first).
+pub(super) fn conv2d_forward_into(
+    g: &Conv2dGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     let packed = pack_forward_weights(g, w);
-    conv2d_forward_packed(g, x, &packed, y, epilogue);
+    conv2d_forward_packed_into(g, x, &packed, y, epilogue);
 }
 
 /// [`conv2d_forward`] with weights from [`pack_forward_weights`].
@@ -441,6 +455,17 @@ pub fn conv2d_forward_packed(
     x: &[f32],
     packed: &[PackedWeights],
     y: &mut [f32],
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    conv2d_forward_packed_into(g, x, packed, as_uninit(y), epilogue);
+}
+
+/// [`conv2d_forward_packed`] into `y`, whose every value it writes without reading any.
+pub(super) fn conv2d_forward_packed_into(
+    g: &Conv2dGeom,
+    x: &[f32],
+    packed: &[PackedWeights],
+    y: &mut [MaybeUninit<f32>],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
@@ -483,12 +508,14 @@ pub fn conv2d_forward_packed(
         for (o, yo) in yg.chunks_exact_mut(oh * ow).enumerate() {
             let src = &grid[o * layout.qpad..];
             for (oy, dst) in yo.chunks_exact_mut(ow).enumerate() {
-                copy(dst, &src[oy * layout.pitch..oy * layout.pitch + ow]);
+                copy_uninit(dst, &src[oy * layout.pitch..oy * layout.pitch + ow]);
             }
         }
         scratch::give_keyed(key, buf);
         scratch::give([grid]);
-        epilogue(n, grp * opg, yg);
+        // SAFETY: the rows just copied are every value of the group's `opg` planes of
+        // `oh × ow`, which are `yg`.
+        epilogue(n, grp * opg, unsafe { assume_init(yg) });
     });
 }
 

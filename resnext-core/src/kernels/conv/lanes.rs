@@ -21,6 +21,8 @@
 //! the weight gradient's output gradient and sums, and the weights, by square block
 //! transposes ([`Simd::transpose`]).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::layout::{
@@ -28,8 +30,8 @@ use super::layout::{
     NO_PREFETCH, WG_CHUNK_VALUES,
 };
 use super::{Conv2dGeom, Dest};
-use crate::kernels::scratch;
 use crate::kernels::simd::{self, store_n, Kernel, Simd};
+use crate::kernels::{as_uninit, assume_init, scratch};
 
 /// Channels per group come in multiples of this: the narrowest register tile.
 const UNIT: usize = super::LANE_CHANNELS;
@@ -169,7 +171,7 @@ fn product_planes(
     offs: &[usize],
     w: &LaneWeights,
     grp: usize,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     prefetch: Prefetch,
 ) {
     assert_eq!(offs.len(), w.taps, "lanes product: tap count");
@@ -202,7 +204,7 @@ fn product_planes(
             offs,
             w,
             grp,
-            out: out.as_mut_ptr(),
+            out: out.as_mut_ptr().cast(),
             part: part.as_mut_ptr(),
             prefetch,
         })
@@ -387,6 +389,18 @@ pub fn conv2d_forward_packed(
     y: &mut [f32],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    conv2d_forward_packed_into(g, x, packed, as_uninit(y), epilogue);
+}
+
+/// [`conv2d_forward_packed`] into `y`, whose every value it writes without reading any
+/// (new memory needs no zero-filling first).
+pub(super) fn conv2d_forward_packed_into(
+    g: &Conv2dGeom,
+    x: &[f32],
+    packed: &LaneWeights,
+    y: &mut [MaybeUninit<f32>],
+    epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     assert_eq!(x.len(), g.input_len(), "conv2d: input length");
     assert_eq!(y.len(), g.output_len(), "conv2d: output length");
     let (ipg, opg) = (g.in_per_group(), g.out_per_group());
@@ -424,7 +438,9 @@ pub fn conv2d_forward_packed(
         let at = (layout.row(), layout.step);
         product_planes(&buf, at, oh, ow, offs, w, grp, yg, next);
         scratch::give_keyed(key, buf);
-        epilogue(n, grp * opg, yg);
+        // SAFETY: the product wrote every value of the group's `opg` planes of `oh × ow`,
+        // which are `yg`.
+        epilogue(n, grp * opg, unsafe { assume_init(yg) });
     });
 }
 
@@ -519,7 +535,7 @@ pub fn conv2d_backward(
                 bwd.pack(oh, ow, dyn_, &mut dypad);
                 for (idx, (ph, pw)) in bwd.phases.iter().zip(&phase_w).enumerate() {
                     if !ph.taps.is_empty() {
-                        let plane = &mut planes[at[idx]..at[idx + 1]];
+                        let plane = as_uninit(&mut planes[at[idx]..at[idx + 1]]);
                         let (rows, cols) = (ph.hi, ph.wj);
                         product_planes(
                             &dypad,

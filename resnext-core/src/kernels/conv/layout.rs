@@ -4,9 +4,11 @@
 //! input-gradient products ([`BwdLayout`]), row copies and (de)interleaving, block
 //! transposes. No algorithm here: the kernels import this module, never each other.
 
+use std::mem::MaybeUninit;
+
 use super::{Conv2dGeom, Dest};
-use crate::kernels::scratch;
 use crate::kernels::simd::{self, dispatch, load_n, store_n, Kernel, Simd};
+use crate::kernels::{as_uninit, scratch};
 
 /// Grids are padded to a multiple of this many positions: the widest vector (AVX-512's
 /// 16 lanes), so that every level's vectors tile them.
@@ -30,12 +32,22 @@ pub(super) fn zeroed(buf: &mut Vec<f32>, len: usize) {
 
 /// `dst = src` for short rows, without a call into `memcpy`: one row of [`copy_rows`].
 pub(super) fn copy(dst: &mut [f32], src: &[f32]) {
+    copy_uninit(as_uninit(dst), src);
+}
+
+/// [`copy`] into values that need not be initialised (it writes every one).
+pub(super) fn copy_uninit(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "copy: lengths");
-    copy_rows(src, src.len(), dst, dst.len());
+    copy_rows_into(src, src.len(), dst, dst.len());
 }
 
 /// Row `r` of `src` (rows of `w` values) to `dst[r·pitch..][..w]`.
 pub(super) fn copy_rows(src: &[f32], w: usize, dst: &mut [f32], pitch: usize) {
+    copy_rows_into(src, w, as_uninit(dst), pitch);
+}
+
+/// [`copy_rows`] into values that need not be initialised.
+fn copy_rows_into(src: &[f32], w: usize, dst: &mut [MaybeUninit<f32>], pitch: usize) {
     let rows = src.len() / w.max(1);
     if rows == 0 {
         return;
@@ -44,18 +56,17 @@ pub(super) fn copy_rows(src: &[f32], w: usize, dst: &mut [f32], pitch: usize) {
         w <= pitch && (rows - 1) * pitch + w <= dst.len(),
         "copy_rows: lengths"
     );
-    struct K<'a>(&'a [f32], usize, usize, &'a mut [f32], usize);
+    struct K<'a>(&'a [f32], usize, usize, &'a mut [MaybeUninit<f32>], usize);
     impl Kernel for K<'_> {
         type Output = ();
         #[inline(always)]
         unsafe fn run<S: Simd>(self) {
             let K(src, w, rows, dst, pitch) = self;
+            let d = dst.as_mut_ptr().cast::<f32>();
             for r in 0..rows {
                 // SAFETY: reads `src[r·w..][..w]`, writes `dst[r·pitch..][..w]`, in
                 // bounds by the assert above.
-                unsafe {
-                    simd::copy::<S>(dst.as_mut_ptr().add(r * pitch), src.as_ptr().add(r * w), w)
-                }
+                unsafe { simd::copy::<S>(d.add(r * pitch), src.as_ptr().add(r * w), w) }
             }
         }
     }

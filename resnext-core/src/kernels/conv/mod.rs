@@ -317,38 +317,6 @@ impl ForwardWeights {
     }
 }
 
-/// Where a forward writes its output.
-enum Out<'a> {
-    /// A buffer of initialised values, overwritten.
-    Init(&'a mut [f32]),
-    /// New memory: the GEMM algorithms write it as it is; the others, which take
-    /// initialised buffers, get it zero-filled first.
-    New(&'a mut [MaybeUninit<f32>]),
-}
-
-impl<'a> Out<'a> {
-    /// For kernels that write every value without reading any.
-    fn write_only(self) -> &'a mut [MaybeUninit<f32>] {
-        match self {
-            Self::Init(y) => super::as_uninit(y),
-            Self::New(y) => y,
-        }
-    }
-
-    /// As a destination that kernels write every value of, without reading any.
-    fn write_all(self) -> Dest<'a> {
-        Dest::Write(self.write_only())
-    }
-
-    /// For kernels that take initialised values.
-    fn init(self) -> &'a mut [f32] {
-        match self {
-            Self::Init(y) => y,
-            Self::New(y) => super::elementwise::zero_fill(y),
-        }
-    }
-}
-
 /// The forward on [`Algorithm::forward`]'s choice, each image's (or (image, group)'s)
 /// output passed to `epilogue(image, first channel, values)` while still in cache.
 /// Writes every value of `y`.
@@ -356,41 +324,37 @@ fn forward_with(
     g: &Conv2dGeom,
     x: &[f32],
     w: &[f32],
-    y: Out<'_>,
+    y: &mut [MaybeUninit<f32>],
     epilogue: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     match Algorithm::forward(g) {
         // (each task transforms its own group's weights)
         a @ (Algorithm::Winograd | Algorithm::WinogradPaired) => {
-            winograd::conv2d_forward_into(g, x, w, a.pairs(), y.write_all(), epilogue)
+            winograd::conv2d_forward_into(g, x, w, a.pairs(), Dest::Write(y), epilogue)
         }
         Algorithm::Lanes => {
             // packed for this call only: in a buffer from this thread's pool, returned after
             let buf = super::scratch::take_stale(w.len());
             let packed = lanes::pack_forward_weights(g, w, buf);
-            lanes::conv2d_forward_packed(g, x, &packed, y.init(), epilogue);
+            lanes::conv2d_forward_packed_into(g, x, &packed, y, epilogue);
             super::scratch::give([packed.into_buffer()]);
         }
-        Algorithm::Direct => direct::conv2d_forward(g, x, w, y.init(), epilogue),
-        Algorithm::Pointwise => pointwise::conv2d_forward(g, x, w, y.write_only(), epilogue),
-        Algorithm::Im2col => im2col::conv2d_forward(g, x, w, y.write_only(), epilogue),
+        Algorithm::Direct => direct::conv2d_forward_into(g, x, w, y, epilogue),
+        Algorithm::Pointwise => pointwise::conv2d_forward(g, x, w, y, epilogue),
+        Algorithm::Im2col => im2col::conv2d_forward(g, x, w, y, epilogue),
     }
 }
 
 /// Fast forward, on [`Algorithm::forward`]'s choice. Overwrites `y`.
 pub fn conv2d_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
-    forward_with(g, x, w, Out::Init(y), |_, _, _| {});
+    forward_with(g, x, w, super::as_uninit(y), |_, _, _| {});
 }
 
 /// [`conv2d_forward`] into a new buffer (`g.output_len()` values), written once rather
 /// than zero-filled first where the algorithm allows.
 pub fn conv2d_forward_new(g: &Conv2dGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
     // SAFETY: `forward_with` writes every value of its output.
-    unsafe {
-        super::written(g.output_len(), |y| {
-            forward_with(g, x, w, Out::New(y), |_, _, _| {})
-        })
-    }
+    unsafe { super::written(g.output_len(), |y| forward_with(g, x, w, y, |_, _, _| {})) }
 }
 
 /// [`conv2d_forward_new`] that also returns every output plane's
@@ -417,11 +381,7 @@ pub fn conv2d_forward_plane_stats(
             }
         };
         // SAFETY: `forward_with` writes every value of its output.
-        unsafe {
-            super::written(g.output_len(), |y| {
-                forward_with(g, x, w, Out::New(y), stats)
-            })
-        }
+        unsafe { super::written(g.output_len(), |y| forward_with(g, x, w, y, stats)) }
     } else {
         Vec::new()
     };
@@ -486,21 +446,17 @@ pub fn conv2d_forward_fused(
     };
     // (the packed form's algorithm can depend on the batch: a stem on `direct` when the
     // batch fills the threads, else on GEMM)
-    let run = |y: &mut [MaybeUninit<f32>]| {
-        let y = Out::New(y);
-        match (&w.packed, Algorithm::prepared(g)) {
-            (
-                Some(ForwardWeights::Winograd(p)),
-                Algorithm::Winograd | Algorithm::WinogradPaired,
-            ) => winograd::conv2d_forward_packed_into(g, x, p, y.write_all(), epilogue),
-            (Some(ForwardWeights::Lanes(p)), Algorithm::Lanes) => {
-                lanes::conv2d_forward_packed(g, x, p, y.init(), epilogue)
-            }
-            (Some(ForwardWeights::Direct(p)), Algorithm::Direct) => {
-                direct::conv2d_forward_packed(g, x, p, y.init(), epilogue)
-            }
-            _ => forward_with(g, x, &w.w, y, epilogue),
+    let run = |y: &mut [MaybeUninit<f32>]| match (&w.packed, Algorithm::prepared(g)) {
+        (Some(ForwardWeights::Winograd(p)), Algorithm::Winograd | Algorithm::WinogradPaired) => {
+            winograd::conv2d_forward_packed_into(g, x, p, Dest::Write(y), epilogue)
         }
+        (Some(ForwardWeights::Lanes(p)), Algorithm::Lanes) => {
+            lanes::conv2d_forward_packed_into(g, x, p, y, epilogue)
+        }
+        (Some(ForwardWeights::Direct(p)), Algorithm::Direct) => {
+            direct::conv2d_forward_packed_into(g, x, p, y, epilogue)
+        }
+        _ => forward_with(g, x, &w.w, y, epilogue),
     };
     // SAFETY: every algorithm writes every value of its output.
     unsafe { super::written(g.output_len(), run) }
